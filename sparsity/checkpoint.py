@@ -1,0 +1,102 @@
+"""Checkpoint I/O: atomic writes, safe loads (``weights_only=True``), clear errors for bad files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "save_atomic", "load_checkpoint_file", "model_state_from", "load_model_weights"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message says which file and what to do."""
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same dir, fsync, then rename: a crash never leaves a partial file
+    under ``path`` and the previous version survives until the new one is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict:
+    """Load a ``.pth``/``.pth.tar``/``.bin`` (``weights_only=True``) or ``.safetensors`` file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any parse failure means the file is unusable
+            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({e}); re-export it") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e)
+        if "Weights only load failed" in msg or "weights_only" in msg:
+            raise CheckpointError(
+                f"checkpoint {path} needs arbitrary pickled code to load, which is refused for safety "
+                "(weights_only=True); re-save it with plain tensors and types"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); use another "
+                              "checkpoint (e.g. the previous checkpoint-*.pth.tar)") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def model_state_from(ckpt: dict, use_ema: bool = False) -> dict:
+    """The model state dict inside one of our checkpoints, a timm checkpoint, or a bare state dict."""
+    if use_ema:
+        for key in ("state_dict_ema", "model_ema"):
+            if key in ckpt:
+                return ckpt[key]
+        raise CheckpointError("--use-ema: the checkpoint holds no EMA weights (train with --model-ema)")
+    for key in ("state_dict", "model"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            return ckpt[key]
+    return ckpt
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool = False, strict: bool = True) -> dict:
+    """Load weights into ``model``; a mismatch (another architecture) is a :class:`CheckpointError` naming keys."""
+    ckpt = load_checkpoint_file(path)
+    state = model_state_from(ckpt, use_ema)
+    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        result = model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        first = str(e).split("\n")
+        detail = " ".join(line.strip() for line in first[1:3])[:400]
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model (another architecture or num_classes?): {detail}"
+        ) from None
+    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "checkpoint": ckpt}

@@ -1,0 +1,103 @@
+"""SparsityController: drives a method's schedules and masks from the train loop, with exact resume."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import masked_modules
+from .methods import get_method
+from .recipe import Recipe
+
+__all__ = ["SparsityController"]
+
+
+class SparsityController:
+    """Call ``step(global_step)`` before the forward of every optimizer step.
+
+    ``global_step`` counts optimizer steps already taken, so ``step(k)`` prepares forward number ``k`` from the
+    weights after ``k`` updates. Calling it twice for the same step is harmless. Masks live in the model's state
+    dict (``weight_mask`` buffers); ``state_dict()`` holds the rest, so model + controller state resume exactly.
+
+    Args:
+        model: a model already passed through :func:`sparsity.sparsify_`.
+        recipe: the same recipe.
+        total_steps: optimizer steps of the whole run (phases are fractions of it).
+        steps_per_epoch: optimizer steps per epoch (for per-epoch metrics and schedules in epochs).
+    """
+
+    def __init__(self, model: nn.Module, recipe: Recipe, total_steps: int, steps_per_epoch: int = 1) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.total_steps = int(total_steps)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.method = get_method(recipe.method)(recipe.method, model, recipe, total_steps, steps_per_epoch)
+        self.global_step = 0
+        self._last_masks: dict[str, torch.Tensor] | None = None
+
+    @property
+    def layers(self):
+        return self.method.layers
+
+    def step(self, global_step: int) -> None:
+        self.global_step = int(global_step)
+        self.method.step(self.global_step)
+
+    def finalize(self) -> None:
+        """End of training: every layer keeps a fixed binary mask (the exported model)."""
+        self.method.finalize()
+
+    @torch.no_grad()
+    def sync(self, other: nn.Module) -> None:
+        """Copy masks and schedule scalars into another copy of the model (an EMA copy, say)."""
+        dst = dict(masked_modules(other))
+        for fqn, layer in self.layers:
+            if fqn in dst:
+                self.method.sync(layer, dst[fqn])
+
+    @torch.no_grad()
+    def flip_rate(self) -> float:
+        """Fraction of mask entries that changed since the last call (0.0 on the first call)."""
+        current = {fqn: layer.weight_mask.clone() for fqn, layer in self.layers}
+        if self._last_masks is None:
+            self._last_masks = current
+            return 0.0
+        changed = total = 0
+        for fqn, mask in current.items():
+            prev = self._last_masks.get(fqn)
+            if prev is not None and prev.shape == mask.shape:
+                changed += int((prev != mask).sum())
+                total += mask.numel()
+        self._last_masks = current
+        return changed / total if total else 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        """Scalars for summary.csv: achieved sparsity of the selected layers plus the method's own figures."""
+        kept = total = 0
+        with torch.no_grad():
+            for _, layer in self.layers:
+                kept += int((layer.sparse_weight() != 0).sum())
+                total += layer.weight.numel()
+        out: dict[str, Any] = {"sparsity": round(1.0 - kept / total, 6) if total else 0.0}
+        out.update(self.method.metrics())
+        return out
+
+    def no_weight_decay_params(self) -> list[nn.Parameter]:
+        return self.method.no_weight_decay_params()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_step": self.global_step, "method": self.recipe.method, "state": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.recipe.method:
+            raise ValueError(
+                f"controller state is for method {state.get('method')!r} but the recipe says {self.recipe.method!r}; "
+                "resume with the recipe the run started with"
+            )
+        self.global_step = int(state["global_step"])
+        self.method.load_state_dict(state.get("state", {}))
+
+    def on_train_end(self, output_dir: str | None) -> None:
+        self.method.on_train_end(output_dir)

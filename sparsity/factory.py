@@ -1,0 +1,38 @@
+"""One call that builds a sparse model for every CLI: timm's factory, then surgery, then loading."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .checkpoint import load_model_weights
+from .recipe import Recipe, closest
+from .surgery import sparsify_
+
+__all__ = ["create_model"]
+
+
+def create_model(
+    model_name: str,
+    recipe: Recipe | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    use_ema: bool = False,
+    **timm_kwargs,
+) -> nn.Module:
+    """``timm.create_model(model_name, **timm_kwargs)`` -> ``sparsify_(model, recipe)`` -> load ``checkpoint``.
+
+    The checkpoint may be ours (``.pth.tar`` with masks), a stock timm/dense state dict (masks then come from the
+    controller's first step), or a densified ``.safetensors`` export.
+    """
+    import timm
+
+    if not timm.is_model(model_name):
+        raise ValueError(f"unknown model '{model_name}'{closest(model_name, timm.list_models())} "
+                         "(see timm.list_models())")
+    model = timm.create_model(model_name, **timm_kwargs)
+    if recipe is not None:
+        sparsify_(model, recipe)
+    if checkpoint:
+        load_model_weights(model, checkpoint, use_ema=use_ema)
+    return model

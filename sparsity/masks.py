@@ -1,0 +1,170 @@
+"""Pure mask math: tensors and ints in, bool tensors out. No module state, no device assumptions.
+
+Conventions (DESIGN.md section 3): N:M keeps ``n`` of every ``m``; ``sparsity`` is the fraction of zeros;
+masks are ``torch.bool``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "nm_mask",
+    "linear_nm_mask",
+    "conv_nm_mask",
+    "weight_nm_mask",
+    "is_nm",
+    "weight_is_nm",
+    "unstructured_mask",
+    "tile_mask",
+    "expand_tiles",
+    "check_nm",
+]
+
+
+def check_nm(n: int, m: int) -> None:
+    """Raise ``ValueError`` unless ``1 <= n <= m`` are ints."""
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"N:M pattern: {name} must be an integer, got {v!r}")
+    if m < 1:
+        raise ValueError(f"N:M pattern: m must be >= 1, got m={m}")
+    if n < 1 or n > m:
+        raise ValueError(f"N:M pattern: n must be in 1..m (keep n of every m), got {n}:{m}")
+
+
+def _groups(x: torch.Tensor, m: int, dim: int) -> tuple[torch.Tensor, list[int]]:
+    """View ``x`` with ``dim`` moved last and split into groups of ``m``: (..., G, m)."""
+    dim = dim % x.dim()
+    size = x.shape[dim]
+    if size % m:
+        raise ValueError(f"dimension {dim} of size {size} is not divisible by m={m}")
+    moved = x.movedim(dim, -1)
+    shape = list(moved.shape)
+    return moved.reshape(*shape[:-1], size // m, m), shape
+
+
+def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
+    """Keep the ``n`` largest ``|w|`` of every ``m`` consecutive entries along ``dim``.
+
+    Exactly ``n`` entries per group are kept (ties broken by position, lower index first).
+
+    Args:
+        w: weight of any shape; ``w.shape[dim]`` must be divisible by ``m``.
+        n: entries kept per group.
+        m: group size.
+        dim: dimension the groups run along.
+
+    Returns:
+        bool mask with the shape of ``w``.
+    """
+    check_nm(n, m)
+    if n == m:
+        return torch.ones_like(w, dtype=torch.bool)
+    groups, shape = _groups(w.detach().abs(), m, dim)  # (..., G, m)
+    if n == 1:
+        idx = groups.argmax(dim=-1, keepdim=True)
+    else:
+        idx = groups.topk(n, dim=-1, largest=True, sorted=False).indices
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=w.device)
+    mask.scatter_(-1, idx, True)
+    return mask.reshape(shape).movedim(-1, dim % w.dim())
+
+
+def linear_nm_mask(w: torch.Tensor, n: int, m: int, sparse_dim: str = "row") -> torch.Tensor:
+    """N:M mask of a Linear weight (out, in). ``row`` groups along the input dim, ``col`` along the output dim."""
+    if sparse_dim not in ("row", "col"):
+        raise ValueError(f"sparse_dim must be 'row' or 'col', got {sparse_dim!r}")
+    return nm_mask(w, n, m, dim=-1 if sparse_dim == "row" else 0)
+
+
+def conv_nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M mask of a Conv2d weight (O, I/g, kh, kw): groups run along input channels, never across taps.
+
+    The weight is viewed as (O, kh, kw, I/g) as sparse tensor cores and apex ASP do.
+    """
+    return nm_mask(w, n, m, dim=1)
+
+
+def weight_nm_mask(w: torch.Tensor, n: int, m: int, sparse_dim: str = "row") -> torch.Tensor:
+    """N:M mask for a Linear (2-D) or Conv (4-D) weight with the project's grouping conventions."""
+    if w.dim() == 4:
+        return conv_nm_mask(w, n, m) if sparse_dim == "row" else nm_mask(w, n, m, dim=0)
+    return linear_nm_mask(w, n, m, sparse_dim)
+
+
+def grouped_dim(w: torch.Tensor, sparse_dim: str = "row") -> int:
+    """The dimension N:M groups run along for this weight."""
+    if sparse_dim == "col":
+        return 0
+    return 1 if w.dim() == 4 else w.dim() - 1
+
+
+def is_nm(w: torch.Tensor, n: int, m: int, dim: int = -1) -> bool:
+    """True if every group of ``m`` along ``dim`` has at most ``n`` nonzeros (bool tensors: True counts)."""
+    check_nm(n, m)
+    if w.shape[dim % w.dim()] % m:
+        return False
+    nz = w if w.dtype == torch.bool else w != 0
+    groups, _ = _groups(nz, m, dim)
+    return bool((groups.sum(dim=-1) <= n).all())
+
+
+def weight_is_nm(w: torch.Tensor, n: int, m: int, sparse_dim: str = "row") -> bool:
+    """:func:`is_nm` with the grouping conventions of :func:`weight_nm_mask`."""
+    return is_nm(w, n, m, dim=grouped_dim(w, sparse_dim))
+
+
+def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep the ``round((1 - sparsity) * numel)`` largest ``|w|`` over the whole tensor."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    numel = w.numel()
+    keep = int(round((1.0 - sparsity) * numel))
+    mask = torch.zeros(numel, dtype=torch.bool, device=w.device)
+    if keep > 0:
+        idx = w.detach().abs().flatten().topk(keep, sorted=False).indices
+        mask[idx] = True
+    return mask.view_as(w)
+
+
+def _tile_view(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """2-D view of a weight for tiling: Linear (out, in) as is; Conv (O, I, kh, kw) as (O, I*kh*kw)."""
+    return x.reshape(x.shape[0], -1)
+
+
+def expand_tiles(tile_keep: torch.Tensor, shape: torch.Size | tuple[int, ...], tile: int) -> torch.Tensor:
+    """Expand a (ceil(rows/tile), ceil(cols/tile)) tile mask to an element mask of ``shape``."""
+    rows = shape[0]
+    cols = math.prod(shape[1:])
+    full = tile_keep.repeat_interleave(tile, 0).repeat_interleave(tile, 1)[:rows, :cols]
+    return full.reshape(shape)
+
+
+def tile_scores(w: torch.Tensor, tile: int) -> torch.Tensor:
+    """Mean ``|w|`` per ``tile`` x ``tile`` tile of the 2-D view (partial edge tiles averaged over what they hold)."""
+    w2 = _tile_view(w.detach().abs(), tile).unsqueeze(0).unsqueeze(0).float()
+    pooled = torch.nn.functional.avg_pool2d(w2, tile, stride=tile, ceil_mode=True)
+    return pooled[0, 0]
+
+
+def tile_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask over tiles: keep tiles whose score is >= the ``sparsity``-quantile (whole tiles only).
+
+    Exactly ``round((1 - sparsity) * num_tiles)`` tiles are kept (ties broken by position).
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    flat = scores.detach().flatten()
+    keep = int(round((1.0 - sparsity) * flat.numel()))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if keep > 0:
+        mask[flat.topk(keep, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def block_mask(w: torch.Tensor, sparsity: float, tile: int) -> torch.Tensor:
+    """Magnitude block mask: whole ``tile`` x ``tile`` tiles of the 2-D view kept by mean ``|w|``."""
+    return expand_tiles(tile_mask(tile_scores(w, tile), sparsity), w.shape, tile)

@@ -1,0 +1,163 @@
+"""Sparsity methods, registered by name. Adding a method means adding a module here; no caller changes.
+
+A method is a :class:`SparsityMethod` subclass with an optional frozen ``Config`` dataclass for its own recipe
+keys. ``sparsify_`` calls its class hooks while it swaps layers (``slice_spec``, ``layer_problem``,
+``prepare_layer``); the :class:`~sparsity.controller.SparsityController` owns one instance and calls ``step``
+once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..layers import MaskedMixin, SliceSpec
+from ..recipe import Recipe, RecipeError, Rule
+
+__all__ = ["SparsityMethod", "register_method", "get_method", "METHODS"]
+
+METHODS: dict[str, type[SparsityMethod]] = {}
+
+
+def register_method(*names: str):
+    """Class decorator: register a :class:`SparsityMethod` under one or more names."""
+
+    def deco(cls):
+        for name in names:
+            METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[SparsityMethod]:
+    if name not in METHODS:
+        raise RecipeError(f"unknown sparsity method {name!r} (valid: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+class SparsityMethod:
+    """Base class. Subclasses override what they need; the defaults describe an N:M method."""
+
+    Config: ClassVar[type | None] = None
+    #: False for ``dense``: ``sparsify_`` then changes nothing.
+    swaps_layers: ClassVar[bool] = True
+    #: the rule keys this method needs on non-skip rules: "nm" (n, m) or "any".
+    needs: ClassVar[str] = "nm"
+
+    def __init__(self, name: str, model: nn.Module, recipe: Recipe, total_steps: int, steps_per_epoch: int) -> None:
+        self.name = name
+        self.model = model
+        self.recipe = recipe
+        self.total_steps = max(int(total_steps), 1)
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        from ..layers import masked_modules
+
+        self.layers: list[tuple[str, MaskedMixin]] = masked_modules(model)
+
+    # ---- recipe and surgery hooks (class level) -------------------------------------------------------------
+    @classmethod
+    def validate(cls, recipe: Recipe) -> None:
+        """Check the recipe's rules carry what this method needs."""
+        if cls.needs != "nm":
+            return
+        for i, rule in enumerate(recipe.rules):
+            if not rule.skip and rule.n is None:
+                where = f" in {recipe.source}" if recipe.source else ""
+                raise RecipeError(
+                    f"sparsity.rules[{i}] (target {rule.describe()}){where} needs n and m for method "
+                    f"'{recipe.method}' (e.g. n: 2, m: 4), or skip: true"
+                )
+
+    @classmethod
+    def slice_spec(cls, recipe: Recipe, rule: Rule, label: str, start: int, stop: int, module: nn.Module) -> SliceSpec:
+        label = label if label != "all" else rule.describe()
+        return SliceSpec(label, start, stop, rule.n, rule.m, rule.sparse_dim or recipe.sparse_dim, rule.sparsity,
+                         rule.tile)
+
+    @classmethod
+    def required_multiple(cls, recipe: Recipe, spec: SliceSpec) -> int:
+        """The grouped dimension must be divisible by this (the largest M the method will use)."""
+        return spec.m or 1
+
+    @classmethod
+    def layer_problem(cls, recipe: Recipe, module: nn.Module, spec: SliceSpec) -> str | None:
+        """Why this unit cannot take its pattern (None if it can)."""
+        if spec.n is None:
+            return None
+        w = module.weight
+        mult = cls.required_multiple(recipe, spec)
+        if spec.sparse_dim == "col":
+            size, what = spec.stop - spec.start, "output rows"
+        elif w.dim() == 4:
+            size, what = w.shape[1], "input channels per group"
+        else:
+            size, what = w.shape[1], "input features"
+        if size % mult:
+            return f"{what} {size} not divisible by M={mult}"
+        return None
+
+    @classmethod
+    def prepare_layer(cls, recipe: Recipe, layer: MaskedMixin) -> None:
+        """Install ``weight_fn`` and any extra parameters/buffers on a freshly swapped layer.
+
+        Contract for every method: ``layer.weight_mask`` always holds the current binary mask (export, reports
+        and ``densify_`` read it), and ``weight_fn`` is what the forward uses.
+        """
+
+    # ---- training-time hooks --------------------------------------------------------------------------------
+    def step(self, global_step: int) -> None:
+        """Prepare masks/scalars for forward number ``global_step`` (optimizer steps already taken)."""
+
+    def sync(self, src: MaskedMixin, dst: MaskedMixin) -> None:
+        """Copy non-persistent per-layer state from the live model's layer to another copy (e.g. EMA)."""
+        dst.weight_mask.copy_(src.weight_mask)
+
+    def finalize(self) -> None:
+        """End of training: leave every layer with a fixed binary mask."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Scalars for summary.csv (e.g. beta, current pattern)."""
+        return {}
+
+    def no_weight_decay_params(self) -> list[nn.Parameter]:
+        """Extra parameters (scores, logits) that belong in an optimizer group without weight decay."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def on_train_end(self, output_dir: str | None) -> None:
+        """Write method artifacts (e.g. a found scheme) to the output dir."""
+
+
+def _frozen_masked_weight(layer: MaskedMixin) -> torch.Tensor:
+    return _MaskGrad.apply(layer.weight, layer.weight_mask)
+
+
+class _MaskGrad(torch.autograd.Function):
+    """W * E forward, g * E backward: pruned weights get no gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, mask):
+        ctx.save_for_backward(mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+frozen_masked_weight = _frozen_masked_weight
+
+# Every module in this package registers its methods on import: a new method file needs no edit here.
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+    importlib.import_module(f"{__name__}.{_info.name}")

@@ -1,0 +1,263 @@
+"""Magnitude N:M methods: ``dense``, ``ste``, ``srste``, ``mdgf``, with SDGF structure decay and phases.
+
+DESIGN.md section 4, with E the top-N-of-M mask of |W|, g = dL/dW~, t = steps since the sparse phase began:
+
+=======  ============================  ==========================================================
+method   forward W~                    gradient reaching W
+=======  ============================  ==========================================================
+ste      W * E                         g
+srste    W * E                         g + lambda * (1 - E) * W
+mdgf     W * (E + beta_t * (1 - E))    g (``mdgf_grad: ste``) or g * (E + beta_t (1 - E)) (``exact``)
+frozen   W * E                         g * E   (fine-tune with ``finetune_mask: frozen``)
+=======  ============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..layers import MaskedMixin
+from ..masks import weight_nm_mask
+from ..recipe import Recipe, RecipeError
+from ..schedules import DENSE, SPARSE, Phase, ladder_pattern, mdgf_beta, phase_at, sdgf_ladder
+from . import SparsityMethod, frozen_masked_weight, register_method
+
+__all__ = ["Decay", "NMConfig", "NMMethod", "nm_weight"]
+
+
+@dataclass(frozen=True)
+class Decay:
+    """MDGF decay of the pruned weights' factor beta_t: ``step`` (0), ``linear`` or ``exp`` with ``coef``."""
+
+    type: Literal["step", "linear", "exp"] = "exp"
+    coef: float = 2e-4
+
+
+def _check_structure_decay(v: Any) -> str | None:
+    if isinstance(v, str):
+        return None if v in ("none", "sparsify", "fine", "densify") else (
+            f"must be none|sparsify|fine|densify or a list of [n, m] pairs, got {v!r}")
+    if isinstance(v, tuple) and v and all(
+        isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+        for p in v
+    ):
+        for a, b in v:
+            if not 1 <= a <= b:
+                return f"pattern {a}:{b} is not valid (need 1 <= n <= m)"
+        return None
+    return f"must be none|sparsify|fine|densify or a list of [n, m] pairs, got {v!r}"
+
+
+@dataclass(frozen=True)
+class NMConfig:
+    """Options of the magnitude N:M family (``ste``, ``srste``, ``mdgf``)."""
+
+    srste_lambda: float = 2e-4
+    decay: Decay = Decay()
+    mdgf_grad: Literal["ste", "exact"] = "ste"
+    structure_decay: str | tuple[tuple[int, int], ...] = field(
+        default="none", metadata={"check": _check_structure_decay}
+    )
+
+
+class _NMWeight(torch.autograd.Function):
+    """Forward W * (E + beta (1 - E)); backward per mode (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, beta, mode: str, lam: float):
+        ctx.mode, ctx.lam = mode, lam
+        if mode == "srste":
+            ctx.save_for_backward(weight, mask)
+        elif mode == "mdgf_exact":
+            ctx.save_for_backward(mask, beta)
+        if mode in ("mdgf", "mdgf_exact"):
+            return torch.where(mask, weight, weight * beta)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.mode == "srste":
+            weight, mask = ctx.saved_tensors
+            return grad + ctx.lam * weight * ~mask, None, None, None, None
+        if ctx.mode == "mdgf_exact":
+            mask, beta = ctx.saved_tensors
+            return torch.where(mask, grad, grad * beta), None, None, None, None
+        return grad, None, None, None, None
+
+
+def nm_weight(layer: MaskedMixin) -> torch.Tensor:
+    """``weight_fn`` of the N:M family: reads the layer's ``sparse_mode``, ``sparse_beta`` and ``srste_lambda``."""
+    mode = layer.sparse_mode
+    if mode == "dense":
+        return layer.weight
+    if mode == "frozen":
+        return frozen_masked_weight(layer)
+    return _NMWeight.apply(layer.weight, layer.weight_mask, layer.sparse_beta, mode, layer.srste_lambda)
+
+
+@register_method("dense")
+class DenseMethod(SparsityMethod):
+    """No sparsity: ``sparsify_`` changes nothing. The baseline every comparison needs."""
+
+    swaps_layers = False
+    needs = "any"
+
+
+@register_method("ste", "srste", "mdgf")
+class NMMethod(SparsityMethod):
+    """Top-N-of-M magnitude masks recomputed every ``mask_interval`` steps, with phases and SDGF ladders."""
+
+    Config = NMConfig
+
+    @classmethod
+    def validate(cls, recipe: Recipe) -> None:
+        super().validate(recipe)
+        sd = recipe.options.structure_decay
+        for i, rule in enumerate(recipe.rules):
+            if rule.skip or rule.n is None:
+                continue
+            if isinstance(sd, tuple) and tuple(sd[-1]) != (rule.n, rule.m):
+                raise RecipeError(
+                    f"sparsity.structure_decay in {recipe.source or 'the recipe'} ends at {sd[-1][0]}:{sd[-1][1]} "
+                    f"but rules[{i}] targets {rule.n}:{rule.m}; an explicit ladder must end at every rule's pattern"
+                )
+
+    @classmethod
+    def ladder(cls, recipe: Recipe, n: int, m: int) -> list[tuple[int, int]]:
+        return sdgf_ladder(n, m, recipe.options.structure_decay)
+
+    @classmethod
+    def required_multiple(cls, recipe: Recipe, spec) -> int:
+        import math
+
+        return math.lcm(*(b for _, b in cls.ladder(recipe, spec.n, spec.m)))
+
+    @classmethod
+    def prepare_layer(cls, recipe: Recipe, layer: MaskedMixin) -> None:
+        layer.register_buffer("sparse_beta", torch.zeros((), dtype=layer.weight.dtype,
+                                                         device=layer.weight.device), persistent=False)
+        layer.sparse_mode = "dense"
+        layer.srste_lambda = float(recipe.options.srste_lambda)
+        layer.weight_fn = nm_weight
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        r = self.recipe
+        self._ladders = {
+            fqn: [self.ladder(r, s.n, s.m) for s in layer.slices] for fqn, layer in self.layers
+        }
+        self._lengths = sorted({len(lad) for lads in self._ladders.values() for lad in lads})
+        self.last_update: int | None = None  # step of the last mask computation
+        self.frame: tuple[int, ...] | None = None  # ladder frames (per ladder length) the masks were computed for
+        self._phase: Phase | None = None
+        self.frozen = False
+        self.beta = 0.0
+        self.phase = DENSE
+        self.patterns: dict[str, str] = {}
+
+    # ---- per-step logic -------------------------------------------------------------------------------------
+    def _mode(self) -> str:
+        if self.name == "srste":
+            return "srste"
+        if self.name == "mdgf":
+            return "mdgf_exact" if self.recipe.options.mdgf_grad == "exact" else "mdgf"
+        return "ste"
+
+    @torch.no_grad()
+    def _compute_masks(self, phase: Phase | None) -> None:
+        """Masks for the patterns in force at ``phase`` (None: the target patterns)."""
+        for fqn, layer in self.layers:
+            w = layer.weight
+            mask = layer.weight_mask
+            for spec, lad in zip(layer.slices, self._ladders[fqn]):
+                n, m = lad[-1] if phase is None else ladder_pattern(lad, phase)
+                mask[spec.start:spec.stop] = weight_nm_mask(w[spec.start:spec.stop], n, m, spec.sparse_dim)
+
+    def _frames(self, phase: Phase) -> tuple[int, ...]:
+        """Frame index of every ladder length: masks must be recomputed when any of them moves."""
+        window = max(phase.finetune_start - phase.sparse_start, 1)
+        return tuple(min(phase.t * k // window, k - 1) for k in self._lengths)
+
+    @torch.no_grad()
+    def step(self, global_step: int) -> None:
+        r = self.recipe
+        phase = phase_at(global_step, self.total_steps, r.dense_fraction, r.finetune_fraction)
+        self.phase = phase.name
+        self._phase = phase
+        if phase.name == DENSE:
+            for _, layer in self.layers:
+                layer.sparse_mode = "dense"
+            self.beta = 1.0
+            return
+        if phase.name == SPARSE:
+            frame = self._frames(phase)
+            self.beta = mdgf_beta(phase.t, r.options.decay.type, r.options.decay.coef) if self.name == "mdgf" else 0.0
+            mode = self._mode()
+        else:  # FINETUNE: binary mask at the target pattern, beta = 0
+            frame = None
+            self.beta = 0.0
+            mode = "frozen" if r.finetune_mask == "frozen" else ("srste" if self.name == "srste" else "ste")
+        due = (phase.t % r.mask_interval == 0) or self.last_update is None or frame != self.frame
+        if mode == "frozen":
+            if not self.frozen:
+                self._compute_masks(None)
+                self.frozen = True
+                self.last_update = global_step
+            for _, layer in self.layers:  # optimizer momentum must not revive pruned weights
+                layer.weight.mul_(layer.weight_mask)
+        elif due and self.last_update != global_step:
+            self._compute_masks(phase if frame is not None else None)
+            self.last_update = global_step
+        self.frame = frame
+        for _, layer in self.layers:
+            layer.sparse_mode = mode
+            layer.sparse_beta.fill_(self.beta)
+
+    def sync(self, src: MaskedMixin, dst: MaskedMixin) -> None:
+        dst.weight_mask.copy_(src.weight_mask)
+        dst.sparse_mode = src.sparse_mode
+        dst.sparse_beta.copy_(src.sparse_beta)
+
+    def finalize(self) -> None:
+        """Leave a binary mask: masks recomputed from the final weights unless frozen, beta = 0."""
+        if not self.frozen:
+            with torch.no_grad():
+                self._compute_masks(None)
+        for _, layer in self.layers:
+            layer.sparse_mode = "frozen"
+            layer.sparse_beta.zero_()
+
+    def current_patterns(self) -> dict[str, str]:
+        """Target label -> N:M in force, e.g. {'all': '4:8', 'q': '2:8'}."""
+        out: dict[str, str] = {}
+        for fqn, layer in self.layers:
+            for spec, lad in zip(layer.slices, self._ladders[fqn]):
+                if self.phase == DENSE:
+                    pat = "dense"
+                else:
+                    n, m = lad[-1] if self._phase is None else ladder_pattern(lad, self._phase)
+                    pat = f"{n}:{m}"
+                out.setdefault(spec.label, pat)
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        pats = self.current_patterns()
+        return {
+            "phase": self.phase,
+            "beta": round(self.beta, 6),
+            "pattern": " ".join(f"{k}={v}" for k, v in sorted(pats.items())),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_update": self.last_update, "frame": None if self.frame is None else list(self.frame),
+                "frozen": self.frozen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_update = state.get("last_update")
+        frame = state.get("frame")
+        self.frame = None if frame is None else tuple(frame)
+        self.frozen = bool(state.get("frozen", False))
+

@@ -1,0 +1,127 @@
+"""Per-layer sparsity report: pattern, density, conformance and acceleration eligibility."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .layers import MaskedMixin, masked_modules
+from .masks import weight_is_nm
+
+__all__ = ["sparsity_report", "format_report", "overall_sparsity", "accel_eligibility"]
+
+
+def accel_eligibility(layer: MaskedMixin) -> str:
+    """Whether a commodity sparse kernel could run this layer (device-independent part of the pre-flight).
+
+    2:4 semi-structured needs a Linear with every slice at 2:4 along the input dim and both dims multiples of 64;
+    block (BSR) needs whole tiles. Anything else (1:8, 1:16, ...) has no commodity GPU kernel.
+    """
+    if not layer.slices:
+        return "no: dense"
+    pats = {(s.n, s.m, s.sparse_dim) for s in layer.slices}
+    if all(s.n is not None for s in layer.slices):
+        if not isinstance(layer, nn.Linear):
+            return "no: semi-structured 2:4 kernels run Linear layers only (conv would need im2col)"
+        if pats != {(2, 4, "row")} or sum(s.stop - s.start for s in layer.slices) != layer.weight.shape[0]:
+            return "no: only 2:4 along the input dim has a commodity kernel (" + \
+                ",".join(f"{n}:{m}" for n, m, _ in sorted(pats, key=str)) + ")"
+        out_f, in_f = layer.weight.shape
+        if out_f % 64 or in_f % 64:
+            return f"no: semi-structured needs both dims multiples of 64, got {out_f}x{in_f}"
+        return "2:4 semi-structured (CUDA sm80+, fp16/bf16)"
+    tiles = {s.tile for s in layer.slices if s.tile}
+    if tiles and isinstance(layer, nn.Linear):
+        t = tiles.pop()
+        out_f, in_f = layer.weight.shape
+        if out_f % t or in_f % t:
+            return f"no: BSR needs dims divisible by tile {t}, got {out_f}x{in_f}"
+        return f"BSR tile {t} (CUDA)"
+    return "no: unstructured/other pattern has no commodity kernel"
+
+
+@torch.no_grad()
+def _conforms(layer: MaskedMixin, w: torch.Tensor) -> bool | None:
+    result = None
+    for s in layer.slices:
+        part = w[s.start:s.stop]
+        if s.n is not None:
+            ok = weight_is_nm(part, s.n, s.m, s.sparse_dim)
+        elif s.sparsity is not None:
+            nz = float((part != 0).float().mean())
+            ok = nz <= 1.0 - s.sparsity + 1.0 / max(math.sqrt(part.numel()), 1.0)
+        else:
+            continue
+        result = ok if result is None else (result and ok)
+    return result
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module) -> list[dict]:
+    """One row per masked (or skipped) layer.
+
+    Columns: ``fqn``, ``shape``, ``method``, ``pattern``, ``density`` (nonzero fraction of the weight the forward
+    uses), ``conforms`` (that weight satisfies every slice's pattern; None for dense), ``accel``, ``note``.
+    """
+    rows = []
+    for fqn, layer in masked_modules(model):
+        w = layer.sparse_weight().detach()
+        rows.append({
+            "fqn": fqn,
+            "shape": list(layer.weight.shape),
+            "method": layer.method,
+            "pattern": " ".join(f"{s.label}={s.pattern()}" for s in layer.slices),
+            "density": round(float((w != 0).float().mean()), 6),
+            "conforms": _conforms(layer, w),
+            "accel": accel_eligibility(layer),
+            "note": "",
+        })
+    for fqn, why in getattr(model, "sparsity_skipped", {}).items():
+        mod = model.get_submodule(fqn)
+        if isinstance(mod, MaskedMixin):  # partly skipped (e.g. one qkv third): note it on the masked row
+            for row in rows:
+                if row["fqn"] == fqn:
+                    row["note"] = f"partly skipped: {why}"
+            continue
+        rows.append({
+            "fqn": fqn, "shape": list(mod.weight.shape), "method": "skipped", "pattern": "dense",
+            "density": round(float((mod.weight != 0).float().mean()), 6), "conforms": None,
+            "accel": "no: dense", "note": why,
+        })
+    return rows
+
+
+@torch.no_grad()
+def overall_sparsity(model: nn.Module, selected_only: bool = True) -> float:
+    """Fraction of zeros in the forward weights of the masked layers (or of all Linear/Conv2d weights)."""
+    zeros = total = 0
+    if selected_only:
+        for _, layer in masked_modules(model):
+            w = layer.sparse_weight()
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    else:
+        for mod in model.modules():
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                w = mod.sparse_weight() if isinstance(mod, MaskedMixin) else mod.weight
+                zeros += int((w == 0).sum())
+                total += w.numel()
+    return zeros / total if total else 0.0
+
+
+def format_report(rows: list[dict], max_rows: int | None = None) -> str:
+    """A fixed-width text table of :func:`sparsity_report` rows (for logs and CLIs)."""
+    if not rows:
+        return "(no sparsified layers)"
+    shown = rows if max_rows is None else rows[:max_rows]
+    w = max(len(r["fqn"]) for r in shown)
+    lines = [f"{'layer':<{w}}  {'shape':<18} {'pattern':<22} {'density':>7}  conforms  accel / note"]
+    for r in shown:
+        conf = {True: "yes", False: "NO", None: "-"}[r["conforms"]]
+        extra = r["note"] or r["accel"]
+        lines.append(f"{r['fqn']:<{w}}  {str(r['shape']):<18} {r['pattern']:<22} {r['density']:>7.3f}  {conf:<8}  {extra}")
+    if max_rows is not None and len(rows) > max_rows:
+        lines.append(f"... {len(rows) - max_rows} more layers")
+    return "\n".join(lines)
