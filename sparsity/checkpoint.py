@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "save_atomic", "load_checkpoint_file", "model_state_from", "load_model_weights"]
+__all__ = ["CheckpointError", "model_from_checkpoint", "save_atomic", "load_checkpoint_file", "model_state_from", "load_model_weights"]
 
 
 class CheckpointError(ValueError):
@@ -100,3 +100,27 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
             f"checkpoint {path} does not fit this model (another architecture or num_classes?): {detail}"
         ) from None
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "checkpoint": ckpt}
+
+
+def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[nn.Module, dict]:
+    """Rebuild the sparse model a training checkpoint was written from, with its weights and masks.
+
+    Our checkpoints hold ``arch`` (timm model name), ``create_kwargs`` (everything passed to
+    ``timm.create_model``: num_classes, model kwargs) and ``recipe`` (the ``sparsity:`` block as plain types).
+    Returns ``(model, checkpoint_dict)``.
+    """
+    from .factory import create_model
+    from .recipe import recipe_from_dict
+
+    ckpt = load_checkpoint_file(path)
+    if "arch" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has no 'arch': it is not a train.py checkpoint; pass --model "
+                              "and the recipe explicitly")
+    recipe = recipe_from_dict(ckpt.get("recipe") or {}, source=f"{path} (recipe)")
+    model = create_model(ckpt["arch"], recipe=recipe, **dict(ckpt.get("create_kwargs") or {}))
+    state = model_state_from(ckpt, use_ema)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not match its own arch/recipe: {str(e)[:400]}") from None
+    return model, ckpt
