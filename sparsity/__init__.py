@@ -23,7 +23,8 @@ from .surgery import densify_, sparsify_
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "METHODS", "MaskedConv2d", "create_model", "load_model_weights", "model_from_checkpoint", "save_atomic", "MaskedLinear", "Recipe", "RecipeError", "Rule", "SliceSpec", "SparsityController",
+    "CheckpointError", "METHODS", "MaskedConv2d", "create_model", "load_model_weights", "model_from_checkpoint",
+    "save_atomic", "MaskedLinear", "Recipe", "RecipeError", "Rule", "SliceSpec", "SparsityController",
     "SparsityMethod", "block_mask", "conv_nm_mask", "densify_", "format_report", "is_nm", "linear_nm_mask",
     "load_recipe", "load_yaml", "masked_modules", "nm_mask", "overall_sparsity", "recipe_from_dict",
     "register_method", "sparsify_", "sparsity_report", "tile_mask", "unstructured_mask", "weight_is_nm",

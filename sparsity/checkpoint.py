@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "model_from_checkpoint", "save_atomic", "load_checkpoint_file", "model_state_from", "load_model_weights"]
+__all__ = [
+    "CheckpointError", "model_from_checkpoint", "save_atomic", "load_checkpoint_file", "model_state_from",
+    "load_model_weights",
+]
 
 
 class CheckpointError(ValueError):

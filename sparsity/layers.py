@@ -69,7 +69,9 @@ class MaskedMixin:
         """W * E with the current binary mask (what export bakes in)."""
         return self.weight * self.weight_mask
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A stock (dense) timm checkpoint has no masks: keep the current mask instead of failing a strict load.
         key = prefix + "weight_mask"
         super()._load_from_state_dict(  # type: ignore[misc]

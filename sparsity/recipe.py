@@ -80,6 +80,8 @@ def _coerce(value: Any, tp: Any, path: str, source: str | None) -> Any:
                 return _coerce(value, arg, path, source)
             except RecipeError as e:
                 errors.append(e)
+        if len(errors) == 1:  # Optional[X]: X's own message is the clearest
+            raise errors[0]
         raise RecipeError(f"{_where(source, path)} must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)

@@ -121,7 +121,8 @@ def format_report(rows: list[dict], max_rows: int | None = None) -> str:
     for r in shown:
         conf = {True: "yes", False: "NO", None: "-"}[r["conforms"]]
         extra = r["note"] or r["accel"]
-        lines.append(f"{r['fqn']:<{w}}  {str(r['shape']):<18} {r['pattern']:<22} {r['density']:>7.3f}  {conf:<8}  {extra}")
+        shape = str(r["shape"])
+        lines.append(f"{r['fqn']:<{w}}  {shape:<18} {r['pattern']:<22} {r['density']:>7.3f}  {conf:<8}  {extra}")
     if max_rows is not None and len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more layers")
     return "\n".join(lines)

@@ -74,7 +74,8 @@ def sdgf_ladder(n: int, m: int, kind: str | list | tuple) -> list[tuple[int, int
     if isinstance(kind, (list, tuple)):
         ladder = [(int(a), int(b)) for a, b in kind]
         if ladder[-1] != (n, m):
-            raise ValueError(f"structure_decay list must end at the target {n}:{m}, got {ladder[-1][0]}:{ladder[-1][1]}")
+            last = f"{ladder[-1][0]}:{ladder[-1][1]}"
+            raise ValueError(f"structure_decay list must end at the target {n}:{m}, got {last}")
         return ladder
     if kind in (None, "none"):
         return [(n, m)]

@@ -52,6 +52,10 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
     rows = []
     for fqn, units in assigned.items():
         cand = by_fqn[fqn]
+        why = method.skip_reason(recipe, fqn, cand.tags)
+        if why and any(not recipe.rules[i].skip for *_, i in units):
+            model.sparsity_skipped[fqn] = why  # type: ignore[attr-defined]
+            continue
         specs, problems = [], []
         for label, start, stop, rule_idx in units:
             rule = recipe.rules[rule_idx]

@@ -80,6 +80,15 @@ class SparsityMethod:
                          rule.tile)
 
     @classmethod
+    def skip_reason(cls, recipe: Recipe, fqn: str, tags: set[str]) -> str | None:
+        """Why the method keeps a layer that a rule selects dense whatever the rules say (None: rules decide).
+
+        ``tags`` are the layer's target tags (``first_block``, ``last_layer``, ``head``, ...); ``sparsify_`` records
+        the reason as a skip in the report.
+        """
+        return None
+
+    @classmethod
     def required_multiple(cls, recipe: Recipe, spec: SliceSpec) -> int:
         """The grouped dimension must be divisible by this (the largest M the method will use)."""
         return spec.m or 1

@@ -1,0 +1,29 @@
+import logging
+
+import pytest
+import timm
+import torch
+
+torch.set_num_threads(2)
+
+TINY = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2, num_classes=10)),
+    "swin": ("swin_tiny_patch4_window7_224",
+             dict(img_size=32, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 2), num_classes=10)),
+    "swinv2": ("swinv2_tiny_window8_256",
+               dict(img_size=32, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 2), num_classes=10)),
+    "resnet": ("resnet18", dict(num_classes=10)),
+    "convnext": ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), num_classes=10)),
+}
+
+
+def tiny_model(kind: str, seed: int = 0):
+    name, kw = TINY[kind]
+    torch.manual_seed(seed)
+    return timm.create_model(name, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+    logging.getLogger("sparsity").setLevel(logging.WARNING)
+    yield

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from sparsity.masks import (
+    block_mask,
+    conv_nm_mask,
+    is_nm,
+    linear_nm_mask,
+    nm_mask,
+    tile_mask,
+    unstructured_mask,
+    weight_is_nm,
+)
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (1, 8), (2, 8), (4, 8), (3, 16)])
+def test_nm_mask_keeps_exactly_n_largest_per_group(n, m):
+    torch.manual_seed(0)
+    w = torch.randn(6, 4 * m)
+    mask = nm_mask(w, n, m)
+    assert mask.dtype == torch.bool and mask.shape == w.shape
+    groups = mask.view(6, 4, m)
+    assert (groups.sum(-1) == n).all()
+    absg = w.abs().view(6, 4, m)
+    kept_min = torch.where(groups, absg, torch.inf).amin(-1)
+    pruned_max = torch.where(groups, -torch.inf, absg).amax(-1)
+    assert (kept_min >= pruned_max).all()
+
+
+def test_nm_mask_hand_example():
+    w = torch.tensor([[0.1, -3.0, 2.0, 0.5, 9.0, 1.0, -1.5, 0.0]])
+    assert nm_mask(w, 2, 4).tolist() == [[False, True, True, False, True, False, True, False]]
+    assert nm_mask(w, 1, 4).tolist() == [[False, True, False, False, True, False, False, False]]
+
+
+def test_row_and_col_grouping_differ_as_expected():
+    torch.manual_seed(1)
+    w = torch.randn(8, 8)
+    row = linear_nm_mask(w, 2, 4, "row")
+    col = linear_nm_mask(w, 2, 4, "col")
+    assert (row.view(8, 2, 4).sum(-1) == 2).all()  # along the input dim
+    assert (col.t().reshape(8, 2, 4).sum(-1) == 2).all()  # along the output dim
+    assert torch.equal(col, linear_nm_mask(w.t().contiguous(), 2, 4, "row").t())
+    assert not torch.equal(row, col)
+
+
+def test_conv_groups_run_along_input_channels_not_taps():
+    # Weight (O=1, I=4, 2, 2): at every tap the largest input channel differs; a grouping across taps would keep
+    # whole channels instead.
+    w = torch.zeros(1, 4, 2, 2)
+    w[0, 0, 0, 0] = 5
+    w[0, 1, 0, 1] = 5
+    w[0, 2, 1, 0] = 5
+    w[0, 3, 1, 1] = 5
+    w += 0.01 * torch.arange(16.0).view(1, 4, 2, 2)
+    mask = conv_nm_mask(w, 1, 4)
+    assert mask.sum() == 4  # one kept per tap
+    for (i, a, b) in [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]:
+        assert mask[0, i, a, b]
+    # every (O, kh, kw) position keeps exactly one of the 4 input channels
+    assert (mask.permute(0, 2, 3, 1).sum(-1) == 1).all()
+    assert weight_is_nm(w * mask, 1, 4)
+
+
+def test_is_nm_detects_violations_and_divisibility():
+    w = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    assert is_nm(w, 2, 4)
+    assert not is_nm(w, 1, 4)
+    assert not is_nm(torch.ones(2, 6), 2, 4)  # 6 not divisible by 4
+
+
+@pytest.mark.parametrize("bad", [(3, 2), (0, 4), (2, 0), (1.5, 4)])
+def test_nm_mask_rejects_bad_patterns(bad):
+    with pytest.raises(ValueError, match="N:M"):
+        nm_mask(torch.ones(4, 4), *bad)
+
+
+def test_unstructured_mask_exact_count_and_largest():
+    torch.manual_seed(2)
+    w = torch.randn(10, 10)
+    mask = unstructured_mask(w, 0.9)
+    assert int(mask.sum()) == 10
+    assert w.abs()[mask].min() >= w.abs()[~mask].max()
+
+
+def test_block_mask_whole_tiles():
+    torch.manual_seed(3)
+    w = torch.randn(16, 16)
+    mask = block_mask(w, 0.75, 4)
+    tiles = mask.view(4, 4, 4, 4).permute(0, 2, 1, 3).reshape(16, 16)
+    assert ((tiles.all(-1)) | (~tiles.any(-1))).all()  # constant within each tile
+    assert int(tiles.all(-1).sum()) == 4  # 25 % of 16 tiles kept
+    assert tile_mask(torch.arange(8.0), 0.5).tolist() == [False] * 4 + [True] * 4

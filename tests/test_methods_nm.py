@@ -1,0 +1,174 @@
+"""Each N:M method's forward and gradient against DESIGN.md section 4, on small tensors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparsity
+from sparsity.masks import nm_mask
+
+
+def _layer(method: str, seed: int = 0, **opts):
+    torch.manual_seed(seed)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(8, 4))
+    recipe = sparsity.recipe_from_dict({"method": method, "rules": [{"target": "linear", "n": 2, "m": 4}], **opts})
+    sparsity.sparsify_(model, recipe)
+    return model, recipe
+
+
+def _grad(model, x):
+    model.zero_grad()
+    out = model(x)
+    out.backward(torch.ones_like(out))
+    return out, model.fc.weight.grad.clone()
+
+
+def _expected(w, x, d, b):
+    # y = x @ (W * D)^T + b; dL/dW~ with L = sum(y) is ones^T x
+    return x @ (w * d).t() + b, torch.ones(x.shape[0], w.shape[0]).t() @ x
+
+
+@pytest.mark.parametrize("method", ["ste", "srste"])
+def test_ste_and_srste(method):
+    model, recipe = _layer(method, srste_lambda=0.1)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    ctl.step(0)
+    fc = model.fc
+    w = fc.weight.detach().clone()
+    e = nm_mask(w, 2, 4)
+    assert torch.equal(fc.weight_mask, e)
+    x = torch.randn(3, 8)
+    out, grad = _grad(model, x)
+    ref_out, g = _expected(w, x, e.float(), fc.bias.detach())
+    assert torch.allclose(out, ref_out, atol=1e-6)
+    extra = 0.1 * (~e).float() * w if method == "srste" else 0.0
+    assert torch.allclose(grad, g + extra, atol=1e-6)
+
+
+def test_srste_default_lambda_is_2e_4():
+    recipe = sparsity.recipe_from_dict({"method": "srste", "rules": [{"target": "ff", "n": 2, "m": 4}]})
+    assert recipe.options.srste_lambda == 2e-4
+
+
+@pytest.mark.parametrize("decay,coef,step,beta", [
+    ("exp", 1e-1, 5, math.exp(-0.5)),
+    ("linear", 1e-1, 5, 0.5),
+    ("linear", 1e-1, 20, 0.0),
+    ("step", 1e-1, 5, 0.0),
+])
+@pytest.mark.parametrize("grad_mode", ["ste", "exact"])
+def test_mdgf_forward_and_gradient(decay, coef, step, beta, grad_mode):
+    model, recipe = _layer("mdgf", decay={"type": decay, "coef": coef}, mdgf_grad=grad_mode)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=100)
+    ctl.step(step)
+    assert ctl.metrics()["beta"] == pytest.approx(beta, abs=1e-6)
+    fc = model.fc
+    w = fc.weight.detach().clone()
+    e = nm_mask(w, 2, 4).float()
+    d = e + beta * (1 - e)
+    x = torch.randn(3, 8)
+    out, grad = _grad(model, x)
+    ref_out, g = _expected(w, x, d, fc.bias.detach())
+    assert torch.allclose(out, ref_out, atol=1e-6)
+    assert torch.allclose(grad, g * d if grad_mode == "exact" else g, atol=1e-6)
+
+
+def test_bias_is_used():
+    model, recipe = _layer("ste")
+    sparsity.SparsityController(model, recipe, total_steps=10).step(0)
+    with torch.no_grad():
+        model.fc.bias.fill_(3.0)
+    x = torch.zeros(2, 8)
+    assert torch.allclose(model(x), torch.full((2, 4), 3.0))
+
+
+def test_finetune_frozen_mask_keeps_pruned_weights_at_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    recipe = sparsity.recipe_from_dict({
+        "method": "srste", "finetune_fraction": 0.5, "finetune_mask": "frozen",
+        "rules": [{"target": "linear", "n": 1, "m": 4}],
+    })
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=20)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # momentum would revive pruned weights if not masked
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    frozen_mask = None
+    for step in range(20):
+        ctl.step(step)
+        if step == 10:
+            frozen_mask = model[0].weight_mask.clone()
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if step >= 10:
+            assert torch.all(model[0].weight.grad[~model[0].weight_mask] == 0)
+        opt.step()
+    ctl.step(20)
+    assert torch.equal(model[0].weight_mask, frozen_mask)
+    assert torch.all(model[0].weight[~frozen_mask] == 0)
+    assert int((model[0].weight != 0).sum()) == 16 * 8 // 4
+    assert all(r["conforms"] for r in sparsity.sparsity_report(model))
+
+
+def test_dynamic_finetune_recomputes_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    recipe = sparsity.recipe_from_dict({"method": "ste", "finetune_fraction": 0.5, "finetune_mask": "dynamic",
+                                        "rules": [{"target": "linear", "n": 2, "m": 4}]})
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=4)
+    ctl.step(2)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(8, 8))
+    ctl.step(3)
+    assert torch.equal(model[0].weight_mask, nm_mask(model[0].weight, 2, 4))
+
+
+def test_sdgf_masks_follow_the_ladder_and_mask_interval():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    recipe = sparsity.recipe_from_dict({"method": "ste", "structure_decay": "sparsify", "mask_interval": 5,
+                                        "rules": [{"target": "linear", "n": 1, "m": 8}]})
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=40)
+    kept = {}
+    for step in range(40):
+        ctl.step(step)
+        kept[step] = int(model[0].weight_mask.sum())
+    assert [kept[s] for s in (0, 10, 20, 30)] == [7 * 16, 4 * 16, 2 * 16, 1 * 16]
+    # mask_interval: no recomputation between multiples of 5 inside a frame
+    ctl.step(0)
+    m0 = model[0].weight_mask.clone()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(8, 16))
+    ctl.step(1)
+    assert torch.equal(model[0].weight_mask, m0)
+    ctl.step(5)
+    assert not torch.equal(model[0].weight_mask, m0)
+
+
+def test_dense_phase_has_no_mask():
+    model, recipe = _layer("ste", dense_fraction=0.5)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    ctl.step(2)
+    x = torch.randn(2, 8)
+    dense = nn.functional.linear(x, model.fc.weight, model.fc.bias)
+    assert torch.allclose(model(x), dense)
+    ctl.step(5)
+    assert not torch.allclose(model(x), dense)
+
+
+def test_controller_state_roundtrip():
+    model, recipe = _layer("ste", structure_decay=[[3, 4], [2, 4]], finetune_fraction=0.2)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    for s in range(9):
+        ctl.step(s)
+    state = ctl.state_dict()
+    ctl2 = sparsity.SparsityController(model, recipe, total_steps=10)
+    ctl2.load_state_dict(state)
+    assert ctl2.state_dict() == state
+    assert state["state"]["frozen"] is True
