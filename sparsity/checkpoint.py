@@ -10,13 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
+
 __all__ = [
     "CheckpointError", "model_from_checkpoint", "save_atomic", "load_checkpoint_file", "model_state_from",
     "load_model_weights",
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint cannot be used; the message says which file and what to do."""
 
 

@@ -7,6 +7,7 @@ import os
 from torch import nn
 
 from .checkpoint import load_model_weights
+from .errors import ModelError
 from .recipe import Recipe, closest
 from .surgery import sparsify_
 
@@ -28,9 +29,12 @@ def create_model(
     import timm
 
     if not timm.is_model(model_name):
-        raise ValueError(f"unknown model '{model_name}'{closest(model_name, timm.list_models())} "
+        raise ModelError(f"unknown model '{model_name}'{closest(model_name, timm.list_models())} "
                          "(see timm.list_models())")
-    model = timm.create_model(model_name, **timm_kwargs)
+    try:
+        model = timm.create_model(model_name, **timm_kwargs)
+    except TypeError as e:
+        raise ModelError(f"model '{model_name}' does not accept these arguments ({e}); check model_kwargs") from None
     if recipe is not None:
         sparsify_(model, recipe)
     if checkpoint:

@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .errors import UserError
 from .masks import check_nm
 
 __all__ = [
@@ -37,7 +38,7 @@ TARGETS = (
 )
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe or experiment file is invalid; the message says what to change."""
 
 

@@ -1,0 +1,104 @@
+"""Shared by the CLIs (train.py, validate.py, export.py, benchmark.py, compare.py): YAML configs with
+defaults < YAML < command line, strict key checking, exit code 2 with one clear message for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from sparsity.errors import UserError
+from sparsity.recipe import closest, load_yaml
+
+USER_ERROR_EXIT = 2
+
+
+class ConfigError(UserError):
+    """A bad command line or experiment file; the message says what to change."""
+
+
+class ParseKwargs(argparse.Action):
+    """``--model-kwargs a=1 b=x`` -> {'a': 1, 'b': 'x'} (values parsed as YAML scalars)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import yaml
+
+        kw = {}
+        for item in values:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"{option_string} expects key=value pairs, got {item!r}")
+            kw[key] = yaml.safe_load(value)
+        setattr(namespace, self.dest, kw)
+
+
+def _check_value(action: argparse.Action, key: str, value, path: str) -> None:
+    if value is None:
+        return
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' in {path} must be true or false, got {value!r}")
+        return
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        if isinstance(action, ParseKwargs):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' in {path} must be a mapping, got {value!r}")
+            return
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' in {path} must be a list, got {value!r}")
+        items = value
+    else:
+        items = [value]
+    for v in items:
+        if action.type in (int, float):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (action.type is int and isinstance(v, float)):
+                raise ConfigError(f"'{key}' in {path} must be {'an integer' if action.type is int else 'a number'}, "
+                                  f"got {v!r}")
+        elif action.type is str and not isinstance(v, str):
+            raise ConfigError(f"'{key}' in {path} must be a string, got {v!r}")
+        if action.choices is not None and v not in action.choices:
+            raise ConfigError(f"'{key}' in {path} must be one of {list(action.choices)}, got {v!r}"
+                              f"{closest(str(v), [str(c) for c in action.choices])}")
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+                      nested: tuple[str, ...] = ("sparsity",)) -> tuple[argparse.Namespace, dict]:
+    """Parse ``argv`` with ``--config FILE`` providing defaults. Returns (args, nested blocks from the file).
+
+    Unknown keys in the file are errors naming the key, the file and the closest valid key.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    blocks: dict = {}
+    if known.config:
+        cfg = load_yaml(known.config)
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        for key in list(cfg):
+            if key in nested:
+                blocks[key] = cfg.pop(key)
+                continue
+            if key not in actions:
+                raise ConfigError(f"unknown key '{key}' in {known.config}{closest(key, list(actions) + list(nested))}")
+            _check_value(actions[key], key, cfg[key], known.config)
+        parser.set_defaults(**cfg)
+    args = parser.parse_args(argv)
+    return args, blocks
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run ``main``; bad input (ValueError/OSError subclasses we raise) -> one line on stderr and exit code 2."""
+    try:
+        return int(main(argv) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def setup_logging(is_main: bool = True, level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level if is_main else logging.WARNING, format="%(message)s", stream=sys.stdout,
+                        force=True)

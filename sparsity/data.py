@@ -1,0 +1,93 @@
+"""Built-in data: scikit-learn's bundled handwritten digits (real data, no download), and dataset helpers.
+
+``digits`` gives 1,797 8x8 grey images of 10 classes as 32x32 RGB PIL images with a fixed, stratified
+train/validation split (1,437 / 360), so timm's transforms and loaders work on it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+__all__ = ["DigitsDataset", "DIGITS_MEAN", "DIGITS_STD", "build_dataset", "DataError"]
+
+DIGITS_MEAN = (0.3057, 0.3057, 0.3057)
+DIGITS_STD = (0.3235, 0.3235, 0.3235)
+_IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+class DataError(UserError):
+    """The data set cannot be used; the message says what to change."""
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's digits as 32x32 RGB images. ``split`` is ``train`` (80 %) or ``validation`` (20 %)."""
+
+    def __init__(self, split: str = "train", transform=None, img_size: int = 32) -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ("train", "validation", "val", "test"):
+            raise DataError(f"digits has splits 'train' and 'validation', got {split!r}")
+        data = load_digits()
+        idx = np.arange(len(data.target))
+        train_idx, val_idx = train_test_split(idx, test_size=0.2, random_state=0, stratify=data.target)
+        keep = np.sort(train_idx if split == "train" else val_idx)
+        images = (data.images[keep] / 16.0 * 255.0).round().astype(np.uint8)  # (N, 8, 8)
+        self.images = [Image.fromarray(im).resize((img_size, img_size), Image.BILINEAR).convert("RGB")
+                       for im in images]
+        self.targets = data.target[keep].astype(np.int64).tolist()
+        self.transform = transform
+        self.classes = [str(c) for c in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+
+def _check_image_folder(root: str, split_dir: str | None) -> None:
+    path = Path(root)
+    if not path.exists():
+        raise DataError(f"--data-dir {root} does not exist; point it at an ImageFolder root (one folder per class)")
+    if not path.is_dir():
+        raise DataError(f"--data-dir {root} is not a folder")
+    for dirpath, _, files in os.walk(root):
+        if any(f.lower().endswith(_IMG_EXT) for f in files):
+            return
+    raise DataError(f"--data-dir {root} holds no images ({', '.join(_IMG_EXT)}); expected <root>/<class>/<image> "
+                    f"or <root>/{split_dir or 'train'}/<class>/<image>")
+
+
+def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool, download: bool = False,
+                  img_size: int = 32):
+    """``digits`` (embedded), or any timm dataset (``''``/``folder`` = ImageFolder at ``data_dir``, or timm's
+    ``torch/cifar100`` style names). A missing or empty folder is a :class:`DataError` naming the flag."""
+    from timm.data import create_dataset
+
+    if name == "digits":
+        return DigitsDataset("train" if is_training else "validation", img_size=img_size)
+    if not data_dir:
+        raise DataError(f"dataset {name or 'ImageFolder'!r} needs --data-dir (or use --dataset digits, the embedded "
+                        "data set)")
+    if name in ("", "folder", "imagefolder") or name.startswith("folder/"):
+        _check_image_folder(data_dir, split)
+        sub = Path(data_dir) / split
+        root = str(sub) if sub.is_dir() else data_dir
+        return create_dataset("", root=root, split=split, is_training=is_training)
+    if not download and not Path(data_dir).exists():
+        raise DataError(f"--data-dir {data_dir} does not exist (add --dataset-download where a network exists)")
+    try:
+        return create_dataset(name, root=data_dir, split=split, is_training=is_training, download=download)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        raise DataError(f"cannot open dataset {name!r} at {data_dir}: {e}") from None

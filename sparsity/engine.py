@@ -1,0 +1,171 @@
+"""The training loop: ``train_one_epoch`` and ``evaluate``, used by train.py and validate.py."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["TrainState", "train_one_epoch", "evaluate", "accuracy", "NonFiniteLossError"]
+
+_logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stops instead of writing garbage."""
+
+
+@dataclass
+class TrainState:
+    """What the loop mutates across epochs (all of it is saved in checkpoints)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    skipped_nonfinite: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[float]:
+    """Top-k accuracy in percent (k clipped to the number of classes)."""
+    maxk = min(max(topk), output.shape[-1])
+    pred = output.topk(maxk, dim=-1).indices
+    correct = pred.eq(target.view(-1, 1))
+    return [float(correct[:, : min(k, maxk)].any(dim=1).float().mean() * 100.0) for k in topk]
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    state: TrainState,
+    *,
+    controller=None,
+    device: torch.device = torch.device("cpu"),
+    lr_scheduler=None,
+    amp_dtype: torch.dtype | None = None,
+    scaler=None,
+    model_ema=None,
+    mixup_fn=None,
+    clip_grad: float | None = None,
+    channels_last: bool = False,
+    log_interval: int = 50,
+    max_nonfinite: int = 0,
+    skip_batches: int = 0,
+    on_step: Callable[[TrainState, int], None] | None = None,
+    on_resume_point: Callable[[], None] | None = None,
+    is_main: bool = True,
+) -> dict[str, float]:
+    """One epoch. The controller steps before every forward: ``controller.step(state.global_step)``.
+
+    ``skip_batches`` resumes mid-epoch (the loader order is deterministic per epoch). ``on_step(state, batch_idx)``
+    runs after every optimizer step (recovery checkpoints hook in there); ``on_resume_point()`` runs once, when the
+    first not-skipped batch is in hand (a resume restores its RNG state there). Returns ``{'loss': mean}``.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    count = 0
+    num_batches = len(loader)
+    t0 = time.perf_counter()
+    last_loss = float("nan")
+    for batch_idx, (x, y) in enumerate(loader):
+        if batch_idx < skip_batches:
+            continue
+        if on_resume_point is not None and batch_idx == skip_batches:
+            on_resume_point()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if controller is not None:
+            controller.step(state.global_step)
+        with _autocast(device, amp_dtype):
+            loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):  # one host sync per step; the loss is logged anyway
+            state.skipped_nonfinite += 1
+            if state.skipped_nonfinite > max_nonfinite:
+                raise NonFiniteLossError(f"non-finite loss ({float(loss)}) at epoch {state.epoch} step "
+                                         f"{state.global_step}")
+            _logger.warning("non-finite loss at step %d skipped (%d/%d allowed)", state.global_step,
+                            state.skipped_nonfinite, max_nonfinite)
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        state.global_step += 1
+        if model_ema is not None:
+            model_ema.update(model, step=state.global_step)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=state.global_step)
+        loss_sum += loss.detach() * x.shape[0]
+        count += x.shape[0]
+        if is_main and (batch_idx % log_interval == 0 or batch_idx == num_batches - 1):
+            last_loss = float(loss.detach())
+            lr = optimizer.param_groups[0]["lr"]
+            rate = count / max(time.perf_counter() - t0, 1e-9)
+            _logger.info("epoch %d [%3d/%d] loss %.4f lr %.3g %.0f img/s", state.epoch, batch_idx + 1, num_batches,
+                         last_loss, lr, rate)
+        if on_step is not None:
+            on_step(state, batch_idx)
+    mean = float(loss_sum) / count if count else float("nan")
+    return {"loss": mean if not math.isnan(mean) else last_loss}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    loss_fn: Callable | None = None,
+    *,
+    device: torch.device = torch.device("cpu"),
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 (percent) over ``loader``. ``reduce`` sums a tensor across ranks (DDP)."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct1, correct5, n
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp_dtype):
+            out = model(x)
+        out = out.float()
+        loss = loss_fn(out, y)
+        top1, top5 = accuracy(out, y, (1, 5))
+        n = x.shape[0]
+        totals += torch.tensor([float(loss) * n, top1 * n / 100.0, top5 * n / 100.0, n], dtype=torch.float64,
+                               device=device)
+    if reduce is not None:
+        totals = reduce(totals)
+    model.train(was_training)
+    n = max(float(totals[3]), 1.0)
+    return {"loss": float(totals[0]) / n, "top1": 100.0 * float(totals[1]) / n, "top5": 100.0 * float(totals[2]) / n}

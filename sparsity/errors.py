@@ -1,0 +1,9 @@
+"""The base class of every bad-input error: the CLIs print its message and exit with code 2."""
+
+
+class UserError(ValueError):
+    """Bad input from the user (a recipe, a path, a checkpoint, a flag); the message says what to change."""
+
+
+class ModelError(UserError):
+    """The model cannot be built (unknown name, bad kwargs)."""

@@ -1,0 +1,595 @@
+"""Wiring behind train.py: data, model, controller, optimizer, EMA, resume, checkpoints, summary, plots.
+
+Order (issue 3): create model -> sparsify_ -> (resume) -> controller first step -> optimizer/EMA/compile/DDP.
+Everything that can be wrong with the input is checked before the run folder is created.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic
+from .controller import SparsityController
+from .data import DIGITS_MEAN, DIGITS_STD, build_dataset
+from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
+from .errors import UserError
+from .factory import create_model
+from .layers import masked_modules
+from .recipe import Recipe, recipe_from_dict
+from .report import format_report, overall_sparsity, sparsity_report
+
+__all__ = ["run_training", "build_loaders", "resolve_data", "DistInfo", "init_distributed", "plain"]
+
+_logger = logging.getLogger("train")
+
+CKPT_RE_EPOCH = "checkpoint-{epoch}.pth.tar"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def plain(x: Any) -> Any:
+    """Plain Python types only (YAML, JSON and ``weights_only=True`` checkpoints accept them)."""
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+class DistInfo(SimpleNamespace):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_arg: str | None) -> DistInfo:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {want}: CUDA is not available on this machine; use --device cpu")
+    device = torch.device(want)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": plain(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------------------
+def resolve_data(args, model: nn.Module) -> dict:
+    from timm.data import resolve_data_config
+
+    cfg_args = {"img_size": args.img_size, "crop_pct": args.crop_pct, "mean": args.mean, "std": args.std,
+                "interpolation": args.interpolation}
+    if args.dataset == "digits":
+        cfg_args["img_size"] = cfg_args["img_size"] or 32
+        cfg_args["mean"] = cfg_args["mean"] or DIGITS_MEAN
+        cfg_args["std"] = cfg_args["std"] or DIGITS_STD
+        cfg_args["crop_pct"] = cfg_args["crop_pct"] or 1.0
+    return resolve_data_config({k: v for k, v in cfg_args.items() if v}, model=model)
+
+
+def build_datasets(args):
+    img = args.img_size or 32
+    train_ds = build_dataset(args.dataset, args.data_dir, args.train_split, True, args.dataset_download, img)
+    val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.dataset_download, img)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise UserError(f"data set {args.dataset or args.data_dir} has an empty split; check --data-dir and splits")
+    return train_ds, val_ds
+
+
+def build_loaders(args, data_cfg: dict, train_ds, val_ds, dist: DistInfo):
+    from timm.data import create_loader
+
+    common = dict(input_size=data_cfg["input_size"], interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
+                  std=data_cfg["std"], num_workers=args.workers, distributed=dist.distributed,
+                  pin_memory=args.pin_mem, device=dist.device, use_prefetcher=False, persistent_workers=False)
+    train = None
+    if train_ds is not None:
+        train = create_loader(train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
+                              re_prob=args.reprob, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+                              vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa, **common)
+    val = create_loader(val_ds, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+                        crop_pct=data_cfg["crop_pct"], **common)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# output dir, summary, checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+def _run_dir(args, resume_path: str | None) -> Path:
+    name = args.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}"
+    base = Path(args.output) / name
+    if args.resume == "auto" or (resume_path and Path(resume_path).resolve().parent == base.resolve()):
+        return base
+    out, i = base, 1
+    while out.exists() and any(out.iterdir()):  # never write into a finished run: timm's -1, -2 suffixes
+        out = Path(f"{base}-{i}")
+        i += 1
+    return out
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output dir {path} is not writable ({e.strerror}); choose another --output") from None
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (recovery or epoch) in ``run_dir``; temp files of a killed write are ignored."""
+    best, best_key = None, None
+    for p in list(run_dir.glob("recovery.pth.tar")) + list(run_dir.glob("last.pth.tar")):
+        try:
+            ck = load_checkpoint_file(p)
+        except CheckpointError:
+            _logger.warning("ignoring unreadable checkpoint %s", p)
+            continue
+        key = int(ck.get("global_step", -1))
+        if best_key is None or key > best_key:
+            best, best_key = p, key
+    return best
+
+
+def append_summary(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _truncate_summary(path: Path, next_epoch: int) -> None:
+    """On resume keep only rows of finished epochs, so the CSV matches an uninterrupted run."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    keep = [r for r in rows if int(r["epoch"]) < next_epoch]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    os.replace(tmp, path)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------------------------
+def resolved_config(args, recipe: Recipe) -> dict:
+    cfg = {k: v for k, v in vars(args).items() if k not in ("config", "print_config")}
+    cfg["sparsity"] = recipe.to_dict()
+    return plain(cfg)
+
+
+def _loss_fns(args, mixup_active: bool):
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup_active:
+        train = BinaryCrossEntropy(target_threshold=None) if args.bce_loss else SoftTargetCrossEntropy()
+    elif args.bce_loss:
+        train = BinaryCrossEntropy(smoothing=args.smoothing)
+    elif args.smoothing:
+        train = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train = nn.CrossEntropyLoss()
+    return train, nn.CrossEntropyLoss()
+
+
+def _optimizer(args, model: nn.Module, ctl: SparsityController):
+    from timm.optim import create_optimizer_v2, optimizer_kwargs, param_groups_weight_decay
+
+    extra = {id(p) for p in ctl.no_weight_decay_params()}
+    names = [n for n, p in model.named_parameters() if id(p) in extra]
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=names)
+    kwargs = optimizer_kwargs(cfg=args)
+    return create_optimizer_v2(groups, **kwargs)
+
+
+def _num_classes(args, train_ds) -> int:
+    if args.num_classes:
+        return args.num_classes
+    for attr in ("classes",):
+        if hasattr(train_ds, attr):
+            return len(getattr(train_ds, attr))
+    reader = getattr(train_ds, "reader", None)
+    if reader is not None and hasattr(reader, "class_to_idx"):
+        return len(reader.class_to_idx)
+    raise UserError("cannot infer the number of classes from the data set; pass --num-classes")
+
+
+def run_training(args, sparsity_block: dict | None, config_path: str | None = None) -> int:
+    from cli_common import setup_logging
+
+    dist = init_distributed(args.device)
+    setup_logging(dist.is_main)
+    recipe = recipe_from_dict(sparsity_block or {}, source=config_path or "the command line")
+    if args.print_config:
+        print(yaml.safe_dump(resolved_config(args, recipe), sort_keys=False))
+        return 0
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    _seed_all(args.seed + dist.rank)
+
+    # ---- everything that can fail on bad input, before anything is written -------------------------------------
+    train_ds, val_ds = build_datasets(args)
+    num_classes = _num_classes(args, train_ds)
+    create_kwargs = dict(args.model_kwargs or {})
+    create_kwargs["num_classes"] = num_classes
+    if args.drop:
+        create_kwargs["drop_rate"] = args.drop
+    if args.drop_path is not None:
+        create_kwargs["drop_path_rate"] = args.drop_path
+    model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, **create_kwargs)
+    resume_path = args.resume if args.resume and args.resume != "auto" else None
+    run_dir = _run_dir(args, resume_path)
+    if args.resume == "auto":
+        found = newest_checkpoint(run_dir) if run_dir.exists() else None
+        resume_path = str(found) if found else None
+        if found:
+            _logger.info("--resume auto: resuming from %s", found)
+    resume = load_checkpoint_file(resume_path) if resume_path else None
+    if resume is not None:
+        if resume.get("arch") != args.model:
+            raise CheckpointError(f"--resume {resume_path} is a checkpoint of '{resume.get('arch')}', not "
+                                  f"'{args.model}'; resume with the same --model/--config")
+        try:
+            model.load_state_dict(resume["state_dict"], strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"--resume {resume_path} does not fit this model/recipe: {str(e)[:300]}") from None
+    if dist.is_main:
+        _check_writable(run_dir)
+    model.to(dist.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    data_cfg = resolve_data(args, model)
+    loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
+    steps_per_epoch = len(loader_train)
+    total_steps = args.epochs * steps_per_epoch
+    ctl = SparsityController(model, recipe, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    state = TrainState()
+    next_epoch, skip_batches = 0, 0
+    if resume is not None:
+        ctl.load_state_dict(resume["controller"])
+        state.global_step = int(resume["global_step"])
+        state.skipped_nonfinite = int(resume.get("skipped_nonfinite", 0))
+        next_epoch, skip_batches = int(resume["next_epoch"]), int(resume.get("skip_batches", 0))
+    ctl.step(state.global_step)  # before optimizer/EMA: a method may rewrite weights at its first step
+
+    optimizer = _optimizer(args, model, ctl)
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    scaler = torch.amp.GradScaler("cuda") if (args.amp and amp_dtype == torch.float16 and
+                                              dist.device.type == "cuda") else None
+    model_ema = None
+    if args.model_ema:
+        from timm.utils import ModelEmaV3
+
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay)
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+    lr_scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=steps_per_epoch)
+    if resume is not None:
+        if not args.no_resume_opt:
+            optimizer.load_state_dict(resume["optimizer"])
+            if scaler is not None and resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
+        if model_ema is not None and resume.get("state_dict_ema") is not None:
+            model_ema.module.load_state_dict(resume["state_dict_ema"], strict=True)
+        _logger.info("resumed %s at epoch %d, step %d", resume_path, next_epoch, state.global_step)
+    if lr_scheduler is not None:
+        lr_scheduler.step(next_epoch)
+        if skip_batches:
+            lr_scheduler.step_update(num_updates=state.global_step)
+
+    train_model: nn.Module = model
+    if args.torchcompile:
+        train_model = torch.compile(model, backend=args.torchcompile)
+    if dist.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+                         num_classes=num_classes)
+    train_loss_fn, val_loss_fn = _loss_fns(args, mixup_fn is not None)
+
+    resolved = resolved_config(args, recipe)
+    summary_path = run_dir / "summary.csv"
+    if dist.is_main:
+        (run_dir / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        if resume is not None:
+            _truncate_summary(summary_path, next_epoch)
+    wandb_run = _init_wandb(args, resolved, run_dir) if (args.log_wandb and dist.is_main) else None
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        if dist.distributed:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def checkpoint_dict(next_ep: int, skip: int, metric: float | None) -> dict:
+        return {
+            "arch": args.model, "create_kwargs": plain(create_kwargs), "recipe": recipe.to_dict(),
+            "state_dict": model.state_dict(),
+            "state_dict_ema": model_ema.module.state_dict() if model_ema is not None else None,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "scheduler": plain(lr_scheduler.state_dict()) if lr_scheduler is not None else None,
+            "controller": ctl.state_dict(), "epoch": next_ep - 1, "next_epoch": next_ep, "skip_batches": skip,
+            "global_step": state.global_step, "skipped_nonfinite": state.skipped_nonfinite, "metric": metric,
+            "args": resolved, "rng": _rng_state(), "version": 1,
+        }
+
+    def on_step(st: TrainState, batch_idx: int) -> None:
+        if args.recovery_interval and st.global_step % args.recovery_interval == 0 and dist.is_main:
+            save_atomic(checkpoint_dict(st.epoch, batch_idx + 1, None), run_dir / "recovery.pth.tar")
+        if args.mask_check_interval and dist.distributed and st.global_step % args.mask_check_interval == 0:
+            check_masks_consistent(model, dist)
+
+    best: tuple[float, int] | None = None
+    hist: list[tuple[float, int]] = []
+    if resume is not None and resume.get("best") is not None:
+        best = tuple(resume["best"])  # type: ignore[assignment]
+        hist = [tuple(h) for h in resume.get("hist", [])]  # type: ignore[misc]
+    eval_metrics: dict = {}
+    t_start = time.perf_counter()
+    if dist.is_main:
+        _logger.info("run dir: %s | %s, %s, %d epochs x %d steps | method %s", run_dir, args.model,
+                     args.dataset or args.data_dir, args.epochs, steps_per_epoch, recipe.method)
+    try:
+        for epoch in range(next_epoch, args.epochs):
+            state.epoch = epoch
+            skip = skip_batches if epoch == next_epoch else 0
+            # Every epoch starts from its own seed, so its loader order does not depend on earlier epochs; a
+            # mid-epoch resume replays that order, skips the finished batches, then restores the saved RNG state.
+            _seed_all(args.seed + 1000 * (epoch + 1) + dist.rank)
+            if dist.distributed and hasattr(loader_train.sampler, "set_epoch"):
+                loader_train.sampler.set_epoch(epoch)
+            rng_at_resume = resume.get("rng") if (skip and resume is not None) else None
+            train_metrics = train_one_epoch(
+                train_model, loader_train, optimizer, train_loss_fn, state, controller=ctl, device=dist.device,
+                lr_scheduler=lr_scheduler, amp_dtype=amp_dtype, scaler=scaler, model_ema=model_ema,
+                mixup_fn=mixup_fn, clip_grad=args.clip_grad, channels_last=args.channels_last,
+                log_interval=args.log_interval, max_nonfinite=args.skip_nonfinite, skip_batches=skip,
+                on_step=on_step, is_main=dist.is_main,
+                on_resume_point=(lambda: _set_rng_state(rng_at_resume)) if rng_at_resume is not None else None,
+            )
+            eval_metrics = evaluate(train_model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype,
+                                    channels_last=args.channels_last, reduce=reduce)
+            row = {"epoch": epoch, "step": state.global_step, "train_loss": round(train_metrics["loss"], 6),
+                   "eval_loss": round(eval_metrics["loss"], 6), "eval_top1": round(eval_metrics["top1"], 4),
+                   "eval_top5": round(eval_metrics["top5"], 4), "lr": optimizer.param_groups[0]["lr"]}
+            if model_ema is not None:
+                ctl.sync(model_ema.module)
+                ema_metrics = evaluate(model_ema.module, loader_val, val_loss_fn, device=dist.device,
+                                       amp_dtype=amp_dtype, reduce=reduce)
+                row["ema_top1"] = round(ema_metrics["top1"], 4)
+            row["mask_flip_rate"] = round(ctl.flip_rate(), 6)
+            row.update(ctl.metrics())
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric if args.eval_metric in eval_metrics
+                                                          else "top1"])
+            if dist.is_main:
+                append_summary(summary_path, row)
+                if wandb_run is not None:
+                    wandb_run.log(row, step=state.global_step)
+                metric = eval_metrics.get(args.eval_metric, eval_metrics["top1"])
+                best, hist = _save_epoch(run_dir, checkpoint_dict, epoch, metric, best, hist, args.checkpoint_hist)
+                _logger.info("epoch %d done: train loss %.4f | top-1 %.2f | sparsity %.3f %s", epoch,
+                             row["train_loss"], row["eval_top1"], row["sparsity"],
+                             f"| {row['pattern']}" if row.get("pattern") else "")
+    except NonFiniteLossError as e:
+        last = run_dir / "last.pth.tar"
+        raise UserError(f"{e}; the last good checkpoint is {last if last.exists() else 'none yet'}. Lower --lr, "
+                        "add --clip-grad, or allow --skip-nonfinite N") from None
+
+    # ---- end of training: fixed binary masks, final evaluation, report, plots --------------------------------------
+    ctl.finalize()
+    ctl.on_train_end(str(run_dir) if dist.is_main else None)
+    final = evaluate(model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype, reduce=reduce)
+    rows = sparsity_report(model)
+    if dist.is_main:
+        save_atomic(dict(checkpoint_dict(args.epochs, 0, final["top1"]), best=best, hist=hist, final=final),
+                    run_dir / "last.pth.tar")
+        _write_report(run_dir, rows, final, model, args, recipe, time.perf_counter() - t_start)
+        _plots(run_dir, summary_path, rows)
+        print(_final_table(args, recipe, final, rows, model, run_dir, time.perf_counter() - t_start))
+    if wandb_run is not None:
+        wandb_run.finish()
+    if dist.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _save_epoch(run_dir: Path, checkpoint_dict, epoch: int, metric: float, best, hist, keep: int):
+    last = run_dir / "last.pth.tar"
+    hist = list(hist)
+    new_best = best is None or metric > best[0]
+    best = (metric, epoch) if new_best else best
+    hist.append((metric, epoch))
+    hist.sort(key=lambda h: (-h[0], -h[1]))
+    dropped = hist[keep:] if keep >= 0 else []
+    hist = hist[:keep] if keep >= 0 else hist
+    save_atomic(dict(checkpoint_dict(epoch + 1, 0, metric), best=list(best), hist=[list(h) for h in hist]), last)
+    if any(e == epoch for _, e in hist):
+        _copy_atomic(last, run_dir / CKPT_RE_EPOCH.format(epoch=epoch))
+    for _, e in dropped:
+        (run_dir / CKPT_RE_EPOCH.format(epoch=e)).unlink(missing_ok=True)
+    if new_best:
+        _copy_atomic(last, run_dir / "model_best.pth.tar")
+    return best, hist
+
+
+@torch.no_grad()
+def check_masks_consistent(model: nn.Module, dist: DistInfo) -> None:
+    """Compare a cheap checksum of every mask across ranks; divergence names the first differing layer."""
+    layers = masked_modules(model)
+    if not layers:
+        return
+    local = torch.stack([
+        (layer.weight_mask.flatten().float() * torch.arange(1, layer.weight_mask.numel() + 1,
+                                                           device=layer.weight_mask.device).remainder(9973)).sum()
+        for _, layer in layers
+    ]).double().cpu()
+    lo, hi = local.clone(), local.clone()
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    bad = (hi - lo).abs() > 0
+    if bool(bad.any()):
+        fqn = layers[int(bad.nonzero()[0])][0]
+        raise RuntimeError(f"masks diverged across ranks at layer {fqn}; ranks must hold identical weights")
+
+
+def _init_wandb(args, resolved: dict, run_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        _logger.warning("--log-wandb: wandb is not installed (pip install wandb); logging to summary.csv only")
+        return None
+    return wandb.init(project=args.experiment or "sparsity", config=resolved, dir=str(run_dir))
+
+
+def _write_report(run_dir: Path, rows, final, model, args, recipe, seconds: float) -> None:
+    with open(run_dir / "sparsity_report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["fqn"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
+    conform = [r["conforms"] for r in rows if r["conforms"] is not None]
+    result = {
+        "model": args.model, "method": recipe.method, "top1": final["top1"], "top5": final["top5"],
+        "loss": final["loss"], "sparsity_selected": overall_sparsity(model),
+        "sparsity_all": overall_sparsity(model, selected_only=False), "layers": len(conform),
+        "layers_conforming": sum(bool(c) for c in conform), "wall_time_s": round(seconds, 2),
+    }
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+
+
+def _plots(run_dir: Path, summary_path: Path, rows) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if summary_path.exists():
+        with open(summary_path, newline="") as f:
+            data = list(csv.DictReader(f))
+        if data:
+            ep = [int(r["epoch"]) for r in data]
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot(ep, [float(r["eval_top1"]) for r in data], "o-", label="top-1 (%)")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("top-1 (%)")
+            ax2 = ax.twinx()
+            ax2.plot(ep, [float(r["sparsity"]) for r in data], "s--", color="tab:red", label="sparsity")
+            ax2.set_ylabel("sparsity of selected layers")
+            ax2.set_ylim(0, 1)
+            fig.legend(loc="lower right")
+            fig.tight_layout()
+            fig.savefig(run_dir / "training_curves.png", dpi=120)
+            plt.close(fig)
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(rows))))
+        ax.barh([r["fqn"] for r in rows], [r["density"] for r in rows],
+                color=["tab:blue" if r["conforms"] else "tab:gray" for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("density (nonzero fraction of the forward weight)")
+        ax.tick_params(axis="y", labelsize=6)
+        fig.tight_layout()
+        fig.savefig(run_dir / "layer_density.png", dpi=120)
+        plt.close(fig)
+
+
+def _final_table(args, recipe, final, rows, model, run_dir, seconds) -> str:
+    conform = [r for r in rows if r["conforms"] is not None]
+    ok = sum(bool(r["conforms"]) for r in conform)
+    lines = [
+        "",
+        format_report(rows, max_rows=12),
+        "",
+        f"{'model':<12}{args.model} ({recipe.method})",
+        f"{'top-1':<12}{final['top1']:.2f} %   (top-5 {final['top5']:.2f} %, loss {final['loss']:.4f})",
+        f"{'sparsity':<12}{overall_sparsity(model):.1%} of the {len(conform)} selected layers' weights, "
+        f"{overall_sparsity(model, selected_only=False):.1%} of all Linear/Conv weights",
+        f"{'conforms':<12}" + (f"yes: all {ok} selected layers match their pattern" if ok == len(conform)
+                                 else f"NO: {len(conform) - ok} of {len(conform)} layers do not match their pattern"),
+        f"{'wall time':<12}{seconds:.1f} s",
+        f"{'run dir':<12}{run_dir}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Sparsity-aware training on timm: ``python train.py --config configs/quickstart/vit_digits_2of4.yaml``.
+
+Flags keep timm's names; an experiment YAML holds flat training keys plus one ``sparsity:`` block.
+Precedence: defaults < YAML < command line. Multi-process: ``./distributed_train.sh NUM_PROC --config ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cli_common import ParseKwargs, parse_with_config, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-c", "--config", default=None, help="experiment YAML (training keys + sparsity: block)")
+    p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="resnet18", type=str, help="timm model name")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra timm.create_model kwargs")
+    g.add_argument("--num-classes", type=int, default=None, help="classes (default: from the data set)")
+    g.add_argument("--initial-checkpoint", default="", type=str, help="dense or sparse weights to start from")
+    g.add_argument("--drop-path", type=float, default=None, help="drop path rate")
+    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=None, help="ImageFolder root or timm dataset root")
+    g.add_argument("--dataset", default="digits", help="digits (embedded), '' (ImageFolder) or a timm dataset name")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="validation")
+    g.add_argument("--dataset-download", action="store_true", help="let timm/torchvision download the data set")
+    g.add_argument("--img-size", type=int, default=None, help="input image size")
+    g.add_argument("--crop-pct", type=float, default=None)
+    g.add_argument("--mean", type=float, nargs="+", default=None)
+    g.add_argument("--std", type=float, nargs="+", default=None)
+    g.add_argument("--interpolation", default="", type=str)
+    g.add_argument("-b", "--batch-size", type=int, default=64)
+    g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
+    g.add_argument("-j", "--workers", type=int, default=2)
+    g.add_argument("--pin-mem", action="store_true")
+    g.add_argument("--on-bad-image", default="fail", choices=["fail", "skip"], help="corrupt image in the data")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--no-aug", action="store_true")
+    g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0])
+    g.add_argument("--ratio", type=float, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0])
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--vflip", type=float, default=0.0)
+    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--aa", type=str, default=None, help="AutoAugment policy, e.g. rand-m9-mstd0.5-inc1")
+    g.add_argument("--reprob", type=float, default=0.0)
+    g.add_argument("--mixup", type=float, default=0.0)
+    g.add_argument("--cutmix", type=float, default=0.0)
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-mode", type=str, default="batch")
+    g.add_argument("--smoothing", type=float, default=0.1)
+    g.add_argument("--bce-loss", action="store_true")
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--opt", default="sgd", type=str)
+    g.add_argument("--opt-eps", default=None, type=float)
+    g.add_argument("--opt-betas", default=None, type=float, nargs="+")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=2e-5)
+    g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--sched", type=str, default="cosine")
+    g.add_argument("--sched-on-updates", action="store_true")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--warmup-lr", type=float, default=1e-5)
+    g.add_argument("--warmup-epochs", type=int, default=0)
+    g.add_argument("--warmup-prefix", action="store_true")
+    g.add_argument("--cooldown-epochs", type=int, default=0)
+    g.add_argument("--decay-epochs", type=float, default=90)
+    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
+    g.add_argument("--decay-rate", type=float, default=0.1)
+    g.add_argument("--epochs", type=int, default=10)
+    g = p.add_argument_group("training")
+    g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, --amp-dtype on GPU)")
+    g.add_argument("--amp-dtype", default="bfloat16", choices=["float16", "bfloat16"])
+    g.add_argument("--model-ema", action="store_true")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998)
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor")
+    g.add_argument("--device", default=None, type=str, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    g.add_argument("--skip-nonfinite", type=int, default=0, help="skip up to N steps with a non-finite loss")
+    g = p.add_argument_group("output and resume")
+    g.add_argument("--output", default="output", type=str, help="parent folder of the run folder")
+    g.add_argument("--experiment", default="", type=str, help="run folder name (default: date-model)")
+    g.add_argument("--resume", default="", type=str, help="checkpoint to resume, or 'auto' (newest in the run dir)")
+    g.add_argument("--no-resume-opt", action="store_true")
+    g.add_argument("--checkpoint-hist", type=int, default=2, help="epoch checkpoints kept")
+    g.add_argument("--recovery-interval", type=int, default=0, help="recovery checkpoint every K steps (0: off)")
+    g.add_argument("--eval-metric", default="top1", type=str)
+    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--log-wandb", action="store_true")
+    g.add_argument("--mask-check-interval", type=int, default=0, help="DDP: compare mask checksums every K steps")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, blocks = parse_with_config(build_parser(), argv)
+    from sparsity.trainer import run_training
+
+    return run_training(args, blocks.get("sparsity"), config_path=args.config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
