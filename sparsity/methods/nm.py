@@ -139,7 +139,9 @@ class NMMethod(SparsityMethod):
     def prepare_layer(cls, recipe: Recipe, layer: MaskedMixin) -> None:
         layer.register_buffer("sparse_beta", torch.zeros((), dtype=layer.weight.dtype,
                                                          device=layer.weight.device), persistent=False)
-        layer.sparse_mode = "dense"
+        # W * E until the controller says otherwise: the same function as the dense layer while the mask is all
+        # True, and the sparse model as soon as a checkpoint's masks are loaded (validate/export need no controller).
+        layer.sparse_mode = "ste"
         layer.srste_lambda = float(recipe.options.srste_lambda)
         layer.weight_fn = nm_weight
 

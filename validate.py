@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint (ours, a densified or compressed export, or a stock timm state dict).
+
+    python validate.py --checkpoint output/quickstart/last.pth.tar
+    python validate.py --checkpoint export_dir/ --dataset digits --require-conformance
+
+Prints top-1/top-5, loss, overall sparsity and the per-layer conformance summary; ``--results-file`` writes
+them as CSV or JSON. Exit code 1 when ``--require-conformance`` and a layer does not match its pattern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from cli_common import ParseKwargs, parse_with_config, run_cli, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", default=None, help="experiment YAML (for --model, data and recipe)")
+    p.add_argument("--checkpoint", required=True, help=".pth.tar checkpoint, export dir or model.safetensors")
+    p.add_argument("--model", default=None, help="timm model name (only for checkpoints without one)")
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--val-split", default="validation")
+    p.add_argument("--dataset-download", action="store_true")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--crop-pct", type=float, default=None)
+    p.add_argument("--mean", type=float, nargs="+", default=None)
+    p.add_argument("--std", type=float, nargs="+", default=None)
+    p.add_argument("--interpolation", default="", type=str)
+    p.add_argument("-b", "--batch-size", type=int, default=128)
+    p.add_argument("-j", "--workers", type=int, default=0)
+    p.add_argument("--pin-mem", action="store_true")
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--amp-dtype", default="bfloat16", choices=["float16", "bfloat16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--results-file", default="", help="write results to this .csv or .json")
+    p.add_argument("--require-conformance", action="store_true", help="exit 1 if a layer breaks its pattern")
+    return p
+
+
+def _ignored_training_keys():
+    """Keys of a training YAML that validate.py accepts and ignores (so one file serves both CLIs)."""
+    from train import build_parser as train_parser
+
+    return {a.dest for a in train_parser()._actions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    import sparsity
+    from sparsity.data import build_dataset
+    from sparsity.engine import evaluate
+    from sparsity.errors import UserError
+    from sparsity.trainer import build_loaders, init_distributed, resolve_data
+
+    parser = build_parser()
+    own = {a.dest for a in parser._actions}
+    for dest in _ignored_training_keys() - own:  # a training recipe is a valid --config here too
+        parser.add_argument(f"--{dest.replace('_', '-')}-ignored", dest=dest, help=argparse.SUPPRESS)
+    args, blocks = parse_with_config(parser, argv)
+    setup_logging()
+    dist = init_distributed(args.device)
+    path = Path(args.checkpoint)
+    recipe = sparsity.recipe_from_dict(blocks["sparsity"], source=args.config) if "sparsity" in blocks else None
+    meta: dict = {}
+    if path.is_dir() or path.suffix == ".safetensors":
+        from sparsity.export import load_for_eval
+
+        model, meta = load_for_eval(str(path))
+    else:
+        ckpt = sparsity.checkpoint.load_checkpoint_file(path)
+        if "arch" in ckpt:
+            model, _ = sparsity.model_from_checkpoint(path, use_ema=args.use_ema)
+        else:
+            if not args.model:
+                raise UserError(f"{path} holds no model name; pass --model (and --config for a sparse recipe)")
+            kwargs = dict(args.model_kwargs or {})
+            if args.num_classes:
+                kwargs["num_classes"] = args.num_classes
+            model = sparsity.create_model(args.model, recipe=recipe, checkpoint=path, use_ema=args.use_ema, **kwargs)
+    model.to(dist.device).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.dataset_download,
+                           args.img_size or 32)
+    data_cfg = resolve_data(args, model)
+    args.validation_batch_size = args.batch_size
+    _, loader = build_loaders(args, data_cfg, None, val_ds, dist)
+    metrics = evaluate(model, loader, device=dist.device, amp_dtype=getattr(torch, args.amp_dtype) if args.amp
+                       else None, channels_last=args.channels_last)
+    rows = sparsity.sparsity_report(model)
+    conform = [r["conforms"] for r in rows if r["conforms"] is not None]
+    bad = [r["fqn"] for r in rows if r["conforms"] is False]
+    result = {
+        "checkpoint": str(path), "top1": round(metrics["top1"], 4), "top5": round(metrics["top5"], 4),
+        "loss": round(metrics["loss"], 6), "sparsity_selected": round(sparsity.overall_sparsity(model), 6),
+        "sparsity_all": round(sparsity.overall_sparsity(model, selected_only=False), 6),
+        "layers": len(conform), "layers_conforming": sum(bool(c) for c in conform), "nonconforming": bad,
+    }
+    result.update({k: v for k, v in meta.items() if isinstance(v, (int, float, str))})
+    print(sparsity.format_report(rows, max_rows=20))
+    print(f"\ntop-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  loss {result['loss']:.4f}")
+    print(f"sparsity {result['sparsity_selected']:.1%} of selected layers, {result['sparsity_all']:.1%} of all "
+          f"Linear/Conv weights; {result['layers_conforming']}/{result['layers']} layers conform")
+    if args.results_file:
+        out = Path(args.results_file)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".json":
+            out.write_text(json.dumps(result, indent=2))
+        else:
+            with open(out, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(result))
+                w.writeheader()
+                w.writerow({**result, "nonconforming": " ".join(bad)})
+    if args.require_conformance and bad:
+        print(f"error: {len(bad)} layers do not conform to their pattern: {', '.join(bad[:5])}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
