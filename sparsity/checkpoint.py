@@ -66,7 +66,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         msg = str(e)
-        if "Weights only load failed" in msg or "weights_only" in msg:
+        if "This file can still be loaded" in msg or "Unsupported global" in msg:
             raise CheckpointError(
                 f"checkpoint {path} needs arbitrary pickled code to load, which is refused for safety "
                 "(weights_only=True); re-save it with plain tensors and types"

@@ -74,13 +74,19 @@ class SparsityController:
         return changed / total if total else 0.0
 
     def metrics(self) -> dict[str, Any]:
-        """Scalars for summary.csv: achieved sparsity of the selected layers plus the method's own figures."""
-        kept = total = 0
+        """Scalars for summary.csv: ``sparsity`` (pruned fraction of the selected layers' masks),
+        ``sparsity_forward`` (zeros in the weights the forward uses: lower while MDGF's beta > 0 or in a dense
+        phase) and the method's own figures."""
+        kept = nonzero = total = 0
         with torch.no_grad():
             for _, layer in self.layers:
-                kept += int((layer.sparse_weight() != 0).sum())
+                kept += int(layer.weight_mask.sum())
+                nonzero += int((layer.sparse_weight() != 0).sum())
                 total += layer.weight.numel()
-        out: dict[str, Any] = {"sparsity": round(1.0 - kept / total, 6) if total else 0.0}
+        out: dict[str, Any] = {
+            "sparsity": round(1.0 - kept / total, 6) if total else 0.0,
+            "sparsity_forward": round(1.0 - nonzero / total, 6) if total else 0.0,
+        }
         out.update(self.method.metrics())
         return out
 
@@ -91,6 +97,7 @@ class SparsityController:
         return {"global_step": self.global_step, "method": self.recipe.method, "state": self.method.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore after the model's state dict is loaded (the flip-rate reference is the loaded masks)."""
         if state.get("method") != self.recipe.method:
             raise ValueError(
                 f"controller state is for method {state.get('method')!r} but the recipe says {self.recipe.method!r}; "
@@ -98,6 +105,7 @@ class SparsityController:
             )
         self.global_step = int(state["global_step"])
         self.method.load_state_dict(state.get("state", {}))
+        self._last_masks = {fqn: layer.weight_mask.clone() for fqn, layer in self.layers}
 
     def on_train_end(self, output_dir: str | None) -> None:
         self.method.on_train_end(output_dir)

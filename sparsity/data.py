@@ -62,7 +62,7 @@ def _check_image_folder(root: str, split_dir: str | None) -> None:
         raise DataError(f"--data-dir {root} does not exist; point it at an ImageFolder root (one folder per class)")
     if not path.is_dir():
         raise DataError(f"--data-dir {root} is not a folder")
-    for dirpath, _, files in os.walk(root):
+    for _, _, files in os.walk(root):
         if any(f.lower().endswith(_IMG_EXT) for f in files):
             return
     raise DataError(f"--data-dir {root} holds no images ({', '.join(_IMG_EXT)}); expected <root>/<class>/<image> "

@@ -7,6 +7,7 @@ Everything that can be wrong with the input is checked before the run folder is 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -425,7 +426,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                 mixup_fn=mixup_fn, clip_grad=args.clip_grad, channels_last=args.channels_last,
                 log_interval=args.log_interval, max_nonfinite=args.skip_nonfinite, skip_batches=skip,
                 on_step=on_step, is_main=dist.is_main,
-                on_resume_point=(lambda: _set_rng_state(rng_at_resume)) if rng_at_resume is not None else None,
+                on_resume_point=functools.partial(_set_rng_state, rng_at_resume) if rng_at_resume is not None else None,
             )
             eval_metrics = evaluate(train_model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype,
                                     channels_last=args.channels_last, reduce=reduce)
@@ -470,6 +471,10 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if wandb_run is not None:
         wandb_run.finish()
     if dist.distributed:
+        n = check_masks_consistent(model, dist, weights=True)
+        if dist.is_main:
+            _logger.info("ranks identical: masks and weights (%d tensors compared across %d ranks)", n,
+                         dist.world_size)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
@@ -494,24 +499,33 @@ def _save_epoch(run_dir: Path, checkpoint_dict, epoch: int, metric: float, best,
     return best, hist
 
 
+def _checksum(t: torch.Tensor) -> torch.Tensor:
+    """Position-weighted sum: cheap, and differs when entries move (a plain sum would not notice a swap)."""
+    flat = t.detach().flatten().double()
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder(9973) + 1
+    return (flat * weights).sum()
+
+
 @torch.no_grad()
-def check_masks_consistent(model: nn.Module, dist: DistInfo) -> None:
-    """Compare a cheap checksum of every mask across ranks; divergence names the first differing layer."""
-    layers = masked_modules(model)
-    if not layers:
-        return
-    local = torch.stack([
-        (layer.weight_mask.flatten().float() * torch.arange(1, layer.weight_mask.numel() + 1,
-                                                           device=layer.weight_mask.device).remainder(9973)).sum()
-        for _, layer in layers
-    ]).double().cpu()
+def check_masks_consistent(model: nn.Module, dist: DistInfo, weights: bool = False) -> int:
+    """Compare checksums of every mask (and with ``weights``, every parameter) across ranks.
+
+    Divergence is an error naming the first differing tensor. Returns the number of tensors compared.
+    """
+    named = [(f"{fqn}.weight_mask", layer.weight_mask) for fqn, layer in masked_modules(model)]
+    if weights:
+        named += list(model.named_parameters())
+    if not named:
+        return 0
+    local = torch.stack([_checksum(t) for _, t in named]).cpu()
     lo, hi = local.clone(), local.clone()
     torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
     torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-    bad = (hi - lo).abs() > 0
+    bad = (hi - lo).abs() > 1e-9 * hi.abs().clamp_min(1.0)
     if bool(bad.any()):
-        fqn = layers[int(bad.nonzero()[0])][0]
-        raise RuntimeError(f"masks diverged across ranks at layer {fqn}; ranks must hold identical weights")
+        name = named[int(bad.nonzero()[0])][0]
+        raise RuntimeError(f"ranks diverged at {name}; every rank must hold identical masks and weights")
+    return len(named)
 
 
 def _init_wandb(args, resolved: dict, run_dir: Path):

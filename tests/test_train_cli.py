@@ -1,0 +1,156 @@
+"""End-to-end: train.py on the embedded digits data, validate.py on its checkpoints, resume, bad input."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+import validate
+from cli_common import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32",
+            "depth=2", "num_heads=2"]
+FAST = ["--dataset", "digits", "-b", "256", "--workers", "0", "--opt", "adamw", "--lr", "1e-3", "--log-interval", "50",
+        "--warmup-epochs", "0", "--hflip", "0", "--scale", "0.8", "1.0"]
+
+
+def _recipe(tmp_path, name, sparsity_block):
+    import yaml
+
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({"epochs": 1, "sparsity": sparsity_block}))
+    return str(p)
+
+
+RECIPES = {
+    "ste": {"method": "ste", "rules": [{"target": "ff", "n": 2, "m": 4}, {"target": ["q", "k", "v"], "n": 2, "m": 4}]},
+    "srste": {"method": "srste", "rules": [{"target": "ff", "n": 1, "m": 4}]},
+    "mdgf": {"method": "mdgf", "decay": {"type": "exp", "coef": 0.5}, "finetune_fraction": 0.2,
+             "rules": [{"target": "ff", "n": 2, "m": 4}]},
+    "sdgf": {"method": "srste", "structure_decay": "sparsify", "finetune_fraction": 0.2,
+             "rules": [{"target": "ff", "n": 1, "m": 8}]},
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_train_then_validate(tmp_path, name, capsys):
+    cfg = _recipe(tmp_path, name, RECIPES[name])
+    rc = run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "run"])
+    assert rc == 0
+    run = tmp_path / "run"
+    for f in ("args.yaml", "summary.csv", "last.pth.tar", "checkpoint-0.pth.tar", "model_best.pth.tar",
+              "results.json", "sparsity_report.csv", "training_curves.png", "layer_density.png"):
+        assert (run / f).is_file(), f
+    with open(run / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1
+    for col in ("epoch", "step", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "sparsity",
+                "mask_flip_rate", "sparsity_forward", "beta", "pattern", "phase"):
+        assert col in rows[0], col
+    assert int(rows[0]["step"]) == 5  # 1437 images / 256 per batch, last partial batch dropped (timm)
+    result = json.loads((run / "results.json").read_text())
+    assert result["layers"] > 0 and result["layers_conforming"] == result["layers"]
+    expected_density = {"ste": 0.5, "srste": 0.25, "mdgf": 0.5, "sdgf": 0.125}[name]
+    assert result["sparsity_selected"] == pytest.approx(1 - expected_density, abs=1e-6)
+    out = capsys.readouterr().out
+    assert "conforms    yes" in out
+    res_file = tmp_path / "val.json"
+    rc = run_cli(validate.main, ["--checkpoint", str(run / "last.pth.tar"), "--results-file", str(res_file),
+                                 "--require-conformance"])
+    assert rc == 0
+    val = json.loads(res_file.read_text())
+    assert val["top1"] == pytest.approx(result["top1"], abs=1e-3)  # same model, same data: same top-1
+    assert val["layers_conforming"] == val["layers"] == result["layers"]
+
+
+def test_resume_from_epoch_checkpoint_matches_uninterrupted(tmp_path):
+    cfg = _recipe(tmp_path, "mdgf", {**RECIPES["mdgf"], "structure_decay": "sparsify", "mask_interval": 2})
+    args = ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--checkpoint-hist", "3", "--output", str(tmp_path)]
+    assert run_cli(train.main, [*args, "--experiment", "full"]) == 0
+    full = tmp_path / "full"
+    assert run_cli(train.main, [*args, "--experiment", "resumed", "--resume",
+                                str(full / "checkpoint-0.pth.tar")]) == 0
+    a = torch.load(full / "last.pth.tar", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pth.tar", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 15
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert a["controller"] == b["controller"]
+    with open(full / "summary.csv") as f1, open(tmp_path / "resumed" / "summary.csv") as f2:
+        full_rows, resumed_rows = list(csv.DictReader(f1)), list(csv.DictReader(f2))
+    assert full_rows[1:] == resumed_rows  # the resumed run writes epochs 1 and 2, identical to the full run
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_input_one_message_exit_2_nothing_overwritten(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    keep = run / "last.pth.tar"
+    keep.write_bytes(b"precious")
+    base = ["train.py", *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "run"]
+    cases = [
+        (["--dataset", "", "--data-dir", str(tmp_path / "missing")], "does not exist"),
+        (["--model", "vit_tiny_patch16_22"], "unknown model 'vit_tiny_patch16_22'; did you mean"),
+        (["--resume", str(keep)], "truncated or corrupt"),
+    ]
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("epochs: 1\nbatch_sise: 8\n")
+    cases.append((["--config", str(typo)], "unknown key 'batch_sise'"))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("sparsity: {method: ste, rules: [{target: ff, n: 2, m: 4, strictt: true}]}\n")
+    cases.append((["--config", str(nested)], "did you mean 'strict'"))
+    for extra, message in cases:
+        proc = _cli(*base, *extra)
+        assert proc.returncode == 2, (extra, proc.stderr[-500:])
+        err = proc.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (extra, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert keep.read_bytes() == b"precious" and sorted(os.listdir(run)) == ["last.pth.tar"]
+    assert not (tmp_path / "run-1").exists()
+    proc = _cli("validate.py", "--checkpoint", str(keep))
+    assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_image_folder_data_dir(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        for c in range(3):
+            d = tmp_path / "data" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), color=(60 * c, 20 * i, 100)).save(d / f"{i}.png")
+    cfg = _recipe(tmp_path, "ste", RECIPES["srste"])
+    rc = run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--dataset", "", "--data-dir",
+                              str(tmp_path / "data"), "--img-size", "32", "-b", "4", "--output", str(tmp_path),
+                              "--experiment", "folder"])
+    assert rc == 0
+    args = (tmp_path / "folder" / "args.yaml").read_text()
+    assert "num_classes: null" in args or "num_classes" in args
+    ck = torch.load(tmp_path / "folder" / "last.pth.tar", weights_only=True)
+    assert ck["create_kwargs"]["num_classes"] == 3 and ck["global_step"] == 3
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_torchrun_two_processes_identical_masks_and_weights(tmp_path):
+    cfg = _recipe(tmp_path, "srste", RECIPES["srste"])
+    proc = subprocess.run(
+        ["bash", "distributed_train.sh", "2", "--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path),
+         "--experiment", "ddp", "--mask-check-interval", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ranks identical: masks and weights" in proc.stdout
+    ck = torch.load(tmp_path / "ddp" / "last.pth.tar", weights_only=True)
+    assert ck["global_step"] == 2  # 719 images per rank / 256 per batch
