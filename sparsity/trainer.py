@@ -318,6 +318,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     steps_per_epoch = len(loader_train)
     total_steps = args.epochs * steps_per_epoch
     ctl = SparsityController(model, recipe, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    ctl.method.output_dir = str(run_dir) if dist.is_main else None
     state = TrainState()
     next_epoch, skip_batches = 0, 0
     if resume is not None:

@@ -48,6 +48,8 @@ class SparsityMethod:
     swaps_layers: ClassVar[bool] = True
     #: the rule keys this method needs on non-skip rules: "nm" (n, m) or "any".
     needs: ClassVar[str] = "nm"
+    #: the run folder (rank 0 only; None elsewhere): methods may write artifacts there while training.
+    output_dir: str | None = None
 
     def __init__(self, name: str, model: nn.Module, recipe: Recipe, total_steps: int, steps_per_epoch: int) -> None:
         self.name = name
