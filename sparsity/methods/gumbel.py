@@ -1,0 +1,378 @@
+"""``gumbel``: learned N:M masks, one categorical choice per group of M over the C(M, N) patterns with N kept.
+
+DESIGN.md section 4 (the 2:4 masking paper for conv nets). Groups run along the input dim like every other
+method: a Linear (out, in) groups along ``in`` (``sparse_dim: col``: along ``out``); a Conv2d (O, I/g, kh, kw) is
+viewed as (O, kh, kw, I/g) and groups run along input channels, never across kernel taps. Each masked unit owns a
+parameter ``weight_logits`` (``weight_logits_<label>`` for the q/k/v thirds of a fused qkv) of shape
+``(*other dims, groups, K)`` with K = C(M, N) and P the (K, M) bool table of patterns in lexicographic order.
+
+=========  ==================================================================================================
+sample     y = softmax((logits + G) / tau), G ~ Gumbel(0, 1) i.i.d.; z = one_hot(argmax y) (hard), with the
+           straight-through estimator: forward uses z, backward the gradient of y
+forward    W~ = W * P[z]  (training); W * P[argmax logits] in eval mode (deterministic, no noise)
+grad W     g * P[z] for ``trainable: all``; nothing for ``mask`` and ``none`` (``requires_grad`` False)
+grad S     dL/dlogits through y: dL/dy = (g * W per group) @ P^T, then softmax's Jacobian divided by tau
+mask       ``weight_mask`` always holds the argmax pattern of the current logits (what eval, report and export
+           use); ``finalize()`` fixes it
+=========  ==================================================================================================
+
+The Gumbel noise of step k is drawn from a generator seeded by (``noise_seed``, k, layer, unit), not from the
+global RNG: the same step gives the same sample after a resume and metrics/eval never perturb training's RNG.
+Patterns per group are limited to ``MAX_PATTERNS`` (70 = C(8, 4)); 2:4 has 6, 1:8 has 8, 2:8 has 28.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..layers import MaskedMixin, SliceSpec
+from ..masks import grouped_dim
+from ..recipe import Recipe, RecipeError, parse_dataclass
+from ..schedules import DENSE, FINETUNE, SPARSE, linear_ramp, phase_at
+from . import SparsityMethod, frozen_masked_weight, register_method
+
+__all__ = ["MAX_PATTERNS", "TauAnneal", "GumbelConfig", "GumbelMethod", "nm_patterns", "gumbel_weight", "tau_at"]
+
+#: the largest C(M, N) accepted: logits cost K/M floats per weight (70/8 = 8.75x the weight for 4:8).
+MAX_PATTERNS = 70
+
+
+@dataclass(frozen=True)
+class TauAnneal:
+    """Temperature annealed from ``start`` to ``end`` over the sparse window (``linear`` or ``exp`` = geometric)."""
+
+    start: float = 1.0
+    end: float = 1.0
+    schedule: Literal["linear", "exp"] = "linear"
+
+    def __post_init__(self) -> None:
+        for name in ("start", "end"):
+            if not getattr(self, name) > 0:
+                raise RecipeError(f"tau.{name} must be > 0, got {getattr(self, name)}")
+
+
+def _check_tau(v: Any) -> str | None:
+    if isinstance(v, dict):
+        try:
+            parse_dataclass(TauAnneal, v, "tau")
+        except RecipeError as e:
+            return f"is not a valid annealing schedule ({e}); write e.g. tau: {{start: 4.0, end: 0.5}}"
+        return None
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+@dataclass(frozen=True)
+class GumbelConfig:
+    """Options of ``gumbel``. ``tau`` is a number (fixed, reference 1.0) or ``{start, end, schedule}``."""
+
+    tau: float | dict = field(default=1.0, metadata={"check": _check_tau})
+    init: Literal["uniform", "magnitude"] = "uniform"
+    init_scale: float = field(default=3.0, metadata={"check": _positive})
+    trainable: Literal["all", "mask", "none"] = "all"
+    ignore_grouped: bool = True
+    noise_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tau, dict):
+            object.__setattr__(self, "tau", parse_dataclass(TauAnneal, self.tau, "sparsity.tau"))
+
+
+_PATTERNS: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def nm_patterns(n: int, m: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(C(m, n), m) bool table: every way to keep ``n`` of ``m``, in lexicographic order of kept positions."""
+    key = (n, m, str(device))
+    if key not in _PATTERNS:
+        table = torch.zeros(math.comb(m, n), m, dtype=torch.bool)
+        for k, kept in enumerate(itertools.combinations(range(m), n)):
+            table[k, list(kept)] = True
+        _PATTERNS[key] = table.to(device)
+    return _PATTERNS[key]
+
+
+def tau_at(tau: float | TauAnneal, global_step: int, sparse_start: int, finetune_start: int) -> float:
+    """Temperature at ``global_step``: fixed, or annealed over the sparse window ``[sparse_start, finetune_start)``."""
+    if not isinstance(tau, TauAnneal):
+        return float(tau)
+    if tau.schedule == "linear":
+        return linear_ramp(global_step, sparse_start, finetune_start, tau.start, tau.end)
+    progress = linear_ramp(global_step, sparse_start, finetune_start, 0.0, 1.0)
+    return tau.start * (tau.end / tau.start) ** progress
+
+
+def _param_name(layer: MaskedMixin, spec: SliceSpec) -> str:
+    if len(layer.slices) == 1 and spec.start == 0 and spec.stop == layer.weight.shape[0]:
+        return "weight_logits"
+    return f"weight_logits_{re.sub(r'[^0-9A-Za-z_]', '_', spec.label)}"
+
+
+def _grouped(w: torch.Tensor, spec: SliceSpec) -> tuple[torch.Tensor, int]:
+    """View a unit's weight as (..., groups, M) and return it with the grouped dim of the weight."""
+    dim = grouped_dim(w, spec.sparse_dim)
+    moved = w.movedim(dim, -1)
+    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // spec.m, spec.m), dim
+
+
+def _ungroup(e: torch.Tensor, w_shape: torch.Size, dim: int) -> torch.Tensor:
+    moved_shape = list(w_shape)
+    moved_shape.append(moved_shape.pop(dim))
+    return e.reshape(moved_shape).movedim(-1, dim)
+
+
+def _init_logits(w: torch.Tensor, spec: SliceSpec, how: str, scale: float) -> torch.Tensor:
+    groups, _ = _grouped(w.detach(), spec)
+    k = math.comb(spec.m, spec.n)
+    if how == "uniform":  # the reference: every pattern equally likely
+        return torch.zeros(*groups.shape[:-1], k, dtype=w.dtype, device=w.device)
+    # ours: logits proportional to the magnitude each pattern keeps, scaled so an average pattern scores ~scale
+    mag = groups.abs().float()
+    kept = mag @ nm_patterns(spec.n, spec.m, w.device).float().t()  # (..., groups, K)
+    norm = spec.n * mag.mean().clamp_min(1e-12)
+    return (scale * kept / norm).to(w.dtype)
+
+
+def _argmax_mask(w: torch.Tensor, logits: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
+    """Bool mask of the unit's weight from the argmax pattern of its logits."""
+    idx = logits.detach().argmax(dim=-1)
+    hard = nm_patterns(spec.n, spec.m, logits.device)[idx]
+    return _ungroup(hard, w.shape, grouped_dim(w, spec.sparse_dim))
+
+
+def _seed(noise_seed: int, global_step: int, layer_idx: int, unit: int) -> int:
+    x = (noise_seed * 1_000_003 + global_step) % (1 << 40)
+    return (x * 65_537 + layer_idx * 257 + unit) % (1 << 62)
+
+
+def _gumbel_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    u = torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
+
+
+def _unit_mask(layer: MaskedMixin, spec: SliceSpec, logits: torch.Tensor, unit: int, sample: bool) -> torch.Tensor:
+    """E for one unit: hard pattern in the forward, straight-through gradient of the soft one to the logits."""
+    w = layer.weight[spec.start:spec.stop]
+    s = logits.float()
+    if sample:
+        s = s + _gumbel_noise(s.shape, layer.gumbel_seed + unit, s.device)
+    s = s / layer.gumbel_tau
+    table = nm_patterns(spec.n, spec.m, s.device)
+    hard = table[s.detach().argmax(dim=-1)].to(w.dtype)  # (..., groups, M)
+    if logits.requires_grad and torch.is_grad_enabled():
+        soft = torch.softmax(s, dim=-1) @ table.to(s.dtype)
+        hard = hard + (soft - soft.detach()).to(w.dtype)  # value: exactly the hard pattern (x - x == 0)
+    return _ungroup(hard, w.shape, grouped_dim(w, spec.sparse_dim))
+
+
+def gumbel_weight(layer: MaskedMixin) -> torch.Tensor:
+    """``weight_fn`` of ``gumbel``: sampled (training) or argmax (eval, fine-tune, finalized) N:M patterns."""
+    mode = layer.sparse_mode
+    if mode == "dense":
+        return layer.weight
+    if mode == "frozen" or not layer.training:
+        return frozen_masked_weight(layer)  # W * weight_mask (the argmax pattern), gradient g * E
+    w = layer.weight
+    parts, row = [], 0
+    for unit, (spec, name) in enumerate(zip(layer.slices, layer.logit_names)):
+        if spec.start > row:
+            parts.append(torch.ones_like(w[row:spec.start]))
+        parts.append(_unit_mask(layer, spec, getattr(layer, name), unit, sample=mode == "sample"))
+        row = spec.stop
+    if row < w.shape[0]:
+        parts.append(torch.ones_like(w[row:]))
+    return w * (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
+
+
+def _fill_missing_logits(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+    """Load pre-hook: a stock (dense) state dict has no logits. Keep the current ones, or with ``init: magnitude``
+    start them from the incoming weight. Either way a strict load of a dense checkpoint succeeds, and when the
+    state dict has no mask either, ``weight_mask`` becomes the argmax pattern of the logits it ends with."""
+    w = state_dict.get(prefix + "weight")
+    mask = None if prefix + "weight_mask" in state_dict else module.weight_mask.detach().clone()
+    for spec, name in zip(module.slices, module.logit_names):
+        key = prefix + name
+        if key in state_dict:
+            continue
+        current = getattr(module, name)
+        if module.logit_init == "magnitude" and isinstance(w, torch.Tensor) and w.shape == module.weight.shape:
+            value = _init_logits(w[spec.start:spec.stop].to(current.device), spec, "magnitude",
+                                 module.logit_init_scale)
+        else:
+            value = current.detach().clone()
+        state_dict[key] = value = value.to(current.dtype)
+        if mask is not None:
+            mask[spec.start:spec.stop] = _argmax_mask(mask[spec.start:spec.stop], value, spec)
+    if mask is not None:
+        state_dict[prefix + "weight_mask"] = mask
+
+
+@register_method("gumbel")
+class GumbelMethod(SparsityMethod):
+    """Gumbel-softmax over the N:M patterns of every group; see the module docstring for the math."""
+
+    Config = GumbelConfig
+
+    # ---- recipe and surgery hooks ---------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, recipe: Recipe) -> None:
+        super().validate(recipe)
+        where = f" in {recipe.source}" if recipe.source else ""
+        for i, rule in enumerate(recipe.rules):
+            if rule.skip or rule.n is None:
+                continue
+            k = math.comb(rule.m, rule.n)
+            if k > MAX_PATTERNS:
+                raise RecipeError(
+                    f"sparsity.rules[{i}] (target {rule.describe()}){where}: {rule.n}:{rule.m} has C({rule.m},"
+                    f"{rule.n}) = {k} patterns per group, but method 'gumbel' learns one logit per pattern and "
+                    f"allows at most {MAX_PATTERNS} (e.g. 2:4 has 6, 4:8 has 70); use a smaller M"
+                )
+
+    @classmethod
+    def layer_problem(cls, recipe: Recipe, module: nn.Module, spec: SliceSpec) -> str | None:
+        if recipe.options.ignore_grouped and isinstance(module, nn.Conv2d) and module.groups > 1:
+            kind = "depthwise" if module.groups == module.in_channels else "grouped"
+            return f"{kind} conv (groups={module.groups}) kept dense (ignore_grouped: true)"
+        return super().layer_problem(recipe, module, spec)
+
+    @classmethod
+    def prepare_layer(cls, recipe: Recipe, layer: MaskedMixin) -> None:
+        opts = recipe.options
+        layer.slices = tuple(sorted(layer.slices, key=lambda s: s.start))
+        names = []
+        with torch.no_grad():
+            for spec in layer.slices:
+                name = _param_name(layer, spec)
+                w = layer.weight[spec.start:spec.stop]
+                logits = nn.Parameter(_init_logits(w, spec, opts.init, opts.init_scale))
+                layer.register_parameter(name, logits)
+                layer.weight_mask[spec.start:spec.stop] = _argmax_mask(w, logits, spec)
+                names.append(name)
+        layer.logit_names = tuple(names)
+        layer.logit_init = opts.init
+        layer.logit_init_scale = opts.init_scale
+        layer.sparse_mode = "sample"
+        layer.gumbel_tau = tau_at(opts.tau, 0, 0, 1)
+        layer.gumbel_seed = _seed(opts.noise_seed, 0, 0, 0)
+        layer.weight_fn = gumbel_weight
+        if opts.trainable in ("mask", "none"):
+            layer.weight.requires_grad_(False)
+        if opts.trainable == "none":
+            for name in names:
+                getattr(layer, name).requires_grad_(False)
+        layer.register_load_state_dict_pre_hook(_fill_missing_logits)
+
+    # ---- training-time hooks --------------------------------------------------------------------------------
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.frozen = False
+        self.phase = DENSE
+        r = self.recipe
+        first = phase_at(0, self.total_steps, r.dense_fraction, r.finetune_fraction)
+        self.tau = tau_at(r.options.tau, 0, first.sparse_start, first.finetune_start)
+        self._last_argmax = self._argmax()
+
+    def temperature(self, global_step: int) -> float:
+        """tau in force at ``global_step``."""
+        r = self.recipe
+        phase = phase_at(global_step, self.total_steps, r.dense_fraction, r.finetune_fraction)
+        return tau_at(r.options.tau, global_step, phase.sparse_start, phase.finetune_start)
+
+    def _units(self):
+        for fqn, layer in self.layers:
+            for spec, name in zip(layer.slices, layer.logit_names):
+                yield fqn, layer, spec, name
+
+    @torch.no_grad()
+    def _argmax(self) -> dict[tuple[str, str], torch.Tensor]:
+        return {(fqn, name): getattr(layer, name).argmax(dim=-1).to(torch.uint8)
+                for fqn, layer, _, name in self._units()}
+
+    @torch.no_grad()
+    def _set_argmax_masks(self) -> None:
+        for _, layer, spec, name in self._units():
+            w = layer.weight[spec.start:spec.stop]
+            layer.weight_mask[spec.start:spec.stop] = _argmax_mask(w, getattr(layer, name), spec)
+
+    @torch.no_grad()
+    def step(self, global_step: int) -> None:
+        r = self.recipe
+        phase = phase_at(global_step, self.total_steps, r.dense_fraction, r.finetune_fraction)
+        self.phase = phase.name
+        self.tau = tau_at(r.options.tau, global_step, phase.sparse_start, phase.finetune_start)
+        if phase.name == DENSE:
+            for _, layer in self.layers:
+                layer.sparse_mode = "dense"
+                layer.weight_mask.fill_(True)
+            return
+        if phase.name == FINETUNE and r.finetune_mask == "frozen":
+            if not self.frozen:
+                self._set_argmax_masks()
+                self.frozen = True
+            for _, layer in self.layers:
+                layer.sparse_mode = "frozen"
+            return
+        self._set_argmax_masks()
+        mode = "sample" if phase.name == SPARSE else "argmax"  # fine-tune, dynamic: no noise
+        for idx, (_, layer) in enumerate(self.layers):
+            layer.sparse_mode = mode
+            layer.gumbel_tau = self.tau
+            layer.gumbel_seed = _seed(r.options.noise_seed, global_step, idx, 0)
+
+    def sync(self, src: MaskedMixin, dst: MaskedMixin) -> None:
+        dst.weight_mask.copy_(src.weight_mask)
+        dst.sparse_mode = src.sparse_mode
+        dst.gumbel_tau = src.gumbel_tau
+        dst.gumbel_seed = src.gumbel_seed
+
+    def finalize(self) -> None:
+        """The argmax pattern of every group becomes the fixed mask (what export bakes in)."""
+        if not self.frozen:
+            self._set_argmax_masks()
+            self.frozen = True
+        for _, layer in self.layers:
+            layer.sparse_mode = "frozen"
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, Any]:
+        """``mask_entropy``: mean over all groups of the entropy (nats) of softmax(logits), without tau or noise
+        (log C(M,N) when uniform, 0 when certain); ``mask_flip``: fraction of groups whose argmax pattern changed
+        since the previous call (since the controller was built, on the first call)."""
+        ent_sum, groups = 0.0, 0
+        for _, layer, _, name in self._units():
+            lg = getattr(layer, name).float()
+            logp = torch.log_softmax(lg, dim=-1)
+            ent_sum += float(-(logp.exp() * logp).sum())
+            groups += lg[..., 0].numel()
+        current = self._argmax()
+        changed = sum(int((current[k] != prev).sum()) for k, prev in self._last_argmax.items() if k in current)
+        self._last_argmax = current
+        return {
+            "phase": self.phase,
+            "tau": round(self.tau, 6),
+            "mask_entropy": round(ent_sum / groups, 6) if groups else 0.0,
+            "mask_flip": round(changed / groups, 6) if groups else 0.0,
+        }
+
+    def no_weight_decay_params(self) -> list[nn.Parameter]:
+        return [getattr(layer, name) for _, layer, _, name in self._units() if getattr(layer, name).requires_grad]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen": self.frozen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.frozen = bool(state.get("frozen", False))

@@ -1,0 +1,328 @@
+"""``supermask`` (SuperBlock): learned tile scores choose which whole tiles of each weight survive.
+
+DESIGN.md section 4. Each masked unit (a layer, or a q/k/v third of a fused qkv) owns a score per ``tile`` x
+``tile`` tile of its 2-D weight view (Linear (out, in) as is; Conv2d (O, I, kh, kw) viewed as (O, I*kh*kw)), a
+parameter ``weight_scores`` (``weight_scores_<label>`` for qkv thirds) of shape ceil(rows/tile) x ceil(cols/tile).
+
+=========  ==================================================================================================
+mask       T(S): the ``round((1 - s) * num_tiles)`` tiles with the highest scores (the tiles with S >= the
+           s-quantile), expanded to whole tiles; recomputed in ``step()`` every ``mask_interval`` steps
+forward    W~ = W * T(S)
+grad W     g * T(S)  (``fixed_weight: true``: the weight does not train at all, ``requires_grad`` is False)
+grad S     straight-through through the threshold: dL/dS_tile = sum over the tile of g * W, i.e. the plain
+           STE of the expanded mask (dL/dT = g * W, T treated as the identity of S) summed over each tile
+=========  ==================================================================================================
+
+Sparsity and tile come from the rule (``sparsity``, ``tile``) or else from the config by layer kind
+(``sparsity_linear``/``tile_linear``, ``sparsity_conv1x1``/``tile_conv1x1``, ``sparsity_conv``/``tile_conv``).
+A resolved sparsity of 0 leaves the layer dense (reported as skipped). The sparsity may ramp linearly from 0 to
+the target (``ramp: {start_fraction, end_fraction}`` of the total steps); the recipe's dense/fine-tune phases
+apply as for every method (fine-tune with ``finetune_mask: frozen`` fixes the mask at the target).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import MaskedMixin, SliceSpec
+from ..masks import expand_tiles, tile_mask, tile_scores
+from ..recipe import Recipe, RecipeError, Rule
+from ..schedules import DENSE, FINETUNE, linear_ramp, phase_at
+from . import SparsityMethod, frozen_masked_weight, register_method
+
+__all__ = ["Ramp", "SupermaskConfig", "SupermaskMethod", "supermask_weight", "tile_sum", "layer_kind"]
+
+KINDS = ("linear", "conv1x1", "conv")
+
+
+def _sparsity(v: float | None) -> str | None:
+    return None if v is None or 0.0 <= v < 1.0 else f"must be in [0, 1), got {v}"
+
+
+def _tile(v: int) -> str | None:
+    return None if v >= 1 else f"must be >= 1, got {v}"
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """Sparsity rises linearly from 0 at ``start_fraction`` to the target at ``end_fraction`` of the total steps."""
+
+    start_fraction: float = 0.0
+    end_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("start_fraction", "end_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise RecipeError(f"ramp.{name} must be in [0, 1], got {v}")
+        if self.start_fraction > self.end_fraction:
+            raise RecipeError(
+                f"ramp.start_fraction ({self.start_fraction}) must be <= ramp.end_fraction ({self.end_fraction})"
+            )
+
+
+@dataclass(frozen=True)
+class SupermaskConfig:
+    """Options of ``supermask``. A rule's own ``sparsity``/``tile`` override the per-kind values."""
+
+    sparsity_linear: float | None = field(default=None, metadata={"check": _sparsity})
+    tile_linear: int = field(default=1, metadata={"check": _tile})
+    sparsity_conv1x1: float | None = field(default=None, metadata={"check": _sparsity})
+    tile_conv1x1: int = field(default=1, metadata={"check": _tile})
+    sparsity_conv: float | None = field(default=None, metadata={"check": _sparsity})
+    tile_conv: int = field(default=1, metadata={"check": _tile})
+    skip_first_block: bool = False
+    skip_last_layer: bool = False
+    ramp: Ramp | None = None
+    fixed_weight: bool = False
+    score_init: Literal["magnitude", "uniform"] = "magnitude"
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``linear``, ``conv1x1`` or ``conv`` (every other Conv2d): selects the ``sparsity_*``/``tile_*`` keys."""
+    if isinstance(module, nn.Conv2d):
+        return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv"
+    return "linear"
+
+
+def tile_sum(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """Sum of ``x`` over every ``tile`` x ``tile`` tile of its 2-D view (edge tiles sum what they hold)."""
+    x2 = x.reshape(x.shape[0], -1)
+    r, c = x2.shape
+    rt, ct = math.ceil(r / tile), math.ceil(c / tile)
+    x2 = F.pad(x2, (0, ct * tile - c, 0, rt * tile - r))
+    return x2.reshape(rt, tile, ct, tile).sum(dim=(1, 3))
+
+
+def _param_name(base: str, layer: MaskedMixin, spec: SliceSpec) -> str:
+    """``base`` for a whole-layer unit; ``base_<label>`` for a row slice (the q/k/v thirds of a fused qkv)."""
+    if len(layer.slices) == 1 and spec.start == 0 and spec.stop == layer.weight.shape[0]:
+        return base
+    return f"{base}_{re.sub(r'[^0-9A-Za-z_]', '_', spec.label)}"
+
+
+def _init_scores(w: torch.Tensor, tile: int, how: str) -> torch.Tensor:
+    rows, cols = w.shape[0], math.prod(w.shape[1:])
+    shape = (math.ceil(rows / tile), math.ceil(cols / tile))
+    if how == "magnitude":  # mean |W| per tile: the first mask is the magnitude block mask
+        return tile_scores(w, tile).to(w.dtype).reshape(shape)
+    scores = torch.empty(shape, dtype=w.dtype, device=w.device)
+    nn.init.kaiming_uniform_(scores, a=math.sqrt(5))  # the reference's init
+    return scores
+
+
+class _SupermaskWeight(torch.autograd.Function):
+    """Forward W * E (E = weight_mask = expanded T(S)); backward g * E to W, tile sums of g * W to each S."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, tiles, *scores):
+        ctx.tiles = tiles
+        ctx.score_dtypes = tuple(s.dtype for s in scores)
+        ctx.save_for_backward(weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask = ctx.saved_tensors
+        grad_w = grad * mask if ctx.needs_input_grad[0] else None
+        grads_s = []
+        for i, (start, stop, tile) in enumerate(ctx.tiles):
+            if ctx.needs_input_grad[3 + i]:
+                gs = tile_sum(grad[start:stop] * weight[start:stop], tile)
+                grads_s.append(gs.to(ctx.score_dtypes[i]))
+            else:
+                grads_s.append(None)
+        return (grad_w, None, None, *grads_s)
+
+
+def supermask_weight(layer: MaskedMixin) -> torch.Tensor:
+    """``weight_fn`` of ``supermask``: W * T(S) with the straight-through score gradient (frozen: W * E only)."""
+    if layer.sparse_mode == "frozen":
+        return frozen_masked_weight(layer)
+    scores = [getattr(layer, name) for name in layer.score_names]
+    return _SupermaskWeight.apply(layer.weight, layer.weight_mask, layer.score_tiles, *scores)
+
+
+def _fill_missing_scores(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+    """Load pre-hook: a stock (dense) state dict has no scores. Keep the current ones, or with
+    ``score_init: magnitude`` start them from the incoming weight so the loaded model starts at its magnitude
+    block mask. Either way a strict load of a dense checkpoint succeeds."""
+    w = state_dict.get(prefix + "weight")
+    for spec, name in zip(module.slices, module.score_names):
+        key = prefix + name
+        if key in state_dict:
+            continue
+        current = getattr(module, name)
+        if module.score_init == "magnitude" and isinstance(w, torch.Tensor) and w.shape == module.weight.shape:
+            value = _init_scores(w[spec.start:spec.stop].to(current.device), spec.tile, "magnitude")
+        else:
+            value = current.detach().clone()
+        state_dict[key] = value.to(current.dtype)
+
+
+@register_method("supermask")
+class SupermaskMethod(SparsityMethod):
+    """Learned tile scores, top tiles kept (SuperBlock); see the module docstring for the math."""
+
+    Config = SupermaskConfig
+    needs = "any"
+
+    # ---- recipe and surgery hooks ---------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, recipe: Recipe) -> None:
+        opts = recipe.options
+        where = f" in {recipe.source}" if recipe.source else ""
+        any_default = any(getattr(opts, f"sparsity_{k}") is not None for k in KINDS)
+        for i, rule in enumerate(recipe.rules):
+            if rule.skip:
+                continue
+            if rule.n is not None:
+                raise RecipeError(
+                    f"sparsity.rules[{i}] (target {rule.describe()}){where} gives n/m, but method 'supermask' "
+                    "learns block masks from 'sparsity' and 'tile'; remove n and m"
+                )
+            if rule.sparsity is None and not any_default:
+                raise RecipeError(
+                    f"sparsity.rules[{i}] (target {rule.describe()}){where} has no sparsity for method "
+                    "'supermask': give the rule a 'sparsity' (e.g. sparsity: 0.9) or set sparsity_linear / "
+                    "sparsity_conv1x1 / sparsity_conv"
+                )
+
+    @classmethod
+    def slice_spec(cls, recipe: Recipe, rule: Rule, label: str, start: int, stop: int, module: nn.Module) -> SliceSpec:
+        opts = recipe.options
+        kind = layer_kind(module)
+        sp = rule.sparsity if rule.sparsity is not None else getattr(opts, f"sparsity_{kind}")
+        tile = rule.tile if rule.tile is not None else getattr(opts, f"tile_{kind}")
+        if sp is None:
+            where = f" in {recipe.source}" if recipe.source else ""
+            raise RecipeError(
+                f"sparsity rule (target {rule.describe()}){where} selects {kind} layers but neither the rule's "
+                f"'sparsity' nor 'sparsity_{kind}' is set for method 'supermask'; set one, or exclude those layers"
+            )
+        label = label if label != "all" else rule.describe()
+        return SliceSpec(label, start, stop, None, None, rule.sparse_dim or recipe.sparse_dim, float(sp), int(tile))
+
+    @classmethod
+    def skip_reason(cls, recipe: Recipe, fqn: str, tags: set[str]) -> str | None:
+        opts = recipe.options
+        if opts.skip_first_block and "first_block" in tags:
+            return "first block kept dense (skip_first_block: true)"
+        if opts.skip_last_layer and "last_layer" in tags:
+            return "last layer kept dense (skip_last_layer: true)"
+        return None
+
+    @classmethod
+    def layer_problem(cls, recipe: Recipe, module: nn.Module, spec: SliceSpec) -> str | None:
+        if not spec.sparsity:
+            return f"sparsity 0 for {layer_kind(module)} layers: left dense"
+        return None
+
+    @classmethod
+    def prepare_layer(cls, recipe: Recipe, layer: MaskedMixin) -> None:
+        opts = recipe.options
+        names = []
+        with torch.no_grad():
+            for spec in layer.slices:
+                name = _param_name("weight_scores", layer, spec)
+                scores = _init_scores(layer.weight[spec.start:spec.stop].detach(), spec.tile, opts.score_init)
+                layer.register_parameter(name, nn.Parameter(scores))
+                names.append(name)
+        layer.score_names = tuple(names)
+        layer.score_tiles = tuple((s.start, s.stop, s.tile) for s in layer.slices)
+        layer.score_init = opts.score_init
+        layer.sparse_mode = "learn"
+        layer.weight_fn = supermask_weight
+        if opts.fixed_weight:
+            layer.weight.requires_grad_(False)
+        layer.register_load_state_dict_pre_hook(_fill_missing_scores)
+
+    # ---- training-time hooks --------------------------------------------------------------------------------
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_update: int | None = None
+        self.frozen = False
+        self.phase = DENSE
+        self.ramp = 0.0  # fraction of each unit's target sparsity in force
+
+    def ramp_at(self, global_step: int) -> tuple[str, int, float]:
+        """(phase name, steps since the sparse phase began, fraction of the target sparsity in force)."""
+        r = self.recipe
+        phase = phase_at(global_step, self.total_steps, r.dense_fraction, r.finetune_fraction)
+        if phase.name == DENSE:
+            return phase.name, phase.t, 0.0
+        ramp = r.options.ramp
+        if phase.name == FINETUNE or ramp is None:
+            return phase.name, phase.t, 1.0
+        start = int(round(ramp.start_fraction * self.total_steps))
+        end = int(round(ramp.end_fraction * self.total_steps))
+        return phase.name, phase.t, linear_ramp(global_step, start, end, 0.0, 1.0)
+
+    def sparsity_at(self, global_step: int) -> dict[str, float]:
+        """Sparsity in force per unit label at ``global_step``."""
+        _, _, f = self.ramp_at(global_step)
+        return {s.label: s.sparsity * f for _, layer in self.layers for s in layer.slices}
+
+    @torch.no_grad()
+    def _compute_masks(self, fraction: float) -> None:
+        for _, layer in self.layers:
+            mask = layer.weight_mask
+            for spec, name in zip(layer.slices, layer.score_names):
+                keep = tile_mask(getattr(layer, name), spec.sparsity * fraction)
+                part = mask[spec.start:spec.stop]
+                part.copy_(expand_tiles(keep, part.shape, spec.tile))
+
+    @torch.no_grad()
+    def step(self, global_step: int) -> None:
+        r = self.recipe
+        name, t, f = self.ramp_at(global_step)
+        self.phase, self.ramp = name, f
+        if name == FINETUNE and r.finetune_mask == "frozen":
+            if not self.frozen:
+                self._compute_masks(1.0)
+                self.frozen = True
+                self.last_update = global_step
+            for _, layer in self.layers:
+                layer.sparse_mode = "frozen"
+            return
+        due = self.last_update is None or t % r.mask_interval == 0
+        if due and self.last_update != global_step:
+            self._compute_masks(f)
+            self.last_update = global_step
+        for _, layer in self.layers:
+            layer.sparse_mode = "learn"
+
+    def sync(self, src: MaskedMixin, dst: MaskedMixin) -> None:
+        dst.weight_mask.copy_(src.weight_mask)
+        dst.sparse_mode = src.sparse_mode
+
+    def finalize(self) -> None:
+        """Bake T(S) at the target sparsity (unless already frozen) into ``weight_mask``; scores stop mattering."""
+        if not self.frozen:
+            self._compute_masks(1.0)
+            self.frozen = True
+        for _, layer in self.layers:
+            layer.sparse_mode = "frozen"
+        self.ramp = 1.0
+
+    def metrics(self) -> dict[str, Any]:
+        return {"phase": self.phase, "ramp": round(self.ramp, 6)}
+
+    def no_weight_decay_params(self) -> list[nn.Parameter]:
+        return [getattr(layer, n) for _, layer in self.layers for n in layer.score_names
+                if getattr(layer, n).requires_grad]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_update": self.last_update, "frozen": self.frozen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_update = state.get("last_update")
+        self.frozen = bool(state.get("frozen", False))
