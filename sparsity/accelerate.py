@@ -1,0 +1,210 @@
+"""Run eligible layers on real sparse kernels: 2:4 semi-structured or BSR, built on ``torch.sparse`` directly.
+
+``accelerate_(model, backend)`` swaps each eligible ``nn.Linear`` (masked or plain) for a :class:`SparseLinear`
+holding the sparse weight, leaves everything else dense, and returns one row per Linear/Conv2d saying what runs
+sparse and why the rest does not. Nothing changes unless the layer sits on a CUDA GPU of compute capability
+8.0+ (Ampere, Hopper, ...): that is where ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt/CUTLASS) and the
+Triton BSR kernels run. Converted layers are for inference only (no gradients, not saved in ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import MaskedMixin
+from .masks import is_nm
+from .surgery import set_submodule
+
+__all__ = ["SparseLinear", "accelerate_", "plan_acceleration", "BACKENDS"]
+
+_logger = logging.getLogger(__name__)
+
+BACKENDS = ("semi_structured", "bsr")
+MIN_CAPABILITY = (8, 0)
+_NEED_GPU = "these kernels need a CUDA GPU of compute capability 8.0+"
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` a semi-structured (2:4) or BSR sparse tensor; any leading dims.
+
+    The kernels take 2-D input, so leading dims are flattened and restored. Input is cast to the weight's dtype
+    and the output back to the input's dtype (run the whole model in that dtype to avoid the casts).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int, out_features: int,
+                 backend: str, pattern: str = "") -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.backend, self.pattern = backend, pattern
+        self.dtype = weight.dtype
+        # plain attributes on purpose: sparse tensor subclasses do not survive state_dict / .to() round trips
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()  # (B*, in)
+        if self.backend == "semi_structured":
+            y = F.linear(x2, self.weight, self.bias)  # (B*, out)
+        else:  # BSR: sparse @ dense is the supported direction
+            y = (self.weight @ x2.t()).t()
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, " \
+               f"pattern={self.pattern}, dtype={self.dtype}"
+
+
+def _device_problem(weight: torch.Tensor) -> str | None:
+    if not torch.cuda.is_available():
+        return f"{_NEED_GPU} (no CUDA device here)"
+    if weight.device.type != "cuda":
+        return f"{_NEED_GPU}; the layer is on {weight.device.type}: move the model to the GPU first"
+    cap = torch.cuda.get_device_capability(weight.device)
+    if cap < MIN_CAPABILITY:
+        return f"{_NEED_GPU}; {torch.cuda.get_device_name(weight.device)} is {cap[0]}.{cap[1]}"
+    return None
+
+
+def _semi_structured_min_shape(dtype: torch.dtype) -> tuple[int, int]:
+    """(rows, cols) multiples the weight needs for the semi-structured backend torch will pick."""
+    from torch.sparse import (
+        SparseSemiStructuredTensor,
+        SparseSemiStructuredTensorCUSPARSELT,
+        SparseSemiStructuredTensorCUTLASS,
+    )
+
+    cutlass = SparseSemiStructuredTensor._FORCE_CUTLASS or not torch.backends.cusparselt.is_available()
+    cls = SparseSemiStructuredTensorCUTLASS if cutlass else SparseSemiStructuredTensorCUSPARSELT
+    cfg = cls._DTYPE_SHAPE_CONSTRAINTS.get(dtype)
+    return (cfg.sparse_min_rows, cfg.sparse_min_cols) if cfg else (32, 64)
+
+
+def _pattern(mod: nn.Module) -> str:
+    if isinstance(mod, MaskedMixin) and mod.slices:
+        return " ".join(f"{s.label}={s.pattern()}" for s in mod.slices)
+    return "dense"
+
+
+@torch.no_grad()
+def _pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize: int | None) -> tuple[str | None, str]:
+    """(why the pattern/shape/dtype cannot run on ``backend`` or None, a note for the table)."""
+    if not isinstance(mod, nn.Linear):
+        return "Conv2d: no commodity sparse conv kernel (would need im2col)", ""
+    masked = isinstance(mod, MaskedMixin)
+    out_f, in_f = mod.weight.shape
+    if backend == "semi_structured":
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"2:4 kernels need float16/bfloat16, asked for {str(dtype).removeprefix('torch.')}", ""
+        # the ground truth is the mask itself (or the values of a plain, e.g. densified, layer)
+        keep = mod.weight_mask if masked else mod.weight != 0
+        if not is_nm(keep, 2, 4, dim=1):
+            return f"pattern {_pattern(mod)} is not 2:4 along the input dim (no commodity kernel for it)", ""
+        rows, cols = _semi_structured_min_shape(dtype)
+        if out_f % rows or in_f % cols:
+            return f"shape {out_f}x{in_f}: 2:4 kernels need rows a multiple of {rows}, cols of {cols}", ""
+        finer = [s.pattern() for s in getattr(mod, "slices", ()) if s.n is not None and (s.n, s.m) != (2, 4)]
+        note = f"{'/'.join(sorted(set(finer)))} runs as 2:4 (at most the 2:4 speedup)" if finer else ""
+        return None, note
+    # bsr
+    tiles = {s.tile for s in getattr(mod, "slices", ()) if s.tile}
+    tile = blocksize or (tiles.pop() if len(tiles) == 1 else None)
+    if tile is None:
+        return ("no block pattern (BSR needs a block-sparse layer: a rule with tile, or blocksize=)" if not tiles
+                else f"slices use different tiles {sorted(tiles)}"), ""
+    if tile < 16 or tile & (tile - 1):
+        return f"tile {tile}: the Triton BSR kernels need a power-of-two tile >= 16", ""
+    if out_f % tile or in_f % tile:
+        return f"shape {out_f}x{in_f} is not divisible by tile {tile}", ""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"BSR kernels need float16/bfloat16/float32, asked for {dtype}", ""
+    w = mod.weight * mod.weight_mask if masked else mod.weight
+    kept = float((w.reshape(out_f // tile, tile, in_f // tile, tile) != 0).any(3).any(1).float().mean())
+    note = f"tile {tile}, {kept:.0%} of tiles kept" + (" (BSR rarely beats dense above ~30%)" if kept > 0.3 else "")
+    return None, note
+
+
+@torch.no_grad()
+def plan_acceleration(model: nn.Module, backend: str = "semi_structured", dtype: torch.dtype = torch.bfloat16,
+                      blocksize: int | None = None) -> list[dict[str, Any]]:
+    """The pre-flight of :func:`accelerate_`: one row per Linear/Conv2d, nothing changed.
+
+    Rows: ``fqn``, ``shape``, ``pattern``, ``eligible`` (would convert), ``converted`` (False here), ``reason``
+    (every problem found: device, dtype, pattern, shape multiples, block divisibility; or what will run).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    rows = []
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, SparseLinear):
+            rows.append({"fqn": fqn, "shape": [mod.out_features, mod.in_features], "pattern": mod.pattern,
+                         "eligible": False, "converted": True, "reason": f"already converted ({mod.backend})"})
+            continue
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        problem, note = _pattern_problem(mod, backend, dtype, blocksize)
+        device = _device_problem(mod.weight)
+        runs = f"{backend}" + (f" ({note})" if note else "")
+        if problem:
+            reason = "; ".join(p for p in (device, problem) if p)
+        elif device:
+            reason = f"{device}; otherwise eligible: would run {runs}"
+        else:
+            reason = f"runs {runs}"
+        rows.append({"fqn": fqn, "shape": list(mod.weight.shape), "pattern": _pattern(mod),
+                     "eligible": problem is None and device is None, "converted": False, "reason": reason})
+    return rows
+
+
+def _to_sparse(mod: nn.Linear, backend: str, dtype: torch.dtype, blocksize: int | None) -> SparseLinear:
+    w = (mod.weight * mod.weight_mask if isinstance(mod, MaskedMixin) else mod.weight).detach().to(dtype)
+    bias = None if mod.bias is None else mod.bias.detach().to(dtype)
+    if backend == "semi_structured":
+        from torch.sparse import to_sparse_semi_structured
+
+        sparse = to_sparse_semi_structured(w.contiguous())
+    else:
+        tiles = {s.tile for s in getattr(mod, "slices", ()) if s.tile}
+        tile = blocksize or tiles.pop()
+        sparse = w.to_sparse_bsr((tile, tile))
+    return SparseLinear(sparse, bias, mod.in_features, mod.out_features, backend, _pattern(mod))
+
+
+@torch.no_grad()
+def accelerate_(model: nn.Module, backend: str = "semi_structured", dtype: torch.dtype = torch.bfloat16,
+                blocksize: int | None = None) -> list[dict[str, Any]]:
+    """Swap eligible Linear layers for :class:`SparseLinear` on ``backend``, in place.
+
+    Args:
+        model: a masked model (patterns come from each layer's slices and ``weight_mask``) or a plain one (a
+            Linear whose nonzeros are 2:4 along the input dim runs ``semi_structured``; ``bsr`` needs
+            ``blocksize`` for plain layers). Move it to the GPU first, ideally already in ``dtype``.
+        backend: ``semi_structured`` (2:4, fp16/bf16, sm80+) or ``bsr`` (block-sparse, power-of-two tile >= 16).
+        dtype: dtype of the converted weights.
+        blocksize: BSR tile; default the layer's slice tile.
+
+    Returns:
+        The :func:`plan_acceleration` rows with ``converted`` set: what now runs sparse, and why the rest does
+        not. On CPU, or a GPU below compute capability 8.0, nothing changes and every reason says so.
+    """
+    rows = plan_acceleration(model, backend, dtype, blocksize)
+    for row in rows:
+        if not row["eligible"]:
+            continue
+        mod = model.get_submodule(row["fqn"])
+        try:
+            set_submodule(model, row["fqn"], _to_sparse(mod, backend, dtype, blocksize))
+        except (RuntimeError, ValueError) as e:  # a kernel constraint the pre-flight did not know about
+            row["reason"] = f"conversion failed: {' '.join(str(e).split())[:200]}"
+            continue
+        row["converted"] = True
+    done = sum(r["converted"] for r in rows)
+    _logger.info("accelerate_(%s): %d of %d layers run sparse", backend, done, len(rows))
+    return rows

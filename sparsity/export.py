@@ -1,0 +1,673 @@
+"""Export a sparse model: densified timm weights or a compressed N:M / BSR file, and load either back.
+
+Two on-disk formats, both a directory with a timm-style ``config.json`` (``architecture``, ``num_classes``,
+``model_args``, ``pretrained_cfg``) plus our own ``sparsity`` block (format, create kwargs, recipe, per-layer
+report):
+
+* **densified** -- ``model.safetensors`` with masks baked in (W * E) under stock timm keys. It loads with
+  ``strict=True`` into ``timm.create_model(architecture, **create_kwargs)``, and ``timm.create_model(
+  "local-dir:DIR", pretrained=True)`` reads the directory directly.
+* **compressed** -- ``model_compressed.safetensors``: every masked weight is cut into row segments (one per
+  :class:`~sparsity.layers.SliceSpec`, plus dense gaps) and each segment is stored as
+
+  - ``nm``: the kept values (``n`` of every ``m``, weight dtype) and their positions inside the group (uint8);
+  - ``bsr``: BSR components of the 2-D view: ``crow_indices``, ``col_indices`` (int32) and the kept
+    ``tile`` x ``tile`` blocks;
+  - ``bitmap``: the kept values in row-major order plus the mask as packed bits (unstructured slices, and
+    N:M / block slices whose mask does not fit the pattern), when that is smaller than dense;
+  - ``dense``: the masked values as they are (rows outside every slice, masks too dense for a bitmap);
+
+  plus packed mask bits where the mask cannot be recovered from the layout alone. Everything else is stored
+  dense under its stock key. The layout (JSON) sits in the safetensors metadata under ``sparsity.layout``.
+
+Loading is bit-exact: every weight equals ``weight * weight_mask`` of the exported model (``torch.equal``;
+a pruned ``-0.0`` comes back as ``0.0``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, model_from_checkpoint
+from .errors import UserError
+from .layers import MaskedConv2d, MaskedLinear, SliceSpec, masked_modules
+from .report import sparsity_report
+from .surgery import densify_, set_submodule
+
+__all__ = [
+    "ExportError", "DENSIFIED_FILE", "COMPRESSED_FILE", "CONFIG_FILE", "export_densified", "export_compressed",
+    "export_checkpoint", "load_densified", "load_compressed", "load_for_eval", "use_binary_masks_",
+    "encode_weight", "decode_weight",
+]
+
+_logger = logging.getLogger(__name__)
+
+DENSIFIED_FILE = "model.safetensors"
+COMPRESSED_FILE = "model_compressed.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+_LAYOUT_KEY = "sparsity.layout"
+
+
+class ExportError(UserError):
+    """An export cannot be written or read; the message says what to do (CLIs: exit code 2)."""
+
+
+# ---- binary-mask forward --------------------------------------------------------------------------------------
+def _binary_weight(layer) -> torch.Tensor:
+    from .methods import frozen_masked_weight
+
+    return frozen_masked_weight(layer)
+
+
+def use_binary_masks_(model: nn.Module) -> nn.Module:
+    """Make every masked layer's forward ``W * E`` with its stored binary mask (what export ships).
+
+    A model rebuilt from a checkpoint has its method's training-time forward (an N:M layer starts in ``dense``
+    mode until a controller steps it); evaluation and export want the fixed binary mask instead.
+    """
+    for _, layer in masked_modules(model):
+        layer.weight_fn = _binary_weight
+    return model
+
+
+# ---- per-segment codecs -----------------------------------------------------------------------------------------
+def _grouped_dim(w: torch.Tensor, sparse_dim: str) -> int:
+    """Dim the N:M groups run along: input features (Linear), input channels (Conv, i.e. (O, kh, kw, I/g)
+    view), or output rows for ``col``."""
+    if sparse_dim == "col":
+        return 0
+    return 1 if w.dim() == 4 else w.dim() - 1
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.flatten().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]).view(-1, 8)
+    return (flat << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    flat = ((bits.view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten().bool()
+    return flat[: math.prod(shape)].view(shape)
+
+
+def _bitmap_pays(mask: torch.Tensor, element_size: int) -> bool:
+    """Kept values + 1 bit per weight smaller than the dense values?"""
+    return int(mask.sum()) * element_size + (mask.numel() + 7) // 8 < mask.numel() * element_size
+
+
+def _encode_nm(w: torch.Tensor, mask: torch.Tensor, n: int, m: int, dim: int) -> tuple[dict | None, bool]:
+    """Kept values and in-group positions (..., L/m, n), or None if some group keeps more than ``n``; and
+    whether the positions imply the mask (every group keeps exactly ``n``)."""
+    wg = w.movedim(dim, -1)
+    mg = mask.movedim(dim, -1)
+    if wg.shape[-1] % m:
+        return None, False
+    wg = wg.reshape(*wg.shape[:-1], -1, m)
+    mg = mg.reshape(*mg.shape[:-1], -1, m)
+    kept = mg.sum(-1)
+    if int(kept.max()) > n:
+        return None, False
+    # kept positions first (ascending), then pruned fillers (value 0) where a group keeps fewer than n
+    key = mg.to(torch.int32) * (2 * m) + (m - 1 - torch.arange(m, dtype=torch.int32))
+    idx = key.topk(n, dim=-1).indices.sort(dim=-1).values
+    values = (wg * mg).gather(-1, idx)
+    parts = {"values": values.contiguous(), "indices": idx.to(torch.uint8 if m <= 256 else torch.int32).contiguous()}
+    return parts, bool((kept == n).all())
+
+
+def _decode_nm(parts: dict[str, torch.Tensor], shape: list[int], m: int, dim: int, dtype) -> tuple:
+    values, idx = parts["values"], parts["indices"].long()
+    grouped = values.new_zeros(*values.shape[:-1], m).scatter_(-1, idx, values)
+    moved = shape[:dim] + shape[dim + 1:] + [shape[dim]]
+    w = grouped.reshape(moved).movedim(-1, dim).to(dtype)
+    mask = torch.zeros(grouped.shape, dtype=torch.bool).scatter_(-1, idx, True).reshape(moved).movedim(-1, dim)
+    return w.contiguous(), mask.contiguous()
+
+
+def _encode_bsr(w: torch.Tensor, mask: torch.Tensor, tile: int) -> tuple[dict | None, bool]:
+    """BSR components of the 2-D view (rows, prod(rest)) keeping every tile with any True, or None if not
+    tileable; and whether the kept tiles imply the mask (it is whole tiles)."""
+    rows, cols = w.shape[0], math.prod(w.shape[1:])
+    if rows % tile or cols % tile:
+        return None, False
+    rb, cb = rows // tile, cols // tile
+    blocks = (w * mask).reshape(rb, tile, cb, tile).transpose(1, 2)  # (rb, cb, t, t)
+    tiles = mask.reshape(rb, tile, cb, tile).transpose(1, 2).flatten(2)  # (rb, cb, t*t)
+    keep = tiles.any(-1)  # (rb, cb)
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+    parts = {
+        "crow_indices": crow.to(torch.int32),
+        "col_indices": keep.nonzero()[:, 1].to(torch.int32).contiguous(),
+        "values": blocks[keep].contiguous(),
+    }
+    return parts, torch.equal(tiles.all(-1), keep)
+
+
+def _decode_bsr(parts: dict[str, torch.Tensor], shape: list[int], tile: int, dtype) -> tuple:
+    rows, cols = shape[0], math.prod(shape[1:])
+    rb, cb = rows // tile, cols // tile
+    counts = parts["crow_indices"].long().diff()
+    row_of = torch.repeat_interleave(torch.arange(rb), counts)
+    keep = torch.zeros(rb, cb, dtype=torch.bool)
+    keep[row_of, parts["col_indices"].long()] = True
+    blocks = parts["values"].new_zeros(rb, cb, tile, tile)
+    blocks[keep] = parts["values"]  # keep.nonzero() is row-major, the order the values were written in
+    w = blocks.transpose(1, 2).reshape(shape).to(dtype)
+    mask = keep.repeat_interleave(tile, 0).repeat_interleave(tile, 1).reshape(shape)
+    return w.contiguous(), mask
+
+
+def _segments(layer) -> list[tuple[int, int, SliceSpec | None]]:
+    """Row segments covering the weight: each slice, and the dense gaps between them (spec None)."""
+    out, row = [], 0
+    for s in sorted(layer.slices, key=lambda s: s.start):
+        if s.start > row:
+            out.append((row, s.start, None))
+        out.append((s.start, s.stop, s))
+        row = s.stop
+    if row < layer.weight.shape[0]:
+        out.append((row, layer.weight.shape[0], None))
+    return out
+
+
+@torch.no_grad()
+def encode_weight(layer, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Compress one masked layer's weight: (tensors under ``key@i.*`` names, JSON layout entry)."""
+    w = layer.weight.detach().cpu()
+    mask = layer.weight_mask.detach().cpu()
+    tensors: dict[str, torch.Tensor] = {}
+    segments = []
+    for i, (start, stop, spec) in enumerate(_segments(layer)):
+        ws, ms = w[start:stop], mask[start:stop]
+        seg: dict[str, Any] = {"start": start, "stop": stop, "format": "dense"}
+        parts, implied = None, False
+        if spec is not None and spec.n is not None:
+            dim = _grouped_dim(ws, spec.sparse_dim)
+            parts, implied = _encode_nm(ws, ms, spec.n, spec.m, dim)
+            if parts is not None:
+                seg.update(format="nm", n=spec.n, m=spec.m, dim=dim)
+            else:
+                seg["note"] = f"mask is not {spec.n}:{spec.m}"
+        elif spec is not None and spec.tile:
+            parts, implied = _encode_bsr(ws, ms, spec.tile)
+            if parts is not None:
+                seg.update(format="bsr", tile=spec.tile)
+            else:
+                seg["note"] = f"shape {list(ws.shape)} is not divisible by tile {spec.tile}"
+        if parts is None:
+            all_kept = bool(ms.all())
+            if not all_kept and _bitmap_pays(ms, ws.element_size()):
+                parts, implied = {"values": ws[ms].contiguous(), "mask_bits": _pack_bits(ms)}, True
+                seg["format"] = "bitmap"
+            else:
+                parts, implied = {"dense": (ws * ms).contiguous()}, all_kept
+        if not implied:  # the layout alone does not give the mask back: keep its bits
+            parts["mask_bits"] = _pack_bits(ms)
+            seg["mask_bits"] = True
+        for name, t in parts.items():
+            tensors[f"{key}@{i}.{name}"] = t
+        seg["bytes"] = sum(t.numel() * t.element_size() for t in parts.values())
+        segments.append(seg)
+    entry = {"shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."), "segments": segments}
+    return tensors, entry
+
+
+def decode_weight(tensors: dict[str, torch.Tensor], key: str, entry: dict[str, Any]) -> tuple:
+    """Inverse of :func:`encode_weight`: (weight, bool mask), bit-exact to ``weight * weight_mask``."""
+    shape, dtype = entry["shape"], getattr(torch, entry["dtype"])
+    w = torch.empty(shape, dtype=dtype)
+    mask = torch.empty(shape, dtype=torch.bool)
+    for i, seg in enumerate(entry["segments"]):
+        def part(name, i=i):
+            return tensors[f"{key}@{i}.{name}"]
+
+        seg_shape = [seg["stop"] - seg["start"]] + shape[1:]
+        if seg["format"] == "nm":
+            ws, ms = _decode_nm({"values": part("values"), "indices": part("indices")}, seg_shape, seg["m"],
+                                seg["dim"], dtype)
+        elif seg["format"] == "bsr":
+            ws, ms = _decode_bsr({k: part(k) for k in ("crow_indices", "col_indices", "values")}, seg_shape,
+                                 seg["tile"], dtype)
+        elif seg["format"] == "bitmap":
+            ms = _unpack_bits(part("mask_bits"), seg_shape)
+            ws = torch.zeros(seg_shape, dtype=dtype)
+            ws[ms] = part("values")
+        else:
+            ws, ms = part("dense"), torch.ones(seg_shape, dtype=torch.bool)
+        if seg.get("mask_bits"):
+            ms = _unpack_bits(part("mask_bits"), seg_shape)
+        w[seg["start"]:seg["stop"]] = ws
+        mask[seg["start"]:seg["stop"]] = ms
+    return w, mask
+
+
+# ---- building the export ----------------------------------------------------------------------------------------
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def _config(model: nn.Module, arch: str, create_kwargs: dict, recipe: dict | None, fmt: str, report: list[dict],
+            slices: dict, extra: dict | None) -> dict:
+    """timm's hub ``config.json`` layout (so ``local-dir:`` works for densified exports) plus our block."""
+    from timm.models._pretrained import filter_pretrained_cfg
+
+    pcfg = filter_pretrained_cfg(dict(getattr(model, "pretrained_cfg", {}) or {}), remove_source=True)
+    for k in ("custom_load", "tag"):
+        pcfg.pop(k, None)
+    pcfg["architecture"] = arch
+    num_classes = create_kwargs.get("num_classes", getattr(model, "num_classes", None))
+    pcfg["num_classes"] = num_classes
+    img = create_kwargs.get("img_size")
+    if isinstance(img, int) or (isinstance(img, (list, tuple)) and len(img) == 2):
+        size = (img, img) if isinstance(img, int) else tuple(img)
+        pcfg["input_size"] = (pcfg.get("input_size", (3,))[0], *size)
+    cfg = {
+        "architecture": arch,
+        "num_classes": num_classes,
+        "num_features": getattr(model, "num_features", None),
+        "model_args": {k: v for k, v in create_kwargs.items() if k != "num_classes"},
+        "pretrained_cfg": pcfg,
+        "sparsity": {
+            "format": fmt,
+            "format_version": FORMAT_VERSION,
+            "weights_file": DENSIFIED_FILE if fmt == "densified" else COMPRESSED_FILE,
+            "create_kwargs": create_kwargs,
+            "recipe": recipe,
+            "slices": slices,
+            "layers": report,
+            **(extra or {}),
+        },
+    }
+    return _jsonable(cfg)
+
+
+def _check_timm_fit(arch: str, create_kwargs: dict, state: dict[str, torch.Tensor]) -> None:
+    """The densified state dict must load strictly into ``timm.create_model(arch, **create_kwargs)``."""
+    import timm
+
+    if not timm.is_model(arch):
+        raise ExportError(f"architecture '{arch}' is not a timm model; pass arch= (the timm model name)")
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            ref = timm.create_model(arch, **create_kwargs).state_dict()
+    except Exception:  # noqa: BLE001 - a model whose __init__ needs real tensors: build it for real
+        ref = timm.create_model(arch, **create_kwargs).state_dict()
+    missing = sorted(set(ref) - set(state))
+    unexpected = sorted(set(state) - set(ref))
+    shapes = [k for k in ref if k in state and tuple(ref[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        raise ExportError(
+            f"the exported weights do not fit timm.create_model('{arch}', **{create_kwargs}): missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}; pass the create_kwargs the model was built with"
+        )
+
+
+def _plain_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, no shared storage (safetensors refuses aliases)."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        t = v.detach().cpu().contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[k] = t
+    return out
+
+
+@torch.no_grad()
+def _build(model: nn.Module, arch: str | None, create_kwargs: dict | None, recipe: dict | None) -> dict[str, Any]:
+    """Everything both formats need, computed once from a copy of ``model`` (the original is not touched)."""
+    if arch is None:
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if not arch:
+            raise ExportError("cannot tell the timm architecture of this model; pass arch=")
+    if create_kwargs is None:
+        create_kwargs = {"num_classes": getattr(model, "num_classes", 1000)}
+        _logger.warning("export: create_kwargs not given, assuming %s", create_kwargs)
+    if recipe is None and getattr(model, "sparsity_recipe", None) is not None:
+        recipe = model.sparsity_recipe.to_dict()
+    work = use_binary_masks_(copy.deepcopy(model)).cpu().eval()
+    report = sparsity_report(work)
+    for row in report:
+        if row["conforms"] is False:
+            _logger.warning("export: %s does not conform to its pattern %s", row["fqn"], row["pattern"])
+    layers = masked_modules(work)
+    slices = {fqn: [asdict(s) for s in layer.slices] for fqn, layer in layers}
+    methods = {fqn: layer.method for fqn, layer in layers}
+    compressed, layout = {}, {}
+    for fqn, layer in layers:
+        key = f"{fqn}.weight" if fqn else "weight"
+        tensors, layout[key] = encode_weight(layer, key)
+        compressed.update(tensors)
+    dense = _plain_state(densify_(work).state_dict())
+    _check_timm_fit(arch, dict(create_kwargs), dense)
+    for k, v in dense.items():
+        if k not in layout:
+            compressed[k] = v
+    return {"arch": arch, "create_kwargs": dict(create_kwargs), "recipe": recipe, "report": report,
+            "slices": slices, "methods": methods, "dense": dense, "compressed": compressed, "layout": layout,
+            "model": work}
+
+
+def _compressed_metadata(build: dict[str, Any]) -> dict[str, str]:
+    return {"format": "pt", "sparsity.format": "compressed", _LAYOUT_KEY: json.dumps(build["layout"])}
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move the files of ``tmp`` into ``out`` (config.json last). Only our own file names are ever replaced."""
+    _refuse_existing(out, force)  # again: another process may have written there meanwhile
+    out.mkdir(parents=True, exist_ok=True)
+    clash = [n for n in (DENSIFIED_FILE, COMPRESSED_FILE, CONFIG_FILE) if (out / n).exists()]
+    produced = sorted(p.name for p in tmp.iterdir())
+    for name in sorted(produced, key=lambda n: n == CONFIG_FILE):
+        os.replace(tmp / name, out / name)
+    for name in clash:  # a stale weights file of the other format must not sit next to the new config
+        if name not in produced:
+            (out / name).unlink()
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {out} exists and is not a directory; choose another --output")
+    clash = [n for n in (DENSIFIED_FILE, COMPRESSED_FILE, CONFIG_FILE) if (out / n).exists()]
+    if clash and not force:
+        raise ExportError(f"{out} already holds {', '.join(clash)}; pass --force (force=True) to replace them, "
+                          "or choose another --output")
+
+
+def _write(build: dict[str, Any], output_dir: str | os.PathLike, fmt: str, force: bool,
+           extra: dict | None) -> dict[str, Any]:
+    """Write into a temp dir beside ``output_dir``, then move the files in: a failure leaves nothing half-written."""
+    from safetensors.torch import save, save_file
+
+    out = Path(output_dir)
+    dense_args = (build["dense"], {"format": "pt"})
+    comp_args = (build["compressed"], _compressed_metadata(build))
+    weights_file, (tensors, metadata), (other, other_meta) = (
+        (DENSIFIED_FILE, dense_args, comp_args) if fmt == "densified" else (COMPRESSED_FILE, comp_args, dense_args))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / weights_file), metadata=metadata)
+        written = (tmp / weights_file).stat().st_size
+        other_bytes = len(save(other, metadata=other_meta))  # the other format's size, measured in memory
+        sizes = {"densified_bytes": written, "compressed_bytes": other_bytes} if fmt == "densified" else \
+            {"densified_bytes": other_bytes, "compressed_bytes": written}
+        cfg = _config(build["model"], build["arch"], build["create_kwargs"], build["recipe"], fmt, build["report"],
+                      build["slices"], {"methods": build["methods"], **sizes, **(extra or {})})
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        _publish(tmp, out, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratio = sizes["compressed_bytes"] / sizes["densified_bytes"]
+    nm = sum(s["format"] == "nm" for e in build["layout"].values() for s in e["segments"])
+    bsr = sum(s["format"] == "bsr" for e in build["layout"].values() for s in e["segments"])
+    return {"format": fmt, "output_dir": str(out), "files": files, **sizes, "ratio": ratio,
+            "layers": len(build["layout"]), "nm_segments": nm, "bsr_segments": bsr}
+
+
+def export_densified(model: nn.Module, output_dir: str | os.PathLike, *, arch: str | None = None,
+                     create_kwargs: dict | None = None, recipe: dict | None = None, force: bool = False,
+                     extra: dict | None = None) -> dict[str, Any]:
+    """Write ``model.safetensors`` (masks baked in, stock timm keys) and ``config.json`` to ``output_dir``.
+
+    Args:
+        model: a (sparsified) timm model; it is copied, never modified.
+        output_dir: directory to write into (created); existing export files are replaced only with ``force``.
+        arch: timm model name (default: ``model.pretrained_cfg['architecture']``).
+        create_kwargs: kwargs for ``timm.create_model`` incl. ``num_classes`` (default: ``num_classes`` only).
+        recipe: the ``sparsity:`` block as plain types (default: ``model.sparsity_recipe.to_dict()``).
+        extra: more JSON-able keys for the ``sparsity`` block of config.json (e.g. epoch).
+
+    Returns:
+        ``format``, ``output_dir``, ``files`` (name -> bytes), ``densified_bytes``, ``compressed_bytes`` (what
+        the compressed format would take), ``ratio`` (compressed / densified weights file), layer counts.
+    """
+    _refuse_existing(Path(output_dir), force)
+    return _write(_build(model, arch, create_kwargs, recipe), output_dir, "densified", force, extra)
+
+
+def export_compressed(model: nn.Module, output_dir: str | os.PathLike, *, arch: str | None = None,
+                      create_kwargs: dict | None = None, recipe: dict | None = None, force: bool = False,
+                      extra: dict | None = None) -> dict[str, Any]:
+    """Write ``model_compressed.safetensors`` (N:M values + uint8 indices, BSR blocks, the rest dense) and
+    ``config.json``. Arguments and return value as :func:`export_densified`."""
+    _refuse_existing(Path(output_dir), force)
+    return _write(_build(model, arch, create_kwargs, recipe), output_dir, "compressed", force, extra)
+
+
+def default_output_dir(checkpoint: str | os.PathLike, fmt: str) -> Path:
+    """``run/model_best.pth.tar`` -> ``run/model_best-densified``."""
+    path = Path(checkpoint)
+    name = path.name
+    for suffix in (".pth.tar", ".pth", ".tar", ".bin", ".pt"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return path.parent / f"{name}-{fmt}"
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output_dir: str | os.PathLike | None = None,
+                      use_ema: bool = False, force: bool = False) -> dict[str, Any]:
+    """Export a train.py checkpoint (``arch``, ``create_kwargs``, ``recipe``, ``state_dict``[, ``_ema``])."""
+    if fmt not in ("densified", "compressed"):
+        raise ExportError(f"format must be 'densified' or 'compressed', got {fmt!r}")
+    out = Path(output_dir) if output_dir else default_output_dir(checkpoint, fmt)
+    _refuse_existing(out, force)  # before the (slow) model build
+    model, ckpt = model_from_checkpoint(checkpoint, use_ema=use_ema)
+    extra = {"source_checkpoint": str(checkpoint), "ema": bool(use_ema)}
+    for k in ("epoch", "global_step"):
+        if k in ckpt:
+            extra[k] = ckpt[k]
+    fn = export_densified if fmt == "densified" else export_compressed
+    return fn(model, out, arch=ckpt["arch"], create_kwargs=dict(ckpt.get("create_kwargs") or {}),
+              recipe=ckpt.get("recipe"), force=force, extra=extra)
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+def _read_config(path: str | os.PathLike) -> tuple[Path, dict]:
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    cfg_file = folder / CONFIG_FILE
+    if not cfg_file.is_file():
+        if path.is_file():
+            raise ExportError(f"{path} has no {CONFIG_FILE} beside it: a bare state dict; load it with its timm name "
+                              "(sparsity.create_model(name, checkpoint=path, num_classes=...))")
+        raise ExportError(f"{folder} has no {CONFIG_FILE}: not an export directory (see export.py)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{cfg_file} is not readable JSON ({e}); re-export the model") from None
+    if "architecture" not in cfg:
+        raise ExportError(f"{cfg_file} has no 'architecture'; re-export the model")
+    return folder, cfg
+
+
+def _create_kwargs(cfg: dict) -> dict:
+    sp = cfg.get("sparsity") or {}
+    if "create_kwargs" in sp:
+        return dict(sp["create_kwargs"])
+    return {**(cfg.get("model_args") or {}), "num_classes": cfg.get("num_classes")}
+
+
+def _meta(kind: str, folder: Path, cfg: dict) -> dict[str, Any]:
+    sp = cfg.get("sparsity") or {}
+    return {"kind": kind, "path": str(folder), "arch": cfg["architecture"], "create_kwargs": _create_kwargs(cfg),
+            "num_classes": cfg.get("num_classes"), "recipe": sp.get("recipe"), "layers": sp.get("layers", []),
+            "pretrained_cfg": cfg.get("pretrained_cfg", {}), "config": cfg}
+
+
+def _meta_only_in_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """True if every meta tensor of ``model`` is a state-dict entry (so ``assign=True`` loading fills them all)."""
+    for mod in model.modules():
+        if any(isinstance(v, torch.Tensor) and v.is_meta for v in vars(mod).values()):  # plain tensor attributes
+            return False
+    return all(name in state for name, _ in model.named_buffers())
+
+
+def _stock_model(cfg: dict, state: dict[str, torch.Tensor], where: Path) -> nn.Module:
+    """``timm.create_model`` + strict load; built on the meta device (no random init) when that is safe."""
+    import timm
+
+    arch, kwargs = cfg["architecture"], _create_kwargs(cfg)
+    assign = False
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, **kwargs)
+        assign = _meta_only_in_state(model, state)
+    except Exception:  # noqa: BLE001 - a model whose __init__ needs real tensors
+        pass
+    if not assign:
+        model = timm.create_model(arch, **kwargs)
+    try:
+        model.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as e:
+        raise ExportError(f"{where} does not fit {cfg['architecture']}: {' '.join(str(e).split())[:300]}") from None
+    return model
+
+
+def _load_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise ExportError(f"{file} is missing; re-export the model")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file is unusable
+        raise ExportError(f"{file} is not a readable safetensors file ({e}); re-export the model") from None
+
+
+def load_densified(path: str | os.PathLike, masked: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """A densified export (its directory, or its ``model.safetensors``), strict load into timm.
+
+    Args:
+        path: the export directory, or its ``model.safetensors`` with ``config.json`` beside it.
+        masked: False (default): the stock timm model. True: the layers that were sparse come back as masked
+            layers with their slices and ``weight_mask = weight != 0`` (the pattern as the values show it), so
+            reports and conformance checks work; the forward is unchanged.
+    """
+    folder, cfg = _read_config(path)
+    file = Path(path) if Path(path).is_file() else folder / DENSIFIED_FILE
+    state, _ = _load_safetensors(file)
+    model = _stock_model(cfg, state, file)
+    if masked:
+        sp = cfg.get("sparsity") or {}
+        _rewrap_masked(model, {fqn: model.get_submodule(fqn).weight != 0 for fqn in sp.get("slices", {})}, sp)
+    return model.eval(), _meta("densified", folder, cfg)
+
+
+def load_compressed(path: str | os.PathLike, masked: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a compressed export, bit-exact to the exported ``W * E``.
+
+    Args:
+        path: the export directory (or its ``model_compressed.safetensors``).
+        masked: True (default): the sparse model back, masked layers with their slices, method name and
+            ``weight_mask`` restored, forward ``W * E`` (reports, conformance and :func:`accelerate_` work).
+            False: a stock timm model with the masks baked in (what a densified export loads as).
+
+    Returns:
+        ``(model, meta)`` with the model in eval mode; ``meta`` holds ``arch``, ``create_kwargs``, ``recipe``,
+        ``layers`` (the export-time report) and ``masks`` (fqn -> bool mask).
+    """
+    folder, cfg = _read_config(path)
+    sp = cfg.get("sparsity") or {}
+    if sp.get("format") != "compressed":
+        raise ExportError(f"{folder} holds a {sp.get('format', 'plain timm')} export, not a compressed one")
+    file = Path(path) if Path(path).is_file() else folder / sp.get("weights_file", COMPRESSED_FILE)
+    tensors, meta_st = _load_safetensors(file)
+    try:
+        layout = json.loads(meta_st[_LAYOUT_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise ExportError(f"{file} has no readable '{_LAYOUT_KEY}' metadata; re-export the model") from None
+    state = {k: v for k, v in tensors.items() if "@" not in k}
+    masks = {}
+    for key, entry in layout.items():
+        state[key], masks[key.removesuffix("weight").rstrip(".")] = decode_weight(tensors, key, entry)
+    model = _stock_model(cfg, state, file)
+    if masked:
+        _rewrap_masked(model, masks, sp)
+    meta = _meta("compressed", folder, cfg)
+    meta["masks"] = masks
+    return model.eval(), meta
+
+
+def _rewrap_masked(model: nn.Module, masks: dict[str, torch.Tensor], sp: dict) -> None:
+    """Swap the exported layers back to masked ones sharing the (already masked) parameters."""
+    methods = sp.get("methods", {})
+    for fqn, mask in masks.items():
+        mod = model.get_submodule(fqn)
+        layer = MaskedLinear.from_dense(mod) if isinstance(mod, nn.Linear) else MaskedConv2d.from_dense(mod)
+        layer.weight_mask.copy_(mask)
+        layer.slices = tuple(SliceSpec(**s) for s in sp.get("slices", {}).get(fqn, []))
+        layer.method = methods.get(fqn, "masked")
+        layer.weight_fn = _binary_weight
+        set_submodule(model, fqn, layer)
+    model.sparsity_skipped = {r["fqn"]: r["note"] for r in sp.get("layers", [])  # type: ignore[attr-defined]
+                              if r.get("method") == "skipped" or r.get("note")}
+    if sp.get("recipe") is not None:
+        from .recipe import RecipeError, recipe_from_dict
+
+        try:
+            model.sparsity_recipe = recipe_from_dict(sp["recipe"])  # type: ignore[attr-defined]
+        except RecipeError as e:  # e.g. a method this install does not have: the layers still work
+            _logger.warning("compressed export: recipe not restored (%s)", e)
+
+
+def load_for_eval(path: str | os.PathLike, use_ema: bool = False, binary: bool = True) -> tuple[nn.Module, dict]:
+    """An eval-ready model from a training checkpoint, a densified export or a compressed export.
+
+    Args:
+        path: a train.py checkpoint (``.pth.tar``), an export directory, or the ``.safetensors`` file of one
+            (``config.json`` beside it).
+        use_ema: training checkpoints only: the EMA weights.
+        binary: training checkpoints only: forward ``W * E`` with the stored binary mask (what export ships).
+            False keeps the method's own forward as rebuilt (an N:M layer then runs dense until a controller
+            steps it).
+
+    Exports come back with masked layers (:func:`load_compressed` / :func:`load_densified` with ``masked=True``)
+    so :func:`~sparsity.sparsity_report` can check conformance; their forward is the exported one.
+
+    Returns:
+        ``(model, meta)``: the model in eval mode on CPU; ``meta['kind']`` is ``checkpoint``, ``densified`` or
+        ``compressed``, plus ``arch``, ``create_kwargs``, ``num_classes``, ``recipe``, ``pretrained_cfg``.
+    """
+    p = Path(path)
+    if p.is_dir() or p.suffix == ".safetensors":
+        folder, cfg = _read_config(p)
+        fmt = (cfg.get("sparsity") or {}).get("format", "densified")
+        if fmt == "compressed":
+            return load_compressed(p, masked=True)
+        return load_densified(p, masked=True)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist; check the path")
+    model, ckpt = model_from_checkpoint(p, use_ema=use_ema)
+    if binary:
+        use_binary_masks_(model)
+    create_kwargs = dict(ckpt.get("create_kwargs") or {})
+    meta = {"kind": "checkpoint", "path": str(p), "arch": ckpt["arch"], "create_kwargs": create_kwargs,
+            "num_classes": create_kwargs.get("num_classes", getattr(model, "num_classes", None)),
+            "recipe": ckpt.get("recipe"), "pretrained_cfg": dict(getattr(model, "pretrained_cfg", {}) or {}),
+            "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"), "ema": use_ema}
+    return model.eval(), meta

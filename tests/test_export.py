@@ -1,0 +1,418 @@
+"""Export formats (densified, compressed N:M / BSR), load_for_eval, accelerate_ and the export.py CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import sparsity
+from sparsity.export import (
+    COMPRESSED_FILE,
+    CONFIG_FILE,
+    DENSIFIED_FILE,
+    ExportError,
+    decode_weight,
+    encode_weight,
+    load_for_eval,
+)
+from sparsity.layers import MaskedLinear, SliceSpec
+from sparsity.methods import frozen_masked_weight
+from sparsity.surgery import set_submodule
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import export as export_cli  # noqa: E402
+from cli_common import run_cli  # noqa: E402
+
+VIT = "vit_tiny_patch16_224"
+VIT_KW = {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10}
+RN_KW = {"num_classes": 10}
+
+
+def _cli(argv: list[str]) -> int:
+    """export.py as its process runs it: bad input -> one line on stderr, exit code 2."""
+    return run_cli(export_cli.main, argv)
+
+
+def _sparse_model(arch: str, kw: dict, rules: list[dict]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    recipe = sparsity.recipe_from_dict({"method": "ste", "rules": rules})
+    model = sparsity.create_model(arch, recipe=recipe, **kw)
+    sparsity.SparsityController(model, recipe, total_steps=10).step(0)
+    return model.eval()
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def vit24():
+    return _sparse_model(VIT, VIT_KW, [{"target": "ff", "n": 2, "m": 4}, {"target": ["q", "k", "v"], "n": 2, "m": 4}])
+
+
+@pytest.fixture(scope="module")
+def x32():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _block_vit(sparsity_: float = 0.9, tile: int = 16) -> torch.nn.Module:
+    """Tiny ViT whose blocks.0.mlp.fc1 (768x192) is block-sparse: whole tile x tile tiles by magnitude."""
+    torch.manual_seed(0)
+    model = timm.create_model(VIT, **VIT_KW)
+    layer = MaskedLinear.from_dense(model.blocks[0].mlp.fc1)
+    layer.slices = (SliceSpec("ff", 0, 768, sparsity=sparsity_, tile=tile),)
+    layer.method = "block"
+    layer.weight_fn = frozen_masked_weight
+    layer.weight_mask.copy_(sparsity.block_mask(layer.weight, sparsity_, tile))
+    set_submodule(model, "blocks.0.mlp.fc1", layer)
+    return model.eval()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# ---- densified ----------------------------------------------------------------------------------------------------
+def test_densified_loads_strict_into_stock_timm(vit24, x32, tmp_path):
+    before = {k: v.clone() for k, v in vit24.state_dict().items()}
+    info = sparsity.export_densified(vit24, tmp_path / "d", arch=VIT, create_kwargs=VIT_KW)
+    assert all(torch.equal(v, before[k]) for k, v in vit24.state_dict().items())  # the source model is untouched
+    assert set(info["files"]) == {DENSIFIED_FILE, CONFIG_FILE}
+    state = load_file(str(tmp_path / "d" / DENSIFIED_FILE))
+    assert not any(k.endswith("weight_mask") for k in state)
+    stock = timm.create_model(VIT, **VIT_KW)
+    stock.load_state_dict(state, strict=True)
+    torch.testing.assert_close(_logits(stock, x32), _logits(vit24, x32), rtol=0, atol=1e-6)
+    # masks baked in: every masked weight is W * E
+    for fqn, layer in sparsity.masked_modules(vit24):
+        assert torch.equal(state[f"{fqn}.weight"], layer.masked_weight())
+    cfg = json.loads((tmp_path / "d" / CONFIG_FILE).read_text())
+    assert cfg["architecture"] == VIT and cfg["num_classes"] == 10
+    assert cfg["sparsity"]["format"] == "densified"
+    assert cfg["sparsity"]["create_kwargs"] == VIT_KW
+    assert cfg["sparsity"]["recipe"] == vit24.sparsity_recipe.to_dict()
+    layers = {r["fqn"]: r for r in cfg["sparsity"]["layers"]}
+    assert layers["blocks.0.attn.qkv"]["pattern"] == "q=2:4 k=2:4 v=2:4"
+    assert layers["blocks.1.mlp.fc2"]["density"] == 0.5 and layers["blocks.1.mlp.fc2"]["conforms"] is True
+    # timm's own local-dir loader reads the export directory
+    local = timm.create_model(f"local-dir:{tmp_path / 'd'}", pretrained=True)
+    torch.testing.assert_close(_logits(local, x32), _logits(vit24, x32), rtol=0, atol=1e-6)
+
+
+# ---- compressed ----------------------------------------------------------------------------------------------------
+def _assert_bit_exact(src: torch.nn.Module, loaded: torch.nn.Module) -> None:
+    src_masked = dict(sparsity.masked_modules(src))
+    loaded_sd = loaded.state_dict()
+    for k, v in src.state_dict().items():
+        fqn = k.rpartition(".")[0]
+        if k.endswith(".weight") and fqn in src_masked:
+            assert torch.equal(loaded_sd[k], src_masked[fqn].masked_weight()), k
+        elif k in loaded_sd:
+            assert torch.equal(loaded_sd[k], v), k
+
+
+def test_compressed_round_trip_per_slice_patterns_and_col_grouping(x32, tmp_path):
+    rules = [
+        {"target": "q", "n": 2, "m": 4},
+        {"target": "k", "n": 1, "m": 4},
+        {"target": "v", "skip": True},  # rows outside every slice: a dense segment
+        {"target": "ff", "n": 2, "m": 8, "sparse_dim": "col"},
+    ]
+    model = _sparse_model(VIT, VIT_KW, rules)
+    sparsity.export_compressed(model, tmp_path / "c", arch=VIT, create_kwargs=VIT_KW)
+    loaded, meta = sparsity.load_compressed(tmp_path / "c")
+    _assert_bit_exact(model, loaded)
+    for fqn, layer in sparsity.masked_modules(model):
+        back = loaded.get_submodule(fqn)
+        assert isinstance(back, MaskedLinear)
+        assert torch.equal(back.weight_mask, layer.weight_mask), fqn
+        assert back.slices == layer.slices
+        assert torch.equal(meta["masks"][fqn], layer.weight_mask)
+    assert [r["pattern"] for r in sparsity.sparsity_report(loaded)] == \
+           [r["pattern"] for r in sparsity.sparsity_report(model)]
+    torch.testing.assert_close(_logits(loaded, x32), _logits(model, x32), rtol=0, atol=1e-6)
+    # the stored layout: q 2:4 and k 1:4 along the input dim, v dense, ff grouped along the output dim
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "c" / COMPRESSED_FILE), "pt") as f:
+        layout = json.loads(f.metadata()["sparsity.layout"])
+        qkv = layout["blocks.0.attn.qkv.weight"]["segments"]
+        assert [(s["format"], s.get("n"), s.get("m"), s.get("dim")) for s in qkv] == \
+               [("nm", 2, 4, 1), ("nm", 1, 4, 1), ("dense", None, None, None)]
+        assert f.get_slice("blocks.0.attn.qkv.weight@1.indices").get_shape() == [192, 48, 1]
+        fc1 = layout["blocks.0.mlp.fc1.weight"]["segments"]
+        assert fc1[0]["dim"] == 0 and f.get_slice("blocks.0.mlp.fc1.weight@0.values").get_shape() == [192, 96, 2]
+    # masked=False: the stock timm model, same as the densified export
+    stock, _ = sparsity.load_compressed(tmp_path / "c", masked=False)
+    assert not sparsity.masked_modules(stock)
+    _assert_bit_exact(model, stock)
+
+
+def test_compressed_conv_groups_along_input_channels(tmp_path):
+    model = _sparse_model("resnet18", RN_KW, [{"target": "conv", "n": 2, "m": 4}])
+    assert "conv1" in model.sparsity_skipped  # 3 input channels: not divisible by 4
+    x = torch.randn(1, 3, 32, 32)
+    sparsity.export_compressed(model, tmp_path / "c", arch="resnet18", create_kwargs=RN_KW)
+    loaded, _ = sparsity.load_compressed(tmp_path / "c")
+    _assert_bit_exact(model, loaded)
+    torch.testing.assert_close(_logits(loaded, x), _logits(model, x), rtol=0, atol=1e-5)
+    with __import__("safetensors").safe_open(str(tmp_path / "c" / COMPRESSED_FILE), "pt") as f:
+        # layer1.0.conv1: (64, 64, 3, 3) viewed (O, kh, kw, I) -> groups of 4 input channels, 2 kept
+        assert f.get_slice("layer1.0.conv1.weight@0.values").get_shape() == [64, 3, 3, 16, 2]
+        idx = f.get_tensor("layer1.0.conv1.weight@0.indices")
+        assert idx.dtype == torch.uint8 and int(idx.max()) <= 3
+
+
+def test_nm_fillers_and_nonconforming_masks_stay_exact():
+    layer = MaskedLinear(16, 8)
+    layer.slices = (SliceSpec("all", 0, 8, n=2, m=4),)
+    mask = sparsity.linear_nm_mask(layer.weight, 2, 4)
+    mask[0, :4] = torch.tensor([False, False, True, False])  # a group keeping fewer than n: a zero filler
+    layer.weight_mask.copy_(mask)
+    tensors, entry = encode_weight(layer, "w")
+    assert entry["segments"][0]["format"] == "nm" and entry["segments"][0].get("mask_bits")
+    w, m = decode_weight(tensors, "w", entry)
+    assert torch.equal(w, layer.masked_weight()) and torch.equal(m, layer.weight_mask)
+    layer.weight_mask[1, :4] = True  # a group keeping more than n: not N:M, stored as values + mask bitmap
+    tensors, entry = encode_weight(layer, "w")
+    assert entry["segments"][0]["format"] == "bitmap" and "not 2:4" in entry["segments"][0]["note"]
+    assert tensors["w@0.values"].numel() == int(layer.weight_mask.sum())
+    w, m = decode_weight(tensors, "w", entry)
+    assert torch.equal(w, layer.masked_weight()) and torch.equal(m, layer.weight_mask)
+    layer.weight_mask.fill_(True)  # too dense for a bitmap to pay: dense values plus the mask bits
+    layer.weight_mask[0, 0] = False
+    tensors, entry = encode_weight(layer, "w")
+    assert entry["segments"][0]["format"] == "dense" and entry["segments"][0]["mask_bits"]
+    w, m = decode_weight(tensors, "w", entry)
+    assert torch.equal(w, layer.masked_weight()) and torch.equal(m, layer.weight_mask)
+
+
+def test_unstructured_slices_store_a_bitmap(x32, tmp_path):
+    model = timm.create_model(VIT, **VIT_KW).eval()
+    layer = MaskedLinear.from_dense(model.blocks[1].mlp.fc2)
+    layer.slices = (SliceSpec("ff", 0, 192, sparsity=0.8),)
+    layer.weight_fn = frozen_masked_weight
+    layer.weight_mask.copy_(sparsity.unstructured_mask(layer.weight, 0.8))
+    set_submodule(model, "blocks.1.mlp.fc2", layer)
+    sparsity.export_compressed(model, tmp_path / "c", arch=VIT, create_kwargs=VIT_KW)
+    f = load_file(str(tmp_path / "c" / COMPRESSED_FILE))
+    layer_bytes = sum(_nbytes(t) for k, t in f.items() if k.startswith("blocks.1.mlp.fc2.weight@"))
+    assert layer_bytes == round(0.2 * 192 * 768) * 4 + 192 * 768 // 8  # 0.231 of dense
+    loaded, _ = sparsity.load_compressed(tmp_path / "c")
+    _assert_bit_exact(model, loaded)
+    assert torch.equal(loaded.blocks[1].mlp.fc2.weight_mask, layer.weight_mask)
+
+
+# ---- sizes ---------------------------------------------------------------------------------------------------------
+def test_size_ratio_2of4_ff_and_qkv(vit24, tmp_path):
+    info = sparsity.export_compressed(vit24, tmp_path / "c", arch=VIT, create_kwargs=VIT_KW)
+    dense_bytes = sum(_nbytes(v) for k, v in vit24.state_dict().items() if not k.endswith("weight_mask"))
+    sparse_bytes = sum(_nbytes(layer.weight) for _, layer in sparsity.masked_modules(vit24))
+    # 2:4 in fp32: half the values (4 B each) + one uint8 index per kept value = 0.5 * 5/4 = 0.625 of the layer
+    expected = dense_bytes - sparse_bytes + 0.625 * sparse_bytes
+    assert expected <= info["compressed_bytes"] <= expected + 16_384  # + safetensors header with the layout
+    assert dense_bytes <= info["densified_bytes"] <= dense_bytes + 16_384
+    assert info["ratio"] < 0.68  # 811k of the 914k parameters are 2:4
+    assert info["files"][COMPRESSED_FILE] == info["compressed_bytes"]
+    assert (tmp_path / "c" / COMPRESSED_FILE).stat().st_size == info["compressed_bytes"]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+def test_size_ratio_block_sparse_90(x32, tmp_path):
+    model = _block_vit(0.9, 16)
+    layer = model.blocks[0].mlp.fc1
+    info = sparsity.export_compressed(model, tmp_path / "c", arch=VIT, create_kwargs=VIT_KW)
+    f = load_file(str(tmp_path / "c" / COMPRESSED_FILE))
+    kept = round(0.1 * (768 // 16) * (192 // 16))  # 58 of 576 tiles
+    assert f["blocks.0.mlp.fc1.weight@0.values"].shape == (kept, 16, 16)
+    layer_bytes = sum(_nbytes(t) for k, t in f.items() if k.startswith("blocks.0.mlp.fc1.weight@"))
+    # values 58*256*4 + col_indices 58*4 + crow_indices 49*4 bytes: 0.102 of the dense 768*192*4
+    assert layer_bytes == kept * 256 * 4 + kept * 4 + 49 * 4
+    assert layer_bytes / _nbytes(layer.weight) < 0.105
+    # same components as torch's own BSR conversion of the masked weight
+    ref = layer.masked_weight().to_sparse_bsr((16, 16))
+    assert torch.equal(f["blocks.0.mlp.fc1.weight@0.crow_indices"].long(), ref.crow_indices())
+    assert torch.equal(f["blocks.0.mlp.fc1.weight@0.col_indices"].long(), ref.col_indices())
+    assert torch.equal(f["blocks.0.mlp.fc1.weight@0.values"], ref.values())
+    assert "blocks.0.mlp.fc1.weight@0.mask_bits" not in f  # a whole-tile mask is implied by the layout
+    saved = info["densified_bytes"] - info["compressed_bytes"]
+    assert abs(saved - (_nbytes(layer.weight) - layer_bytes)) < 16_384
+    loaded, _ = sparsity.load_compressed(tmp_path / "c")
+    _assert_bit_exact(model, loaded)
+    assert torch.equal(loaded.blocks[0].mlp.fc1.weight_mask, layer.weight_mask)
+    torch.testing.assert_close(_logits(loaded, x32), _logits(model, x32), rtol=0, atol=1e-6)
+
+
+# ---- checkpoint, CLI, load_for_eval --------------------------------------------------------------------------------
+@pytest.fixture()
+def fake_checkpoint(vit24, tmp_path):
+    path = tmp_path / "run" / "model_best.pth.tar"
+    ema = {k: (v * 0.5 if v.is_floating_point() else v) for k, v in vit24.state_dict().items()}
+    sparsity.save_atomic({
+        "arch": VIT, "create_kwargs": VIT_KW, "recipe": vit24.sparsity_recipe.to_dict(),
+        "state_dict": vit24.state_dict(), "state_dict_ema": ema, "epoch": 3, "global_step": 30,
+    }, path)
+    return path
+
+
+def test_cli_exports_both_formats_and_load_for_eval_agrees(vit24, x32, fake_checkpoint, tmp_path, capsys):
+    ref = _logits(vit24, x32)
+    assert _cli(["--checkpoint", str(fake_checkpoint), "--format", "densified"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio 0." in out and DENSIFIED_FILE in out
+    dens_dir = fake_checkpoint.parent / "model_best-densified"
+    assert (dens_dir / DENSIFIED_FILE).is_file()
+    comp_dir = tmp_path / "comp"
+    assert _cli(["--checkpoint", str(fake_checkpoint), "--format", "compressed",
+                            "--output", str(comp_dir)]) == 0
+    cfg = json.loads((comp_dir / CONFIG_FILE).read_text())["sparsity"]
+    assert cfg["epoch"] == 3 and cfg["compressed_bytes"] < cfg["densified_bytes"]
+    for path, kind in ((fake_checkpoint, "checkpoint"), (dens_dir, "densified"),
+                       (dens_dir / DENSIFIED_FILE, "densified"), (comp_dir, "compressed")):
+        model, meta = load_for_eval(path)
+        assert meta["kind"] == kind and meta["arch"] == VIT and meta["num_classes"] == 10
+        assert not model.training
+        rows = sparsity.sparsity_report(model)  # every kind can be checked for conformance
+        assert len(rows) == 6 and all(r["conforms"] and r["density"] == 0.5 for r in rows), kind
+        torch.testing.assert_close(_logits(model, x32), ref, rtol=0, atol=1e-6, msg=str(path))
+
+
+def test_cli_use_ema_exports_the_ema_weights(vit24, fake_checkpoint, tmp_path):
+    assert _cli(["--checkpoint", str(fake_checkpoint), "--format", "densified", "--use-ema",
+                            "--output", str(tmp_path / "ema")]) == 0
+    state = load_file(str(tmp_path / "ema" / DENSIFIED_FILE))
+    layer = vit24.blocks[0].mlp.fc1
+    assert torch.equal(state["blocks.0.mlp.fc1.weight"], layer.masked_weight() * 0.5)
+
+
+def test_cli_refuses_to_overwrite_without_force(fake_checkpoint, tmp_path, capsys):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / CONFIG_FILE).write_text("keep me")
+    (out / "notes.txt").write_text("mine")
+    assert _cli(["--checkpoint", str(fake_checkpoint), "--format", "densified", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--force" in err
+    assert (out / CONFIG_FILE).read_text() == "keep me" and not (out / DENSIFIED_FILE).exists()
+    assert _cli(["--checkpoint", str(fake_checkpoint), "--format", "densified", "--output", str(out),
+                            "--force"]) == 0
+    assert json.loads((out / CONFIG_FILE).read_text())["sparsity"]["format"] == "densified"
+    assert (out / "notes.txt").read_text() == "mine"  # files that are not ours are never touched
+    # --force into the same dir with the other format: the stale densified weights go
+    assert _cli(["--checkpoint", str(fake_checkpoint), "--format", "compressed", "--output", str(out),
+                            "--force"]) == 0
+    assert (out / COMPRESSED_FILE).is_file() and not (out / DENSIFIED_FILE).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp dirs left behind
+
+
+def test_cli_bad_checkpoint_exit_code_2_one_line(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pth.tar"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    assert _cli(["--checkpoint", str(corrupt), "--format", "compressed"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "corrupt" in err
+    assert not (tmp_path / "corrupt-compressed").exists()
+    # the real process: exit status 2, one line on stderr, nothing on stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "export.py"), "--checkpoint", str(tmp_path / "missing.pth.tar"),
+                           "--format", "densified"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+
+
+def test_load_for_eval_rejects_non_exports(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="config.json"):
+        load_for_eval(tmp_path / "empty")
+    with pytest.raises(sparsity.CheckpointError, match="does not exist"):
+        load_for_eval(tmp_path / "nope.pth.tar")
+
+
+def test_export_rejects_wrong_create_kwargs(vit24, tmp_path):
+    with pytest.raises(ExportError, match="do not fit"):
+        sparsity.export_densified(vit24, tmp_path / "d", arch=VIT, create_kwargs={"num_classes": 10})
+    assert not (tmp_path / "d").exists()
+
+
+# ---- accelerate_ ---------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU no-op path")
+@pytest.mark.parametrize("backend", ["semi_structured", "bsr"])
+def test_accelerate_on_cpu_changes_nothing_and_says_why(backend, x32):
+    model = _sparse_model(VIT, VIT_KW, [{"target": "ff", "n": 2, "m": 4}])
+    set_submodule(model, "blocks.1.mlp.fc1", _block_vit().blocks[0].mlp.fc1)
+    types = {n: type(m) for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = _logits(model, x32)
+    rows = sparsity.accelerate_(model, backend=backend)
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(_logits(model, x32), ref)
+    assert len(rows) == sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model.modules())
+    assert all(not r["converted"] and "CUDA GPU of compute capability 8.0+" in r["reason"] for r in rows)
+    by_fqn = {r["fqn"]: r for r in rows}
+    if backend == "semi_structured":  # the pre-flight still says what a GPU would run
+        assert "otherwise eligible" in by_fqn["blocks.0.mlp.fc1"]["reason"]
+        assert "not 2:4" in by_fqn["blocks.0.attn.proj"]["reason"]
+        assert "Conv2d" in by_fqn["patch_embed.proj"]["reason"]
+    else:
+        assert "otherwise eligible" in by_fqn["blocks.1.mlp.fc1"]["reason"]
+        assert "10% of tiles" in by_fqn["blocks.1.mlp.fc1"]["reason"]
+        assert "no block pattern" in by_fqn["blocks.0.mlp.fc1"]["reason"]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+def test_sparse_linear_bsr_forward_math_on_cpu(x32):
+    """The BSR module's flatten/transpose/bias logic, on torch's CPU BSR matmul (the GPU runs the same code)."""
+    from sparsity.accelerate import _to_sparse
+
+    layer = _block_vit().blocks[0].mlp.fc1
+    fast = _to_sparse(layer, "bsr", torch.float32, None)
+    assert fast.weight.layout == torch.sparse_bsr and fast.weight.values().shape[1:] == (16, 16)
+    x = torch.randn(2, 65, 192)
+    torch.testing.assert_close(fast(x), _logits(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_infer_runs_and_reports_without_timing_claims(vit24):
+    from sparsity.bench_infer import bench_infer
+
+    res = bench_infer(vit24, batch_size=2, dtype=torch.float32, device="cpu", warmup=0, iters=1)
+    assert res["img_size"] == 32 and res["device"] == "cpu" and res["dense_ms"] > 0 and res["sparse_ms"] > 0
+    assert res["converted"] == 0 and len(res["layers"]) == 10  # CPU: nothing runs sparse, and it says so
+    assert isinstance(vit24.blocks[0].mlp.fc1, MaskedLinear)  # the caller's model is untouched
+
+
+def _gpu_sm80() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_sm80(), reason="needs a CUDA GPU of compute capability 8.0+")
+def test_accelerate_semi_structured_matches_masked_model_bf16():
+    model = _sparse_model(VIT, VIT_KW, [{"target": "ff", "n": 2, "m": 4}, {"target": ["q", "k", "v"], "n": 2, "m": 4}])
+    model = model.cuda().to(torch.bfloat16)
+    x = torch.randn(8, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+    ref = _logits(model, x).float()
+    rows = sparsity.accelerate_(model, backend="semi_structured", dtype=torch.bfloat16)
+    converted = {r["fqn"] for r in rows if r["converted"]}
+    assert converted == {f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "mlp.fc1", "mlp.fc2")}, rows
+    out = _logits(model, x).float()
+    torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_sm80(), reason="needs a CUDA GPU of compute capability 8.0+")
+def test_accelerate_bsr_matches_masked_model_bf16():
+    model = _block_vit().cuda().to(torch.bfloat16)
+    x = torch.randn(8, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+    ref = _logits(model, x).float()
+    rows = sparsity.accelerate_(model, backend="bsr", dtype=torch.bfloat16)
+    assert [r["fqn"] for r in rows if r["converted"]] == ["blocks.0.mlp.fc1"], rows
+    torch.testing.assert_close(_logits(model, x).float(), ref, rtol=5e-2, atol=5e-2)
