@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Compare recipes over seeds on one data set: ``python compare.py 'configs/quickstart/*_2of4.yaml' --seeds 0 1 2``.
+
+Each (recipe, seed) runs ``python train.py --config R --seed S --output OUT/runs --experiment <recipe>-s<seed>``;
+flags after ``--`` go to every train.py run unchanged. Writes OUT/comparison.csv (one row per run),
+OUT/comparison.md (mean ± std per recipe) and OUT/comparison.png (top-1 against sparsity, one line per method).
+Run it again to resume: finished runs (results.json present) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cli_common import ConfigError, parse_with_config, run_cli
+
+ROOT = Path(__file__).resolve().parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s RECIPE [RECIPE ...] [options] [-- TRAIN.PY FLAGS]")
+    p.add_argument("recipes", nargs="+", help="recipe files or quoted globs ('configs/**/srste_*.yaml')")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run every recipe with")
+    p.add_argument("--output", default="output/compare", help="comparison folder (runs go to OUTPUT/runs)")
+    p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
+    p.add_argument("--model-kwargs", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="override every recipe's model_kwargs (replaces the recipe's mapping)")
+    p.add_argument("--dataset", default=None, help="override every recipe's data set (e.g. digits, torch/cifar100)")
+    p.add_argument("--data-dir", default=None, help="override every recipe's data dir")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
+    return p
+
+
+def _train_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    out = []
+    if args.epochs is not None:
+        out += ["--epochs", str(args.epochs)]
+    if args.model_kwargs is not None:
+        out += ["--model-kwargs", *args.model_kwargs]
+    if args.dataset is not None:
+        out += ["--dataset", args.dataset]
+    if args.data_dir is not None:
+        out += ["--data-dir", args.data_dir]
+    return out + extra
+
+
+def _check_recipe(path: Path, train_args: list[str]):
+    """Validate a recipe the way train.py will read it (training keys, flags, sparsity block)."""
+    import train
+
+    parser = train.build_parser()
+
+    def fail(message: str):
+        raise ConfigError(f"{path} with flags {' '.join(train_args) or '(none)'}: {message}")
+
+    parser.error = fail  # type: ignore[method-assign]  # bad pass-through flags: our message, exit code 2
+    targs, blocks = parse_with_config(parser, ["--config", str(path), *train_args])
+    return targs, blocks.get("sparsity")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from sparsity import compare as cmp
+
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds has duplicates: {args.seeds}")
+    for flag in ("--seed", "--output", "--experiment", "--config"):
+        if any(a == flag or a.startswith(flag + "=") for a in extra):
+            raise ConfigError(f"{flag} after '--' is set by compare.py for every run; remove it")
+    paths = cmp.expand_recipes(args.recipes)
+    labels = cmp.recipe_labels(paths)
+    train_args = _train_args(args, extra)
+    infos, datasets = [], set()
+    for path in paths:
+        targs, block = _check_recipe(path, train_args)
+        datasets.add(targs.dataset or "ImageFolder")
+        infos.append(cmp.recipe_info(path, labels[path], block, targs.dataset or "ImageFolder"))
+    if len(datasets) > 1:
+        raise ConfigError(f"the recipes use different data sets ({', '.join(sorted(datasets))}); a comparison runs "
+                          "on one: pass --dataset (and --data-dir)")
+    out = Path(args.output)
+    runs = cmp.plan_runs(infos, args.seeds, out / "runs")
+    dataset = datasets.pop()
+    print(f"compare: {len(paths)} recipes x {len(args.seeds)} seeds = {len(runs)} runs on {dataset}; output {out}")
+    if args.dry_run:
+        for i, run in enumerate(runs, 1):
+            state = "finished" if run.finished() else "to run"
+            command = " ".join(cmp.train_command(run, ROOT / "train.py", train_args))
+            print(f"[{i}/{len(runs)}] {run.experiment} ({state}): {command}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"Comparison on {dataset}"
+    notes = [f"Seeds: {' '.join(map(str, args.seeds))}.",
+             f"train.py flags for every run: `{' '.join(train_args)}`." if train_args else "No flag overrides."]
+
+    def tables(rows):
+        cmp.write_csv(rows, out / "comparison.csv")
+        cmp.write_markdown(cmp.summarize(rows), out / "comparison.md", title, notes)
+
+    rows = cmp.run_all(runs, lambda run: cmp.train_command(run, ROOT / "train.py", train_args), progress=_progress,
+                       on_row=tables)
+    summary = cmp.summarize(rows)
+    plotted = cmp.write_plot(summary, out / "comparison.png", title)
+    failed = sum(r["status"] == "failed" for r in rows)
+    print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.md'}"
+          + (f", {out / 'comparison.png'}" if plotted else " (no plot: matplotlib missing)"))
+    print((out / "comparison.md").read_text())
+    if failed:
+        print(f"{failed} of {len(rows)} runs failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _progress(line: str) -> None:
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,366 @@
+"""Compare recipes over seeds: one ``train.py`` subprocess per (recipe, seed), then tables and a plot.
+
+The CLI is ``compare.py`` at the repository root; this module never sees argparse and never prints (progress goes
+to a callback). A run is finished when its ``results.json`` exists, so an interrupted comparison resumes: finished
+runs are read back, a run cut short resumes from its newest checkpoint (``--resume auto``).
+
+Outputs in the comparison folder: ``comparison.csv`` (one row per run), ``comparison.md`` (one row per recipe:
+mean ± std over seeds) and ``comparison.png`` (top-1 against sparsity, one line per method).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .recipe import Recipe, recipe_from_dict
+
+__all__ = [
+    "CompareError", "RecipeInfo", "Run", "expand_recipes", "recipe_labels", "recipe_info", "method_label",
+    "describe_pattern", "published_top1", "plan_runs", "train_command", "run_all", "summarize", "write_csv",
+    "write_markdown", "write_plot", "CSV_COLUMNS",
+]
+
+CSV_COLUMNS = [
+    "recipe", "seed", "status", "method", "pattern", "model", "dataset", "top1", "top5", "sparsity_selected",
+    "sparsity_all", "wall_time_s", "published_top1", "run_dir", "recipe_path",
+]
+RESULT_KEYS = ("top1", "top5", "sparsity_selected", "sparsity_all", "wall_time_s")
+
+
+class CompareError(UserError):
+    """Bad input to a comparison (no recipe matches, a run fails on bad input); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    """What the tables say about a recipe: its label, method and pattern text, and the published figure."""
+
+    path: Path
+    label: str
+    method: str
+    pattern: str
+    published: float | None
+    dataset: str
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (recipe, seed) pair and where it writes."""
+
+    info: RecipeInfo
+    seed: int
+    run_dir: Path
+
+    @property
+    def experiment(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def results_path(self) -> Path:
+        return self.run_dir / "results.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir.parent / f"{self.experiment}.log"
+
+    def finished(self) -> bool:
+        return _read_results(self.results_path) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# recipes
+# ---------------------------------------------------------------------------------------------------------------------
+def expand_recipes(patterns: Sequence[str]) -> list[Path]:
+    """Paths and globs (``**`` allowed) -> recipe files, in the order given, duplicates and ``_*`` bases dropped."""
+    if not patterns:
+        raise CompareError("no recipes given; name YAML files or a glob such as 'configs/quickstart/*.yaml'")
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for pat in patterns:
+        if glob.has_magic(pat):
+            found = [Path(p) for p in sorted(glob.glob(pat, recursive=True))]
+            found = [p for p in found if p.is_file() and p.suffix in (".yaml", ".yml") and not p.name.startswith("_")]
+            if not found:
+                raise CompareError(f"no recipe matches {pat!r} (quote the glob so the shell does not expand it; "
+                                   "files starting with '_' are bases, not experiments)")
+        else:
+            p = Path(pat)
+            if not p.is_file():
+                raise CompareError(f"recipe {pat} does not exist")
+            found = [p]
+        for p in found:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+    return out
+
+
+def recipe_labels(paths: Sequence[Path]) -> dict[Path, str]:
+    """Short unique names: the file stem, prefixed by as many parent folders as it takes to be unique."""
+    parts = {p: p.resolve().with_suffix("").parts for p in paths}
+    depth = {p: 1 for p in paths}
+    while True:
+        labels = {p: "-".join(parts[p][-depth[p]:]) for p in paths}
+        clashes = [p for p in paths if list(labels.values()).count(labels[p]) > 1 and depth[p] < len(parts[p])]
+        if not clashes:
+            return {p: re.sub(r"[^0-9A-Za-z_.-]", "_", lab) for p, lab in labels.items()}
+        for p in clashes:
+            depth[p] += 1
+
+
+def published_top1(path: Path) -> float | None:
+    """The number on the recipe's ``# Published top-1: X`` header line, or None."""
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        m = re.match(r"#\s*Published top-1:\s*([0-9]+(?:\.[0-9]+)?)", line)
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def method_label(recipe: Recipe) -> str:
+    """The method as a comparison line name: ``mdgf (exp)``, ``sdgf-fine (srste)``, ``oneshot+permute``, ..."""
+    opts = recipe.options
+    name = recipe.method
+    sd = getattr(opts, "structure_decay", "none")
+    if sd != "none":
+        return f"sdgf-{sd if isinstance(sd, str) else 'custom'} ({name})"
+    if name == "mdgf":
+        return f"mdgf ({opts.decay.type})"
+    if name == "oneshot" and opts.permute:
+        return "oneshot+permute"
+    return name
+
+
+def describe_pattern(recipe: Recipe) -> str:
+    """The rules as text: ``ff=2:4 q,k,v=2:4``, ``conv=2:4``, ``ff,qkv,proj=75%``, or ``dense``."""
+    opts = recipe.options
+    parts = []
+    for rule in recipe.rules:
+        if rule.skip:
+            continue
+        if rule.n is not None:
+            what = f"{rule.n}:{rule.m}"
+        elif recipe.method == "usd":
+            what = f"{opts.target_sparsity:.0%} (N:{opts.m})"
+        elif rule.sparsity is not None or getattr(opts, "final_sparsity", None) is not None:
+            what = f"{rule.sparsity if rule.sparsity is not None else opts.final_sparsity:.0%}"
+        elif recipe.method == "supermask":
+            sp = opts.sparsity_linear if opts.sparsity_linear is not None else opts.sparsity_conv
+            what = f"{sp:.0%}" + (f" tile {opts.tile_linear}" if opts.tile_linear > 1 else "")
+        else:
+            what = "selected"
+        parts.append(f"{rule.describe()}={what}")
+    return " ".join(parts) if parts else "dense"
+
+
+def recipe_info(path: Path, label: str, sparsity_block: dict | None, dataset: str) -> RecipeInfo:
+    """Validate the ``sparsity:`` block and describe the recipe for the tables."""
+    recipe = recipe_from_dict(sparsity_block or {}, source=str(path))
+    return RecipeInfo(path=path, label=label, method=method_label(recipe), pattern=describe_pattern(recipe),
+                      published=published_top1(path), dataset=dataset)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------------------------------
+def plan_runs(infos: Sequence[RecipeInfo], seeds: Sequence[int], runs_dir: Path) -> list[Run]:
+    """Every (recipe, seed), recipe-major; run folders are ``runs_dir/<label>-s<seed>``."""
+    return [Run(info, seed, Path(runs_dir) / f"{info.label}-s{seed}") for info in infos for seed in seeds]
+
+
+def train_command(run: Run, train_script: Path, train_args: Sequence[str] = (), python: str = sys.executable
+                  ) -> list[str]:
+    """``python train.py --config R --seed S --output OUT/runs --experiment <label>-s<seed> --resume auto ...``."""
+    cmd = [python, str(train_script), "--config", str(Path(run.info.path).resolve()), "--seed", str(run.seed),
+           "--output", str(run.run_dir.parent.resolve()), "--experiment", run.experiment]
+    if not any(a == "--resume" or a.startswith("--resume=") for a in train_args):
+        cmd += ["--resume", "auto"]  # a run cut short continues in its own folder, not in a new '-1' one
+    return cmd + list(train_args)
+
+
+def _read_results(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "top1" in data else None
+
+
+def _log_tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def _row(run: Run, status: str, result: dict | None) -> dict:
+    result = result or {}
+    row = {
+        "recipe": run.info.label, "seed": run.seed, "status": status, "method": run.info.method,
+        "pattern": run.info.pattern, "model": result.get("model", ""), "dataset": run.info.dataset,
+        "published_top1": "" if run.info.published is None else run.info.published,
+        "run_dir": str(run.run_dir), "recipe_path": str(run.info.path),
+    }
+    for key in RESULT_KEYS:
+        row[key] = result.get(key, "")
+    return row
+
+
+def run_all(runs: Sequence[Run], command: Callable[[Run], list[str]], progress: Callable[[str], None] = lambda s: None,
+            on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Run every unfinished run (finished ones are read back) and return one row per run.
+
+    ``progress`` gets one line per event; ``on_row`` gets all rows so far after each run (to rewrite the tables).
+    A run that exits with code 2 (bad input) stops the comparison with its error line; other failures are recorded
+    as ``failed`` rows and the comparison goes on.
+    """
+    rows: list[dict] = []
+    total = len(runs)
+    for i, run in enumerate(runs, 1):
+        tag = f"[{i}/{total}] {run.experiment}"
+        result = _read_results(run.results_path)
+        if result is not None:
+            progress(f"{tag}: skipping, finished earlier (top-1 {result['top1']:.2f} %)")
+            rows.append(_row(run, "done", result))
+        else:
+            run.log_path.parent.mkdir(parents=True, exist_ok=True)
+            progress(f"{tag}: running (log: {run.log_path})")
+            with open(run.log_path, "w") as log:
+                rc = subprocess.call(command(run), stdout=log, stderr=subprocess.STDOUT)
+            result = _read_results(run.results_path) if rc == 0 else None
+            if rc == 2:
+                errors = [ln for ln in _log_tail(run.log_path, 40).splitlines() if ln.startswith("error:")]
+                raise CompareError(f"run {run.experiment} rejected its input: "
+                                   f"{errors[-1][len('error: '):] if errors else _log_tail(run.log_path)}")
+            if result is None:
+                progress(f"{tag}: FAILED (exit code {rc}); last lines of {run.log_path}:\n{_log_tail(run.log_path)}")
+                rows.append(_row(run, "failed", None))
+            else:
+                progress(f"{tag}: top-1 {result['top1']:.2f} %, sparsity {result['sparsity_all']:.1%} of all "
+                         f"weights, {result['wall_time_s']:.0f} s")
+                rows.append(_row(run, "done", result))
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tables and plot
+# ---------------------------------------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """One entry per recipe (in run order) with mean/std over its finished seeds."""
+    order: list[str] = []
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["recipe"] not in groups:
+            order.append(r["recipe"])
+            groups[r["recipe"]] = []
+        groups[r["recipe"]].append(r)
+    out = []
+    for label in order:
+        rs = groups[label]
+        ok = [r for r in rs if r["status"] == "done"]
+        entry = {"recipe": label, "method": rs[0]["method"], "pattern": rs[0]["pattern"],
+                 "model": next((r["model"] for r in ok if r["model"]), ""), "published_top1": rs[0]["published_top1"],
+                 "seeds": len(ok), "failed": len(rs) - len(ok)}
+        for key in RESULT_KEYS:
+            vals = [float(r[key]) for r in ok]
+            entry[key] = _mean_std(vals) if vals else None
+        out.append(entry)
+    return out
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    tmp = Path(path).with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+    tmp.replace(path)
+
+
+def _fmt(ms: tuple[float, float | None] | None, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
+    if ms is None:
+        return "—"
+    mean, std = ms
+    text = f"{mean * scale:.{digits}f}"
+    if std is not None:
+        text += f" ± {std * scale:.{digits}f}"
+    return text + unit
+
+
+def write_markdown(summary: Sequence[dict], path: Path, title: str = "Comparison", notes: Sequence[str] = ()) -> None:
+    lines = [f"# {title}", ""]
+    lines += [f"{n}  " for n in notes]
+    if notes:
+        lines.append("")
+    lines += ["| recipe | method | pattern | seeds | top-1 (%) | top-5 (%) | sparsity, selected | sparsity, all "
+              "| wall time (s) | published top-1 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in summary:
+        seeds = str(e["seeds"]) + (f" ({e['failed']} failed)" if e["failed"] else "")
+        pub = e["published_top1"] if e["published_top1"] != "" else "—"
+        lines.append(
+            f"| {e['recipe']} | {e['method']} | {e['pattern']} | {seeds} | {_fmt(e['top1'])} | {_fmt(e['top5'])} "
+            f"| {_fmt(e['sparsity_selected'], 100, 1, ' %')} | {_fmt(e['sparsity_all'], 100, 1, ' %')} "
+            f"| {_fmt(e['wall_time_s'], digits=0)} | {pub} |")
+    lines += ["", "Mean ± sample standard deviation over seeds. Sparsity: fraction of zero weights in the layers the "
+              "recipe selects, and in all Linear/Conv layers.", ""]
+    Path(path).write_text("\n".join(lines))
+
+
+def write_plot(summary: Sequence[dict], path: Path, title: str = "") -> bool:
+    """Top-1 against sparsity of all Linear/Conv weights, one line per method. False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    by_method: dict[str, list[dict]] = {}
+    for e in summary:
+        if e["top1"] is not None:
+            by_method.setdefault(e["method"], []).append(e)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, entries in by_method.items():
+        entries = sorted(entries, key=lambda e: e["sparsity_all"][0])
+        xs = [100 * e["sparsity_all"][0] for e in entries]
+        ys = [e["top1"][0] for e in entries]
+        errs = [e["top1"][1] or 0.0 for e in entries]
+        line = ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=method)
+        if method == "dense" and len(entries) == 1:  # the baseline as a reference line across the x range
+            ax.axhline(ys[0], color=line[0].get_color(), linestyle="--", linewidth=1, alpha=0.6)
+    ax.set_xlabel("sparsity of all Linear/Conv weights (%)")
+    ax.set_ylabel("top-1 (%)")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if by_method:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
