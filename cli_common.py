@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from sparsity.errors import UserError
+from sparsity.errors import TrainingError, UserError
 from sparsity.recipe import closest, load_yaml
 
 USER_ERROR_EXIT = 2
@@ -92,11 +92,22 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         return int(main(argv) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT
+    except TrainingError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: Exception) -> str:
+    """The message alone, also when a DataLoader worker wrapped it in its traceback text."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 def setup_logging(is_main: bool = True, level: int = logging.INFO) -> None:

@@ -22,9 +22,10 @@ class CheckpointError(UserError):
     """A checkpoint cannot be used; the message says which file and what to do."""
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+def save_atomic(obj: Any, path: str | os.PathLike, before_rename=None) -> None:
     """``torch.save`` to a temp file in the same dir, fsync, then rename: a crash never leaves a partial file
-    under ``path`` and the previous version survives until the new one is complete."""
+    under ``path`` and the previous version survives until the new one is complete. ``before_rename()`` is a
+    test hook (fault injection between write and rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,6 +34,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
         try:
             dfd = os.open(path.parent, os.O_RDONLY)

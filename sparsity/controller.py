@@ -73,6 +73,14 @@ class SparsityController:
         self._last_masks = current
         return changed / total if total else 0.0
 
+    def flip_reference(self) -> dict[str, torch.Tensor] | None:
+        """The masks :meth:`flip_rate` compares against (saved by mid-epoch checkpoints for an exact CSV)."""
+        return self._last_masks
+
+    def set_flip_reference(self, masks: dict[str, torch.Tensor] | None) -> None:
+        """Set what :meth:`flip_rate` compares against (None: the next call reports 0.0, as a first epoch)."""
+        self._last_masks = None if masks is None else {k: v.clone() for k, v in masks.items()}
+
     def metrics(self) -> dict[str, Any]:
         """Scalars for summary.csv: ``sparsity`` (pruned fraction of the selected layers' masks),
         ``sparsity_forward`` (zeros in the weights the forward uses: lower while MDGF's beta > 0 or in a dense

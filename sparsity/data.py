@@ -6,6 +6,7 @@ train/validation split (1,437 / 360), so timm's transforms and loaders work on i
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .errors import UserError
 
 __all__ = ["DigitsDataset", "DIGITS_MEAN", "DIGITS_STD", "build_dataset", "DataError"]
 
+_log = logging.getLogger(__name__)
 DIGITS_MEAN = (0.3057, 0.3057, 0.3057)
 DIGITS_STD = (0.3235, 0.3235, 0.3235)
 _IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -56,6 +58,53 @@ class DigitsDataset(torch.utils.data.Dataset):
         return img, self.targets[i]
 
 
+class CheckedImages(torch.utils.data.Dataset):
+    """Wraps an image dataset with a policy for unreadable images: ``fail`` raises a :class:`DataError` naming
+    the file; ``skip`` logs a warning and serves the next image instead."""
+
+    def __init__(self, dataset, policy: str = "fail") -> None:
+        if policy not in ("fail", "skip"):
+            raise DataError(f"--on-bad-image must be fail or skip, got {policy!r}")
+        self.dataset = dataset
+        self.policy = policy
+        if hasattr(dataset, "_max_retries"):
+            dataset._max_retries = 1  # let failures reach this wrapper instead of timm's silent retry
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):  # timm's create_loader sets the transform on the dataset it is given
+        self.dataset.transform = value
+
+    def __getattr__(self, name):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _name(self, i: int) -> str:
+        try:
+            return str(self.dataset.filename(i, absolute=True))
+        except Exception:  # noqa: BLE001 - only for the message
+            return f"sample {i}"
+
+    def __getitem__(self, i: int):
+        for attempt in range(min(len(self), 50)):
+            j = (i + attempt) % len(self)
+            try:
+                return self.dataset[j]
+            except (OSError, RuntimeError, ValueError) as e:
+                if self.policy == "fail":
+                    raise DataError(f"unreadable image {self._name(j)} ({type(e).__name__}: {e}); fix or remove it, "
+                                    "or pass --on-bad-image skip") from None
+                _log.warning("skipping unreadable image %s (%s)", self._name(j), e)
+        raise DataError(f"50 unreadable images in a row from {self._name(i)}; check the data set")
+
+
 def _check_image_folder(root: str, split_dir: str | None) -> None:
     path = Path(root)
     if not path.exists():
@@ -70,7 +119,7 @@ def _check_image_folder(root: str, split_dir: str | None) -> None:
 
 
 def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool, download: bool = False,
-                  img_size: int = 32):
+                  img_size: int = 32, on_bad_image: str = "fail"):
     """``digits`` (embedded), or any timm dataset (``''``/``folder`` = ImageFolder at ``data_dir``, or timm's
     ``torch/cifar100`` style names). A missing or empty folder is a :class:`DataError` naming the flag."""
     from timm.data import create_dataset
@@ -84,7 +133,7 @@ def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool
         _check_image_folder(data_dir, split)
         sub = Path(data_dir) / split
         root = str(sub) if sub.is_dir() else data_dir
-        return create_dataset("", root=root, split=split, is_training=is_training)
+        return CheckedImages(create_dataset("", root=root, split=split, is_training=is_training), on_bad_image)
     if not download and not Path(data_dir).exists():
         raise DataError(f"--data-dir {data_dir} does not exist (add --dataset-download where a network exists)")
     try:

@@ -29,6 +29,8 @@ class TrainState:
     global_step: int = 0
     epoch: int = 0
     skipped_nonfinite: int = 0
+    loss_sum: float = 0.0  # running sum over the current epoch (restored by a mid-epoch resume)
+    loss_count: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,16 +78,19 @@ def train_one_epoch(
     first not-skipped batch is in hand (a resume restores its RNG state there). Returns ``{'loss': mean}``.
     """
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    count = 0
+    if not skip_batches:
+        state.loss_sum, state.loss_count = 0.0, 0
+    loss_sum = torch.full((), state.loss_sum, dtype=torch.float64, device=device)
+    count = state.loss_count
     num_batches = len(loader)
     t0 = time.perf_counter()
     last_loss = float("nan")
-    for batch_idx, (x, y) in enumerate(loader):
-        if batch_idx < skip_batches:
-            continue
-        if on_resume_point is not None and batch_idx == skip_batches:
-            on_resume_point()
+    batches = iter(loader)
+    for _ in range(skip_batches):  # replay the epoch's order up to the resume point
+        next(batches)
+    if on_resume_point is not None:
+        on_resume_point()  # before the next batch is drawn, so its augmentation sees the saved RNG state
+    for batch_idx, (x, y) in enumerate(batches, start=skip_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
@@ -122,8 +127,11 @@ def train_one_epoch(
             model_ema.update(model, step=state.global_step)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=state.global_step)
-        loss_sum += loss.detach() * x.shape[0]
+        loss_sum += loss.detach().double() * x.shape[0]
         count += x.shape[0]
+        state.loss_count = count
+        if on_step is not None:  # the running sum is synced only when a checkpoint may need it
+            state.extra["loss_sum_tensor"] = loss_sum
         if is_main and (batch_idx % log_interval == 0 or batch_idx == num_batches - 1):
             last_loss = float(loss.detach())
             lr = optimizer.param_groups[0]["lr"]
@@ -132,6 +140,7 @@ def train_one_epoch(
                          last_loss, lr, rate)
         if on_step is not None:
             on_step(state, batch_idx)
+    state.extra.pop("loss_sum_tensor", None)
     mean = float(loss_sum) / count if count else float("nan")
     return {"loss": mean if not math.isnan(mean) else last_loss}
 

@@ -7,3 +7,7 @@ class UserError(ValueError):
 
 class ModelError(UserError):
     """The model cannot be built (unknown name, bad kwargs)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ranks diverged); the message names the step and what to do."""

@@ -27,7 +27,7 @@ from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic
 from .controller import SparsityController
 from .data import DIGITS_MEAN, DIGITS_STD, build_dataset
 from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
-from .errors import UserError
+from .errors import TrainingError, UserError
 from .factory import create_model
 from .layers import masked_modules
 from .recipe import Recipe, recipe_from_dict
@@ -82,7 +82,21 @@ def init_distributed(device_arg: str | None) -> DistInfo:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if attempt != "0" and "MASTER_ADDR" in os.environ:
+            # After a torchrun restart the standalone agent's store still holds the dead workers' addresses; a
+            # key prefix per attempt keeps the new workers from dialling them.
+            from datetime import timedelta
+
+            from torch.distributed.rendezvous import _create_c10d_store
+
+            store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world,
+                                       timedelta(minutes=30))
+            store = torch.distributed.PrefixStore(f"sparsity/attempt_{attempt}", store)
+            torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+        else:
+            torch.distributed.init_process_group(backend=backend)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 
@@ -128,8 +142,10 @@ def resolve_data(args, model: nn.Module) -> dict:
 
 def build_datasets(args):
     img = args.img_size or 32
-    train_ds = build_dataset(args.dataset, args.data_dir, args.train_split, True, args.dataset_download, img)
-    val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.dataset_download, img)
+    train_ds = build_dataset(args.dataset, args.data_dir, args.train_split, True, args.dataset_download, img,
+                             args.on_bad_image)
+    val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.dataset_download, img,
+                           args.on_bad_image)
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise UserError(f"data set {args.dataset or args.data_dir} has an empty split; check --data-dir and splits")
     return train_ds, val_ds
@@ -185,7 +201,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
         except CheckpointError:
             _logger.warning("ignoring unreadable checkpoint %s", p)
             continue
-        key = int(ck.get("global_step", -1))
+        key = (int(ck.get("global_step", -1)), p.name == "last.pth.tar")  # ties: the epoch checkpoint
         if best_key is None or key > best_key:
             best, best_key = p, key
     return best
@@ -325,7 +341,11 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         ctl.load_state_dict(resume["controller"])
         state.global_step = int(resume["global_step"])
         state.skipped_nonfinite = int(resume.get("skipped_nonfinite", 0))
+        state.loss_sum, state.loss_count = float(resume.get("loss_sum", 0.0)), int(resume.get("loss_count", 0))
+        state.extra["best"], state.extra["hist"] = resume.get("best"), resume.get("hist", [])
         next_epoch, skip_batches = int(resume["next_epoch"]), int(resume.get("skip_batches", 0))
+        if skip_batches:  # mid-epoch: the reference the uninterrupted epoch would compare against
+            ctl.set_flip_reference(resume.get("flip_reference"))
     ctl.step(state.global_step)  # before optimizer/EMA: a method may rewrite weights at its first step
 
     optimizer = _optimizer(args, model, ctl)
@@ -369,6 +389,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                          switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
                          num_classes=num_classes)
     train_loss_fn, val_loss_fn = _loss_fns(args, mixup_fn is not None)
+    train_loss_fn = _fault_loss(train_loss_fn, state)
 
     resolved = resolved_config(args, recipe)
     summary_path = run_dir / "summary.csv"
@@ -384,6 +405,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         return t
 
     def checkpoint_dict(next_ep: int, skip: int, metric: float | None) -> dict:
+        mid_epoch = skip > 0
+        running = state.extra.get("loss_sum_tensor")
         return {
             "arch": args.model, "create_kwargs": plain(create_kwargs), "recipe": recipe.to_dict(),
             "state_dict": model.state_dict(),
@@ -393,19 +416,30 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             "controller": ctl.state_dict(), "epoch": next_ep - 1, "next_epoch": next_ep, "skip_batches": skip,
             "global_step": state.global_step, "skipped_nonfinite": state.skipped_nonfinite, "metric": metric,
             "args": resolved, "rng": _rng_state(), "version": 1,
+            "best": state.extra.get("best"), "hist": state.extra.get("hist", []),
+            "loss_sum": float(running) if (mid_epoch and running is not None) else 0.0,
+            "loss_count": state.loss_count if mid_epoch else 0,
+            "flip_reference": ctl.flip_reference() if mid_epoch else None,
         }
 
+    def save(obj: dict, path: Path) -> None:
+        try:
+            save_atomic(obj, path, before_rename=lambda: _inject_fault("during_save", state.global_step,
+                                                                        dist.rank, run_dir))
+        except OSError as e:
+            raise UserError(f"could not write {path} ({e.strerror or e}); free space or choose another --output. "
+                            "Earlier checkpoints in the run dir are intact") from None
+
     def on_step(st: TrainState, batch_idx: int) -> None:
+        if _fault_matches("diverge_mask", st.global_step, dist.rank):
+            layer = masked_modules(model)[0][1]
+            layer.weight_mask.view(-1)[0] ^= True
         if args.recovery_interval and st.global_step % args.recovery_interval == 0 and dist.is_main:
-            save_atomic(checkpoint_dict(st.epoch, batch_idx + 1, None), run_dir / "recovery.pth.tar")
+            save(checkpoint_dict(st.epoch, batch_idx + 1, None), run_dir / "recovery.pth.tar")
+        _inject_fault("after_step", st.global_step, dist.rank, run_dir)
         if args.mask_check_interval and dist.distributed and st.global_step % args.mask_check_interval == 0:
             check_masks_consistent(model, dist)
 
-    best: tuple[float, int] | None = None
-    hist: list[tuple[float, int]] = []
-    if resume is not None and resume.get("best") is not None:
-        best = tuple(resume["best"])  # type: ignore[assignment]
-        hist = [tuple(h) for h in resume.get("hist", [])]  # type: ignore[misc]
     eval_metrics: dict = {}
     t_start = time.perf_counter()
     if dist.is_main:
@@ -429,6 +463,9 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                 on_step=on_step, is_main=dist.is_main,
                 on_resume_point=functools.partial(_set_rng_state, rng_at_resume) if rng_at_resume is not None else None,
             )
+            # Masks for the weights as they are now (the same call the next forward would make first): the eval
+            # sees the model the checkpoint holds, and a resume at this step recomputes exactly these masks.
+            ctl.step(state.global_step)
             eval_metrics = evaluate(train_model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype,
                                     channels_last=args.channels_last, reduce=reduce)
             row = {"epoch": epoch, "step": state.global_step, "train_loss": round(train_metrics["loss"], 6),
@@ -449,14 +486,14 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                 if wandb_run is not None:
                     wandb_run.log(row, step=state.global_step)
                 metric = eval_metrics.get(args.eval_metric, eval_metrics["top1"])
-                best, hist = _save_epoch(run_dir, checkpoint_dict, epoch, metric, best, hist, args.checkpoint_hist)
+                _save_epoch(run_dir, checkpoint_dict, save, state, epoch, metric, args.checkpoint_hist)
                 _logger.info("epoch %d done: train loss %.4f | top-1 %.2f | sparsity %.3f %s", epoch,
                              row["train_loss"], row["eval_top1"], row["sparsity"],
                              f"| {row['pattern']}" if row.get("pattern") else "")
     except NonFiniteLossError as e:
-        last = run_dir / "last.pth.tar"
-        raise UserError(f"{e}; the last good checkpoint is {last if last.exists() else 'none yet'}. Lower --lr, "
-                        "add --clip-grad, or allow --skip-nonfinite N") from None
+        good = newest_checkpoint(run_dir)
+        raise TrainingError(f"{e}; the last good checkpoint is {good or 'none yet'}. Lower --lr, add --clip-grad, "
+                            "or allow --skip-nonfinite N") from None
 
     # ---- end of training: fixed binary masks, final evaluation, report, plots --------------------------------------
     ctl.finalize()
@@ -464,8 +501,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     final = evaluate(model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype, reduce=reduce)
     rows = sparsity_report(model)
     if dist.is_main:
-        save_atomic(dict(checkpoint_dict(args.epochs, 0, final["top1"]), best=best, hist=hist, final=final),
-                    run_dir / "last.pth.tar")
+        save(dict(checkpoint_dict(args.epochs, 0, final["top1"]), final=final), run_dir / "last.pth.tar")
         _write_report(run_dir, rows, final, model, args, recipe, time.perf_counter() - t_start)
         _plots(run_dir, summary_path, rows)
         print(_final_table(args, recipe, final, rows, model, run_dir, time.perf_counter() - t_start))
@@ -481,23 +517,71 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     return 0
 
 
-def _save_epoch(run_dir: Path, checkpoint_dict, epoch: int, metric: float, best, hist, keep: int):
+def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: int, metric: float,
+                keep: int) -> None:
+    """last.pth.tar every epoch; checkpoint-<epoch> for the ``keep`` best epochs; model_best for the best."""
     last = run_dir / "last.pth.tar"
-    hist = list(hist)
+    best = state.extra.get("best")
+    hist = [list(h) for h in state.extra.get("hist") or []]
     new_best = best is None or metric > best[0]
-    best = (metric, epoch) if new_best else best
-    hist.append((metric, epoch))
+    state.extra["best"] = [metric, epoch] if new_best else list(best)
+    hist.append([metric, epoch])
     hist.sort(key=lambda h: (-h[0], -h[1]))
     dropped = hist[keep:] if keep >= 0 else []
-    hist = hist[:keep] if keep >= 0 else hist
-    save_atomic(dict(checkpoint_dict(epoch + 1, 0, metric), best=list(best), hist=[list(h) for h in hist]), last)
-    if any(e == epoch for _, e in hist):
-        _copy_atomic(last, run_dir / CKPT_RE_EPOCH.format(epoch=epoch))
-    for _, e in dropped:
-        (run_dir / CKPT_RE_EPOCH.format(epoch=e)).unlink(missing_ok=True)
-    if new_best:
-        _copy_atomic(last, run_dir / "model_best.pth.tar")
-    return best, hist
+    state.extra["hist"] = hist[:keep] if keep >= 0 else hist
+    save(checkpoint_dict(epoch + 1, 0, metric), last)
+    try:
+        if any(e == epoch for _, e in state.extra["hist"]):
+            _copy_atomic(last, run_dir / CKPT_RE_EPOCH.format(epoch=epoch))
+        for _, e in dropped:
+            (run_dir / CKPT_RE_EPOCH.format(epoch=e)).unlink(missing_ok=True)
+        if new_best:
+            _copy_atomic(last, run_dir / "model_best.pth.tar")
+    except OSError as e:
+        raise UserError(f"could not copy {last} ({e.strerror or e}); free space or choose another --output. "
+                        "last.pth.tar is intact") from None
+    recovery = run_dir / "recovery.pth.tar"
+    recovery.unlink(missing_ok=True)  # superseded by last.pth.tar
+
+
+def _fault_matches(point: str, global_step: int, rank: int) -> bool:
+    """Fault injection for the reliability tests: ``SPARSITY_FAULT=<point>:<step>[:<rank>]``."""
+    spec = os.environ.get("SPARSITY_FAULT")
+    if not spec:
+        return False
+    parts = spec.split(":")
+    return parts[0] == point and int(parts[1]) == global_step and (len(parts) < 3 or int(parts[2]) == rank)
+
+
+def _fault_loss(loss_fn, state: TrainState):
+    """``SPARSITY_FAULT=nan_loss:<step>`` makes the loss at that step NaN (tests of the non-finite guard)."""
+    if not (os.environ.get("SPARSITY_FAULT") or "").startswith("nan_loss:"):
+        return loss_fn
+
+    fired: list[bool] = []
+
+    def wrapped(out, target):
+        loss = loss_fn(out, target)
+        if not fired and _fault_matches("nan_loss", state.global_step, 0):
+            fired.append(True)  # once: a skipped step does not advance global_step
+            return loss * float("nan")
+        return loss
+
+    return wrapped
+
+
+def _inject_fault(point: str, global_step: int, rank: int, run_dir: Path) -> None:
+    """SIGKILL this process at ``point`` once (``after_step``, ``during_save``); a marker file in the run dir
+    keeps a restarted run from dying again."""
+    if not _fault_matches(point, global_step, rank):
+        return
+    marker = run_dir / f".fault-{point}-{global_step}-{rank}"
+    if marker.exists():
+        return
+    marker.write_text("fired")
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _checksum(t: torch.Tensor) -> torch.Tensor:
@@ -525,7 +609,8 @@ def check_masks_consistent(model: nn.Module, dist: DistInfo, weights: bool = Fal
     bad = (hi - lo).abs() > 1e-9 * hi.abs().clamp_min(1.0)
     if bool(bad.any()):
         name = named[int(bad.nonzero()[0])][0]
-        raise RuntimeError(f"ranks diverged at {name}; every rank must hold identical masks and weights")
+        raise TrainingError(f"ranks diverged at {name}; every rank must hold identical masks and weights "
+                            "(same seed, same recipe, no per-rank edits)")
     return len(named)
 
 

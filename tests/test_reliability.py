@@ -1,0 +1,230 @@
+"""Reliability: SIGKILL + --resume auto is bit-exact, torchrun restarts, the non-finite guard, DDP mask checks,
+and every row of docs/errors.md: one clear message, exit code 2, nothing earlier in the output dir touched."""
+
+import csv
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train
+from cli_common import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32",
+            "depth=2", "num_heads=2"]
+FAST = ["--dataset", "digits", "-b", "256", "--workers", "0", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs",
+        "0", "--hflip", "0", "--scale", "0.8", "1.0", "--log-interval", "100"]
+RECIPE = {"method": "mdgf", "decay": {"type": "exp", "coef": 0.2}, "structure_decay": "sparsify",
+          "finetune_fraction": 0.2, "rules": [{"target": "ff", "n": 1, "m": 4}, {"target": ["q", "k", "v"], "n": 2,
+                                                                                 "m": 4}]}
+
+
+def _cfg(tmp_path, block=RECIPE, name="exp.yaml", **top):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump({"epochs": 3, **top, "sparsity": block}))
+    return str(p)
+
+
+def _train(args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _final(run: Path):
+    ck = torch.load(run / "last.pth.tar", weights_only=True)
+    with open(run / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    return ck, rows
+
+
+def _assert_same(a, b):
+    ck_a, rows_a = a
+    ck_b, rows_b = b
+    assert ck_a["global_step"] == ck_b["global_step"]
+    for k, v in ck_a["state_dict"].items():
+        assert torch.equal(v, ck_b["state_dict"][k]), k
+    for k, v in ck_a["state_dict_ema"].items():
+        assert torch.equal(v, ck_b["state_dict_ema"][k]), k
+    assert ck_a["controller"] == ck_b["controller"]
+    assert rows_a == rows_b
+
+
+@pytest.mark.parametrize("fault", ["after_step:7", "during_save:4", "after_step:10"])
+def test_sigkill_then_resume_auto_is_bit_exact(tmp_path, fault):
+    """Killed mid-epoch, in the middle of a checkpoint write, and at an epoch's last step."""
+    cfg = _cfg(tmp_path)
+    common = ["--config", cfg, *TINY_VIT, *FAST, "--mixup", "0.2", "--drop-path", "0.1", "--model-ema",
+              "--recovery-interval", "2", "--deterministic", "--output", str(tmp_path)]
+    ref = _train([*common, "--experiment", "ref"])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = _train([*common, "--experiment", "run", "--resume", "auto"], env={"SPARSITY_FAULT": fault})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run = tmp_path / "run"
+    if fault.startswith("during_save"):
+        assert list(run.glob(".recovery.pth.tar.*.tmp")), "the interrupted write left its temp file"
+    resumed = _train([*common, "--experiment", "run", "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "--resume auto: resuming from" in resumed.stdout
+    _assert_same(_final(tmp_path / "ref"), _final(run))
+
+
+def test_torchrun_restart_after_a_rank_crash(tmp_path):
+    cfg = _cfg(tmp_path, epochs=2)
+    proc = subprocess.run(
+        ["bash", "distributed_train.sh", "2", "--max-restarts", "1", "--config", cfg, *TINY_VIT, *FAST,
+         "--recovery-interval", "1", "--resume", "auto", "--output", str(tmp_path), "--experiment", "ddp"],
+        cwd=ROOT, capture_output=True, text=True, timeout=400,
+        env={**os.environ, "PYTHON": sys.executable, "SPARSITY_FAULT": "after_step:3:1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / ".fault-after_step-3-1").exists()  # the crash did happen
+    assert "resuming from" in proc.stdout
+    ck = torch.load(tmp_path / "ddp" / "last.pth.tar", weights_only=True)
+    assert ck["global_step"] == 4 and ck["next_epoch"] == 2
+
+
+def test_ddp_mask_divergence_names_the_layer(tmp_path):
+    cfg = _cfg(tmp_path, epochs=1)
+    proc = subprocess.run(
+        ["bash", "distributed_train.sh", "2", "--config", cfg, *TINY_VIT, *FAST, "--mask-check-interval", "1",
+         "--output", str(tmp_path), "--experiment", "div"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHON": sys.executable, "SPARSITY_FAULT": "diverge_mask:1:1"},
+    )
+    assert proc.returncode != 0
+    assert "ranks diverged at blocks.0.attn.qkv.weight_mask" in proc.stderr
+
+
+def test_nonfinite_loss_stops_or_skips(tmp_path, capsys):
+    cfg = _cfg(tmp_path)
+    args = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path)]
+    os.environ["SPARSITY_FAULT"] = "nan_loss:7"
+    try:
+        assert run_cli(train.main, [*args, "--experiment", "stop"]) == 1
+        err = capsys.readouterr().err
+        assert "non-finite loss (nan) at epoch 1 step 7" in err
+        assert "last good checkpoint is " + str(tmp_path / "stop" / "last.pth.tar") in err
+        assert run_cli(train.main, [*args, "--experiment", "skip", "--skip-nonfinite", "1"]) == 0
+    finally:
+        del os.environ["SPARSITY_FAULT"]
+    ck = torch.load(tmp_path / "skip" / "last.pth.tar", weights_only=True)
+    assert ck["global_step"] == 14 and ck["skipped_nonfinite"] == 1  # one of 15 steps skipped
+
+
+def _folder(tmp_path, corrupt=False, empty=False):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split in ("train", "validation"):
+        for c in range(2):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            if empty:
+                continue
+            for i in range(4):
+                Image.new("RGB", (32, 32), color=(100 * c, 30 * i, 50)).save(d / f"{i}.png")
+    if corrupt:
+        (root / "train" / "c0" / "1.png").write_bytes(b"not a png")
+    return root
+
+
+BAD_RECIPES = {
+    "n_gt_m": ({"method": "ste", "rules": [{"target": "ff", "n": 5, "m": 4}]}, "n must be in 1..m"),
+    "m_lt_1": ({"method": "ste", "rules": [{"target": "ff", "n": 1, "m": 0}]}, "m must be >= 1"),
+    "typo_nested": ({"method": "mdgf", "decay": {"tpye": "exp"}}, "unknown key 'sparsity.decay.tpye'"),
+    "wrong_type": ({"method": "ste", "mask_interval": "often"}, "must be an integer"),
+    "no_match": ({"method": "ste", "rules": [{"target": "re:nothing", "n": 2, "m": 4}]}, "matches no layer"),
+    "strict": ({"method": "ste", "rules": [{"target": "stem", "n": 2, "m": 4, "strict": True}]},
+               "patch_embed.proj cannot take 2:4 (rules[0], strict: true"),
+}
+
+
+def test_bad_input_table(tmp_path):
+    out = tmp_path / "out"
+    run = out / "run"
+    run.mkdir(parents=True)
+    (run / "last.pth.tar").write_bytes(b"an earlier run's file")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    base = [*TINY_VIT, *FAST, "--output", str(out), "--experiment", "run"]
+    cases = {name: (["--config", _cfg(tmp_path, block, f"{name}.yaml")], msg)
+             for name, (block, msg) in BAD_RECIPES.items()}
+    cases["top_level_type"] = (["--config", _cfg(tmp_path, RECIPE, "t.yaml", batch_size="big")],
+                               "'batch_size' in")
+    cases["unknown_model"] = (["--model", "resnet5O"], "unknown model 'resnet5O'")
+    cases["missing_data"] = (["--dataset", "", "--data-dir", str(tmp_path / "nope")], "does not exist")
+    cases["empty_data"] = (["--dataset", "", "--data-dir", str(_folder(tmp_path / "e", empty=True))],
+                           "holds no images")
+    trunc = tmp_path / "trunc.pth.tar"
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, trunc)
+    trunc.write_bytes(trunc.read_bytes()[:300])
+    cases["truncated_ckpt"] = (["--resume", str(trunc)], "truncated or corrupt")
+    other = tmp_path / "resnet.pth.tar"
+    torch.save({"arch": "resnet18", "state_dict": {}}, other)
+    cases["other_arch"] = (["--resume", str(other)], "checkpoint of 'resnet18', not 'vit_tiny_patch16_224'")
+    dense = tmp_path / "dense.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, dense)
+    cases["initial_other_arch"] = (["--initial-checkpoint", str(dense)], "does not fit this model")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases["unwritable_output"] = (["--output", str(blocker / "sub")], "is not writable")
+    for name, (extra, msg) in cases.items():
+        proc = _train([*base, *extra])
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (name, proc.stderr[-1500:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (name, proc.stderr)
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before, name
+        assert sorted(os.listdir(out)) == ["run"], name
+
+
+def test_corrupt_image_fail_or_skip(tmp_path):
+    data = _folder(tmp_path, corrupt=True)
+    cfg = _cfg(tmp_path, {"method": "ste", "rules": [{"target": "ff", "n": 2, "m": 4}]}, epochs=1)
+    base = ["--config", cfg, *TINY_VIT, *FAST, "-b", "2", "--dataset", "", "--data-dir", str(data), "--img-size",
+            "32", "--output", str(tmp_path / "o")]
+    proc = _train([*base, "--experiment", "fail"])
+    assert proc.returncode == 2 and "unreadable image" in proc.stderr and "1.png" in proc.stderr
+    assert "--on-bad-image skip" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _train([*base, "--experiment", "skip", "--on-bad-image", "skip"])
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "skipping unreadable image" in proc.stdout + proc.stderr
+
+
+def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    import sparsity.checkpoint as ckmod
+
+    cfg = _cfg(tmp_path)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def flaky_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # epoch 0 is saved, epoch 1 hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckmod.torch, "save", flaky_save)
+    rc = run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "full",
+                              "--checkpoint-hist", "0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "intact" in err
+    ck = torch.load(tmp_path / "full" / "last.pth.tar", weights_only=True)
+    assert ck["next_epoch"] == 1  # epoch 0's checkpoint survived
+    assert not list((tmp_path / "full").glob(".*.tmp"))
+
+
+def test_pickled_code_checkpoint_is_refused(tmp_path):
+    import argparse
+
+    from sparsity.checkpoint import CheckpointError, load_checkpoint_file
+
+    p = tmp_path / "code.pth"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, p)  # as old timm checkpoints did: needs a pickled class
+    with pytest.raises(CheckpointError, match="needs arbitrary pickled code"):
+        load_checkpoint_file(p)
