@@ -27,3 +27,21 @@ def tiny_model(kind: str, seed: int = 0):
 def _quiet_logs():
     logging.getLogger("sparsity").setLevel(logging.WARNING)
     yield
+
+
+def run_group(cmd, timeout, **kwargs):
+    """subprocess.run for multi-process commands (torchrun): on timeout the whole process group is killed, so no
+    orphaned worker outlives the test."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(map(str, cmd[:4]))} ...\n{err[-2000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

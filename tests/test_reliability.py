@@ -14,6 +14,7 @@ import yaml
 
 import train
 from cli_common import run_cli
+from tests.conftest import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32",
@@ -76,10 +77,10 @@ def test_sigkill_then_resume_auto_is_bit_exact(tmp_path, fault):
 
 def test_torchrun_restart_after_a_rank_crash(tmp_path):
     cfg = _cfg(tmp_path, epochs=2)
-    proc = subprocess.run(
+    proc = run_group(
         ["bash", "distributed_train.sh", "2", "--max-restarts", "1", "--config", cfg, *TINY_VIT, *FAST,
          "--recovery-interval", "1", "--resume", "auto", "--output", str(tmp_path), "--experiment", "ddp"],
-        cwd=ROOT, capture_output=True, text=True, timeout=400,
+        cwd=ROOT, timeout=400,
         env={**os.environ, "PYTHON": sys.executable, "SPARSITY_FAULT": "after_step:3:1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -91,10 +92,10 @@ def test_torchrun_restart_after_a_rank_crash(tmp_path):
 
 def test_ddp_mask_divergence_names_the_layer(tmp_path):
     cfg = _cfg(tmp_path, epochs=1)
-    proc = subprocess.run(
+    proc = run_group(
         ["bash", "distributed_train.sh", "2", "--config", cfg, *TINY_VIT, *FAST, "--mask-check-interval", "1",
          "--output", str(tmp_path), "--experiment", "div"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, timeout=300,
         env={**os.environ, "PYTHON": sys.executable, "SPARSITY_FAULT": "diverge_mask:1:1"},
     )
     assert proc.returncode != 0

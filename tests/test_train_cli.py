@@ -14,6 +14,7 @@ import torch
 import train
 import validate
 from cli_common import run_cli
+from tests.conftest import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32",
@@ -145,10 +146,10 @@ def test_image_folder_data_dir(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_torchrun_two_processes_identical_masks_and_weights(tmp_path):
     cfg = _recipe(tmp_path, "srste", RECIPES["srste"])
-    proc = subprocess.run(
+    proc = run_group(
         ["bash", "distributed_train.sh", "2", "--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path),
          "--experiment", "ddp", "--mask-check-interval", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable},
+        cwd=ROOT, timeout=300, env={**os.environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ranks identical: masks and weights" in proc.stdout
