@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SliceSpec", "MaskedMixin", "MaskedLinear", "MaskedConv2d", "masked_modules", "MASKED_TYPES"]
+__all__ = [
+    "SliceSpec", "MaskedMixin", "MaskedLinear", "MaskedConv2d", "masked_modules", "MASKED_TYPES", "frozen_weight",
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,48 @@ class MaskedMixin:
         self.slices: tuple[SliceSpec, ...] = ()
         self.method: str = "dense"
         self.weight_fn: Callable[[MaskedMixin], torch.Tensor] = _dense_weight
+        self._mask_factor: tuple[tuple, torch.Tensor] | None = None
+
+    def _factor_key(self) -> tuple | None:
+        mask, w = self.weight_mask, self.weight
+        try:
+            version = mask._version
+        except RuntimeError:  # inference tensors keep no version counter
+            return None
+        return (id(mask), mask.data_ptr(), version, mask.shape, mask.stride(), w.dtype, w.device)
+
+    def mask_factor(self) -> torch.Tensor:
+        """``weight_mask`` as 0/1 in the weight's dtype: what the forward multiplies by.
+
+        CPU kernels vectorize only same-dtype products (W * E with a bool E is about 20x slower than with a float
+        E), so the float copy is cached and rebuilt only when the mask changes (its version counter moves: any
+        in-place write, ``load_state_dict``, ``copy_``) or is replaced. Costs one weight-sized tensor per layer.
+        """
+        mask, w = self.weight_mask, self.weight
+        if torch.compiler.is_compiling():
+            return mask.to(w.dtype)  # the compiler fuses the conversion into the product
+        key = self._factor_key()
+        if key is None:
+            return mask.to(w.dtype)
+        cached = getattr(self, "_mask_factor", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        factor = cached[1] if cached is not None and cached[0][3:] == key[3:] else torch.empty_like(mask, dtype=w.dtype)
+        factor.copy_(mask.view(torch.uint8))  # uint8 -> float is the vectorized conversion; bool -> float is not
+        self._mask_factor = (key, factor)
+        return factor
+
+    def mask_factor_out(self) -> torch.Tensor:
+        """The cached factor, for a mask kernel that writes ``weight_mask`` and the factor together; call
+        :meth:`mask_factor_written` afterwards so the next forward does not rebuild it."""
+        return self.mask_factor()
+
+    def mask_factor_written(self) -> None:
+        """Declare the factor returned by :meth:`mask_factor_out` equal to ``weight_mask`` again."""
+        cached = getattr(self, "_mask_factor", None)
+        key = self._factor_key()
+        if cached is not None and key is not None and cached[0][3:] == key[3:]:
+            self._mask_factor = (key, cached[1])
 
     def sparse_weight(self) -> torch.Tensor:
         """The weight the forward uses (W~ in DESIGN.md section 4)."""
@@ -157,6 +201,25 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
 
 
 MASKED_TYPES = (MaskedLinear, MaskedConv2d)
+
+
+class _FrozenWeight(torch.autograd.Function):
+    """W * E forward, g * E backward (pruned weights get no gradient), with E as the float mask factor."""
+
+    @staticmethod
+    def forward(ctx, weight, factor):
+        ctx.save_for_backward(factor)
+        return weight * factor
+
+    @staticmethod
+    def backward(ctx, grad):
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None
+
+
+def frozen_weight(layer: MaskedMixin) -> torch.Tensor:
+    """``weight_fn`` for a fixed binary mask: W * E with gradient g * E."""
+    return _FrozenWeight.apply(layer.weight, layer.mask_factor())
 
 
 def masked_modules(model: nn.Module) -> list[tuple[str, MaskedMixin]]:

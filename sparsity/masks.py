@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "nm_mask",
+    "nm_masks_",
     "linear_nm_mask",
     "conv_nm_mask",
     "weight_nm_mask",
@@ -20,6 +21,7 @@ __all__ = [
     "unstructured_mask",
     "tile_mask",
     "expand_tiles",
+    "expand_tiles_",
     "check_nm",
 ]
 
@@ -46,10 +48,249 @@ def _groups(x: torch.Tensor, m: int, dim: int) -> tuple[torch.Tensor, list[int]]
     return moved.reshape(*shape[:-1], size // m, m), shape
 
 
+#: Largest M for which N:M masks rank by pairwise comparison (m(m-1)/2 elementwise compares per group, batched
+#: over layers, no sort, no host sync); larger M uses a stable sort. See docs/performance.md for the measurement.
+RANK_MAX_M = 16
+#: Elements per batched rank computation: the scratch (12 bytes per element, ~6 MB) stays cache-resident.
+RANK_CHUNK = 1 << 19
+#: Blocks whose group positions are runs of at least this many elements (3x3 convs: 9) are ranked in place;
+#: shorter runs (Linear, 1x1 convs: 1) are gathered into a planar layout first (measured: docs/performance.md).
+NATURAL_MIN_T = 8
+
+_BITS = {
+    torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+}
+_SIGN_OFF = {torch.int32: 0x7FFFFFFF, torch.int64: 0x7FFFFFFFFFFFFFFF, torch.int16: 0x7FFF}
+
+
+def _group_view(x: torch.Tensor, m: int, dim: int) -> torch.Tensor:
+    """View (no copy) of ``x`` with ``dim`` moved last and split into groups of ``m``: (..., size // m, m)."""
+    dim = dim % x.dim()
+    size = x.shape[dim]
+    if size % m:
+        raise ValueError(f"dimension {dim} of size {size} is not divisible by m={m}")
+    return x.movedim(dim, -1).unflatten(-1, (size // m, m))
+
+
+def _block_view(x: torch.Tensor, m: int, dim: int) -> torch.Tensor | None:
+    """(A, m, T) view of ``x`` in memory order with the groups of ``m`` along ``dim`` in the middle, or None.
+
+    A Linear weight (out, in) grouped along ``in`` is (out * in / m, m, 1); a Conv2d weight (O, I, kh, kw) grouped
+    along I is (O * I / m, m, kh * kw), or (O * kh * kw * I / m, m, 1) when channels-last. Every position of a
+    group is then a run of T contiguous elements, which is what lets the rank kernel work without gathers.
+    """
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    moved = x.permute(order)
+    if not moved.is_contiguous():
+        return None
+    pos = order.index(dim % x.dim())
+    shape = moved.shape
+    return moved.view(math.prod(shape[:pos]) * (shape[pos] // m), m, math.prod(shape[pos + 1:]))
+
+
+def _magnitude_key_(keys: torch.Tensor) -> None:
+    """In place: weight bits -> ``|w|`` as integer bits (sign bit cleared). Same order as ``|w|``, total, NaN above
+    inf (as ``topk``/``argmax`` rank it), and integer compares are exact for subnormals and signed zeros."""
+    if keys.dtype in _SIGN_OFF:
+        keys.bitwise_and_(_SIGN_OFF[keys.dtype])
+    else:
+        keys.abs_()
+
+
+def _magnitude_key(w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`_magnitude_key_` of ``w`` written to ``out`` (laid out like ``w``: no copy through a temporary)."""
+    bits = _BITS.get(w.dtype)
+    if bits is None:
+        return torch.abs(w, out=out)
+    return torch.bitwise_and(w.view(bits), _SIGN_OFF[bits], out=out)
+
+
+def _buffer(workspace: dict | None, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat scratch tensor of at least ``numel`` elements, reused across calls through ``workspace``."""
+    if workspace is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    key = (name, dtype, device)
+    buf = workspace.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = workspace[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _rank_keep_(units: list[tuple], n: int, m: int, workspace: dict | None) -> None:
+    """Top-n-of-m by ranks for a batch of (mask, factor or None, weight) blocks, (A, m, T) views, in place.
+
+    Position ``i`` of a group beats ``j > i`` unless ``key[j] > key[i]`` (the lower index wins ties), and it is
+    kept iff it wins at least ``m - n`` of its ``m - 1`` duels: exactly ``n`` per group. ``score[i]`` starts at
+    ``n - 1 - i`` and moves by one per duel, so kept means ``score >= 0``. The duel of positions ``i`` and
+    ``i + k`` is one elementwise op over the whole batch for every ``k``; every op reads and writes one dtype
+    (CPU kernels vectorize only those). Blocks with long runs (T >= :data:`NATURAL_MIN_T`, e.g. 3x3 convs) are
+    ranked in their own layout; short runs (Linear, 1x1) are first gathered planar, ``keys[i]`` = position ``i``
+    of every group, so that the duels run over contiguous memory.
+    """
+    w0 = units[0][2]
+    key_dtype = _BITS.get(w0.dtype, w0.dtype)
+    natural = w0.shape[2] >= NATURAL_MIN_T
+    total = sum(u[2].numel() for u in units)
+    keys = _buffer(workspace, "key", total, key_dtype, w0.device)
+    score = _buffer(workspace, "score", total, key_dtype, w0.device)
+    duel = _buffer(workspace, "duel", total, key_dtype, w0.device)
+    views, off = [], 0
+    for _, _, w in units:  # natural: the same (A, m, T) layout; planar: (m, A * T), positions outermost
+        size = w.numel()
+        if natural:
+            views.append(slice(off, off + size))
+        else:
+            views.append((off // m, off // m + size // m))
+        off += size
+    if natural:
+        t = w0.shape[2]
+        keys_b, score_b = keys.view(-1, m, t), score.view(-1, m, t)
+        for (_, _, w), sl in zip(units, views):
+            _magnitude_key(w, out=keys[sl].view(w.shape))
+        init = _init_pattern(workspace, n, m, t, keys_b.shape[0], key_dtype, w0.device)
+        score_b.copy_(init)
+        for k in range(1, m):
+            won = duel[:keys_b.shape[0] * (m - k) * t].view(-1, m - k, t)
+            torch.gt(keys_b[:, k:], keys_b[:, :m - k], out=won)  # 1 where position i + k beats position i
+            score_b[:, k:].add_(won)
+            score_b[:, :m - k].sub_(won)
+    else:
+        keys_p, score_p = keys.view(m, -1), score.view(m, -1)
+        for (_, _, w), (g0, g1) in zip(units, views):
+            keys_p[:, g0:g1].view(m, w.shape[0], w.shape[2]).transpose(0, 1).copy_(w.view(key_dtype))
+        _magnitude_key_(keys)
+        for i in range(m):
+            score_p[i].fill_(n - 1 - i)
+        cols = keys_p.shape[1]
+        for k in range(1, m):
+            won = duel[:(m - k) * cols].view(m - k, cols)
+            torch.gt(keys_p[k:], keys_p[:m - k], out=won)
+            score_p[k:].add_(won)
+            score_p[:m - k].sub_(won)
+    torch.ge(score, 0, out=score)  # 1 = kept
+    for (mask, factor, w), view in zip(units, views):
+        if natural:
+            src = score[view].view(w.shape)
+        else:
+            g0, g1 = view
+            src = score.view(m, -1)[:, g0:g1].view(m, w.shape[0], w.shape[2]).transpose(0, 1)
+        if factor is not None:
+            factor.copy_(src)
+            mask.copy_(factor)  # float -> bool in the same layout: the cheap conversion
+        else:
+            mask.view(torch.uint8).copy_(src)  # bool written through uint8: the vectorized path
+
+
+def _init_pattern(workspace: dict | None, n: int, m: int, t: int, rows: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """(rows, m, t) tensor holding ``n - 1 - i`` at position ``i``: the starting score of the natural layout."""
+    key = ("init", n, m, t, dtype, device)
+    cached = workspace.get(key) if workspace is not None else None
+    if cached is None or cached.shape[0] < rows:
+        start = (n - 1 - torch.arange(m, device=device, dtype=dtype)).view(1, m, 1)
+        cached = start.expand(max(rows, 1), m, t).contiguous()
+        if workspace is not None:
+            workspace[key] = cached
+    return cached[:rows]
+
+
+def _sort_keep_(mask: torch.Tensor, factor: torch.Tensor | None, groups: torch.Tensor, n: int) -> None:
+    """Large M: the first maximum (n = 1) or a stable descending sort (lower index first among ties)."""
+    keys = groups.view(_BITS.get(groups.dtype, groups.dtype)).clone()
+    _magnitude_key_(keys)
+    if n == 1:
+        idx = keys.argmax(dim=-1, keepdim=True)
+    else:
+        idx = keys.sort(dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(-1, idx, True)
+    mask.copy_(keep)
+    if factor is not None:
+        factor.copy_(keep)
+
+
+def nm_masks_(
+    masks: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    n: int,
+    m: int,
+    dims: list[int],
+    workspace: dict | None = None,
+    factors: list[torch.Tensor | None] | None = None,
+) -> None:
+    """In place, for every i: ``masks[i] = nm_mask(weights[i], n, m, dims[i])``, batched over all tensors.
+
+    For ``m <= RANK_MAX_M`` one rank computation covers every tensor of a dtype and device (in cache-sized chunks
+    of :data:`RANK_CHUNK` elements): a fixed handful of elementwise ops per chunk whatever the number of layers,
+    no sort, no host synchronisation. Semantics are those of :func:`nm_mask`.
+
+    Args:
+        masks: bool tensors shaped like ``weights`` (views such as row slices of a layer's mask are fine).
+        weights: the tensors ranked by magnitude.
+        n, m: keep ``n`` of every ``m``.
+        dims: the dimension the groups run along, per tensor.
+        workspace: a dict the caller keeps between calls: scratch buffers are reused from it (no reallocation).
+        factors: optional floating tensors shaped like ``weights`` (or None entries) that receive the same mask
+            as 0/1, e.g. the masked layer's forward multiplier (:meth:`MaskedMixin.mask_factor`).
+    """
+    check_nm(n, m)
+    factors = list(factors) if factors is not None else [None] * len(masks)
+    if n == m:
+        for mask, factor in zip(masks, factors):
+            mask.fill_(True)
+            if factor is not None:
+                factor.fill_(1)
+        return
+    batches: dict[tuple, list] = {}
+    for mask, w, dim, factor in zip(masks, weights, dims, factors):
+        if mask.shape != w.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool with the weight's shape {tuple(w.shape)}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+        w = w.detach()
+        if m > RANK_MAX_M:
+            _sort_keep_(_group_view(mask, m, dim), None if factor is None else _group_view(factor, m, dim),
+                        _group_view(w, m, dim), n)
+            continue
+        _group_view(w, m, dim)  # validates divisibility with a clear message
+        wb = _block_view(w, m, dim)
+        if wb is None:  # exotic strides: rank a contiguous copy
+            wb = _block_view(w.contiguous(), m, dim)
+        if n == 1 and m >= 16 and wb.shape[2] < NATURAL_MIN_T:  # contiguous groups: argmax beats 15 duels
+            _sort_keep_(_group_view(mask, m, dim), None if factor is None else _group_view(factor, m, dim),
+                        _group_view(w, m, dim), n)
+            continue
+        mb = _block_view(mask, m, dim)
+        fb = None if factor is None else _block_view(factor, m, dim)
+        if mb is None or mb.shape != wb.shape or (factor is not None and (fb is None or fb.shape != wb.shape)):
+            # outputs laid out unlike the weight: rank into a contiguous mask, then copy back
+            tmp = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+            _rank_keep_([(_block_view(tmp, m, dim), None, _block_view(w.contiguous(), m, dim))], n, m, workspace)
+            mask.copy_(tmp)
+            if factor is not None:
+                factor.copy_(tmp)
+            continue
+        run = wb.shape[2] if wb.shape[2] >= NATURAL_MIN_T else 0  # natural-layout chunks share one run length
+        batches.setdefault((wb.dtype, wb.device, run), []).append((mb, fb, wb))
+    for units in batches.values():
+        chunk, count = [], 0
+        for mask_block, factor_block, w_block in units:
+            rows = max(1, RANK_CHUNK // (m * w_block.shape[2]))  # split big layers: chunks stay cache-resident
+            for start in range(0, w_block.shape[0], rows):
+                piece = (mask_block[start:start + rows], None if factor_block is None else
+                         factor_block[start:start + rows], w_block[start:start + rows])
+                if chunk and count + piece[2].numel() > RANK_CHUNK:
+                    _rank_keep_(chunk, n, m, workspace)
+                    chunk, count = [], 0
+                chunk.append(piece)
+                count += piece[2].numel()
+        if chunk:
+            _rank_keep_(chunk, n, m, workspace)
+
+
 def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
     """Keep the ``n`` largest ``|w|`` of every ``m`` consecutive entries along ``dim``.
 
-    Exactly ``n`` entries per group are kept (ties broken by position, lower index first).
+    Exactly ``n`` entries per group are kept (ties broken by position, lower index first; NaN counts as the
+    largest magnitude).
 
     Args:
         w: weight of any shape; ``w.shape[dim]`` must be divisible by ``m``.
@@ -61,16 +302,9 @@ def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
         bool mask with the shape of ``w``.
     """
     check_nm(n, m)
-    if n == m:
-        return torch.ones_like(w, dtype=torch.bool)
-    groups, shape = _groups(w.detach().abs(), m, dim)  # (..., G, m)
-    if n == 1:
-        idx = groups.argmax(dim=-1, keepdim=True)
-    else:
-        idx = groups.topk(n, dim=-1, largest=True, sorted=False).indices
-    mask = torch.zeros(groups.shape, dtype=torch.bool, device=w.device)
-    mask.scatter_(-1, idx, True)
-    return mask.reshape(shape).movedim(-1, dim % w.dim())
+    mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+    nm_masks_([mask], [w], n, m, [dim])
+    return mask
 
 
 def linear_nm_mask(w: torch.Tensor, n: int, m: int, sparse_dim: str = "row") -> torch.Tensor:
@@ -141,6 +375,28 @@ def expand_tiles(tile_keep: torch.Tensor, shape: torch.Size | tuple[int, ...], t
     cols = math.prod(shape[1:])
     full = tile_keep.repeat_interleave(tile, 0).repeat_interleave(tile, 1)[:rows, :cols]
     return full.reshape(shape)
+
+
+def expand_tiles_(out: torch.Tensor, tile_keep: torch.Tensor, tile: int, factor: torch.Tensor | None = None) -> None:
+    """In place: ``out = expand_tiles(tile_keep, out.shape, tile)`` (and ``factor`` = the same as 0/1), written
+    through broadcast views when the 2-D view divides into whole tiles: no weight-sized temporaries."""
+    rows = out.shape[0]
+    cols = out.numel() // max(rows, 1)
+    if rows % tile or cols % tile or not out.is_contiguous():
+        full = expand_tiles(tile_keep, out.shape, tile)
+        out.copy_(full)
+        if factor is not None:
+            factor.copy_(full)
+        return
+    rt, ct = rows // tile, cols // tile
+    src = tile_keep.view(torch.uint8).view(rt, 1, ct, 1).expand(rt, tile, ct, tile)
+    if factor is not None and factor.is_contiguous():
+        factor.view(rt, tile, ct, tile).copy_(src)
+        out.copy_(factor)  # float -> bool, same layout: the cheap conversion
+    else:
+        out.view(torch.uint8).view(rt, tile, ct, tile).copy_(src)
+        if factor is not None:
+            factor.copy_(out.view(torch.uint8))
 
 
 def tile_scores(w: torch.Tensor, tile: int) -> torch.Tensor:

@@ -12,10 +12,9 @@ import importlib
 import pkgutil
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
-from ..layers import MaskedMixin, SliceSpec
+from ..layers import MaskedMixin, SliceSpec, frozen_weight
 from ..recipe import Recipe, RecipeError, Rule
 
 __all__ = ["SparsityMethod", "register_method", "get_method", "METHODS"]
@@ -149,25 +148,8 @@ class SparsityMethod:
         """Write method artifacts (e.g. a found scheme) to the output dir."""
 
 
-def _frozen_masked_weight(layer: MaskedMixin) -> torch.Tensor:
-    return _MaskGrad.apply(layer.weight, layer.weight_mask)
-
-
-class _MaskGrad(torch.autograd.Function):
-    """W * E forward, g * E backward: pruned weights get no gradient."""
-
-    @staticmethod
-    def forward(ctx, weight, mask):
-        ctx.save_for_backward(mask)
-        return weight * mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
-
-
-frozen_masked_weight = _frozen_masked_weight
+# W * E forward, g * E backward (pruned weights get no gradient): the layers' float-factor implementation.
+frozen_masked_weight = frozen_weight
 
 # Every module in this package registers its methods on import: a new method file needs no edit here.
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):

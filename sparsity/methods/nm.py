@@ -20,10 +20,10 @@ from typing import Any, Literal
 import torch
 
 from ..layers import MaskedMixin
-from ..masks import weight_nm_mask
+from ..masks import grouped_dim, nm_masks_
 from ..recipe import Recipe, RecipeError
 from ..schedules import DENSE, SPARSE, Phase, ladder_pattern, mdgf_beta, phase_at, sdgf_ladder
-from . import SparsityMethod, frozen_masked_weight, register_method
+from . import SparsityMethod, register_method
 
 __all__ = ["Decay", "NMConfig", "NMMethod", "nm_weight"]
 
@@ -64,28 +64,39 @@ class NMConfig:
 
 
 class _NMWeight(torch.autograd.Function):
-    """Forward W * (E + beta (1 - E)); backward per mode (see module docstring)."""
+    """Forward W * (E + beta (1 - E)); backward per mode (see module docstring).
+
+    ``factor`` is E as 0/1 in the weight's dtype (:meth:`MaskedMixin.mask_factor`): same-dtype products are the
+    vectorized ones. Kept weights pass bit-exactly (W * 1, g + lambda * W * 0), as with a bool mask.
+    """
 
     @staticmethod
-    def forward(ctx, weight, mask, beta, mode: str, lam: float):
+    def forward(ctx, weight, factor, beta, mode: str, lam: float):
         ctx.mode, ctx.lam = mode, lam
         if mode == "srste":
-            ctx.save_for_backward(weight, mask)
+            ctx.save_for_backward(weight, factor)
         elif mode == "mdgf_exact":
-            ctx.save_for_backward(mask, beta)
+            ctx.save_for_backward(factor, beta)
+        elif mode == "frozen":
+            ctx.save_for_backward(factor)
         if mode in ("mdgf", "mdgf_exact"):
-            return torch.where(mask, weight, weight * beta)
-        return weight * mask
+            # lerp is exact at both ends: W where E = 1, beta * W where E = 0
+            return torch.lerp(weight * beta, weight, factor)
+        return weight * factor
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.mode == "srste":
-            weight, mask = ctx.saved_tensors
-            return grad + ctx.lam * weight * ~mask, None, None, None, None
-        if ctx.mode == "mdgf_exact":
-            mask, beta = ctx.saved_tensors
-            return torch.where(mask, grad, grad * beta), None, None, None, None
-        return grad, None, None, None, None
+        mode = ctx.mode
+        if mode == "srste":
+            weight, factor = ctx.saved_tensors
+            return torch.addcmul(grad, weight, 1 - factor, value=ctx.lam), None, None, None, None
+        if mode == "mdgf_exact":
+            factor, beta = ctx.saved_tensors
+            return torch.lerp(grad * beta, grad, factor), None, None, None, None
+        if mode == "frozen":
+            (factor,) = ctx.saved_tensors
+            return grad * factor, None, None, None, None
+        return grad, None, None, None, None  # straight-through: g untouched, no op
 
 
 def nm_weight(layer: MaskedMixin) -> torch.Tensor:
@@ -93,9 +104,7 @@ def nm_weight(layer: MaskedMixin) -> torch.Tensor:
     mode = layer.sparse_mode
     if mode == "dense":
         return layer.weight
-    if mode == "frozen":
-        return frozen_masked_weight(layer)
-    return _NMWeight.apply(layer.weight, layer.weight_mask, layer.sparse_beta, mode, layer.srste_lambda)
+    return _NMWeight.apply(layer.weight, layer.mask_factor(), layer.sparse_beta, mode, layer.srste_lambda)
 
 
 @register_method("dense")
@@ -159,6 +168,8 @@ class NMMethod(SparsityMethod):
         self.beta = 0.0
         self.phase = DENSE
         self.patterns: dict[str, str] = {}
+        self._workspace: dict = {}  # scratch of the batched mask kernel, reused every step
+        self._beta_set: float | None = None  # value last written to the layers' sparse_beta buffers
 
     # ---- per-step logic -------------------------------------------------------------------------------------
     def _mode(self) -> str:
@@ -168,15 +179,37 @@ class NMMethod(SparsityMethod):
             return "mdgf_exact" if self.recipe.options.mdgf_grad == "exact" else "mdgf"
         return "ste"
 
+    def _runs(self, fqn: str, layer: MaskedMixin, phase: Phase | None) -> list[tuple[int, int, str, int, int]]:
+        """(n, m, sparse_dim, start, stop) row runs of a layer: adjacent slices with the same pattern merge, so a
+        fused qkv whose thirds share N:M is one call on the whole weight (row slices are independent groups)."""
+        runs: list[list] = []
+        for spec, lad in sorted(zip(layer.slices, self._ladders[fqn]), key=lambda p: p[0].start):
+            n, m = lad[-1] if phase is None else ladder_pattern(lad, phase)
+            last = runs[-1] if runs else None
+            if (last is not None and last[:3] == [n, m, spec.sparse_dim] and last[4] == spec.start
+                    and (spec.sparse_dim == "row" or (spec.start - last[3]) % m == 0)):
+                last[4] = spec.stop
+            else:
+                runs.append([n, m, spec.sparse_dim, spec.start, spec.stop])
+        return [tuple(r) for r in runs]
+
     @torch.no_grad()
     def _compute_masks(self, phase: Phase | None) -> None:
-        """Masks for the patterns in force at ``phase`` (None: the target patterns)."""
+        """Masks for the patterns in force at ``phase`` (None: the target patterns), in place: one batched
+        :func:`nm_masks_` call per distinct N:M over all layers, scratch reused from ``self._workspace``."""
+        calls: dict[tuple[int, int], tuple[list, list, list, list]] = {}
         for fqn, layer in self.layers:
-            w = layer.weight
-            mask = layer.weight_mask
-            for spec, lad in zip(layer.slices, self._ladders[fqn]):
-                n, m = lad[-1] if phase is None else ladder_pattern(lad, phase)
-                mask[spec.start:spec.stop] = weight_nm_mask(w[spec.start:spec.stop], n, m, spec.sparse_dim)
+            w, mask, factor = layer.weight, layer.weight_mask, layer.mask_factor_out()
+            for n, m, sparse_dim, start, stop in self._runs(fqn, layer, phase):
+                masks, weights, dims, factors = calls.setdefault((n, m), ([], [], [], []))
+                masks.append(mask[start:stop])
+                weights.append(w[start:stop])
+                dims.append(grouped_dim(w, sparse_dim))
+                factors.append(factor[start:stop])
+        for (n, m), (masks, weights, dims, factors) in calls.items():
+            nm_masks_(masks, weights, n, m, dims, workspace=self._workspace, factors=factors)
+        for _, layer in self.layers:
+            layer.mask_factor_written()
 
     def _frames(self, phase: Phase) -> tuple[int, ...]:
         """Frame index of every ladder length: masks must be recomputed when any of them moves."""
@@ -209,14 +242,17 @@ class NMMethod(SparsityMethod):
                 self.frozen = True
                 self.last_update = global_step
             for _, layer in self.layers:  # optimizer momentum must not revive pruned weights
-                layer.weight.mul_(layer.weight_mask)
+                layer.weight.mul_(layer.mask_factor())
         elif due and self.last_update != global_step:
             self._compute_masks(phase if frame is not None else None)
             self.last_update = global_step
         self.frame = frame
+        refill = self.beta != self._beta_set
         for _, layer in self.layers:
             layer.sparse_mode = mode
-            layer.sparse_beta.fill_(self.beta)
+            if refill:
+                layer.sparse_beta.fill_(self.beta)
+        self._beta_set = self.beta
 
     def sync(self, src: MaskedMixin, dst: MaskedMixin) -> None:
         dst.weight_mask.copy_(src.weight_mask)
@@ -231,6 +267,7 @@ class NMMethod(SparsityMethod):
         for _, layer in self.layers:
             layer.sparse_mode = "frozen"
             layer.sparse_beta.zero_()
+        self._beta_set = 0.0
 
     def current_patterns(self) -> dict[str, str]:
         """Target label -> N:M in force, e.g. {'all': '4:8', 'q': '2:8'}."""

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import MaskedMixin, SliceSpec
-from ..masks import expand_tiles, tile_mask, tile_scores
+from ..layers import MaskedMixin, SliceSpec, frozen_weight
+from ..masks import expand_tiles_, tile_mask, tile_scores
 from ..recipe import Recipe, RecipeError, Rule
 from ..schedules import DENSE, FINETUNE, linear_ramp, phase_at
-from . import SparsityMethod, frozen_masked_weight, register_method
+from . import SparsityMethod, register_method
 
 __all__ = ["Ramp", "SupermaskConfig", "SupermaskMethod", "supermask_weight", "tile_sum", "layer_kind"]
 
@@ -97,8 +97,12 @@ def tile_sum(x: torch.Tensor, tile: int) -> torch.Tensor:
     x2 = x.reshape(x.shape[0], -1)
     r, c = x2.shape
     rt, ct = math.ceil(r / tile), math.ceil(c / tile)
-    x2 = F.pad(x2, (0, ct * tile - c, 0, rt * tile - r))
-    return x2.reshape(rt, tile, ct, tile).sum(dim=(1, 3))
+    if tile == 1:
+        return x2
+    if r % tile or c % tile:  # only edge tiles need the zero padding
+        x2 = F.pad(x2, (0, ct * tile - c, 0, rt * tile - r))
+    # the contiguous inner reduction first: summing a run of `tile` is cheaper than a strided one
+    return x2.reshape(rt, tile, ct, tile).sum(dim=3).sum(dim=1)
 
 
 def _param_name(base: str, layer: MaskedMixin, spec: SliceSpec) -> str:
@@ -119,24 +123,30 @@ def _init_scores(w: torch.Tensor, tile: int, how: str) -> torch.Tensor:
 
 
 class _SupermaskWeight(torch.autograd.Function):
-    """Forward W * E (E = weight_mask = expanded T(S)); backward g * E to W, tile sums of g * W to each S."""
+    """Forward W * E (E = weight_mask = expanded T(S)); backward g * E to W, tile sums of g * W to each S.
+
+    ``factor`` is E as 0/1 in the weight's dtype (:meth:`MaskedMixin.mask_factor`): same-dtype products are the
+    vectorized ones on CPU.
+    """
 
     @staticmethod
-    def forward(ctx, weight, mask, tiles, *scores):
+    def forward(ctx, weight, factor, tiles, *scores):
         ctx.tiles = tiles
         ctx.score_dtypes = tuple(s.dtype for s in scores)
-        ctx.save_for_backward(weight, mask)
-        return weight * mask
+        ctx.save_for_backward(weight, factor)
+        return weight * factor
 
     @staticmethod
     def backward(ctx, grad):
-        weight, mask = ctx.saved_tensors
-        grad_w = grad * mask if ctx.needs_input_grad[0] else None
+        weight, factor = ctx.saved_tensors
+        grad_w = grad * factor if ctx.needs_input_grad[0] else None
         grads_s = []
+        whole = len(ctx.tiles) > 1 and any(ctx.needs_input_grad[3:])
+        gw = grad * weight if whole else None  # one product for every unit of a fused qkv
         for i, (start, stop, tile) in enumerate(ctx.tiles):
             if ctx.needs_input_grad[3 + i]:
-                gs = tile_sum(grad[start:stop] * weight[start:stop], tile)
-                grads_s.append(gs.to(ctx.score_dtypes[i]))
+                part = gw[start:stop] if gw is not None else grad[start:stop] * weight[start:stop]
+                grads_s.append(tile_sum(part, tile).to(ctx.score_dtypes[i]))
             else:
                 grads_s.append(None)
         return (grad_w, None, None, *grads_s)
@@ -145,9 +155,9 @@ class _SupermaskWeight(torch.autograd.Function):
 def supermask_weight(layer: MaskedMixin) -> torch.Tensor:
     """``weight_fn`` of ``supermask``: W * T(S) with the straight-through score gradient (frozen: W * E only)."""
     if layer.sparse_mode == "frozen":
-        return frozen_masked_weight(layer)
+        return frozen_weight(layer)
     scores = [getattr(layer, name) for name in layer.score_names]
-    return _SupermaskWeight.apply(layer.weight, layer.weight_mask, layer.score_tiles, *scores)
+    return _SupermaskWeight.apply(layer.weight, layer.mask_factor(), layer.score_tiles, *scores)
 
 
 def _fill_missing_scores(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -273,12 +283,13 @@ class SupermaskMethod(SparsityMethod):
 
     @torch.no_grad()
     def _compute_masks(self, fraction: float) -> None:
+        """T(S) of every unit, written in place into ``weight_mask`` and the layer's float mask factor."""
         for _, layer in self.layers:
-            mask = layer.weight_mask
+            mask, factor = layer.weight_mask, layer.mask_factor_out()
             for spec, name in zip(layer.slices, layer.score_names):
                 keep = tile_mask(getattr(layer, name), spec.sparsity * fraction)
-                part = mask[spec.start:spec.stop]
-                part.copy_(expand_tiles(keep, part.shape, spec.tile))
+                expand_tiles_(mask[spec.start:spec.stop], keep, spec.tile, factor[spec.start:spec.stop])
+            layer.mask_factor_written()
 
     @torch.no_grad()
     def step(self, global_step: int) -> None:

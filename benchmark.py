@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Measure what sparsity costs in training and gains in inference: dense vs sparse, on this machine.
+
+    python benchmark.py --bench train --model resnet18 --img-size 32 --methods ste srste mdgf supermask gumbel
+    python benchmark.py --bench train --model vit_tiny_patch16_224 --model-kwargs img_size=32 patch_size=4 \\
+        depth=4 --img-size 32 --recipes configs/quickstart/srste_digits_2of4.yaml
+    python benchmark.py --bench infer --model output/run/export --backend semi_structured
+    python benchmark.py --bench masks --model resnet18
+
+``--bench train`` times full training steps (controller step, forward, backward, optimizer step) of the dense
+model and of each recipe, A/B interleaved in one process, and reports medians, the sparse/dense ratio, the
+step-time breakdown and memory. ``--bench infer`` times inference of the densified model against the
+accelerated one (sparse kernels). Results go to ``--output`` as JSON and CSV; a table is printed.
+See docs/performance.md for measured figures and the exact commands behind them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from cli_common import ConfigError, ParseKwargs, run_cli, setup_logging
+
+BUILTIN = ("dense", "ste", "srste", "mdgf", "supermask", "gumbel")  # sparsity.bench_train.BUILTIN_METHODS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", choices=["train", "infer", "masks"], default="train",
+                   help="masks: time the N:M mask kernel alone against topk + scatter")
+    p.add_argument("--model", default="resnet18",
+                   help="timm model name (infer also takes a checkpoint or an export directory)")
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="timm.create_model kwargs")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: 224 for train, the model's "
+                                                                "own for infer)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (train) or forwards (infer) per variant")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps/forwards per variant first")
+    p.add_argument("--output", default="", help="folder for bench_<kind>.json and .csv")
+    g = p.add_argument_group("train")
+    g.add_argument("--recipes", nargs="+", default=[], help="experiment YAMLs (their sparsity: block is used)")
+    g.add_argument("--methods", nargs="+", default=[],
+                   help=f"built-in recipes: {', '.join(BUILTIN)} (N:M on ff + q/k/v of a transformer, on every "
+                        "conv of a CNN; supermask: the same density in 8x8 tiles)")
+    g.add_argument("--nm", default="2:4", help="N:M of the built-in recipes")
+    g.add_argument("--block", type=int, default=1, help="consecutive steps of one variant before switching")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile backend")
+    g.add_argument("--opt", default="adamw")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also write a torch.profiler table of STEPS steps per variant (profile_<variant>.txt)")
+    g = p.add_argument_group("infer")
+    g.add_argument("--backend", default="semi_structured", choices=["semi_structured", "bsr"])
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    return p
+
+
+def _recipes(args, model_for_rules) -> dict:
+    from sparsity.bench_train import builtin_recipe
+    from sparsity.recipe import closest, load_recipe
+
+    try:
+        n, m = (int(v) for v in args.nm.split(":"))
+    except ValueError:
+        raise ConfigError(f"--nm must look like 2:4 (keep N of every M), got {args.nm!r}") from None
+    out: dict = {}
+    for name in args.methods:
+        if name not in BUILTIN:
+            raise ConfigError(f"--methods: unknown method {name!r} (valid: {', '.join(BUILTIN)})"
+                              f"{closest(name, BUILTIN)}")
+        out[name] = builtin_recipe(name, model_for_rules, n, m)
+    for path in args.recipes:
+        stem = Path(path).stem
+        out[stem if stem not in out else path] = load_recipe(path)
+    if not out:
+        raise ConfigError("--bench train needs --methods and/or --recipes (e.g. --methods ste srste)")
+    return out
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    def fmt(v):
+        if v is None:
+            return "n/a"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(k)) for k, _ in cols] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(cols)]
+    lines = ["  ".join(h.ljust(w) for (_, h), w in zip(cols, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _write(out_dir: str, kind: str, result: dict, rows: list[dict]) -> None:
+    if not out_dir:
+        return
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"bench_{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
+    keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
+    with open(path / f"bench_{kind}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _bench_train(args) -> int:
+    import timm
+    import torch
+
+    from sparsity.bench_train import TrainBenchSettings, bench_train, profile_train_step
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if not timm.is_model(args.model):
+        raise ConfigError(f"--model {args.model!r} is not a timm model name")
+    probe = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+    recipes = _recipes(args, probe)
+    del probe
+    settings = TrainBenchSettings(
+        batch_size=args.batch_size, img_size=args.img_size or 224, num_classes=args.num_classes, steps=args.steps,
+        warmup=args.warmup, block=args.block, device=device, amp=args.amp, channels_last=args.channels_last,
+        torchcompile=args.torchcompile, opt=args.opt, lr=args.lr, model_kwargs=dict(args.model_kwargs),
+    )
+    load_before = _load()
+
+    def progress(r: int, rounds: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\rround {r}/{rounds}", end="" if r < rounds else "\n", file=sys.stderr, flush=True)
+
+    result = bench_train(args.model, recipes, settings, on_progress=progress)
+    result["settings"]["loadavg_before"], result["settings"]["loadavg_after"] = load_before, _load()
+    rows = result["rows"]
+    s = result["settings"]
+    print(f"{args.model} {s['model_kwargs'] or ''} batch {s['batch_size']} img {s['img_size']} on {s['device_name']} "
+          f"({s['threads']} threads, amp={s['amp']}, channels_last={s['channels_last']}, "
+          f"compile={s['torchcompile']}), {rows[0]['steps']} steps per variant, load {load_before}, "
+          f"process max RSS {s['process_max_rss_mb']} MB")
+    peak = "peak step MB" if device.startswith("cuda") else "peak step MB (CUDA only)"
+    cols = [("variant", "variant"), ("step_ms", "step ms"), ("ratio", "ratio"), ("ratio_paired", "paired ratio"),
+            ("ratio_mean", "mean ratio"), ("mask_ms", "mask ms"), ("forward_ms", "fwd ms"), ("backward_ms", "bwd ms"),
+            ("optimizer_ms", "opt ms"), ("peak_step_mb", peak), ("state_mb", "state MB")]
+    print(_table(rows, cols))
+    _write(args.output, "train", result, rows)
+    if args.profile and args.output:
+        from sparsity.bench_train import builtin_recipe
+
+        for name, recipe in {"dense": builtin_recipe("dense", None), **recipes}.items():
+            table = profile_train_step(args.model, recipe, settings, steps=args.profile)
+            (Path(args.output) / f"profile_{name}.txt").write_text(table + "\n")
+    return 0
+
+
+def _bench_masks(args) -> int:
+    import torch
+
+    from sparsity.bench_train import bench_masks
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = bench_masks(args.model, {"num_classes": args.num_classes, **args.model_kwargs}, iters=args.steps,
+                         device=device, channels_last=args.channels_last)
+    result["settings"]["loadavg"] = _load()
+    print(f"{args.model}: N:M masks of every divisible Linear/Conv2d weight, {result['settings']['threads']} threads, "
+          f"load {result['settings']['loadavg']}")
+    print(_table(result["rows"], [(k, k) for k in result["rows"][0]]))
+    _write(args.output, "masks", result, result["rows"])
+    return 0
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _bench_infer(args) -> int:
+    import torch
+
+    try:
+        from sparsity.bench_infer import bench_infer
+    except ImportError as e:
+        raise ConfigError(f"--bench infer is not available in this build ({e}); use --bench train") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = bench_infer(args.model, backend=args.backend, batch_size=args.batch_size, img_size=args.img_size,
+                         dtype=getattr(torch, args.dtype), device=device, warmup=args.warmup, iters=args.steps,
+                         create_kwargs={"num_classes": args.num_classes, **args.model_kwargs})
+    summary = {k: v for k, v in result.items() if k != "layers"}
+    print(_table([summary], [(k, k) for k in summary]))
+    _write(args.output, "infer", result, result.get("layers") or [summary])
+    return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    import logging
+
+    logging.getLogger("sparsity").setLevel(logging.WARNING)  # sparsify_ tables would drown the results
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.bench == "masks":
+        return _bench_masks(args)
+    return _bench_train(args) if args.bench == "train" else _bench_infer(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
