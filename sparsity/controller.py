@@ -14,6 +14,12 @@ from .recipe import Recipe
 __all__ = ["SparsityController"]
 
 
+def _layer_kind(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Conv2d):
+        return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
+    return "linear"
+
+
 class SparsityController:
     """Call ``step(global_step)`` before the forward of every optimizer step.
 
@@ -86,15 +92,23 @@ class SparsityController:
         ``sparsity_forward`` (zeros in the weights the forward uses: lower while MDGF's beta > 0 or in a dense
         phase) and the method's own figures."""
         kept = nonzero = total = 0
+        by_kind: dict[str, list[int]] = {}  # layer type -> [kept, total]
         with torch.no_grad():
             for _, layer in self.layers:
-                kept += int(layer.weight_mask.sum())
+                k = int(layer.weight_mask.sum())
+                kept += k
                 nonzero += int((layer.sparse_weight() != 0).sum())
                 total += layer.weight.numel()
+                acc = by_kind.setdefault(_layer_kind(layer), [0, 0])
+                acc[0] += k
+                acc[1] += layer.weight.numel()
         out: dict[str, Any] = {
             "sparsity": round(1.0 - kept / total, 6) if total else 0.0,
             "sparsity_forward": round(1.0 - nonzero / total, 6) if total else 0.0,
         }
+        for kind in sorted(by_kind):  # achieved sparsity per layer type: linear, conv1x1, conv (other kernels)
+            k, t = by_kind[kind]
+            out[f"sparsity_{kind}"] = round(1.0 - k / t, 6)
         out.update(self.method.metrics())
         return out
 

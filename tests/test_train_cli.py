@@ -54,7 +54,7 @@ def test_train_then_validate(tmp_path, name, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 1
     for col in ("epoch", "step", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "sparsity",
-                "mask_flip_rate", "sparsity_forward", "beta", "pattern", "phase"):
+                "mask_flip_rate", "sparsity_forward", "sparsity_linear", "beta", "pattern", "phase"):
         assert col in rows[0], col
     assert int(rows[0]["step"]) == 5  # 1437 images / 256 per batch, last partial batch dropped (timm)
     result = json.loads((run / "results.json").read_text())
