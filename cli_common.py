@@ -63,10 +63,12 @@ def _check_value(action: argparse.Action, key: str, value, path: str) -> None:
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None,
-                      nested: tuple[str, ...] = ("sparsity",)) -> tuple[argparse.Namespace, dict]:
+                      nested: tuple[str, ...] = ("sparsity",),
+                      ignore: frozenset[str] = frozenset()) -> tuple[argparse.Namespace, dict]:
     """Parse ``argv`` with ``--config FILE`` providing defaults. Returns (args, nested blocks from the file).
 
-    Unknown keys in the file are errors naming the key, the file and the closest valid key.
+    Unknown keys in the file are errors naming the key, the file and the closest valid key; keys in ``ignore``
+    are accepted and dropped (validate.py reads a training recipe and ignores its training-only keys).
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", default=None)
@@ -78,6 +80,9 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
         for key in list(cfg):
             if key in nested:
                 blocks[key] = cfg.pop(key)
+                continue
+            if key in ignore and key not in actions:
+                del cfg[key]
                 continue
             if key not in actions:
                 raise ConfigError(f"unknown key '{key}' in {known.config}{closest(key, list(actions) + list(nested))}")

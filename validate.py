@@ -63,11 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from sparsity.errors import UserError
     from sparsity.trainer import build_loaders, init_distributed, resolve_data
 
-    parser = build_parser()
-    own = {a.dest for a in parser._actions}
-    for dest in _ignored_training_keys() - own:  # a training recipe is a valid --config here too
-        parser.add_argument(f"--{dest.replace('_', '-')}-ignored", dest=dest, help=argparse.SUPPRESS)
-    args, blocks = parse_with_config(parser, argv)
+    # a training recipe is a valid --config here too: its training-only keys are ignored
+    args, blocks = parse_with_config(build_parser(), argv, ignore=_ignored_training_keys())
     setup_logging()
     dist = init_distributed(args.device)
     path = Path(args.checkpoint)

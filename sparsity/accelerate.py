@@ -94,7 +94,7 @@ def _pattern(mod: nn.Module) -> str:
 
 
 @torch.no_grad()
-def _pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize: int | None) -> tuple[str | None, str]:
+def pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize: int | None) -> tuple[str | None, str]:
     """(why the pattern/shape/dtype cannot run on ``backend`` or None, a note for the table)."""
     if not isinstance(mod, nn.Linear):
         return "Conv2d: no commodity sparse conv kernel (would need im2col)", ""
@@ -149,7 +149,7 @@ def plan_acceleration(model: nn.Module, backend: str = "semi_structured", dtype:
             continue
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
-        problem, note = _pattern_problem(mod, backend, dtype, blocksize)
+        problem, note = pattern_problem(mod, backend, dtype, blocksize)
         device = _device_problem(mod.weight)
         runs = f"{backend}" + (f" ({note})" if note else "")
         if problem:

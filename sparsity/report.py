@@ -14,37 +14,19 @@ __all__ = ["sparsity_report", "format_report", "overall_sparsity", "accel_eligib
 
 
 def accel_eligibility(layer: MaskedMixin) -> str:
-    """Whether a commodity sparse kernel could run this layer (device-independent part of the pre-flight).
+    """Whether a commodity sparse kernel could run this layer, device aside (the pre-flight of
+    :func:`sparsity.accelerate.plan_acceleration`, which adds the device checks): 2:4 semi-structured in bf16 for
+    N:M layers, BSR for block-sparse ones. 1:8 and beyond have no faster kernel: at best they run as 2:4."""
+    from .accelerate import pattern_problem
 
-    2:4 semi-structured needs a Linear grouped along the input dim whose every slice keeps at most 2 of each
-    aligned 4 (2:4 itself, or 1:4, 1:8, 2:8, ... which then run as 2:4 with at most the 2:4 speedup) and both
-    dims multiples of 64; block (BSR) needs whole tiles. Nothing runs faster than 2:4 for 1:8 and beyond: no
-    commodity GPU kernel exists for them. :func:`sparsity.accelerate.plan_acceleration` adds the device checks.
-    """
     if not layer.slices:
         return "no: dense"
-    pats = {(s.n, s.m, s.sparse_dim) for s in layer.slices}
-    if all(s.n is not None for s in layer.slices):
-        if not isinstance(layer, nn.Linear):
-            return "no: semi-structured 2:4 kernels run Linear layers only (conv would need im2col)"
-        fits_24 = all(d == "row" and m % 4 == 0 and n <= 2 for n, m, d in pats)  # any aligned 4 keeps <= 2
-        if not fits_24 or sum(s.stop - s.start for s in layer.slices) != layer.weight.shape[0]:
-            return "no: only patterns within 2:4 along the input dim have a commodity kernel (" + \
-                ",".join(f"{n}:{m}" for n, m, _ in sorted(pats, key=str)) + ")"
-        out_f, in_f = layer.weight.shape
-        if out_f % 64 or in_f % 64:
-            return f"no: semi-structured needs both dims multiples of 64, got {out_f}x{in_f}"
-        if pats != {(2, 4, "row")}:
-            return "runs as 2:4 semi-structured (at most the 2:4 speedup; no faster kernel for this pattern)"
-        return "2:4 semi-structured (CUDA sm80+, fp16/bf16)"
-    tiles = {s.tile for s in layer.slices if s.tile}
-    if tiles and isinstance(layer, nn.Linear):
-        t = tiles.pop()
-        out_f, in_f = layer.weight.shape
-        if out_f % t or in_f % t:
-            return f"no: BSR needs dims divisible by tile {t}, got {out_f}x{in_f}"
-        return f"BSR tile {t} (CUDA)"
-    return "no: unstructured/other pattern has no commodity kernel"
+    backend = "bsr" if any(s.tile for s in layer.slices) else "semi_structured"
+    problem, note = pattern_problem(layer, backend, torch.bfloat16, None)
+    if problem:
+        return f"no: {problem}"
+    return ("2:4 semi-structured (CUDA sm80+, fp16/bf16)" if backend == "semi_structured" else "BSR (CUDA)") + \
+        (f"; {note}" if note else "")
 
 
 @torch.no_grad()

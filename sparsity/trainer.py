@@ -438,7 +438,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             save(checkpoint_dict(st.epoch, batch_idx + 1, None), run_dir / "recovery.pth.tar")
         _inject_fault("after_step", st.global_step, dist.rank, run_dir)
         if args.mask_check_interval and dist.distributed and st.global_step % args.mask_check_interval == 0:
-            check_masks_consistent(model, dist)
+            check_ranks_consistent(model, dist)
 
     eval_metrics: dict = {}
     t_start = time.perf_counter()
@@ -508,7 +508,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if wandb_run is not None:
         wandb_run.finish()
     if dist.distributed:
-        n = check_masks_consistent(model, dist, weights=True)
+        n = check_ranks_consistent(model, dist, weights=True)
         if dist.is_main:
             _logger.info("ranks identical: masks and weights (%d tensors compared across %d ranks)", n,
                          dist.world_size)
@@ -592,7 +592,7 @@ def _checksum(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def check_masks_consistent(model: nn.Module, dist: DistInfo, weights: bool = False) -> int:
+def check_ranks_consistent(model: nn.Module, dist: DistInfo, weights: bool = False) -> int:
     """Compare checksums of every mask (and with ``weights``, every parameter) across ranks.
 
     Divergence is an error naming the first differing tensor. Returns the number of tensors compared.

@@ -23,6 +23,15 @@ def tiny_model(kind: str, seed: int = 0):
     return timm.create_model(name, **kw)
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors on a shared 2-core box: one intra-op thread is faster and steadier."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_logs():
     logging.getLogger("sparsity").setLevel(logging.WARNING)

@@ -12,13 +12,7 @@ import sparsity
 from sparsity.masks import block_mask, unstructured_mask
 from sparsity.schedules import cubic_sparsity
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Net(nn.Module):

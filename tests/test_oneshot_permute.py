@@ -13,14 +13,7 @@ import sparsity
 from sparsity.masks import weight_is_nm, weight_nm_mask
 from sparsity.permute import find_pairs, kept_magnitude, permute_model_, search_permutation
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core box: one intra-op thread is faster and steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_vit():

@@ -11,13 +11,7 @@ import sparsity
 from sparsity.masks import weight_is_nm, weight_nm_mask
 from sparsity.methods.usd import allowed_n, erk_densities, next_n
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Net(nn.Module):
