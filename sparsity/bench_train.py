@@ -154,11 +154,12 @@ class _Variant:
                   if isinstance(t, torch.Tensor))
         caches = 0
         for _, layer in self.ctl.layers:
-            cached = getattr(layer, "_mask_factor", None)
-            if cached is not None:
-                caches += cached[1].numel() * cached[1].element_size()
+            for attr in ("_mask_factor", "_masked_cache"):  # float mask factor, precomputed W * E
+                cached = getattr(layer, attr, None)
+                if cached is not None:
+                    caches += cached[1].numel() * cached[1].element_size()
         ws = getattr(self.ctl.method, "_workspace", None) or {}
-        caches += sum(t.numel() * t.element_size() for t in ws.values())
+        caches += sum(t.numel() * t.element_size() for t in ws.values() if isinstance(t, torch.Tensor))
         return {"params": params, "buffers": buffers, "grads": grads, "optimizer": opt, "sparse_caches": caches}
 
 

@@ -62,6 +62,7 @@ class MaskedMixin:
         self.method: str = "dense"
         self.weight_fn: Callable[[MaskedMixin], torch.Tensor] = _dense_weight
         self._mask_factor: tuple[tuple, torch.Tensor] | None = None
+        self._masked_cache: tuple[tuple | None, torch.Tensor] | None = None  # (weight/mask key, W * E)
 
     def _factor_key(self) -> tuple | None:
         mask, w = self.weight_mask, self.weight
@@ -103,6 +104,53 @@ class MaskedMixin:
         key = self._factor_key()
         if cached is not None and key is not None and cached[0][3:] == key[3:]:
             self._mask_factor = (key, cached[1])
+
+    def _weight_key(self) -> tuple | None:
+        w, mask = self.weight, self.weight_mask
+        try:
+            return (id(w), w.data_ptr(), w._version, id(mask), mask.data_ptr(), mask._version)
+        except RuntimeError:  # inference tensors keep no version counter
+            return None
+
+    def masked_weight_out(self) -> torch.Tensor:
+        """A weight-shaped buffer (same strides) for a mask kernel to write ``W * E`` into, kept per layer; call
+        :meth:`masked_weight_written` once it holds ``W * E`` of the current weight and mask."""
+        w = self.weight
+        cached = getattr(self, "_masked_cache", None)
+        buf = None if cached is None else cached[1]
+        if buf is None or buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device \
+                or buf.stride() != w.stride():
+            buf = torch.empty_like(w.detach(), memory_format=torch.preserve_format)
+        self.__dict__["_masked_cache"] = (None, buf)  # plain attribute: skip nn.Module.__setattr__ (every step)
+        return buf
+
+    def masked_weight_written(self, beta: float = 0.0) -> None:
+        """Declare the buffer of :meth:`masked_weight_out` equal to ``W * (E + beta (1 - E))`` (``W * E`` for
+        beta 0) for the weight and mask as they are now (their version counters are recorded: any in-place
+        update, optimizer steps included, stales it)."""
+        cached = getattr(self, "_masked_cache", None)
+        if cached is not None:
+            key = self._weight_key()
+            self.__dict__["_masked_cache"] = (None if key is None else (*key, float(beta)), cached[1])
+
+    def fresh_masked_weight(self, beta: float = 0.0) -> torch.Tensor | None:
+        """The forward weight precomputed by the mask kernel for this ``beta`` if the weight and mask have not
+        changed since (the forward then multiplies nothing), else None. Always None while compiling: the
+        compiler fuses the product itself."""
+        if torch.compiler.is_compiling():  # first: the compiler must not trace (and guard on) the cache key
+            return None
+        cached = getattr(self, "_masked_cache", None)
+        if cached is None or cached[0] is None:
+            return None
+        key = self._weight_key()
+        return cached[1] if key is not None and cached[0] == (*key, float(beta)) else None
+
+    def __getstate__(self) -> dict:
+        # copies (deepcopy for an EMA model, pickling) drop the caches: they are rebuilt on demand
+        state = self.__dict__.copy()
+        state["_mask_factor"] = None
+        state["_masked_cache"] = None
+        return state
 
     def sparse_weight(self) -> torch.Tensor:
         """The weight the forward uses (W~ in DESIGN.md section 4)."""

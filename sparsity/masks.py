@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from . import native
+
 __all__ = [
     "nm_mask",
     "nm_masks_",
@@ -208,6 +210,25 @@ def _sort_keep_(mask: torch.Tensor, factor: torch.Tensor | None, groups: torch.T
         factor.copy_(keep)
 
 
+def _signature(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
+def _native_blocks(mask, factor, out, w, m: int, dim: int) -> tuple | None:
+    """(mask, factor, out, weight) as (A, m, T) block views for the native kernel, or None where it cannot take
+    them (no kernel for this dtype/device/m, or an output laid out unlike the weight)."""
+    wb = _block_view(w, m, dim) if m <= RANK_MAX_M else None
+    if wb is None or not native.supports(wb):
+        return None
+    views = []
+    for t in (mask, factor, out):
+        b = None if t is None else _block_view(t, m, dim)
+        if t is not None and (b is None or b.shape != wb.shape or (t is not mask and t.dtype != w.dtype)):
+            return None
+        views.append(b)
+    return (*views, wb)
+
+
 def nm_masks_(
     masks: list[torch.Tensor],
     weights: list[torch.Tensor],
@@ -216,6 +237,8 @@ def nm_masks_(
     dims: list[int],
     workspace: dict | None = None,
     factors: list[torch.Tensor | None] | None = None,
+    masked: list[torch.Tensor | None] | None = None,
+    beta: float = 0.0,
 ) -> None:
     """In place, for every i: ``masks[i] = nm_mask(weights[i], n, m, dims[i])``, batched over all tensors.
 
@@ -231,26 +254,50 @@ def nm_masks_(
         workspace: a dict the caller keeps between calls: scratch buffers are reused from it (no reallocation).
         factors: optional floating tensors shaped like ``weights`` (or None entries) that receive the same mask
             as 0/1, e.g. the masked layer's forward multiplier (:meth:`MaskedMixin.mask_factor`).
+        masked: optional tensors shaped like ``weights`` (or None entries) that receive the forward weight
+            ``w * (mask + beta * (1 - mask))``: ``w * mask`` for the default ``beta = 0``, MDGF's decayed weight
+            otherwise. Float32 on CPU with m in {2, 4, 8} they come out of the same pass as the mask
+            (:mod:`sparsity.native`).
+        beta: the factor of the pruned weights in ``masked``.
     """
     check_nm(n, m)
     factors = list(factors) if factors is not None else [None] * len(masks)
+    masked = list(masked) if masked is not None else [None] * len(masks)
     if n == m:
-        for mask, factor in zip(masks, factors):
+        for mask, factor, out, w in zip(masks, factors, masked, weights):
             mask.fill_(True)
             if factor is not None:
                 factor.fill_(1)
+            if out is not None:
+                out.copy_(w)
         return
+    beta = float(beta)
+    plan_key = ("native plan", n, m)
+    signature = None
+    if workspace is not None:  # the same tensors as last call (a controller, every step): reuse the kernel call
+        signature = (tuple(dims), *(_signature(t) for group in (masks, weights, factors, masked) for t in group))
+        plan = workspace.get(plan_key)
+        if plan is not None and plan[0] == signature and plan[1].run(beta):
+            return
     batches: dict[tuple, list] = {}
-    for mask, w, dim, factor in zip(masks, weights, dims, factors):
+    fused: list[tuple] = []  # units for the native kernel (float32 on CPU): one pass each
+    product: list[tuple] = []  # (out, w, mask) whose w * mask the torch path still owes
+    for mask, w, dim, factor, out in zip(masks, weights, dims, factors, masked):
         if mask.shape != w.shape or mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool with the weight's shape {tuple(w.shape)}, got {mask.dtype} "
                              f"{tuple(mask.shape)}")
         w = w.detach()
+        _group_view(w, m, dim)  # validates divisibility with a clear message
+        blocks = _native_blocks(mask, factor, out, w, m, dim)
+        if blocks is not None:
+            fused.append(blocks)
+            continue
+        if out is not None:
+            product.append((out, w, mask))
         if m > RANK_MAX_M:
             _sort_keep_(_group_view(mask, m, dim), None if factor is None else _group_view(factor, m, dim),
                         _group_view(w, m, dim), n)
             continue
-        _group_view(w, m, dim)  # validates divisibility with a clear message
         wb = _block_view(w, m, dim)
         if wb is None:  # exotic strides: rank a contiguous copy
             wb = _block_view(w.contiguous(), m, dim)
@@ -270,6 +317,15 @@ def nm_masks_(
             continue
         run = wb.shape[2] if wb.shape[2] >= NATURAL_MIN_T else 0  # natural-layout chunks share one run length
         batches.setdefault((wb.dtype, wb.device, run), []).append((mb, fb, wb))
+    batch = native.NativeBatch(fused, n, m) if fused and native.kernel() is not None else None
+    if batch is not None and not batches and not product and workspace is not None:
+        workspace[plan_key] = (signature, batch)  # every tensor went to the kernel: next call skips the planning
+    if fused and (batch is None or not batch.run(beta)):  # no kernel (no compiler, SPARSITY_NATIVE=0): torch ops
+        for mb, fb, ob, wb in fused:
+            run = wb.shape[2] if wb.shape[2] >= NATURAL_MIN_T else 0
+            batches.setdefault((wb.dtype, wb.device, run), []).append((mb, fb, wb))
+            if ob is not None:
+                product.append((ob, wb, mb))
     for units in batches.values():
         chunk, count = [], 0
         for mask_block, factor_block, w_block in units:
@@ -284,6 +340,12 @@ def nm_masks_(
                 count += piece[2].numel()
         if chunk:
             _rank_keep_(chunk, n, m, workspace)
+    for out, w, mask in product:
+        if beta:
+            torch.where(mask, w, w * beta, out=out)
+        else:  # 0/1 in the weight's dtype, then times w: both vectorized same-dtype kernels
+            out.copy_(mask.view(torch.uint8))
+            out.mul_(w)
 
 
 def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:

@@ -99,12 +99,58 @@ class _NMWeight(torch.autograd.Function):
         return grad, None, None, None, None  # straight-through: g untouched, no op
 
 
+class _NMFromMasked(torch.autograd.Function):
+    """The same functions as :class:`_NMWeight` for ``ste``/``srste``/``mdgf`` (STE gradient), from the forward
+    weight the mask kernel already wrote (:meth:`MaskedMixin.fresh_masked_weight`: ``W * E``, or for MDGF
+    ``W * (E + beta (1 - E))``): the forward computes nothing.
+
+    The output aliases that buffer (``detach()`` shares its version counter), so a backward after the buffer was
+    rewritten fails loudly instead of using new values. SR-STE's ``W - W * E`` is exactly ``W * (1 - E)``: kept
+    weights still pass bit-exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, masked, mode: str, lam: float):
+        ctx.mode, ctx.lam = mode, lam
+        if mode == "srste":
+            ctx.save_for_backward(weight, masked)
+        return masked.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.mode == "srste":
+            weight, masked = ctx.saved_tensors
+            pruned = torch.sub(weight, masked)  # W * (1 - E), exactly; addcmul rounds as the factor path does
+            return torch.addcmul(grad, pruned, pruned.new_ones(()), value=ctx.lam), None, None, None
+        return grad, None, None, None
+
+
+#: modes whose forward can start from the precomputed W * E
+_FROM_MASKED = ("ste", "srste", "mdgf")
+
+
 def nm_weight(layer: MaskedMixin) -> torch.Tensor:
     """``weight_fn`` of the N:M family: reads the layer's ``sparse_mode``, ``sparse_beta`` and ``srste_lambda``."""
     mode = layer.sparse_mode
     if mode == "dense":
         return layer.weight
+    if mode in _FROM_MASKED:
+        masked = layer.fresh_masked_weight(layer.sparse_beta_value if mode == "mdgf" else 0.0)
+        if masked is not None:
+            return _NMFromMasked.apply(layer.weight, masked, mode, layer.srste_lambda)
     return _NMWeight.apply(layer.weight, layer.mask_factor(), layer.sparse_beta, mode, layer.srste_lambda)
+
+
+def _gaps(runs: list[tuple], rows: int) -> list[tuple[int, int]]:
+    """Row ranges of ``[0, rows)`` outside every run (runs are (n, m, sparse_dim, start, stop), sorted)."""
+    gaps, at = [], 0
+    for *_, start, stop in sorted(runs, key=lambda r: r[3]):
+        if start > at:
+            gaps.append((at, start))
+        at = max(at, stop)
+    if at < rows:
+        gaps.append((at, rows))
+    return gaps
 
 
 @register_method("dense")
@@ -148,6 +194,7 @@ class NMMethod(SparsityMethod):
     def prepare_layer(cls, recipe: Recipe, layer: MaskedMixin) -> None:
         layer.register_buffer("sparse_beta", torch.zeros((), dtype=layer.weight.dtype,
                                                          device=layer.weight.device), persistent=False)
+        layer.sparse_beta_value = 0.0  # the same as a float: which precomputed forward weight is current
         # W * E until the controller says otherwise: the same function as the dense layer while the mask is all
         # True, and the sparse model as soon as a checkpoint's masks are loaded (validate/export need no controller).
         layer.sparse_mode = "ste"
@@ -170,6 +217,7 @@ class NMMethod(SparsityMethod):
         self.patterns: dict[str, str] = {}
         self._workspace: dict = {}  # scratch of the batched mask kernel, reused every step
         self._beta_set: float | None = None  # value last written to the layers' sparse_beta buffers
+        self._run_cache: dict[tuple, list] = {}  # (fqn, ladder frame) -> row runs of one pattern each
 
     # ---- per-step logic -------------------------------------------------------------------------------------
     def _mode(self) -> str:
@@ -194,22 +242,29 @@ class NMMethod(SparsityMethod):
         return [tuple(r) for r in runs]
 
     @torch.no_grad()
-    def _compute_masks(self, phase: Phase | None) -> None:
+    def _compute_masks(self, phase: Phase | None, beta: float = 0.0) -> None:
         """Masks for the patterns in force at ``phase`` (None: the target patterns), in place: one batched
         :func:`nm_masks_` call per distinct N:M over all layers, scratch reused from ``self._workspace``."""
         calls: dict[tuple[int, int], tuple[list, list, list, list]] = {}
+        frame = None if phase is None else self._frames(phase)
         for fqn, layer in self.layers:
-            w, mask, factor = layer.weight, layer.weight_mask, layer.mask_factor_out()
-            for n, m, sparse_dim, start, stop in self._runs(fqn, layer, phase):
-                masks, weights, dims, factors = calls.setdefault((n, m), ([], [], [], []))
+            w, mask, out = layer.weight, layer.weight_mask, layer.masked_weight_out()
+            runs = self._run_cache.get((fqn, frame))
+            if runs is None:  # the runs depend on the phase only through its ladder frame
+                runs = self._run_cache[(fqn, frame)] = self._runs(fqn, layer, phase)
+            for n, m, sparse_dim, start, stop in runs:
+                masks, weights, dims, outs = calls.setdefault((n, m), ([], [], [], []))
                 masks.append(mask[start:stop])
                 weights.append(w[start:stop])
                 dims.append(grouped_dim(w, sparse_dim))
-                factors.append(factor[start:stop])
-        for (n, m), (masks, weights, dims, factors) in calls.items():
-            nm_masks_(masks, weights, n, m, dims, workspace=self._workspace, factors=factors)
+                outs.append(out[start:stop])
+            for start, stop in _gaps(runs, w.shape[0]):  # rows no pattern covers stay dense
+                out[start:stop].copy_(w[start:stop])
+        for (n, m), (masks, weights, dims, outs) in calls.items():
+            # the forward weight comes out of the same pass (native kernel): ste/srste/mdgf multiply nothing
+            nm_masks_(masks, weights, n, m, dims, workspace=self._workspace, masked=outs, beta=beta)
         for _, layer in self.layers:
-            layer.mask_factor_written()
+            layer.masked_weight_written(beta)
 
     def _frames(self, phase: Phase) -> tuple[int, ...]:
         """Frame index of every ladder length: masks must be recomputed when any of them moves."""
@@ -244,20 +299,23 @@ class NMMethod(SparsityMethod):
             for _, layer in self.layers:  # optimizer momentum must not revive pruned weights
                 layer.weight.mul_(layer.mask_factor())
         elif due and self.last_update != global_step:
-            self._compute_masks(phase if frame is not None else None)
+            self._compute_masks(phase if frame is not None else None, self.beta if mode == "mdgf" else 0.0)
             self.last_update = global_step
         self.frame = frame
         refill = self.beta != self._beta_set
         for _, layer in self.layers:
-            layer.sparse_mode = mode
+            if layer.sparse_mode != mode:
+                layer.sparse_mode = mode
             if refill:
                 layer.sparse_beta.fill_(self.beta)
+                layer.sparse_beta_value = self.beta
         self._beta_set = self.beta
 
     def sync(self, src: MaskedMixin, dst: MaskedMixin) -> None:
         dst.weight_mask.copy_(src.weight_mask)
         dst.sparse_mode = src.sparse_mode
         dst.sparse_beta.copy_(src.sparse_beta)
+        dst.sparse_beta_value = src.sparse_beta_value
 
     def finalize(self) -> None:
         """Leave a binary mask: masks recomputed from the final weights unless frozen, beta = 0."""
@@ -267,6 +325,7 @@ class NMMethod(SparsityMethod):
         for _, layer in self.layers:
             layer.sparse_mode = "frozen"
             layer.sparse_beta.zero_()
+            layer.sparse_beta_value = 0.0
         self._beta_set = 0.0
 
     def current_patterns(self) -> dict[str, str]:

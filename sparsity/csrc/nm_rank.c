@@ -1,0 +1,217 @@
+/* Exact top-n-of-m magnitude masks on CPU in one fused pass: each weight is read once and its mask, the 0/1
+ * factor the forward multiplies by and/or the forward's weight (W * E, or MDGF's W * (E + beta (1 - E))) are
+ * written from the same pass.
+ *
+ * Semantics are those of sparsity.masks.nm_mask: a key is the weight's bit pattern with the sign bit cleared (as
+ * a signed integer of the same width it orders like |w|, NaN above inf), position i of a group is beaten by a
+ * lower position j < i when key[j] >= key[i] and by a higher one j > i when key[j] > key[i] (the lower index
+ * wins ties), and i is kept iff fewer than n positions beat it: exactly n per group.
+ *
+ * Every tensor is an (A, m, T) block in memory order: element (a, i, t) at (a * m + i) * T + t, so position i
+ * of group (a, t) is a run of T contiguous elements (T = 9 for a 3x3 conv grouped along input channels, 1 for a
+ * Linear). T > 1 vectorizes over t, T = 1 over a. Keep words go to a small stack buffer first and the outputs
+ * are written from it in plain loops: a byte store inside the rank loop would set the vector width to 64 lanes,
+ * which short runs (T = 9) never fill. float32 only, m in {2, 4, 8} unrolled as constants, T in {1, 9} as
+ * constants too (other T: a runtime bound, still vectorized); pthreads split the a-blocks evenly.
+ *
+ * Built by sparsity/native.py with the system C compiler; without one, sparsity.masks uses torch ops instead.
+ */
+#include <pthread.h>
+#include <stdint.h>
+
+#define MAX_M 16
+#define MAX_THREADS 64
+#define CHUNK 2048 /* elements ranked per stack buffer */
+#define UNROLL _Pragma("GCC unroll 16")
+
+/* Outputs are written with streaming (non-temporal) stores where AVX-512 is there: they are weight-sized, far
+ * larger than the caches, so reading their old lines in before overwriting them (what plain stores do) is a
+ * third of the kernel's memory traffic for nothing. */
+#if defined(__AVX512F__) && !defined(NM_NO_STREAMING)
+#include <immintrin.h>
+#define STREAMING 1
+#else
+#define STREAMING 0
+#endif
+
+/* dst[e] = kb[e] & 1 as bytes */
+static inline void out_bytes(uint8_t *restrict dst, const int32_t *restrict kb, int64_t len) {
+    int64_t e = 0;
+#if STREAMING
+    for (; e < len && ((uintptr_t)(dst + e) & 15); e++) dst[e] = (uint8_t)(kb[e] & 1);
+    for (; e + 16 <= len; e += 16) {
+        __m512i k = _mm512_and_si512(_mm512_loadu_si512((const void *)(kb + e)), _mm512_set1_epi32(1));
+        _mm_stream_si128((__m128i *)(dst + e), _mm512_cvtepi32_epi8(k));
+    }
+#endif
+    for (; e < len; e++) dst[e] = (uint8_t)(kb[e] & 1);
+}
+
+/* dst[e] = kb[e] & c (the 0/1 factor: c = bits of 1.0) */
+static inline void out_const(int32_t *restrict dst, const int32_t *restrict kb, int32_t c, int64_t len) {
+    int64_t e = 0;
+#if STREAMING
+    for (; e < len && ((uintptr_t)(dst + e) & 63); e++) dst[e] = kb[e] & c;
+    const __m512i cv = _mm512_set1_epi32(c);
+    for (; e + 16 <= len; e += 16)
+        _mm512_stream_si512((void *)(dst + e), _mm512_and_si512(_mm512_loadu_si512((const void *)(kb + e)), cv));
+#endif
+    for (; e < len; e++) dst[e] = kb[e] & c;
+}
+
+/* dst = w where kept, beta * w where not: W * E for beta = 0, MDGF's forward weight W * (E + beta (1 - E))
+ * otherwise, bit for bit what torch's products give (beta * w rounded once; 0 * w is -0 for negative w and NaN
+ * for a non-finite w, as in W * E) */
+static inline void out_masked(float *restrict dst, const int32_t *restrict kb, const float *restrict w, float beta,
+                              int64_t len) {
+    int64_t e = 0;
+#if STREAMING
+    for (; e < len && ((uintptr_t)(dst + e) & 63); e++) dst[e] = kb[e] ? w[e] : beta * w[e];
+    const __m512 bv = _mm512_set1_ps(beta);
+    for (; e + 16 <= len; e += 16) {
+        __m512 v = _mm512_loadu_ps(w + e);
+        __mmask16 keep = _mm512_test_epi32_mask(_mm512_loadu_si512((const void *)(kb + e)), _mm512_set1_epi32(-1));
+        _mm512_stream_ps(dst + e, _mm512_mask_blend_ps(keep, _mm512_mul_ps(bv, v), v));
+    }
+#endif
+    for (; e < len; e++) dst[e] = kb[e] ? w[e] : beta * w[e];
+}
+
+/* keep word (all ones / all zeros) of every position of one group: IDX(i) = position i in w, KIDX(i) in kb */
+#define RANK_GROUP(ST, IDX, KIDX)                                                                              \
+    {                                                                                                          \
+        ST k[MAX_M];                                                                                           \
+        UNROLL for (int i = 0; i < m; i++) k[i] = w[IDX(i)] & SIGN;                                            \
+        UNROLL for (int i = 0; i < m; i++) {                                                                   \
+            ST beaten = 0;                                                                                     \
+            UNROLL for (int j = 0; j < i; j++) beaten += k[j] >= k[i];                                         \
+            UNROLL for (int j = i + 1; j < m; j++) beaten += k[j] > k[i];                                      \
+            kb[KIDX(i)] = -(ST)(beaten < (ST)n);                                                               \
+        }                                                                                                      \
+    }
+#define CON_IDX(i) (a * m + (i))
+#define CON_KIDX(i) ((a - a0) * m + (i))
+#define NAT_IDX(i) (base + (int64_t)(i) * T + t)
+#define NAT_KIDX(i) (off + (int64_t)(i) * T + t)
+
+/* a-blocks [a_lo, a_hi) of one (A, m, T) unit; MS: compile-time m; TS: compile-time T, 0 = the runtime T_rt */
+#define DEFINE_RANGE(NAME, ST, SIGNV, MS, TS)                                                                  \
+    static void NAME(const ST *restrict w, uint8_t *restrict mk, ST *restrict fa, ST *restrict ma,            \
+                     int64_t T_rt, int64_t a_lo, int64_t a_hi, int m_rt, int n, ST one, float beta) {                      \
+        const ST SIGN = (ST)(SIGNV);                                                                           \
+        const int m = (MS);                                                                                    \
+        const int64_t T = (TS) ? (TS) : T_rt;                                                                  \
+        (void)m_rt;                                                                                            \
+        ST kb[CHUNK];                                                                                          \
+        int64_t per = CHUNK / (m * T) > 0 ? CHUNK / (m * T) : 1; /* a-blocks per buffer (m * T <= CHUNK) */    \
+        for (int64_t a0 = a_lo; a0 < a_hi; a0 += per) {                                                        \
+            int64_t a1 = a0 + per < a_hi ? a0 + per : a_hi;                                                    \
+            if (T == 1) {                                                                                      \
+                for (int64_t a = a0; a < a1; a++) RANK_GROUP(ST, CON_IDX, CON_KIDX)                            \
+            } else {                                                                                           \
+                for (int64_t a = a0; a < a1; a++) {                                                            \
+                    int64_t base = a * m * T, off = (a - a0) * m * T;                                          \
+                    _Pragma("GCC ivdep") for (int64_t t = 0; t < T; t++) RANK_GROUP(ST, NAT_IDX, NAT_KIDX)     \
+                }                                                                                              \
+            }                                                                                                  \
+            int64_t e0 = a0 * m * T, len = (a1 - a0) * m * T;                                                  \
+            out_bytes(mk + e0, kb, len);                                                                       \
+            if (fa) out_const(fa + e0, kb, one, len);                                                          \
+            if (ma) out_masked((float *)(ma + e0), kb, (const float *)(w + e0), beta, len);                    \
+        }                                                                                                      \
+    }
+
+typedef void (*range_fn)(const void *, uint8_t *, void *, void *, int64_t, int64_t, int64_t, int, int, uint64_t,
+                         float);
+
+#define DEFINE_WRAP(NAME, ST)                                                                                  \
+    static void w_##NAME(const void *w, uint8_t *mk, void *fa, void *ma, int64_t T, int64_t a0, int64_t a1,    \
+                         int m, int n, uint64_t one, float beta) {                                             \
+        NAME((const ST *)w, mk, (ST *)fa, (ST *)ma, T, a0, a1, m, n, (ST)one, beta);                           \
+    }
+#define DEFINE_SPEC(TAG, ST, SIGNV, MS, TS)                                                                    \
+    DEFINE_RANGE(r_##TAG##_m##MS##_t##TS, ST, SIGNV, MS, TS)                                                   \
+    DEFINE_WRAP(r_##TAG##_m##MS##_t##TS, ST)
+
+/* float32 (the dtype of training weights, AMP included) with m in {2, 4, 8}; T in {1, 9} as constants. Other
+ * dtypes and m return -1 and the caller ranks with torch ops: a runtime m does not unroll and is no faster. */
+DEFINE_SPEC(i32, int32_t, 0x7FFFFFFF, 2, 1)
+DEFINE_SPEC(i32, int32_t, 0x7FFFFFFF, 2, 0)
+DEFINE_SPEC(i32, int32_t, 0x7FFFFFFF, 4, 1)
+DEFINE_SPEC(i32, int32_t, 0x7FFFFFFF, 4, 9)
+DEFINE_SPEC(i32, int32_t, 0x7FFFFFFF, 4, 0)
+DEFINE_SPEC(i32, int32_t, 0x7FFFFFFF, 8, 1)
+DEFINE_SPEC(i32, int32_t, 0x7FFFFFFF, 8, 9)
+DEFINE_SPEC(i32, int32_t, 0x7FFFFFFF, 8, 0)
+
+static range_fn pick(int width, int m, int64_t T) {
+    if (width != 4) return 0;
+    if (m == 2) return T == 1 ? w_r_i32_m2_t1 : w_r_i32_m2_t0;
+    if (m == 4) return T == 1 ? w_r_i32_m4_t1 : T == 9 ? w_r_i32_m4_t9 : w_r_i32_m4_t0;
+    if (m == 8) return T == 1 ? w_r_i32_m8_t1 : T == 9 ? w_r_i32_m8_t9 : w_r_i32_m8_t0;
+    return 0;
+}
+
+typedef struct {
+    int64_t nunits;
+    void *const *w;
+    uint8_t *const *mask;
+    void *const *factor;
+    void *const *masked;
+    const int64_t *A, *T;
+    int m, n, width;
+    uint64_t one;
+    float beta;
+    int64_t lo, hi; /* this worker's share: the a-blocks whose first element lies in [lo, hi) of all units */
+} job_t;
+
+static void *worker(void *arg) {
+    const job_t *j = (const job_t *)arg;
+    int64_t start = 0;
+    for (int64_t u = 0; u < j->nunits && start < j->hi; u++) {
+        int64_t size = (int64_t)j->m * j->T[u], end = start + j->A[u] * size;
+        int64_t a0 = j->lo > start ? (j->lo - start + size - 1) / size : 0;
+        int64_t a1 = j->hi < end ? (j->hi - start + size - 1) / size : j->A[u];
+        if (a0 < a1)
+            pick(j->width, j->m, j->T[u])(j->w[u], j->mask[u], j->factor[u], j->masked[u], j->T[u], a0, a1, j->m,
+                                          j->n, j->one, j->beta);
+        start = end;
+    }
+#if STREAMING
+    _mm_sfence(); /* streaming stores are weakly ordered: publish them before the thread reports done */
+#endif
+    return 0;
+}
+
+/* Masks for nunits blocks: w[u], mask[u] (bytes 0/1), factor[u] (0/1) and masked[u] (W * (E + beta (1 - E)))
+ * (NULL: not written), each A[u] x m x T[u] elements of `width` bytes. Returns 0, or -1 for arguments it does not handle (nothing written). */
+int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *factor, void *const *masked,
+            const int64_t *A, const int64_t *T, int m, int n, int width, uint64_t one, float beta, int nthreads) {
+    if (m < 1 || m > MAX_M || n < 1 || n > m || !pick(width, m, 1)) return -1;
+    int64_t total = 0;
+    for (int64_t u = 0; u < nunits; u++) {
+        if (A[u] < 0 || T[u] < 1 || (int64_t)m * T[u] > CHUNK) return -1;
+        total += A[u] * m * T[u];
+    }
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (total < ((int64_t)1 << 16) * nthreads) nthreads = 1; /* small work: a thread costs more than it saves */
+    job_t jobs[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int i = 0; i < nthreads; i++) {
+        job_t j = {nunits, w, mask, factor, masked, A, T, m, n, width, one, beta, total * i / nthreads,
+                   total * (i + 1) / nthreads};
+        jobs[i] = j;
+        started[i] = 0;
+    }
+    for (int i = 1; i < nthreads; i++) started[i] = pthread_create(&tid[i], 0, worker, &jobs[i]) == 0;
+    worker(&jobs[0]);
+    for (int i = 1; i < nthreads; i++) {
+        if (started[i])
+            pthread_join(tid[i], 0);
+        else
+            worker(&jobs[i]); /* no thread could be started: do its share here */
+    }
+    return 0;
+}

@@ -1,0 +1,162 @@
+"""The optional native CPU mask kernel (``csrc/nm_rank.c``): built on first use, cached, loaded with ctypes.
+
+Exact N:M masks over every selected weight are the sparse path's biggest per-step cost on CPU. In eager PyTorch
+they take a key pass plus ``m - 1`` duels of three ops each (about nine passes over the weights); the C kernel
+reads each weight once and writes the mask, the forward's 0/1 factor and optionally ``W * E`` in the same pass,
+on ``torch.get_num_threads()`` pthreads. Semantics are identical (tests compare the two bit for bit).
+
+It is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into a per-user cache keyed by
+the source, the flags and the CPU's feature flags (``-march=native`` code must not meet another CPU), written
+atomically. No compiler, a failed build or ``SPARSITY_NATIVE=0`` in the environment: :func:`kernel` returns None
+and :mod:`sparsity.masks` uses its torch implementation; the reason is logged once and kept in :func:`status`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch.autograd.graph import increment_version
+
+__all__ = ["kernel", "status", "NativeBatch", "nm_keep_native", "supports"]
+
+_log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("csrc") / "nm_rank.c"
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11"]
+_ONE_F32 = 0x3F800000  # bit pattern of 1.0f: the factor's "kept"
+#: longest group block (m * T elements, T = the run of one group position) the kernel's stack buffer holds
+MAX_BLOCK = 2048
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_status: str | None = None  # None: not tried yet
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPARSITY_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sparsity-timm")
+    return Path(root)
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()
+    target = _cache_dir() / f"nm_rank-{key[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+            os.replace(tmp, target)  # atomic: concurrent builders (DDP ranks) each publish a whole file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    fn = lib.nm_keep
+    p = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_int64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint64,
+                   ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first call; None when it is disabled or cannot be built."""
+    global _lib, _status
+    if _status is not None:
+        return _lib
+    with _lock:
+        if _status is not None:
+            return _lib
+        if os.environ.get("SPARSITY_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+            _status = "disabled by SPARSITY_NATIVE=0"
+        else:
+            try:
+                _lib = _build()
+                _status = "loaded"
+            except Exception as exc:  # noqa: BLE001 - any failure means: use the torch path
+                _lib = None
+                _status = f"unavailable ({exc}); N:M masks use the torch implementation"
+                _log.info("native N:M mask kernel %s", _status)
+    return _lib
+
+
+def status() -> str:
+    """``loaded``, ``disabled by ...`` or ``unavailable (why)``; builds the kernel if not tried yet."""
+    kernel()
+    return _status or "not tried"
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[0 if t is None else t.data_ptr() for t in tensors])
+
+
+def supports(block: torch.Tensor) -> bool:
+    """Whether the kernel handles an (A, m, T) weight block: float32 on CPU, m in {2, 4, 8}, contiguous, m * T at
+    most :data:`MAX_BLOCK`. Everything else is ranked by the torch implementation."""
+    return (block.device.type == "cpu" and block.dtype == torch.float32 and block.shape[1] in (2, 4, 8)
+            and block.shape[1] * block.shape[2] <= MAX_BLOCK and block.is_contiguous())
+
+
+class NativeBatch:
+    """One kernel call over ``units`` of (mask, factor or None, masked or None, weight): contiguous (A, m, T) block
+    views of one shape per unit, float32 on CPU (bool mask). The pointer arrays are built once, so a caller that
+    keeps the batch (the masks of a whole model, every step) pays only the call."""
+
+    def __init__(self, units: list[tuple], n: int, m: int) -> None:
+        self.units, self.n, self.m = units, n, m
+        count = len(units)
+        self._args = (
+            count, _ptrs([u[3] for u in units]), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]),
+            _ptrs([u[2] for u in units]), (ctypes.c_int64 * count)(*[u[3].shape[0] for u in units]),
+            (ctypes.c_int64 * count)(*[u[3].shape[2] for u in units]), m, n, 4, _ONE_F32,
+        )
+        self._written = [t for u in units for t in u[:3] if t is not None]
+
+    def run(self, beta: float = 0.0) -> bool:
+        """Compute the masks (``masked`` outputs: ``W * (E + beta (1 - E))``); False if the kernel is unavailable
+        or refuses the arguments (nothing written then)."""
+        lib = kernel()
+        if lib is None or not self.units or lib.nm_keep(*self._args, beta, torch.get_num_threads()) != 0:
+            return False
+        # writes through raw pointers bypass autograd's version counters: bump them as an in-place op would, so
+        # caches keyed on them (the mask factor, the precomputed W * E) and saved-tensor checks see the change
+        increment_version(self._written)
+        return True
+
+
+def nm_keep_native(units: list[tuple], n: int, m: int, beta: float = 0.0) -> bool:
+    """:class:`NativeBatch` ``(units, n, m).run(beta)``: False if nothing was written."""
+    return kernel() is not None and NativeBatch(units, n, m).run(beta)

@@ -1,0 +1,193 @@
+"""The native CPU mask kernel (sparsity/csrc/nm_rank.c) against the torch implementation, bit for bit, and the
+precomputed forward weight it writes (W * E, MDGF's W * (E + beta (1 - E))) against the multiply-in-forward path."""
+
+import shutil
+
+import pytest
+import timm
+import torch
+
+import sparsity
+from sparsity import masks as M
+from sparsity import native
+from sparsity.bench_train import builtin_recipe
+
+needs_kernel = pytest.mark.skipif(native.status() != "loaded", reason=f"native kernel: {native.status()}")
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run nm_masks_ as if no C compiler were there."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_status", "disabled for this test")
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.status() == "loaded"
+
+
+def _cases(gen):
+    """(weight, dim) pairs: Linear, 3x3 conv (T = 9), 1x1 conv, 5x5 conv (runtime T), channels-last, grouped along
+    dim 0, values with many ties / signed zeros / NaN / inf / subnormals."""
+    base = [((96, 64), 1), ((48, 32, 3, 3), 1), ((64, 16, 1, 1), 1), ((16, 32, 5, 5), 1), ((64, 48), 0)]
+    out = []
+    for shape, dim in base:
+        out.append((torch.randn(shape, generator=gen), dim))
+        tied = torch.randint(-2, 3, shape, generator=gen).float()
+        flat = tied.view(-1)
+        flat[::11] = float("nan")
+        flat[5::13] = float("inf")
+        flat[7::17] = -0.0
+        flat[3::19] = 1e-42  # subnormal
+        out.append((tied, dim))
+    out.append((torch.randn(32, 64, 3, 3, generator=gen).to(memory_format=torch.channels_last), 1))
+    return out
+
+
+def _run(ws, dims, n, m, beta):
+    masks = [torch.zeros(w.shape, dtype=torch.bool) for w in ws]
+    factors = [torch.full_like(w, 5.0) for w in ws]
+    outs = [torch.full_like(w, 7.0) for w in ws]
+    M.nm_masks_(masks, ws, n, m, dims, factors=factors, masked=outs, beta=beta)
+    return masks, factors, outs
+
+
+def _same(a, b):
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,m", [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8), (7, 8)])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.7])
+def test_native_equals_torch_path_bit_for_bit(n, m, beta, monkeypatch):
+    gen = torch.Generator().manual_seed(m * 10 + n)
+    cases = [(w, d) for w, d in _cases(gen) if w.shape[d] % m == 0]
+    ws, dims = [w for w, _ in cases], [d for _, d in cases]
+    got = _run(ws, dims, n, m, beta)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_status", "off")
+    want = _run(ws, dims, n, m, beta)
+    for kind, g, w in zip(("mask", "factor", "masked"), got, want):
+        for a, b, x in zip(g, w, ws):
+            assert _same(a, b), (kind, tuple(x.shape), n, m, beta)
+    for mask, out, w in zip(got[0], got[2], ws):  # the forward weight: w where kept, beta * w where pruned
+        expect = torch.where(mask, w, w * beta) if beta else w * mask
+        assert _same(out, expect)
+
+
+@needs_kernel
+def test_native_writes_bump_version_counters():
+    w = torch.randn(64, 64)
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    out = torch.empty(64, 64)
+    before = (mask._version, out._version)
+    M.nm_masks_([mask], [w], 2, 4, [1], masked=[out])
+    assert mask._version > before[0] and out._version > before[1]  # caches keyed on versions see the write
+
+
+@needs_kernel
+def test_kept_plan_follows_new_tensors():
+    """A workspace keeps the kernel's pointer arrays between calls; new tensors must not be written through them."""
+    ws = {}
+    w1, w2 = torch.randn(32, 32), torch.randn(32, 32)
+    m1 = torch.zeros(32, 32, dtype=torch.bool)
+    M.nm_masks_([m1], [w1], 2, 4, [1], workspace=ws)
+    m2 = torch.zeros(32, 32, dtype=torch.bool)
+    M.nm_masks_([m2], [w2], 2, 4, [1], workspace=ws)
+    assert torch.equal(m1, M.nm_mask(w1, 2, 4)) and torch.equal(m2, M.nm_mask(w2, 2, 4))
+
+
+def test_torch_fallback_gives_the_same_masks(torch_only):
+    w = torch.randint(-2, 3, (16, 32, 3, 3)).float()
+    out = torch.empty_like(w)
+    mask = torch.empty(w.shape, dtype=torch.bool)
+    M.nm_masks_([mask], [w], 2, 4, [1], masked=[out], beta=0.25)
+    g = M._group_view(mask, 4, 1)
+    assert bool((g.sum(-1) == 2).all())
+    assert torch.equal(out, torch.where(mask, w, w * 0.25))
+
+
+def test_failed_build_falls_back_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setenv("SPARSITY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.kernel() is None
+    assert native.status().startswith("unavailable (no C compiler")
+    w = torch.randn(8, 16)
+    assert bool((M._group_view(M.nm_mask(w, 2, 4), 4, 1).sum(-1) == 2).all())
+
+
+def test_env_var_disables_the_kernel(monkeypatch):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setenv("SPARSITY_NATIVE", "0")
+    assert native.kernel() is None and native.status() == "disabled by SPARSITY_NATIVE=0"
+
+
+def _tiny_resnet(method, **opts):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    recipe = builtin_recipe(method, model)
+    recipe = sparsity.recipe_from_dict({**recipe.to_dict(), **opts})
+    sparsity.sparsify_(model, recipe)
+    return model, recipe
+
+
+@pytest.mark.parametrize("method", ["ste", "srste", "mdgf"])
+def test_precomputed_forward_weight_equals_multiplying_in_forward(method):
+    """The forward from the kernel's W * E (or MDGF's decayed weight) and the one that multiplies by the mask
+    factor give the same logits and the same weight gradients, bit for bit; after an optimizer step the cache is
+    stale and the forward falls back by itself."""
+    opts = {"decay": {"type": "exp", "coef": 0.02}} if method == "mdgf" else {}
+    model, recipe = _tiny_resnet(method, **opts)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=1000)
+    x = torch.randn(2, 3, 32, 32)
+    ctl.step(40)  # mdgf: beta = exp(-0.8) = 0.45, pruned weights still flow
+    layers = [layer for _, layer in ctl.layers]
+    assert all(layer.fresh_masked_weight(getattr(layer, "sparse_beta_value", 0.0)) is not None for layer in layers)
+
+    def grads():
+        model.zero_grad()
+        out = model(x)
+        out.sum().backward()
+        return out.detach(), [layer.weight.grad.clone() for layer in layers]
+
+    cached_out, cached_grads = grads()
+    for layer in layers:  # forget the precomputed weights: the forward multiplies W by the mask factor
+        layer.__dict__["_masked_cache"] = None
+    plain_out, plain_grads = grads()
+    assert torch.equal(cached_out, plain_out)
+    assert all(torch.equal(a, b) for a, b in zip(cached_grads, plain_grads))
+    ctl.step(41)
+    with torch.no_grad():
+        layers[0].weight.add_(1.0)  # an optimizer step bumps the version: the precomputed weight is stale
+    assert layers[0].fresh_masked_weight(layers[0].sparse_beta_value) is None
+    assert layers[1].fresh_masked_weight(layers[1].sparse_beta_value) is not None
+
+
+def test_backward_after_the_buffer_was_rewritten_fails_loudly():
+    model, recipe = _tiny_resnet("ste")
+    ctl = sparsity.SparsityController(model, recipe, total_steps=1000)
+    ctl.step(0)
+    loss = model(torch.randn(2, 3, 32, 32)).sum()
+    with torch.no_grad():
+        for _, layer in ctl.layers:
+            layer.weight.add_(0.01)
+    ctl.step(1)  # rewrites the buffers the pending graph still reads
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_copies_drop_the_caches():
+    import copy
+
+    model, recipe = _tiny_resnet("ste")
+    ctl = sparsity.SparsityController(model, recipe, total_steps=1000)
+    ctl.step(0)
+    twin = copy.deepcopy(model)
+    layer = dict(sparsity.masked_modules(twin))["layer1.0.conv1"]
+    assert layer._masked_cache is None and layer._mask_factor is None
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(twin(x), model(x))
