@@ -2,8 +2,9 @@
 
 Exact N:M masks over every selected weight are the sparse path's biggest per-step cost on CPU. In eager PyTorch
 they take a key pass plus ``m - 1`` duels of three ops each (about nine passes over the weights); the C kernel
-reads each weight once and writes the mask, the forward's 0/1 factor and optionally ``W * E`` in the same pass,
-on ``torch.get_num_threads()`` pthreads. Semantics are identical (tests compare the two bit for bit).
+reads each weight once and writes the mask and the forward's weight (``W * E``, or MDGF's decayed weight; the 0/1
+factor on request) in the same pass, on ``torch.get_num_threads()`` threads of torch's OpenMP pool. Semantics are
+identical (tests compare the two bit for bit).
 
 It is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into a per-user cache keyed by
 the source, the flags and the CPU's feature flags (``-march=native`` code must not meet another CPU), written
@@ -64,26 +65,41 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _build() -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
+def _compile(cc: str, flags: list[str]) -> Path:
+    """The shared library built from the source with ``flags``, from the cache when it is there."""
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()
+    key = hashlib.sha256(source + " ".join([cc, *flags, platform.machine(), _cpu_flags()]).encode()).hexdigest()
     target = _cache_dir() / f"nm_rank-{key[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            proc = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
             os.replace(tmp, target)  # atomic: concurrent builders (DDP ranks) each publish a whole file
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    return target
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    errors = []
+    # OpenMP first: libgomp.so.1 is already loaded by torch, so the kernel runs on torch's own (hot) thread pool
+    # instead of a second one fighting torch's spinning workers; plain pthreads where -fopenmp is not supported.
+    for flags in ([*_FLAGS, "-fopenmp"], _FLAGS):
+        try:
+            lib = ctypes.CDLL(str(_compile(cc, flags)))
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            errors.append(str(exc))
+    else:
+        raise RuntimeError("; ".join(errors))
     fn = lib.nm_keep
     p = ctypes.c_void_p
     fn.argtypes = [ctypes.c_int64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint64,

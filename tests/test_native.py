@@ -191,3 +191,19 @@ def test_copies_drop_the_caches():
     assert layer._masked_cache is None and layer._mask_factor is None
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(twin(x), model(x))
+
+
+@needs_kernel
+def test_pthread_build_gives_the_same_masks(monkeypatch, tmp_path):
+    """The build without -fopenmp (compilers without OpenMP) splits work over pthreads: same results."""
+    import ctypes
+
+    monkeypatch.setenv("SPARSITY_CACHE_DIR", str(tmp_path))
+    lib = ctypes.CDLL(str(native._compile(native._compiler(), native._FLAGS)))
+    lib.nm_keep.argtypes = native.kernel().nm_keep.argtypes
+    lib.nm_keep.restype = ctypes.c_int
+    w = torch.randn(512, 256, 3, 3)  # big enough for two threads
+    want = M.nm_mask(w, 2, 4, 1)
+    monkeypatch.setattr(native, "_lib", lib)
+    assert torch.get_num_threads() == 2  # conftest
+    assert torch.equal(M.nm_mask(w, 2, 4, 1), want)

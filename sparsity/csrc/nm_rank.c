@@ -12,7 +12,8 @@
  * Linear). T > 1 vectorizes over t, T = 1 over a. Keep words go to a small stack buffer first and the outputs
  * are written from it in plain loops: a byte store inside the rank loop would set the vector width to 64 lanes,
  * which short runs (T = 9) never fill. float32 only, m in {2, 4, 8} unrolled as constants, T in {1, 9} as
- * constants too (other T: a runtime bound, still vectorized); pthreads split the a-blocks evenly.
+ * constants too (other T: a runtime bound, still vectorized). The a-blocks are split evenly over OpenMP threads
+ * (torch's pool when built with -fopenmp), else over pthreads.
  *
  * Built by sparsity/native.py with the system C compiler; without one, sparsity.masks uses torch ops instead.
  */
@@ -197,14 +198,19 @@ int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *f
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (total < ((int64_t)1 << 16) * nthreads) nthreads = 1; /* small work: a thread costs more than it saves */
     job_t jobs[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS];
     for (int i = 0; i < nthreads; i++) {
         job_t j = {nunits, w, mask, factor, masked, A, T, m, n, width, one, beta, total * i / nthreads,
                    total * (i + 1) / nthreads};
         jobs[i] = j;
-        started[i] = 0;
     }
+#ifdef _OPENMP
+    /* torch's own OpenMP runtime (libgomp.so.1 is already loaded by torch): its pool is hot, and no second pool
+     * competes with torch's workers, which spin for a while after every parallel op */
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int i = 0; i < nthreads; i++) worker(&jobs[i]);
+#else
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
     for (int i = 1; i < nthreads; i++) started[i] = pthread_create(&tid[i], 0, worker, &jobs[i]) == 0;
     worker(&jobs[0]);
     for (int i = 1; i < nthreads; i++) {
@@ -213,5 +219,6 @@ int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *f
         else
             worker(&jobs[i]); /* no thread could be started: do its share here */
     }
+#endif
     return 0;
 }
