@@ -17,6 +17,7 @@ from torch import nn
 
 __all__ = [
     "SliceSpec", "MaskedMixin", "MaskedLinear", "MaskedConv2d", "masked_modules", "MASKED_TYPES", "frozen_weight",
+    "uncovered_rows",
 ]
 
 
@@ -268,6 +269,18 @@ class _FrozenWeight(torch.autograd.Function):
 def frozen_weight(layer: MaskedMixin) -> torch.Tensor:
     """``weight_fn`` for a fixed binary mask: W * E with gradient g * E."""
     return _FrozenWeight.apply(layer.weight, layer.mask_factor())
+
+
+def uncovered_rows(layer: MaskedMixin) -> list[tuple[int, int]]:
+    """Row ranges of the weight outside every slice: they stay dense (mask all True)."""
+    gaps, at = [], 0
+    for spec in sorted(layer.slices, key=lambda sp: sp.start):
+        if spec.start > at:
+            gaps.append((at, spec.start))
+        at = max(at, spec.stop)
+    if at < layer.weight.shape[0]:
+        gaps.append((at, layer.weight.shape[0]))
+    return gaps
 
 
 def masked_modules(model: nn.Module) -> list[tuple[str, MaskedMixin]]:

@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from torch.autograd.graph import increment_version
 
-__all__ = ["kernel", "status", "NativeBatch", "nm_keep_native", "supports"]
+__all__ = ["kernel", "status", "NativeBatch", "nm_keep_native", "supports", "tile_supports", "tile_expand_native",
+           "tile_backward_native"]
 
 _log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("csrc") / "nm_rank.c"
+_SOURCES = (Path(__file__).with_name("csrc") / "nm_rank.c", Path(__file__).with_name("csrc") / "tiles.c")
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11"]
 _ONE_F32 = 0x3F800000  # bit pattern of 1.0f: the factor's "kept"
 #: longest group block (m * T elements, T = the run of one group position) the kernel's stack buffer holds
@@ -67,7 +68,7 @@ def _cache_dir() -> Path:
 
 def _compile(cc: str, flags: list[str]) -> Path:
     """The shared library built from the source with ``flags``, from the cache when it is there."""
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + " ".join([cc, *flags, platform.machine(), _cpu_flags()]).encode()).hexdigest()
     target = _cache_dir() / f"nm_rank-{key[:16]}.so"
     if not target.exists():
@@ -75,7 +76,8 @@ def _compile(cc: str, flags: list[str]) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            proc = subprocess.run([cc, *flags, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True,
+                                  timeout=120)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
             os.replace(tmp, target)  # atomic: concurrent builders (DDP ranks) each publish a whole file
@@ -105,6 +107,11 @@ def _build() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_int64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint64,
                    ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
+    i64 = ctypes.c_int64
+    lib.tile_expand.argtypes = [i64, p, p, p, p, p, p, p, ctypes.c_int]
+    lib.tile_expand.restype = ctypes.c_int
+    lib.tile_backward.argtypes = [i64, p, p, p, p, p, p, p, p, ctypes.c_int]
+    lib.tile_backward.restype = ctypes.c_int
     return lib
 
 
@@ -176,3 +183,48 @@ class NativeBatch:
 def nm_keep_native(units: list[tuple], n: int, m: int, beta: float = 0.0) -> bool:
     """:class:`NativeBatch` ``(units, n, m).run(beta)``: False if nothing was written."""
     return kernel() is not None and NativeBatch(units, n, m).run(beta)
+
+
+def _int64s(values) -> ctypes.Array:
+    values = list(values)
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def tile_supports(*tensors: torch.Tensor | None) -> bool:
+    """Whether the tile kernels take these tensors: float32 (or the uint8/bool masks) on CPU, contiguous."""
+    ok = (torch.float32, torch.bool, torch.uint8)
+    return kernel() is not None and all(
+        t is None or (t.device.type == "cpu" and t.is_contiguous() and t.dtype in ok) for t in tensors)
+
+
+def tile_expand_native(units: list[tuple]) -> bool:
+    """Supermask's mask step for ``units`` of (weight, mask, masked, keep, tile): weight/masked float32 and mask bool,
+    each a contiguous (rows, cols) view; keep bool (ceil(rows/tile), ceil(cols/tile)). Writes the expanded mask and
+    ``masked`` = W * E in one pass. False if the kernel is unavailable (nothing written)."""
+    lib = kernel()
+    if lib is None or not units:
+        return False
+    rc = lib.tile_expand(
+        len(units), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]), _ptrs([u[2] for u in units]),
+        _ptrs([u[3] for u in units]), _int64s(u[0].shape[0] for u in units), _int64s(u[0].shape[1] for u in units),
+        _int64s(u[4] for u in units), torch.get_num_threads(),
+    )
+    if rc != 0:
+        return False
+    increment_version([t for u in units for t in u[1:3]])
+    return True
+
+
+def tile_backward_native(units: list[tuple]) -> bool:
+    """Supermask's backward for ``units`` of (grad, weight, keep, grad_weight or None, grad_scores or None, tile):
+    ``grad_weight`` = g * E and ``grad_scores`` = the sum of g * W over every tile, in one pass (float32, contiguous
+    (rows, cols) views; grad_scores (ceil(rows/tile), ceil(cols/tile))). False if nothing was written."""
+    lib = kernel()
+    if lib is None or not units:
+        return False
+    rc = lib.tile_backward(
+        len(units), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]), _ptrs([u[2] for u in units]),
+        _ptrs([u[3] for u in units]), _ptrs([u[4] for u in units]), _int64s(u[0].shape[0] for u in units),
+        _int64s(u[0].shape[1] for u in units), _int64s(u[5] for u in units), torch.get_num_threads(),
+    )
+    return rc == 0

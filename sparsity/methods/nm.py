@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..layers import MaskedMixin
+from ..layers import MaskedMixin, uncovered_rows
 from ..masks import grouped_dim, nm_masks_
 from ..recipe import Recipe, RecipeError
 from ..schedules import DENSE, SPARSE, Phase, ladder_pattern, mdgf_beta, phase_at, sdgf_ladder
@@ -141,18 +141,6 @@ def nm_weight(layer: MaskedMixin) -> torch.Tensor:
     return _NMWeight.apply(layer.weight, layer.mask_factor(), layer.sparse_beta, mode, layer.srste_lambda)
 
 
-def _gaps(runs: list[tuple], rows: int) -> list[tuple[int, int]]:
-    """Row ranges of ``[0, rows)`` outside every run (runs are (n, m, sparse_dim, start, stop), sorted)."""
-    gaps, at = [], 0
-    for *_, start, stop in sorted(runs, key=lambda r: r[3]):
-        if start > at:
-            gaps.append((at, start))
-        at = max(at, stop)
-    if at < rows:
-        gaps.append((at, rows))
-    return gaps
-
-
 @register_method("dense")
 class DenseMethod(SparsityMethod):
     """No sparsity: ``sparsify_`` changes nothing. The baseline every comparison needs."""
@@ -258,7 +246,7 @@ class NMMethod(SparsityMethod):
                 weights.append(w[start:stop])
                 dims.append(grouped_dim(w, sparse_dim))
                 outs.append(out[start:stop])
-            for start, stop in _gaps(runs, w.shape[0]):  # rows no pattern covers stay dense
+            for start, stop in uncovered_rows(layer):  # rows no pattern covers stay dense
                 out[start:stop].copy_(w[start:stop])
         for (n, m), (masks, weights, dims, outs) in calls.items():
             # the forward weight comes out of the same pass (native kernel): ste/srste/mdgf multiply nothing

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import MaskedMixin, SliceSpec, frozen_weight
-from ..masks import expand_tiles_, tile_mask, tile_scores
+from .. import native
+from ..layers import MaskedMixin, SliceSpec, frozen_weight, uncovered_rows
+from ..masks import expand_tiles, expand_tiles_, tile_mask, tile_scores
 from ..recipe import Recipe, RecipeError, Rule
 from ..schedules import DENSE, FINETUNE, linear_ramp, phase_at
 from . import SparsityMethod, register_method
@@ -152,11 +153,66 @@ class _SupermaskWeight(torch.autograd.Function):
         return (grad_w, None, None, *grads_s)
 
 
+class _SupermaskFromMasked(torch.autograd.Function):
+    """The same function as :class:`_SupermaskWeight`, from ``W * E`` written by the mask step (native tile kernel):
+    the forward computes nothing and the backward makes g * E and every tile's sum of g * W in one pass.
+
+    ``units`` holds (start, stop, tile, keep) per score, keep being the bool tile mask the step expanded. The output
+    aliases the buffer (``detach()`` shares its version counter): a backward after it was rewritten fails loudly.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, masked, units, *scores):
+        ctx.units = units
+        ctx.score_dtypes = tuple(s.dtype for s in scores)
+        ctx.save_for_backward(weight)
+        return masked.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
+        grad = grad.contiguous()
+        grad_w = torch.empty_like(weight) if need_w else None
+        grads_s = [torch.empty(keep.shape, dtype=weight.dtype, device=weight.device) if need else None
+                   for (*_, keep), need in zip(ctx.units, need_s)]
+        units = []
+        for (start, stop, tile, keep), gs in zip(ctx.units, grads_s):
+            rows = stop - start
+            units.append((grad[start:stop].view(rows, -1), weight[start:stop].view(rows, -1), keep,
+                          None if grad_w is None else grad_w[start:stop].view(rows, -1), gs, tile))
+        if not native.tile_backward_native(units):  # kernel gone since the forward: the same math in torch ops
+            for (start, stop, tile, keep), i in zip(ctx.units, range(len(grads_s))):
+                factor = expand_tiles(keep, weight[start:stop].shape, tile).to(weight.dtype)
+                if grad_w is not None:
+                    grad_w[start:stop] = grad[start:stop] * factor
+                if grads_s[i] is not None:
+                    grads_s[i] = tile_sum(grad[start:stop] * weight[start:stop], tile)
+        if grad_w is not None:
+            for start, stop in _uncovered(ctx.units, weight.shape[0]):  # rows no unit covers are dense
+                grad_w[start:stop] = grad[start:stop]
+        grads_s = [None if g is None else g.to(dt) for g, dt in zip(grads_s, ctx.score_dtypes)]
+        return (grad_w, None, None, *grads_s)
+
+
+def _uncovered(units, rows: int) -> list[tuple[int, int]]:
+    gaps, at = [], 0
+    for start, stop, *_ in sorted(units, key=lambda u: u[0]):
+        if start > at:
+            gaps.append((at, start))
+        at = max(at, stop)
+    return gaps + ([(at, rows)] if at < rows else [])
+
+
 def supermask_weight(layer: MaskedMixin) -> torch.Tensor:
     """``weight_fn`` of ``supermask``: W * T(S) with the straight-through score gradient (frozen: W * E only)."""
     if layer.sparse_mode == "frozen":
         return frozen_weight(layer)
     scores = [getattr(layer, name) for name in layer.score_names]
+    units = getattr(layer, "_tile_keep", None)
+    masked = layer.fresh_masked_weight() if units is not None else None
+    if masked is not None:
+        return _SupermaskFromMasked.apply(layer.weight, masked, units, *scores)
     return _SupermaskWeight.apply(layer.weight, layer.mask_factor(), layer.score_tiles, *scores)
 
 
@@ -283,11 +339,34 @@ class SupermaskMethod(SparsityMethod):
 
     @torch.no_grad()
     def _compute_masks(self, fraction: float) -> None:
-        """T(S) of every unit, written in place into ``weight_mask`` and the layer's float mask factor."""
+        """T(S) of every unit, written in place into ``weight_mask``, and with it either ``W * E`` for the forward
+        (float32 on CPU: one native pass for all layers) or the layer's float mask factor."""
+        units, fused, plain = [], [], []
         for _, layer in self.layers:
+            keeps = [tile_mask(getattr(layer, name), spec.sparsity * fraction)
+                     for spec, name in zip(layer.slices, layer.score_names)]
+            w, mask = layer.weight.detach(), layer.weight_mask
+            out = layer.masked_weight_out() if native.tile_supports(w, mask, layer.masked_weight_out()) else None
+            if out is None:
+                plain.append((layer, keeps))
+                continue
+            for spec, keep in zip(layer.slices, keeps):
+                rows = spec.stop - spec.start
+                units.append((w[spec.start:spec.stop].view(rows, -1), mask[spec.start:spec.stop].view(rows, -1),
+                              out[spec.start:spec.stop].view(rows, -1), keep.contiguous(), spec.tile))
+            fused.append((layer, keeps))
+        if units and not native.tile_expand_native(units):
+            plain, fused = plain + fused, []
+        for layer, keeps in fused:
+            w, out = layer.weight.detach(), layer.masked_weight_out()
+            for start, stop in uncovered_rows(layer):
+                out[start:stop].copy_(w[start:stop])
+            layer.__dict__["_tile_keep"] = tuple((s.start, s.stop, s.tile, k.contiguous())
+                                                 for s, k in zip(layer.slices, keeps))
+            layer.masked_weight_written()
+        for layer, keeps in plain:
             mask, factor = layer.weight_mask, layer.mask_factor_out()
-            for spec, name in zip(layer.slices, layer.score_names):
-                keep = tile_mask(getattr(layer, name), spec.sparsity * fraction)
+            for spec, keep in zip(layer.slices, keeps):
                 expand_tiles_(mask[spec.start:spec.stop], keep, spec.tile, factor[spec.start:spec.stop])
             layer.mask_factor_written()
 

@@ -1,0 +1,193 @@
+/* Supermask's per-step passes on CPU, fused: expanding the kept tiles into the mask and the forward weight
+ * (one pass), and the backward (one pass for both the weight gradient g * E and the score gradient, the sum of
+ * g * W over every tile).
+ *
+ * A unit is a float32 weight seen as a contiguous rows x cols matrix (Linear (out, in); Conv2d (O, I*kh*kw)) with
+ * square tiles of side `tile` (edge tiles hold what is left) and `keep`, one byte per tile, ceil(rows / tile) x
+ * ceil(cols / tile) in row-major order. Pruned entries are written as 0 * value, what torch's product with a 0/1
+ * factor gives (-0 for negative values, NaN for non-finite ones). Work is split over whole tile rows (a thread
+ * sums whole tiles, in a fixed order: results do not depend on the thread count).
+ *
+ * Built with nm_rank.c by sparsity/native.py; without a compiler sparsity.methods.supermask uses torch ops.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MAX_UNITS 4096
+
+typedef struct {
+    int64_t nunits;
+    const int64_t *rows, *cols, *tile;
+    int64_t first_block[MAX_UNITS + 1]; /* prefix sums of tile rows: the work items */
+} plan_t;
+
+static int plan(plan_t *p, int64_t nunits, const int64_t *rows, const int64_t *cols, const int64_t *tile) {
+    if (nunits < 0 || nunits > MAX_UNITS) return -1;
+    p->nunits = nunits;
+    p->rows = rows;
+    p->cols = cols;
+    p->tile = tile;
+    p->first_block[0] = 0;
+    for (int64_t u = 0; u < nunits; u++) {
+        if (rows[u] < 0 || cols[u] < 0 || tile[u] < 1) return -1;
+        p->first_block[u + 1] = p->first_block[u] + (rows[u] + tile[u] - 1) / tile[u];
+    }
+    return 0;
+}
+
+static int64_t unit_of(const plan_t *p, int64_t block) {
+    int64_t lo = 0, hi = p->nunits - 1;
+    while (lo < hi) { /* last unit whose first block is <= block */
+        int64_t mid = (lo + hi + 1) / 2;
+        if (p->first_block[mid] <= block) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(NM_NO_STREAMING)
+#include <immintrin.h>
+#define STREAMING 1
+#else
+#define STREAMING 0
+#endif
+
+/* dst[c] = src[c] where kexp[c], else 0 * src[c]; streaming stores where AVX-512 is there (the outputs are
+ * weight-sized and read back much later: fetching their old lines first would be wasted traffic) */
+static inline void select_row(float *restrict dst, const uint8_t *restrict kexp, const float *restrict src,
+                              int64_t n) {
+    int64_t c = 0;
+#if STREAMING
+    for (; c < n && ((uintptr_t)(dst + c) & 63); c++) dst[c] = kexp[c] ? src[c] : 0.0f * src[c];
+    const __m512 zero = _mm512_setzero_ps();
+    for (; c + 16 <= n; c += 16) {
+        __m128i k = _mm_loadu_si128((const __m128i *)(kexp + c));
+        __m512 v = _mm512_loadu_ps(src + c);
+        _mm512_stream_ps(dst + c, _mm512_mask_blend_ps(_mm_test_epi8_mask(k, k), _mm512_mul_ps(zero, v), v));
+    }
+#endif
+    for (; c < n; c++) dst[c] = kexp[c] ? src[c] : 0.0f * src[c];
+}
+
+/* keep bytes of tile row `tr` spread over the columns: kexp[c] = keep[tr, c / tile] (once per tile row, so the row
+ * loops below are plain contiguous loops the compiler vectorizes) */
+static void spread(const uint8_t *restrict krow, uint8_t *restrict kexp, int64_t cols, int64_t tile) {
+    for (int64_t c = 0; c < cols; c++) kexp[c] = krow[c / tile] != 0;
+}
+
+/* mask = keep expanded, masked = w where kept, 0 * w where not, for tile row `tr` of a unit */
+static void expand_block(const float *restrict w, uint8_t *restrict mask, float *restrict masked,
+                         const uint8_t *restrict keep, uint8_t *restrict kexp, int64_t rows, int64_t cols,
+                         int64_t tile, int64_t tr) {
+    int64_t ct = (cols + tile - 1) / tile, r1 = (tr + 1) * tile < rows ? (tr + 1) * tile : rows;
+    spread(keep + tr * ct, kexp, cols, tile);
+    for (int64_t r = tr * tile; r < r1; r++) {
+        const float *restrict wr = w + r * cols;
+        uint8_t *restrict mr = mask + r * cols;
+        float *restrict orow = masked + r * cols;
+        memcpy(mr, kexp, (size_t)cols);
+        select_row(orow, kexp, wr, cols);
+    }
+}
+
+/* gw = g where kept, 0 * g where not (gw may be NULL); gs[tr, :] = per-tile sums of g * w (gs may be NULL) */
+static void backward_block(const float *restrict g, const float *restrict w, const uint8_t *restrict keep,
+                           float *restrict gw, float *restrict gs, float *restrict acc, uint8_t *restrict kexp,
+                           int64_t rows, int64_t cols, int64_t tile, int64_t tr) {
+    int64_t ct = (cols + tile - 1) / tile, r1 = (tr + 1) * tile < rows ? (tr + 1) * tile : rows;
+    if (gw) spread(keep + tr * ct, kexp, cols, tile);
+    if (gs) memset(acc, 0, (size_t)cols * sizeof(float));
+    for (int64_t r = tr * tile; r < r1; r++) {
+        const float *restrict gr = g + r * cols, *restrict wr = w + r * cols;
+        if (gs)
+            for (int64_t c = 0; c < cols; c++) acc[c] += gr[c] * wr[c]; /* column sums over the tile's rows */
+        if (gw) select_row(gw + r * cols, kexp, gr, cols);
+    }
+    if (gs)
+        for (int64_t t = 0; t < ct; t++) {
+            int64_t c1 = (t + 1) * tile < cols ? (t + 1) * tile : cols;
+            float s = 0.0f;
+            for (int64_t c = t * tile; c < c1; c++) s += acc[c];
+            gs[tr * ct + t] = s;
+        }
+}
+
+int tile_expand(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *masked, void *const *keep,
+                const int64_t *rows, const int64_t *cols, const int64_t *tile, int nthreads) {
+    plan_t local;
+    if (plan(&local, nunits, rows, cols, tile)) return -1;
+    int64_t blocks = local.first_block[nunits], widest = 1;
+    for (int64_t u = 0; u < nunits; u++) widest = cols[u] > widest ? cols[u] : widest;
+    if (nthreads < 1) nthreads = 1;
+#ifndef _OPENMP
+    nthreads = 1;
+#endif
+    uint8_t *kexp_all = (uint8_t *)malloc((size_t)nthreads * (size_t)widest); /* per-thread spread keep bytes */
+    if (!kexp_all) return -1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+#ifdef _OPENMP
+        uint8_t *kexp = kexp_all + (size_t)omp_get_thread_num() * (size_t)widest;
+#pragma omp for schedule(static) nowait
+#else
+        uint8_t *kexp = kexp_all;
+#endif
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t u = unit_of(&local, b);
+            expand_block((const float *)w[u], mask[u], (float *)masked[u], (const uint8_t *)keep[u], kexp, rows[u],
+                         cols[u], tile[u], b - local.first_block[u]);
+        }
+#if STREAMING
+        _mm_sfence(); /* this thread's streaming stores, published before the region ends */
+#endif
+    }
+    free(kexp_all);
+    return 0;
+}
+
+int tile_backward(int64_t nunits, void *const *g, void *const *w, void *const *keep, void *const *gw,
+                  void *const *gs, const int64_t *rows, const int64_t *cols, const int64_t *tile, int nthreads) {
+    plan_t local;
+    if (plan(&local, nunits, rows, cols, tile)) return -1;
+    int64_t blocks = local.first_block[nunits], widest = 1;
+    for (int64_t u = 0; u < nunits; u++) widest = cols[u] > widest ? cols[u] : widest;
+    if (nthreads < 1) nthreads = 1;
+#ifndef _OPENMP
+    nthreads = 1;
+#endif
+    /* per-thread column sums and spread keep bytes */
+    float *acc_all = (float *)malloc((size_t)nthreads * (size_t)widest * (sizeof(float) + 1));
+    if (!acc_all) return -1;
+    uint8_t *kexp_all = (uint8_t *)(acc_all + (size_t)nthreads * (size_t)widest);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+#ifdef _OPENMP
+        size_t me = (size_t)omp_get_thread_num();
+#else
+        size_t me = 0;
+#endif
+        float *acc = acc_all + me * (size_t)widest;
+        uint8_t *kexp = kexp_all + me * (size_t)widest;
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t u = unit_of(&local, b);
+            backward_block((const float *)g[u], (const float *)w[u], (const uint8_t *)keep[u], (float *)gw[u],
+                           (float *)gs[u], acc, kexp, rows[u], cols[u], tile[u], b - local.first_block[u]);
+        }
+#if STREAMING
+        _mm_sfence();
+#endif
+    }
+    free(acc_all);
+    return 0;
+}
