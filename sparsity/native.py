@@ -1,4 +1,5 @@
-"""The optional native CPU mask kernel (``csrc/nm_rank.c``): built on first use, cached, loaded with ctypes.
+"""The optional native CPU kernels (``csrc/nm_rank.c``: N:M masks; ``csrc/tiles.c``: supermask's tile expansion and
+backward): built on first use, cached, loaded with ctypes.
 
 Exact N:M masks over every selected weight are the sparse path's biggest per-step cost on CPU. In eager PyTorch
 they take a key pass plus ``m - 1`` duels of three ops each (about nine passes over the weights); the C kernel
