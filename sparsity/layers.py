@@ -271,15 +271,16 @@ def frozen_weight(layer: MaskedMixin) -> torch.Tensor:
     return _FrozenWeight.apply(layer.weight, layer.mask_factor())
 
 
-def uncovered_rows(layer: MaskedMixin) -> list[tuple[int, int]]:
-    """Row ranges of the weight outside every slice: they stay dense (mask all True)."""
+def uncovered_rows(spans, rows: int) -> list[tuple[int, int]]:
+    """Row ranges of ``[0, rows)`` outside every ``(start, stop)`` span, e.g. the rows of a weight no slice
+    covers: they stay dense (mask all True)."""
     gaps, at = [], 0
-    for spec in sorted(layer.slices, key=lambda sp: sp.start):
-        if spec.start > at:
-            gaps.append((at, spec.start))
-        at = max(at, spec.stop)
-    if at < layer.weight.shape[0]:
-        gaps.append((at, layer.weight.shape[0]))
+    for start, stop in sorted(spans):
+        if start > at:
+            gaps.append((at, start))
+        at = max(at, stop)
+    if at < rows:
+        gaps.append((at, rows))
     return gaps
 
 

@@ -263,3 +263,23 @@ def test_supermask_native_step_matches_torch_path(monkeypatch):
     assert len(grads_n) == len(grads_t)
     for a, b in zip(grads_n, grads_t):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ste", "mdgf"])
+def test_precomputed_weight_keeps_untargeted_rows_dense(method):
+    """A fused qkv with only q and k targeted: the precomputed forward weight must carry v's rows unchanged."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2,
+                              num_classes=10)
+    recipe = sparsity.recipe_from_dict({"method": method, "rules": [{"target": ["q", "k"], "n": 2, "m": 4}],
+                                        **({"decay": {"type": "exp", "coef": 0.05}} if method == "mdgf" else {})})
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=100)
+    ctl.step(3)
+    layer = dict(sparsity.masked_modules(model))["blocks.0.attn.qkv"]
+    got = layer.sparse_weight().detach().clone()
+    assert layer.fresh_masked_weight(layer.sparse_beta_value) is not None
+    layer.__dict__["_masked_cache"] = None
+    want = layer.sparse_weight().detach()
+    assert torch.equal(got, want)
+    assert torch.equal(got[128:], layer.weight.detach()[128:])  # v rows: dense

@@ -246,7 +246,7 @@ class NMMethod(SparsityMethod):
                 weights.append(w[start:stop])
                 dims.append(grouped_dim(w, sparse_dim))
                 outs.append(out[start:stop])
-            for start, stop in uncovered_rows(layer):  # rows no pattern covers stay dense
+            for start, stop in uncovered_rows(((s.start, s.stop) for s in layer.slices), w.shape[0]):  # dense rows
                 out[start:stop].copy_(w[start:stop])
         for (n, m), (masks, weights, dims, outs) in calls.items():
             # the forward weight comes out of the same pass (native kernel): ste/srste/mdgf multiply nothing

@@ -189,19 +189,10 @@ class _SupermaskFromMasked(torch.autograd.Function):
                 if grads_s[i] is not None:
                     grads_s[i] = tile_sum(grad[start:stop] * weight[start:stop], tile)
         if grad_w is not None:
-            for start, stop in _uncovered(ctx.units, weight.shape[0]):  # rows no unit covers are dense
+            for start, stop in uncovered_rows((u[:2] for u in ctx.units), weight.shape[0]):  # dense rows
                 grad_w[start:stop] = grad[start:stop]
         grads_s = [None if g is None else g.to(dt) for g, dt in zip(grads_s, ctx.score_dtypes)]
         return (grad_w, None, None, *grads_s)
-
-
-def _uncovered(units, rows: int) -> list[tuple[int, int]]:
-    gaps, at = [], 0
-    for start, stop, *_ in sorted(units, key=lambda u: u[0]):
-        if start > at:
-            gaps.append((at, start))
-        at = max(at, stop)
-    return gaps + ([(at, rows)] if at < rows else [])
 
 
 def supermask_weight(layer: MaskedMixin) -> torch.Tensor:
@@ -346,7 +337,7 @@ class SupermaskMethod(SparsityMethod):
             keeps = [tile_mask(getattr(layer, name), spec.sparsity * fraction)
                      for spec, name in zip(layer.slices, layer.score_names)]
             w, mask = layer.weight.detach(), layer.weight_mask
-            out = layer.masked_weight_out() if native.tile_supports(w, mask, layer.masked_weight_out()) else None
+            out = layer.masked_weight_out() if native.tile_supports(w, mask) else None  # same layout as w
             if out is None:
                 plain.append((layer, keeps))
                 continue
@@ -359,7 +350,7 @@ class SupermaskMethod(SparsityMethod):
             plain, fused = plain + fused, []
         for layer, keeps in fused:
             w, out = layer.weight.detach(), layer.masked_weight_out()
-            for start, stop in uncovered_rows(layer):
+            for start, stop in uncovered_rows(((s.start, s.stop) for s in layer.slices), w.shape[0]):
                 out[start:stop].copy_(w[start:stop])
             layer.__dict__["_tile_keep"] = tuple((s.start, s.stop, s.tile, k.contiguous())
                                                  for s, k in zip(layer.slices, keeps))
