@@ -137,7 +137,8 @@ class MaskedMixin:
     def fresh_masked_weight(self, beta: float = 0.0) -> torch.Tensor | None:
         """The forward weight precomputed by the mask kernel for this ``beta`` if the weight and mask have not
         changed since (the forward then multiplies nothing), else None. Always None while compiling: the
-        compiler fuses the product itself."""
+        compiler fuses the product itself. "Changed" is read from version counters, which writes through
+        ``param.data`` bypass; optimizers update parameters in place without it."""
         if torch.compiler.is_compiling():  # first: the compiler must not trace (and guard on) the cache key
             return None
         cached = getattr(self, "_masked_cache", None)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import native
 from ..layers import MaskedMixin, uncovered_rows
 from ..masks import grouped_dim, nm_masks_
 from ..recipe import Recipe, RecipeError
@@ -233,26 +234,39 @@ class NMMethod(SparsityMethod):
     def _compute_masks(self, phase: Phase | None, beta: float = 0.0) -> None:
         """Masks for the patterns in force at ``phase`` (None: the target patterns), in place: one batched
         :func:`nm_masks_` call per distinct N:M over all layers, scratch reused from ``self._workspace``."""
-        calls: dict[tuple[int, int], tuple[list, list, list, list]] = {}
+        calls: dict[tuple[int, int], tuple[list, list, list, list, list]] = {}
         frame = None if phase is None else self._frames(phase)
+        fast = native.kernel() is not None
+        kinds = []  # per layer: True = precomputed forward weight, False = 0/1 factor
         for fqn, layer in self.layers:
-            w, mask, out = layer.weight, layer.weight_mask, layer.masked_weight_out()
+            w, mask = layer.weight, layer.weight_mask
+            # CPU float32 with the native kernel: the forward weight itself comes out of the mask pass and the
+            # forward multiplies nothing; elsewhere (CUDA, no compiler) the pass writes the 0/1 factor, as a
+            # compiled forward wants, and the forward multiplies
+            layer_fast = fast and w.device.type == "cpu" and w.dtype == torch.float32
+            kinds.append(layer_fast)
+            out = layer.masked_weight_out() if layer_fast else None
+            factor = None if layer_fast else layer.mask_factor_out()
             runs = self._run_cache.get((fqn, frame))
             if runs is None:  # the runs depend on the phase only through its ladder frame
                 runs = self._run_cache[(fqn, frame)] = self._runs(fqn, layer, phase)
             for n, m, sparse_dim, start, stop in runs:
-                masks, weights, dims, outs = calls.setdefault((n, m), ([], [], [], []))
+                masks, weights, dims, outs, factors = calls.setdefault((n, m), ([], [], [], [], []))
                 masks.append(mask[start:stop])
                 weights.append(w[start:stop])
                 dims.append(grouped_dim(w, sparse_dim))
-                outs.append(out[start:stop])
-            for start, stop in uncovered_rows(((s.start, s.stop) for s in layer.slices), w.shape[0]):  # dense rows
-                out[start:stop].copy_(w[start:stop])
-        for (n, m), (masks, weights, dims, outs) in calls.items():
-            # the forward weight comes out of the same pass (native kernel): ste/srste/mdgf multiply nothing
-            nm_masks_(masks, weights, n, m, dims, workspace=self._workspace, masked=outs, beta=beta)
-        for _, layer in self.layers:
-            layer.masked_weight_written(beta)
+                outs.append(None if out is None else out[start:stop])
+                factors.append(None if factor is None else factor[start:stop])
+            if out is not None:
+                for start, stop in uncovered_rows(((s.start, s.stop) for s in layer.slices), w.shape[0]):
+                    out[start:stop].copy_(w[start:stop])  # rows no pattern covers stay dense
+        for (n, m), (masks, weights, dims, outs, factors) in calls.items():
+            nm_masks_(masks, weights, n, m, dims, workspace=self._workspace, factors=factors, masked=outs, beta=beta)
+        for (_, layer), layer_fast in zip(self.layers, kinds):
+            if layer_fast:
+                layer.masked_weight_written(beta)
+            else:
+                layer.mask_factor_written()
 
     def _frames(self, phase: Phase) -> tuple[int, ...]:
         """Frame index of every ladder length: masks must be recomputed when any of them moves."""
