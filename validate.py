@@ -59,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import sparsity
     from sparsity.data import build_dataset
+    from sparsity.distributed import init_distributed
     from sparsity.engine import evaluate
     from sparsity.errors import UserError
-    from sparsity.trainer import build_loaders, init_distributed, resolve_data
+    from sparsity.trainer import build_loaders, resolve_data
 
     # a training recipe is a valid --config here too: its training-only keys are ignored
     args, blocks = parse_with_config(build_parser(), argv, ignore=_ignored_training_keys())

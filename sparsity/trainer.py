@@ -6,16 +6,13 @@ Everything that can be wrong with the input is checked before the run folder is 
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import logging
 import os
 import random
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -26,12 +23,15 @@ from torch import nn
 from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic
 from .controller import SparsityController
 from .data import DIGITS_MEAN, DIGITS_STD, build_dataset
+from .distributed import DistInfo, check_ranks_consistent, init_distributed
 from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from .errors import TrainingError, UserError
 from .factory import create_model
+from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules
 from .recipe import Recipe, recipe_from_dict
-from .report import format_report, overall_sparsity, sparsity_report
+from .report import sparsity_report
+from .run_outputs import append_summary, final_table, init_wandb, plots, truncate_summary, write_report
 
 __all__ = ["run_training", "build_loaders", "resolve_data", "DistInfo", "init_distributed", "plain"]
 
@@ -52,52 +52,6 @@ def plain(x: Any) -> Any:
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
-
-
-class DistInfo(SimpleNamespace):
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_arg: str | None) -> DistInfo:
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {want}: CUDA is not available on this machine; use --device cpu")
-    device = torch.device(want)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        if attempt != "0" and "MASTER_ADDR" in os.environ:
-            # After a torchrun restart the standalone agent's store still holds the dead workers' addresses; a
-            # key prefix per attempt keeps the new workers from dialling them.
-            from datetime import timedelta
-
-            from torch.distributed.rendezvous import _create_c10d_store
-
-            store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world,
-                                       timedelta(minutes=30))
-            store = torch.distributed.PrefixStore(f"sparsity/attempt_{attempt}", store)
-            torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
-        else:
-            torch.distributed.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 
 def _seed_all(seed: int) -> None:
@@ -205,32 +159,6 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
         if best_key is None or key > best_key:
             best, best_key = p, key
     return best
-
-
-def append_summary(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def _truncate_summary(path: Path, next_epoch: int) -> None:
-    """On resume keep only rows of finished epochs, so the CSV matches an uninterrupted run."""
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    keep = [r for r in rows if int(r["epoch"]) < next_epoch]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(keep)
-    os.replace(tmp, path)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -389,15 +317,15 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                          switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
                          num_classes=num_classes)
     train_loss_fn, val_loss_fn = _loss_fns(args, mixup_fn is not None)
-    train_loss_fn = _fault_loss(train_loss_fn, state)
+    train_loss_fn = fault_loss(train_loss_fn, state)
 
     resolved = resolved_config(args, recipe)
     summary_path = run_dir / "summary.csv"
     if dist.is_main:
         (run_dir / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         if resume is not None:
-            _truncate_summary(summary_path, next_epoch)
-    wandb_run = _init_wandb(args, resolved, run_dir) if (args.log_wandb and dist.is_main) else None
+            truncate_summary(summary_path, next_epoch)
+    wandb_run = init_wandb(args, resolved, run_dir) if (args.log_wandb and dist.is_main) else None
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         if dist.distributed:
@@ -424,19 +352,19 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
 
     def save(obj: dict, path: Path) -> None:
         try:
-            save_atomic(obj, path, before_rename=lambda: _inject_fault("during_save", state.global_step,
+            save_atomic(obj, path, before_rename=lambda: inject_fault("during_save", state.global_step,
                                                                         dist.rank, run_dir))
         except OSError as e:
             raise UserError(f"could not write {path} ({e.strerror or e}); free space or choose another --output. "
                             "Earlier checkpoints in the run dir are intact") from None
 
     def on_step(st: TrainState, batch_idx: int) -> None:
-        if _fault_matches("diverge_mask", st.global_step, dist.rank):
+        if fault_matches("diverge_mask", st.global_step, dist.rank):
             layer = masked_modules(model)[0][1]
             layer.weight_mask.view(-1)[0] ^= True
         if args.recovery_interval and st.global_step % args.recovery_interval == 0 and dist.is_main:
             save(checkpoint_dict(st.epoch, batch_idx + 1, None), run_dir / "recovery.pth.tar")
-        _inject_fault("after_step", st.global_step, dist.rank, run_dir)
+        inject_fault("after_step", st.global_step, dist.rank, run_dir)
         if args.mask_check_interval and dist.distributed and st.global_step % args.mask_check_interval == 0:
             check_ranks_consistent(model, dist)
 
@@ -502,9 +430,9 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     rows = sparsity_report(model)
     if dist.is_main:
         save(dict(checkpoint_dict(args.epochs, 0, final["top1"]), final=final), run_dir / "last.pth.tar")
-        _write_report(run_dir, rows, final, model, args, recipe, time.perf_counter() - t_start)
-        _plots(run_dir, summary_path, rows)
-        print(_final_table(args, recipe, final, rows, model, run_dir, time.perf_counter() - t_start))
+        write_report(run_dir, rows, final, model, args, recipe, time.perf_counter() - t_start)
+        plots(run_dir, summary_path, rows)
+        print(final_table(args, recipe, final, rows, model, run_dir, time.perf_counter() - t_start))
     if wandb_run is not None:
         wandb_run.finish()
     if dist.distributed:
@@ -544,152 +472,3 @@ def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: 
     recovery.unlink(missing_ok=True)  # superseded by last.pth.tar
 
 
-def _fault_matches(point: str, global_step: int, rank: int) -> bool:
-    """Fault injection for the reliability tests: ``SPARSITY_FAULT=<point>:<step>[:<rank>]``."""
-    spec = os.environ.get("SPARSITY_FAULT")
-    if not spec:
-        return False
-    parts = spec.split(":")
-    return parts[0] == point and int(parts[1]) == global_step and (len(parts) < 3 or int(parts[2]) == rank)
-
-
-def _fault_loss(loss_fn, state: TrainState):
-    """``SPARSITY_FAULT=nan_loss:<step>`` makes the loss at that step NaN (tests of the non-finite guard)."""
-    if not (os.environ.get("SPARSITY_FAULT") or "").startswith("nan_loss:"):
-        return loss_fn
-
-    fired: list[bool] = []
-
-    def wrapped(out, target):
-        loss = loss_fn(out, target)
-        if not fired and _fault_matches("nan_loss", state.global_step, 0):
-            fired.append(True)  # once: a skipped step does not advance global_step
-            return loss * float("nan")
-        return loss
-
-    return wrapped
-
-
-def _inject_fault(point: str, global_step: int, rank: int, run_dir: Path) -> None:
-    """SIGKILL this process at ``point`` once (``after_step``, ``during_save``); a marker file in the run dir
-    keeps a restarted run from dying again."""
-    if not _fault_matches(point, global_step, rank):
-        return
-    marker = run_dir / f".fault-{point}-{global_step}-{rank}"
-    if marker.exists():
-        return
-    marker.write_text("fired")
-    import signal
-
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _checksum(t: torch.Tensor) -> torch.Tensor:
-    """Position-weighted sum: cheap, and differs when entries move (a plain sum would not notice a swap)."""
-    flat = t.detach().flatten().double()
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder(9973) + 1
-    return (flat * weights).sum()
-
-
-@torch.no_grad()
-def check_ranks_consistent(model: nn.Module, dist: DistInfo, weights: bool = False) -> int:
-    """Compare checksums of every mask (and with ``weights``, every parameter) across ranks.
-
-    Divergence is an error naming the first differing tensor. Returns the number of tensors compared.
-    """
-    named = [(f"{fqn}.weight_mask", layer.weight_mask) for fqn, layer in masked_modules(model)]
-    if weights:
-        named += list(model.named_parameters())
-    if not named:
-        return 0
-    local = torch.stack([_checksum(t) for _, t in named]).cpu()
-    lo, hi = local.clone(), local.clone()
-    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-    bad = (hi - lo).abs() > 1e-9 * hi.abs().clamp_min(1.0)
-    if bool(bad.any()):
-        name = named[int(bad.nonzero()[0])][0]
-        raise TrainingError(f"ranks diverged at {name}; every rank must hold identical masks and weights "
-                            "(same seed, same recipe, no per-rank edits)")
-    return len(named)
-
-
-def _init_wandb(args, resolved: dict, run_dir: Path):
-    try:
-        import wandb
-    except ImportError:
-        _logger.warning("--log-wandb: wandb is not installed (pip install wandb); logging to summary.csv only")
-        return None
-    return wandb.init(project=args.experiment or "sparsity", config=resolved, dir=str(run_dir))
-
-
-def _write_report(run_dir: Path, rows, final, model, args, recipe, seconds: float) -> None:
-    with open(run_dir / "sparsity_report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["fqn"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
-    conform = [r["conforms"] for r in rows if r["conforms"] is not None]
-    result = {
-        "model": args.model, "method": recipe.method, "top1": final["top1"], "top5": final["top5"],
-        "loss": final["loss"], "sparsity_selected": overall_sparsity(model),
-        "sparsity_all": overall_sparsity(model, selected_only=False), "layers": len(conform),
-        "layers_conforming": sum(bool(c) for c in conform), "wall_time_s": round(seconds, 2),
-    }
-    (run_dir / "results.json").write_text(json.dumps(result, indent=2))
-
-
-def _plots(run_dir: Path, summary_path: Path, rows) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    if summary_path.exists():
-        with open(summary_path, newline="") as f:
-            data = list(csv.DictReader(f))
-        if data:
-            ep = [int(r["epoch"]) for r in data]
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            ax.plot(ep, [float(r["eval_top1"]) for r in data], "o-", label="top-1 (%)")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("top-1 (%)")
-            ax2 = ax.twinx()
-            ax2.plot(ep, [float(r["sparsity"]) for r in data], "s--", color="tab:red", label="sparsity")
-            ax2.set_ylabel("sparsity of selected layers")
-            ax2.set_ylim(0, 1)
-            fig.legend(loc="lower right")
-            fig.tight_layout()
-            fig.savefig(run_dir / "training_curves.png", dpi=120)
-            plt.close(fig)
-    if rows:
-        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(rows))))
-        ax.barh([r["fqn"] for r in rows], [r["density"] for r in rows],
-                color=["tab:blue" if r["conforms"] else "tab:gray" for r in rows])
-        ax.invert_yaxis()
-        ax.set_xlabel("density (nonzero fraction of the forward weight)")
-        ax.tick_params(axis="y", labelsize=6)
-        fig.tight_layout()
-        fig.savefig(run_dir / "layer_density.png", dpi=120)
-        plt.close(fig)
-
-
-def _final_table(args, recipe, final, rows, model, run_dir, seconds) -> str:
-    conform = [r for r in rows if r["conforms"] is not None]
-    ok = sum(bool(r["conforms"]) for r in conform)
-    lines = [
-        "",
-        format_report(rows, max_rows=12),
-        "",
-        f"{'model':<12}{args.model} ({recipe.method})",
-        f"{'top-1':<12}{final['top1']:.2f} %   (top-5 {final['top5']:.2f} %, loss {final['loss']:.4f})",
-        f"{'sparsity':<12}{overall_sparsity(model):.1%} of the {len(conform)} selected layers' weights, "
-        f"{overall_sparsity(model, selected_only=False):.1%} of all Linear/Conv weights",
-        f"{'conforms':<12}" + (f"yes: all {ok} selected layers match their pattern" if ok == len(conform)
-                                 else f"NO: {len(conform) - ok} of {len(conform)} layers do not match their pattern"),
-        f"{'wall time':<12}{seconds:.1f} s",
-        f"{'run dir':<12}{run_dir}",
-    ]
-    return "\n".join(lines)

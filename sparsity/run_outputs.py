@@ -1,0 +1,123 @@
+"""What a training run writes for people: summary.csv rows, results.json, sparsity_report.csv, the PNG plots
+and the final table printed at the end (and the optional wandb run)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+from .report import format_report, overall_sparsity
+
+__all__ = ["append_summary", "truncate_summary", "init_wandb", "write_report", "plots", "final_table"]
+
+_logger = logging.getLogger("train")
+
+
+def append_summary(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def truncate_summary(path: Path, next_epoch: int) -> None:
+    """On resume keep only rows of finished epochs, so the CSV matches an uninterrupted run."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    keep = [r for r in rows if int(r["epoch"]) < next_epoch]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    os.replace(tmp, path)
+
+
+def init_wandb(args, resolved: dict, run_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        _logger.warning("--log-wandb: wandb is not installed (pip install wandb); logging to summary.csv only")
+        return None
+    return wandb.init(project=args.experiment or "sparsity", config=resolved, dir=str(run_dir))
+
+
+def write_report(run_dir: Path, rows, final, model, args, recipe, seconds: float) -> None:
+    with open(run_dir / "sparsity_report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["fqn"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
+    conform = [r["conforms"] for r in rows if r["conforms"] is not None]
+    result = {
+        "model": args.model, "method": recipe.method, "top1": final["top1"], "top5": final["top5"],
+        "loss": final["loss"], "sparsity_selected": overall_sparsity(model),
+        "sparsity_all": overall_sparsity(model, selected_only=False), "layers": len(conform),
+        "layers_conforming": sum(bool(c) for c in conform), "wall_time_s": round(seconds, 2),
+    }
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+
+
+def plots(run_dir: Path, summary_path: Path, rows) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if summary_path.exists():
+        with open(summary_path, newline="") as f:
+            data = list(csv.DictReader(f))
+        if data:
+            ep = [int(r["epoch"]) for r in data]
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot(ep, [float(r["eval_top1"]) for r in data], "o-", label="top-1 (%)")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("top-1 (%)")
+            ax2 = ax.twinx()
+            ax2.plot(ep, [float(r["sparsity"]) for r in data], "s--", color="tab:red", label="sparsity")
+            ax2.set_ylabel("sparsity of selected layers")
+            ax2.set_ylim(0, 1)
+            fig.legend(loc="lower right")
+            fig.tight_layout()
+            fig.savefig(run_dir / "training_curves.png", dpi=120)
+            plt.close(fig)
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(rows))))
+        ax.barh([r["fqn"] for r in rows], [r["density"] for r in rows],
+                color=["tab:blue" if r["conforms"] else "tab:gray" for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("density (nonzero fraction of the forward weight)")
+        ax.tick_params(axis="y", labelsize=6)
+        fig.tight_layout()
+        fig.savefig(run_dir / "layer_density.png", dpi=120)
+        plt.close(fig)
+
+
+def final_table(args, recipe, final, rows, model, run_dir, seconds) -> str:
+    conform = [r for r in rows if r["conforms"] is not None]
+    ok = sum(bool(r["conforms"]) for r in conform)
+    lines = [
+        "",
+        format_report(rows, max_rows=12),
+        "",
+        f"{'model':<12}{args.model} ({recipe.method})",
+        f"{'top-1':<12}{final['top1']:.2f} %   (top-5 {final['top5']:.2f} %, loss {final['loss']:.4f})",
+        f"{'sparsity':<12}{overall_sparsity(model):.1%} of the {len(conform)} selected layers' weights, "
+        f"{overall_sparsity(model, selected_only=False):.1%} of all Linear/Conv weights",
+        f"{'conforms':<12}" + (f"yes: all {ok} selected layers match their pattern" if ok == len(conform)
+                                 else f"NO: {len(conform) - ok} of {len(conform)} layers do not match their pattern"),
+        f"{'wall time':<12}{seconds:.1f} s",
+        f"{'run dir':<12}{run_dir}",
+    ]
+    return "\n".join(lines)
