@@ -68,10 +68,10 @@ def _cache_dir() -> Path:
 
 
 def _compile(cc: str, flags: list[str]) -> Path:
-    """The shared library built from the source with ``flags``, from the cache when it is there."""
+    """The shared library built from the sources with ``flags``, from the cache when it is there."""
     source = b"".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + " ".join([cc, *flags, platform.machine(), _cpu_flags()]).encode()).hexdigest()
-    target = _cache_dir() / f"nm_rank-{key[:16]}.so"
+    target = _cache_dir() / f"kernels-{key[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -132,8 +132,8 @@ def kernel() -> ctypes.CDLL | None:
                 _status = "loaded"
             except Exception as exc:  # noqa: BLE001 - any failure means: use the torch path
                 _lib = None
-                _status = f"unavailable ({exc}); N:M masks use the torch implementation"
-                _log.info("native N:M mask kernel %s", _status)
+                _status = f"unavailable ({exc}); masks use the torch implementation"
+                _log.info("native mask kernels %s", _status)
     return _lib
 
 

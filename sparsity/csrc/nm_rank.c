@@ -98,7 +98,7 @@ static inline void out_masked(float *restrict dst, const int32_t *restrict kb, c
 /* a-blocks [a_lo, a_hi) of one (A, m, T) unit; MS: compile-time m; TS: compile-time T, 0 = the runtime T_rt */
 #define DEFINE_RANGE(NAME, ST, SIGNV, MS, TS)                                                                  \
     static void NAME(const ST *restrict w, uint8_t *restrict mk, ST *restrict fa, ST *restrict ma,            \
-                     int64_t T_rt, int64_t a_lo, int64_t a_hi, int m_rt, int n, ST one, float beta) {                      \
+                     int64_t T_rt, int64_t a_lo, int64_t a_hi, int m_rt, int n, ST one, float beta) {          \
         const ST SIGN = (ST)(SIGNV);                                                                           \
         const int m = (MS);                                                                                    \
         const int64_t T = (TS) ? (TS) : T_rt;                                                                  \
@@ -185,7 +185,8 @@ static void *worker(void *arg) {
 }
 
 /* Masks for nunits blocks: w[u], mask[u] (bytes 0/1), factor[u] (0/1) and masked[u] (W * (E + beta (1 - E)))
- * (NULL: not written), each A[u] x m x T[u] elements of `width` bytes. Returns 0, or -1 for arguments it does not handle (nothing written). */
+ * (NULL: not written), each A[u] x m x T[u] elements of `width` bytes. Returns 0, or -1 for arguments it does
+ * not handle (nothing written then). */
 int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *factor, void *const *masked,
             const int64_t *A, const int64_t *T, int m, int n, int width, uint64_t one, float beta, int nthreads) {
     if (m < 1 || m > MAX_M || n < 1 || n > m || !pick(width, m, 1)) return -1;
