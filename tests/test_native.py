@@ -283,3 +283,20 @@ def test_precomputed_weight_keeps_untargeted_rows_dense(method):
     want = layer.sparse_weight().detach()
     assert torch.equal(got, want)
     assert torch.equal(got[128:], layer.weight.detach()[128:])  # v rows: dense
+
+
+@needs_kernel
+def test_supermask_backward_falls_back_when_the_kernel_goes_away(monkeypatch):
+    model, recipe = _tiny_resnet("supermask")
+    ctl = sparsity.SparsityController(model, recipe, total_steps=100)
+    ctl.step(0)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    want = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    out = model(x)  # forward from the kernel's W * E ...
+    monkeypatch.setattr(native, "_lib", None)  # ... backward in torch ops
+    out.sum().backward()
+    got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert len(got) == len(want)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(got, want))

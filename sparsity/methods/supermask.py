@@ -182,7 +182,7 @@ class _SupermaskFromMasked(torch.autograd.Function):
             units.append((grad[start:stop].view(rows, -1), weight[start:stop].view(rows, -1), keep,
                           None if grad_w is None else grad_w[start:stop].view(rows, -1), gs, tile))
         if not native.tile_backward_native(units):  # kernel gone since the forward: the same math in torch ops
-            for (start, stop, tile, keep), i in zip(ctx.units, range(len(grads_s))):
+            for i, (start, stop, tile, keep) in enumerate(ctx.units):
                 factor = expand_tiles(keep, weight[start:stop].shape, tile).to(weight.dtype)
                 if grad_w is not None:
                     grad_w[start:stop] = grad[start:stop] * factor
