@@ -1,8 +1,8 @@
 """Fault injection for the reliability tests, driven by ``SPARSITY_FAULT=<point>:<step>[:<rank>]``.
 
 Nothing here does anything unless that variable is set. Points: ``after_step`` and ``during_save`` (SIGKILL, once
-per run folder), ``nan_loss`` (the loss of that step becomes NaN), ``diverge_mask`` (one mask entry of that rank is flipped, in
-the trainer).
+per run folder), ``nan_loss`` (the loss of that step becomes NaN), ``diverge_mask`` (the trainer flips one mask
+entry on that rank).
 """
 
 from __future__ import annotations
