@@ -116,16 +116,26 @@ static void backward_block(const float *restrict g, const float *restrict w, con
         }
 }
 
+/* validates the units and fills the plan; returns the widest row (the per-thread scratch size) or -1 */
+static int64_t setup(plan_t *p, int64_t nunits, const int64_t *rows, const int64_t *cols, const int64_t *tile,
+                     int *nthreads) {
+    if (plan(p, nunits, rows, cols, tile)) return -1;
+    int64_t widest = 1;
+    for (int64_t u = 0; u < nunits; u++) widest = cols[u] > widest ? cols[u] : widest;
+#ifdef _OPENMP
+    if (*nthreads < 1) *nthreads = 1;
+#else
+    *nthreads = 1;
+#endif
+    return widest;
+}
+
 int tile_expand(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *masked, void *const *keep,
                 const int64_t *rows, const int64_t *cols, const int64_t *tile, int nthreads) {
     plan_t local;
-    if (plan(&local, nunits, rows, cols, tile)) return -1;
-    int64_t blocks = local.first_block[nunits], widest = 1;
-    for (int64_t u = 0; u < nunits; u++) widest = cols[u] > widest ? cols[u] : widest;
-    if (nthreads < 1) nthreads = 1;
-#ifndef _OPENMP
-    nthreads = 1;
-#endif
+    int64_t widest = setup(&local, nunits, rows, cols, tile, &nthreads);
+    if (widest < 0) return -1;
+    int64_t blocks = local.first_block[nunits];
     uint8_t *kexp_all = (uint8_t *)malloc((size_t)nthreads * (size_t)widest); /* per-thread spread keep bytes */
     if (!kexp_all) return -1;
 #ifdef _OPENMP
@@ -154,13 +164,9 @@ int tile_expand(int64_t nunits, void *const *w, uint8_t *const *mask, void *cons
 int tile_backward(int64_t nunits, void *const *g, void *const *w, void *const *keep, void *const *gw,
                   void *const *gs, const int64_t *rows, const int64_t *cols, const int64_t *tile, int nthreads) {
     plan_t local;
-    if (plan(&local, nunits, rows, cols, tile)) return -1;
-    int64_t blocks = local.first_block[nunits], widest = 1;
-    for (int64_t u = 0; u < nunits; u++) widest = cols[u] > widest ? cols[u] : widest;
-    if (nthreads < 1) nthreads = 1;
-#ifndef _OPENMP
-    nthreads = 1;
-#endif
+    int64_t widest = setup(&local, nunits, rows, cols, tile, &nthreads);
+    if (widest < 0) return -1;
+    int64_t blocks = local.first_block[nunits];
     /* per-thread column sums and spread keep bytes */
     float *acc_all = (float *)malloc((size_t)nthreads * (size_t)widest * (sizeof(float) + 1));
     if (!acc_all) return -1;
