@@ -170,7 +170,7 @@ def _bench_masks(args) -> int:
                          device=device, channels_last=args.channels_last)
     result["settings"]["loadavg"] = _load()
     print(f"{args.model}: N:M masks of every divisible Linear/Conv2d weight, {result['settings']['threads']} threads, "
-          f"load {result['settings']['loadavg']}")
+          f"load {result['settings']['loadavg']}, native kernel: {result['settings']['native_kernel']}")
     print(_table(result["rows"], [(k, k) for k in result["rows"][0]]))
     _write(args.output, "masks", result, result["rows"])
     return 0

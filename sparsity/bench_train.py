@@ -335,7 +335,8 @@ def _sorted_nm_mask(w: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
 def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2, 4), (1, 4), (1, 8), (2, 8), (4, 8),
                 (1, 16), (2, 16)), iters: int = 10, device: str = "cpu", channels_last: bool = False) -> dict[str, Any]:
     """Time N:M masks of every Linear/Conv2d weight of a model: per-layer topk + scatter (the previous
-    implementation) against the batched rank kernel (:func:`sparsity.masks.nm_masks_`), interleaved, medians.
+    implementation) against :func:`sparsity.masks.nm_masks_` (the native kernel where it runs, else the batched
+    torch rank kernel; ``settings.native_kernel`` says which), interleaved, medians.
 
     Weights are grouped along the input dimension (channels for convs); a layer whose width is not divisible by
     M is left out. ``equal`` checks the kernel against a stable-sort reference (ties to the lower index); topk's
@@ -376,5 +377,8 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
         rows.append({"pattern": f"{n}:{m}", "layers": len(ws), "weights": sum(w.numel() for w in ws),
                      "topk_ms": round(ref_ms, 3), "rank_ms": round(new_ms, 3), "speedup": round(ref_ms / new_ms, 2),
                      "equal": equal})
+    from . import native
+
     return {"settings": {"model": model_name, "model_kwargs": model_kwargs or {}, "device": device, "iters": iters,
-                         "channels_last": channels_last, "threads": torch.get_num_threads()}, "rows": rows}
+                         "channels_last": channels_last, "threads": torch.get_num_threads(),
+                         "native_kernel": native.status()}, "rows": rows}

@@ -348,3 +348,14 @@ def test_layers_without_controller_use_loaded_masks():
     x = torch.randn(3, layer.in_features)
     assert torch.allclose(layer(x), F.linear(x, layer.weight * layer.weight_mask, layer.bias))
     assert isinstance(layer, nn.Linear)
+
+
+def test_bench_masks_reports_which_kernel_and_equal_masks():
+    from sparsity import native
+    from sparsity.bench_train import bench_masks
+
+    result = bench_masks("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10},
+                         patterns=((2, 4), (1, 8)), iters=1)
+    assert result["settings"]["native_kernel"] == native.status()
+    assert [r["pattern"] for r in result["rows"]] == ["2:4", "1:8"]
+    assert all(r["equal"] and r["layers"] > 0 and r["rank_ms"] > 0 for r in result["rows"])
