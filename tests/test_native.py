@@ -194,19 +194,39 @@ def test_copies_drop_the_caches():
 
 
 @needs_kernel
-def test_pthread_build_gives_the_same_masks(monkeypatch, tmp_path):
-    """The build without -fopenmp (compilers without OpenMP) splits work over pthreads: same results."""
+def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
+    """The build without -fopenmp (compilers without OpenMP: pthreads) and without the AVX-512 streaming-store
+    paths (-DNM_NO_STREAMING: the plain C loops every other CPU runs) gives the same masks, forward weights and
+    supermask gradients."""
     import ctypes
 
     monkeypatch.setenv("SPARSITY_CACHE_DIR", str(tmp_path))
-    lib = ctypes.CDLL(str(native._compile(native._compiler(), native._FLAGS)))
-    lib.nm_keep.argtypes = native.kernel().nm_keep.argtypes
-    lib.nm_keep.restype = ctypes.c_int
-    w = torch.randn(512, 256, 3, 3)  # big enough for two threads
-    want = M.nm_mask(w, 2, 4, 1)
+    lib = ctypes.CDLL(str(native._compile(native._compiler(), [*native._FLAGS, "-DNM_NO_STREAMING"])))
+    for name in ("nm_keep", "tile_expand", "tile_backward"):
+        getattr(lib, name).argtypes = getattr(native.kernel(), name).argtypes
+        getattr(lib, name).restype = ctypes.c_int
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(512, 256, 3, 3, generator=gen)  # big enough for two threads
+    ws, dims = [w, torch.randn(96, 64, generator=gen)], [1, 1]
+    want = _run(ws, dims, 2, 4, 0.3)
+    rows, cols, tile = 37, 45, 8
+    w2, g2 = torch.randn(rows, cols, generator=gen), torch.randn(rows, cols, generator=gen)
+    keep = torch.rand(5, 6, generator=gen) > 0.5
+
+    def tiles():
+        mask, out, gw, gs = (torch.empty(rows, cols, dtype=torch.bool), torch.empty(rows, cols),
+                             torch.empty(rows, cols), torch.empty(5, 6))
+        assert native.tile_expand_native([(w2, mask, out, keep, tile)])
+        assert native.tile_backward_native([(g2, w2, keep, gw, gs, tile)])
+        return mask, out, gw, gs
+
+    want_tiles = tiles()
     monkeypatch.setattr(native, "_lib", lib)
     assert torch.get_num_threads() == 2  # conftest
-    assert torch.equal(M.nm_mask(w, 2, 4, 1), want)
+    got = _run(ws, dims, 2, 4, 0.3)
+    for g, w_ in zip(got, want):
+        assert all(_same(a, b) for a, b in zip(g, w_))
+    assert all(torch.equal(a, b) for a, b in zip(tiles(), want_tiles))
 
 
 @needs_kernel
