@@ -23,6 +23,23 @@ def tiny_model(kind: str, seed: int = 0):
     return timm.create_model(name, **kw)
 
 
+def densified_as_stock(model, name: str, kw: dict, x):
+    """``densify_`` the trained sparse model, load its state strictly into a stock ``timm.create_model(name,
+    **kw)``, assert both give the same logits on ``x`` and return the stock model."""
+    import sparsity
+
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    sparsity.densify_(model)
+    fresh = timm.create_model(name, **kw)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), ref, atol=1e-5)
+    return fresh
+
+
 @pytest.fixture
 def one_thread():
     """Small tensors on a shared 2-core box: one intra-op thread is faster and steadier."""

@@ -12,12 +12,13 @@ import importlib
 import pkgutil
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..layers import MaskedMixin, SliceSpec, frozen_weight
 from ..recipe import Recipe, RecipeError, Rule
 
-__all__ = ["SparsityMethod", "register_method", "get_method", "METHODS"]
+__all__ = ["SparsityMethod", "register_method", "get_method", "METHODS", "fill_missing_slice_params"]
 
 METHODS: dict[str, type[SparsityMethod]] = {}
 
@@ -37,6 +38,27 @@ def get_method(name: str) -> type[SparsityMethod]:
     if name not in METHODS:
         raise RecipeError(f"unknown sparsity method {name!r} (valid: {', '.join(sorted(METHODS))})")
     return METHODS[name]
+
+
+def fill_missing_slice_params(module: MaskedMixin, state_dict: dict, prefix: str, names, from_weight) -> list:
+    """Load pre-hook helper for learned per-slice parameters (supermask scores, gumbel logits) that a stock dense
+    state dict lacks, so that its strict load succeeds. Each missing one becomes ``from_weight(rows, spec)`` of the
+    incoming weight's rows when ``from_weight`` is given and that weight has the layer's shape, else a copy of the
+    current value. Returns the ``(spec, value)`` pairs it filled in."""
+    w = state_dict.get(prefix + "weight")
+    use_weight = from_weight is not None and isinstance(w, torch.Tensor) and w.shape == module.weight.shape
+    filled = []
+    for spec, name in zip(module.slices, names):
+        if prefix + name in state_dict:
+            continue
+        current = getattr(module, name)
+        if use_weight:
+            value = from_weight(w[spec.start:spec.stop].to(current.device), spec)
+        else:
+            value = current.detach().clone()
+        state_dict[prefix + name] = value = value.to(current.dtype)
+        filled.append((spec, value))
+    return filled
 
 
 class SparsityMethod:

@@ -36,7 +36,7 @@ from ..layers import MaskedMixin, SliceSpec, frozen_weight
 from ..masks import grouped_dim
 from ..recipe import Recipe, RecipeError, parse_dataclass
 from ..schedules import DENSE, FINETUNE, SPARSE, linear_ramp, phase_at
-from . import SparsityMethod, register_method
+from . import SparsityMethod, fill_missing_slice_params, register_method
 
 __all__ = ["MAX_PATTERNS", "TauAnneal", "GumbelConfig", "GumbelMethod", "nm_patterns", "gumbel_weight", "tau_at"]
 
@@ -257,22 +257,14 @@ def _fill_missing_logits(module, state_dict, prefix, local_metadata, strict, mis
     """Load pre-hook: a stock (dense) state dict has no logits. Keep the current ones, or with ``init: magnitude``
     start them from the incoming weight. Either way a strict load of a dense checkpoint succeeds, and when the
     state dict has no mask either, ``weight_mask`` becomes the argmax pattern of the logits it ends with."""
-    w = state_dict.get(prefix + "weight")
-    mask = None if prefix + "weight_mask" in state_dict else module.weight_mask.detach().clone()
-    for spec, name in zip(module.slices, module.logit_names):
-        key = prefix + name
-        if key in state_dict:
-            continue
-        current = getattr(module, name)
-        if module.logit_init == "magnitude" and isinstance(w, torch.Tensor) and w.shape == module.weight.shape:
-            value = _init_logits(w[spec.start:spec.stop].to(current.device), spec, "magnitude",
-                                 module.logit_init_scale)
-        else:
-            value = current.detach().clone()
-        state_dict[key] = value = value.to(current.dtype)
-        if mask is not None:
+    magnitude = module.logit_init == "magnitude"
+    filled = fill_missing_slice_params(
+        module, state_dict, prefix, module.logit_names,
+        (lambda rows, spec: _init_logits(rows, spec, "magnitude", module.logit_init_scale)) if magnitude else None)
+    if filled and prefix + "weight_mask" not in state_dict:
+        mask = module.weight_mask.detach().clone()
+        for spec, value in filled:
             mask[spec.start:spec.stop] = _argmax_mask(mask[spec.start:spec.stop], value, spec)
-    if mask is not None:
         state_dict[prefix + "weight_mask"] = mask
 
 

@@ -206,7 +206,7 @@ class NMMethod(SparsityMethod):
         self.patterns: dict[str, str] = {}
         self._workspace: dict = {}  # scratch of the batched mask kernel, reused every step
         self._beta_set: float | None = None  # value last written to the layers' sparse_beta buffers
-        self._run_cache: dict[tuple, list] = {}  # (fqn, ladder frame) -> row runs of one pattern each
+        self._run_cache: dict[tuple, tuple] = {}  # (fqn, ladder frame) -> (runs of one pattern each, dense rows)
 
     # ---- per-step logic -------------------------------------------------------------------------------------
     def _mode(self) -> str:
@@ -247,9 +247,12 @@ class NMMethod(SparsityMethod):
             kinds.append(layer_fast)
             out = layer.masked_weight_out() if layer_fast else None
             factor = None if layer_fast else layer.mask_factor_out()
-            runs = self._run_cache.get((fqn, frame))
-            if runs is None:  # the runs depend on the phase only through its ladder frame
-                runs = self._run_cache[(fqn, frame)] = self._runs(fqn, layer, phase)
+            cached = self._run_cache.get((fqn, frame))
+            if cached is None:  # the runs depend on the phase only through its ladder frame
+                spans = ((s.start, s.stop) for s in layer.slices)
+                cached = self._run_cache[(fqn, frame)] = (self._runs(fqn, layer, phase),
+                                                         uncovered_rows(spans, w.shape[0]))
+            runs, dense_rows = cached
             for n, m, sparse_dim, start, stop in runs:
                 masks, weights, dims, outs, factors = calls.setdefault((n, m), ([], [], [], [], []))
                 masks.append(mask[start:stop])
@@ -258,8 +261,8 @@ class NMMethod(SparsityMethod):
                 outs.append(None if out is None else out[start:stop])
                 factors.append(None if factor is None else factor[start:stop])
             if out is not None:
-                for start, stop in uncovered_rows(((s.start, s.stop) for s in layer.slices), w.shape[0]):
-                    out[start:stop].copy_(w[start:stop])  # rows no pattern covers stay dense
+                for start, stop in dense_rows:  # rows no pattern covers stay dense
+                    out[start:stop].copy_(w[start:stop])
         for (n, m), (masks, weights, dims, outs, factors) in calls.items():
             nm_masks_(masks, weights, n, m, dims, workspace=self._workspace, factors=factors, masked=outs, beta=beta)
         for (_, layer), layer_fast in zip(self.layers, kinds):

@@ -36,7 +36,7 @@ from ..layers import MaskedMixin, SliceSpec, frozen_weight, uncovered_rows
 from ..masks import expand_tiles, expand_tiles_, tile_mask, tile_scores
 from ..recipe import Recipe, RecipeError, Rule
 from ..schedules import DENSE, FINETUNE, linear_ramp, phase_at
-from . import SparsityMethod, register_method
+from . import SparsityMethod, fill_missing_slice_params, register_method
 
 __all__ = ["Ramp", "SupermaskConfig", "SupermaskMethod", "supermask_weight", "tile_sum", "layer_kind"]
 
@@ -212,17 +212,9 @@ def _fill_missing_scores(module, state_dict, prefix, local_metadata, strict, mis
     """Load pre-hook: a stock (dense) state dict has no scores. Keep the current ones, or with
     ``score_init: magnitude`` start them from the incoming weight so the loaded model starts at its magnitude
     block mask. Either way a strict load of a dense checkpoint succeeds."""
-    w = state_dict.get(prefix + "weight")
-    for spec, name in zip(module.slices, module.score_names):
-        key = prefix + name
-        if key in state_dict:
-            continue
-        current = getattr(module, name)
-        if module.score_init == "magnitude" and isinstance(w, torch.Tensor) and w.shape == module.weight.shape:
-            value = _init_scores(w[spec.start:spec.stop].to(current.device), spec.tile, "magnitude")
-        else:
-            value = current.detach().clone()
-        state_dict[key] = value.to(current.dtype)
+    magnitude = module.score_init == "magnitude"
+    fill_missing_slice_params(module, state_dict, prefix, module.score_names,
+                              (lambda rows, spec: _init_scores(rows, spec.tile, "magnitude")) if magnitude else None)
 
 
 @register_method("supermask")
@@ -341,19 +333,19 @@ class SupermaskMethod(SparsityMethod):
             if out is None:
                 plain.append((layer, keeps))
                 continue
+            keeps = [k.contiguous() for k in keeps]
             for spec, keep in zip(layer.slices, keeps):
                 rows = spec.stop - spec.start
                 units.append((w[spec.start:spec.stop].view(rows, -1), mask[spec.start:spec.stop].view(rows, -1),
-                              out[spec.start:spec.stop].view(rows, -1), keep.contiguous(), spec.tile))
-            fused.append((layer, keeps))
+                              out[spec.start:spec.stop].view(rows, -1), keep, spec.tile))
+            fused.append((layer, keeps, out))
         if units and not native.tile_expand_native(units):
-            plain, fused = plain + fused, []
-        for layer, keeps in fused:
-            w, out = layer.weight.detach(), layer.masked_weight_out()
+            plain, fused = plain + [(layer, keeps) for layer, keeps, _ in fused], []
+        for layer, keeps, out in fused:
+            w = layer.weight.detach()
             for start, stop in uncovered_rows(((s.start, s.stop) for s in layer.slices), w.shape[0]):
                 out[start:stop].copy_(w[start:stop])
-            layer.__dict__["_tile_keep"] = tuple((s.start, s.stop, s.tile, k.contiguous())
-                                                 for s, k in zip(layer.slices, keeps))
+            layer.__dict__["_tile_keep"] = tuple((s.start, s.stop, s.tile, k) for s, k in zip(layer.slices, keeps))
             layer.masked_weight_written()
         for layer, keeps in plain:
             mask, factor = layer.weight_mask, layer.mask_factor_out()
