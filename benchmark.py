@@ -5,12 +5,18 @@
     python benchmark.py --bench train --model vit_tiny_patch16_224 --model-kwargs img_size=32 patch_size=4 \\
         depth=4 --img-size 32 --recipes configs/quickstart/srste_digits_2of4.yaml
     python benchmark.py --bench infer --model output/run/export --backend semi_structured
+    python benchmark.py --bench infer --model vit_base_patch16_224 --targets ff qkv proj --nm 2:4 -b 64 256 \
+        --dtype bfloat16 --torchcompile
+    python benchmark.py --bench infer --model vit_base_patch16_224 --targets ff qkv proj --sparsity 0.9 --tile 64
+    python benchmark.py --bench infer --model vit_base_patch16_224 --targets ff --layers -b 256
     python benchmark.py --bench masks --model resnet18
 
 ``--bench train`` times full training steps (controller step, forward, backward, optimizer step) of the dense
 model and of each recipe, A/B interleaved in one process, and reports medians, the sparse/dense ratio, the
 step-time breakdown and memory. ``--bench infer`` times inference of the densified model against the
-accelerated one (sparse kernels). Results go to ``--output`` as JSON and CSV; a table is printed.
+accelerated one (sparse kernels) for every dtype x batch size, eagerly and compiled, with throughput, peak memory
+and the largest logit difference; ``--layers`` times the MLP linears alone. Results go to ``--output`` as JSON
+and CSV; a table is printed.
 See docs/performance.md for measured figures and the exact commands behind them.
 """
 
@@ -21,6 +27,7 @@ import csv
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from cli_common import ConfigError, ParseKwargs, run_cli, setup_logging
@@ -36,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm model name (infer also takes a checkpoint or an export directory)")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="timm.create_model kwargs")
     p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("-b", "--batch-size", type=int, nargs="+", default=[64],
+                   help="images per step (train: one value; infer: one or more)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: 224 for train, the model's "
                                                                 "own for infer)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -49,18 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", nargs="+", default=[],
                    help=f"built-in recipes: {', '.join(BUILTIN)} (N:M on ff + q/k/v of a transformer, on every "
                         "conv of a CNN; supermask: the same density in 8x8 tiles)")
-    g.add_argument("--nm", default="2:4", help="N:M of the built-in recipes")
+    g.add_argument("--nm", default="2:4", help="N:M of the built-in recipes (infer: of --targets)")
     g.add_argument("--block", type=int, default=1, help="consecutive steps of one variant before switching")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     g.add_argument("--channels-last", action="store_true")
-    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile backend")
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None,
+                   help="torch.compile backend (infer: adds compiled rows to the eager ones)")
     g.add_argument("--opt", default="adamw")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also write a torch.profiler table of STEPS steps per variant (profile_<variant>.txt)")
-    g = p.add_argument_group("infer")
-    g.add_argument("--backend", default="semi_structured", choices=["semi_structured", "bsr"])
-    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    g = p.add_argument_group("infer", "a timm --model name gets magnitude masks on --targets: N:M (--nm) or, with "
+                                      "--tile, --sparsity in tile x tile blocks; a checkpoint or export keeps its own")
+    g.add_argument("--backend", default=None, choices=["semi_structured", "bsr"],
+                   help="default: bsr with --tile, else semi_structured (2:4)")
+    g.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
+    g.add_argument("--targets", nargs="+", default=None,
+                   help="layers a timm name gets masks on (default: ff); e.g. ff qkv proj")
+    g.add_argument("--sparsity", type=float, default=None, help="block sparsity with --tile (default 0.9)")
+    g.add_argument("--tile", type=int, default=None, help="block tile side: block masks instead of N:M")
+    g.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode, e.g. max-autotune, max-autotune-no-cudagraphs")
+    g.add_argument("--layers", action="store_true",
+                   help="time the MLP linears alone (dense F.linear vs the sparse kernel) instead of whole forwards")
     return p
 
 
@@ -68,10 +87,7 @@ def _recipes(args, model_for_rules) -> dict:
     from sparsity.bench_train import builtin_recipe
     from sparsity.recipe import closest, load_recipe
 
-    try:
-        n, m = (int(v) for v in args.nm.split(":"))
-    except ValueError:
-        raise ConfigError(f"--nm must look like 2:4 (keep N of every M), got {args.nm!r}") from None
+    n, m = _parse_nm(args.nm)
     out: dict = {}
     for name in args.methods:
         if name not in BUILTIN:
@@ -126,8 +142,10 @@ def _bench_train(args) -> int:
     probe = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
     recipes = _recipes(args, probe)
     del probe
+    if len(args.batch_size) != 1:
+        raise ConfigError(f"--bench {args.bench} takes one --batch-size, got {args.batch_size}")
     settings = TrainBenchSettings(
-        batch_size=args.batch_size, img_size=args.img_size or 224, num_classes=args.num_classes, steps=args.steps,
+        batch_size=args.batch_size[0], img_size=args.img_size or 224, num_classes=args.num_classes, steps=args.steps,
         warmup=args.warmup, block=args.block, device=device, amp=args.amp, channels_last=args.channels_last,
         torchcompile=args.torchcompile, opt=args.opt, lr=args.lr, model_kwargs=dict(args.model_kwargs),
     )
@@ -183,21 +201,101 @@ def _load() -> list[float] | None:
         return None
 
 
+def _parse_nm(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--nm must look like 2:4 (keep N of every M), got {text!r}") from None
+    if not 0 < n <= m:
+        raise ConfigError(f"--nm {text}: N must be between 1 and M")
+    return n, m
+
+
+def _infer_model(args):
+    """The model --bench infer times: a timm name gets magnitude masks; a checkpoint or export comes as saved."""
+    import timm
+
+    from sparsity.bench_infer import sparse_model
+
+    kwargs = {"num_classes": args.num_classes, **args.model_kwargs}
+    if not timm.is_model(args.model):
+        if args.targets or args.tile or args.sparsity is not None:
+            raise ConfigError(f"--targets/--tile/--sparsity build masks for a timm model name; {args.model!r} is a "
+                              "checkpoint or export and keeps the masks it was trained with (drop those flags)")
+        if not Path(args.model).exists():
+            raise ConfigError(f"--model {args.model!r} is neither a timm model name nor an existing checkpoint or "
+                              "export directory")
+        return args.model
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise ConfigError(f"--sparsity is the fraction of zeros, in [0, 1); got {args.sparsity}")
+    if args.tile is not None and args.tile < 1:
+        raise ConfigError(f"--tile must be >= 1, got {args.tile}")
+    return sparse_model(args.model, targets=args.targets or ["ff"], nm=_parse_nm(args.nm), sparsity=args.sparsity,
+                        tile=args.tile, **kwargs)
+
+
 def _bench_infer(args) -> int:
     import torch
 
-    try:
-        from sparsity.bench_infer import bench_infer
-    except ImportError as e:
-        raise ConfigError(f"--bench infer is not available in this build ({e}); use --bench train") from None
+    from sparsity.bench_infer import bench_infer, bench_layers
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = bench_infer(args.model, backend=args.backend, batch_size=args.batch_size, img_size=args.img_size,
-                         dtype=getattr(torch, args.dtype), device=device, warmup=args.warmup, iters=args.steps,
-                         create_kwargs={"num_classes": args.num_classes, **args.model_kwargs})
-    summary = {k: v for k, v in result.items() if k != "layers"}
-    print(_table([summary], [(k, k) for k in summary]))
-    _write(args.output, "infer", result, result.get("layers") or [summary])
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    backend = args.backend or ("bsr" if args.tile else "semi_structured")
+    model = _infer_model(args)
+    dtypes = [getattr(torch, d) for d in dict.fromkeys(args.dtype)]
+    common = dict(backend=backend, img_size=args.img_size, device=device, warmup=args.warmup, iters=args.steps)
+    what = f"{args.model} on {device}, {backend}, {args.steps} timed forwards after {args.warmup}"
+    if args.layers:
+        rows, totals = [], []
+        for dtype in dtypes:
+            for bs in args.batch_size:
+                res = bench_layers(model, batch_size=bs, dtype=dtype, **common)
+                tag = {"dtype": res["settings"]["dtype"], "batch_size": bs}
+                rows += [{**tag, **r} for r in res["rows"]]
+                totals.append({**tag, **res["total"]})
+        print(f"MLP linears alone: {what}")
+        cols = [("dtype", "dtype"), ("batch_size", "batch"), ("layer", "layer"), ("count", "count"),
+                ("weight", "weight"), ("rows", "input rows"), ("converted", "sparse"), ("dense_ms", "dense ms"),
+                ("sparse_ms", "sparse ms"), ("speedup", "speedup"), ("max_abs_diff", "max |diff|")]
+        print(_table(rows + totals, cols))
+        result = {"settings": res["settings"], "rows": rows, "totals": totals}
+        _write(args.output, "infer_layers", result, rows + totals)
+        return 0
+
+    def progress(row: dict) -> None:
+        print(f"  {row['dtype']} batch {row['batch_size']} {row['mode']}: dense {row['dense_ms']:.3f} ms, "
+              f"sparse {row['sparse_ms']:.3f} ms", file=sys.stderr, flush=True)
+
+    modes = ["eager", "compiled"] if args.torchcompile else ["eager"]
+    result = bench_infer(model, batch_sizes=args.batch_size, dtypes=dtypes, modes=modes,
+                         compile_backend=args.torchcompile or "inductor", compile_mode=args.compile_mode,
+                         progress=progress, **common)
+    converted = sum(r["converted"] for r in result["layers"])
+    print(f"{what}: {converted} of {len(result['layers'])} Linear/Conv2d layers run sparse")
+    if not converted:
+        reasons = Counter(r["reason"].split(";")[0] for r in result["layers"])
+        print(f"  nothing runs sparse: {reasons.most_common(1)[0][0]} (every layer's reason: --output's "
+              "infer_layers_plan.csv)")
+    cols = [("dtype", "dtype"), ("batch_size", "batch"), ("mode", "mode"), ("dense_ms", "dense ms"),
+            ("sparse_ms", "sparse ms"), ("speedup", "speedup"), ("dense_img_s", "dense img/s"),
+            ("sparse_img_s", "sparse img/s"), ("dense_peak_mib", "dense peak MiB"),
+            ("sparse_peak_mib", "sparse peak MiB"), ("sparse_weights_mib", "sparse weights MiB"),
+            ("max_abs_diff", "max |diff|")]
+    print(_table(result["rows"], cols))
+    _write(args.output, "infer", result, result["rows"])
+    if args.output:
+        _write_layer_table(Path(args.output) / "infer_layers_plan.csv", result["layers"])
     return 0
+
+
+def _write_layer_table(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["fqn", "shape", "pattern", "eligible", "converted", "reason"],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def _main(argv: list[str] | None = None) -> int:

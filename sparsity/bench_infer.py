@@ -1,7 +1,15 @@
 """Inference throughput: the same model dense (masks baked in) vs after :func:`accelerate_`, measured.
 
 Library half of ``benchmark.py --bench infer``: no argparse, no printing. Nothing is computed from a theoretical
-model; on CPU or a GPU below sm80 the "sparse" model is the dense one and the figures say so.
+model; on CPU or a GPU below sm80 the "sparse" model is the dense one and the figures say so (``converted`` 0,
+speedup near 1).
+
+- :func:`bench_infer` times whole forwards for every (dtype, batch size, eager/compiled) and reports median
+  latency, throughput, peak memory and the largest logit difference against the masked dense model.
+- :func:`bench_layers` times the MLP linears alone (``F.linear`` on the dense weight against the sparse kernel) at
+  the input sizes the whole model feeds them.
+- :func:`sparse_model` builds a timm model with magnitude masks from a short spec (``ff`` at 2:4, or 90 % in
+  64x64 tiles), for benchmarking architectures without a trained checkpoint.
 """
 
 from __future__ import annotations
@@ -9,38 +17,89 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .accelerate import accelerate_
+from .accelerate import SparseLinear, accelerate_
+from .layers import masked_modules
+from .masks import block_mask, unstructured_mask, weight_nm_mask
 from .surgery import densify_
+from .targets import find_candidates
 
-__all__ = ["bench_infer", "time_forward"]
+__all__ = ["bench_infer", "bench_layers", "sparse_model", "time_forward", "time_call"]
+
+MODES = ("eager", "compiled")
 
 
-@torch.no_grad()
-def time_forward(model: nn.Module, x: torch.Tensor, warmup: int = 10, iters: int = 50) -> float:
-    """Median milliseconds per forward of ``model(x)`` (CUDA events on GPU, perf_counter on CPU)."""
+def time_call(fn: Callable[[], Any], device: torch.device | str, warmup: int = 10, iters: int = 50) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU), after ``warmup`` untimed calls."""
     for _ in range(warmup):
-        model(x)
+        fn()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     times = []
-    cuda = x.device.type == "cuda"
     for _ in range(iters):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            model(x)
+            fn()
             end.record()
-            torch.cuda.synchronize()
+            end.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            model(x)
+            fn()
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+@torch.no_grad()
+def time_forward(model: nn.Module, x: torch.Tensor, warmup: int = 10, iters: int = 50) -> float:
+    """Median milliseconds per forward of ``model(x)``."""
+    return time_call(lambda: model(x), x.device, warmup, iters)
+
+
+@torch.no_grad()
+def sparse_model(arch: str, targets: Sequence[str] = ("ff",), nm: tuple[int, int] | None = (2, 4),
+                 sparsity: float | None = None, tile: int | None = None, seed: int = 0, **create_kwargs) -> nn.Module:
+    """``arch`` with magnitude masks on ``targets``: N:M (``nm``) or, with ``tile``, block sparsity ``sparsity``.
+
+    The weights are timm's random initialisation (nothing is downloaded); the masks are what a one-shot
+    magnitude prune of them gives, so every selected layer has exactly the pattern asked for. Targets are the
+    recipe's (``ff``, ``qkv``, ``q``/``k``/``v``, ``proj``, ``conv``, ``re:...``).
+    """
+    from .factory import create_model
+    from .methods import frozen_masked_weight
+    from .recipe import recipe_from_dict
+
+    if tile is not None:
+        rule = {"target": list(targets), "sparsity": 0.9 if sparsity is None else sparsity, "tile": tile}
+        spec = {"method": "gmp", "rules": [rule]}
+    elif sparsity is not None:
+        spec = {"method": "gmp", "rules": [{"target": list(targets), "sparsity": sparsity}]}
+    else:
+        n, m = nm or (2, 4)
+        spec = {"method": "oneshot", "rules": [{"target": list(targets), "n": n, "m": m}]}
+    torch.manual_seed(seed)
+    model = create_model(arch, recipe=recipe_from_dict(spec, source="benchmark --targets"), **create_kwargs)
+    for _, layer in masked_modules(model):
+        for s in layer.slices:
+            part = layer.weight[s.start:s.stop]
+            if s.n is not None:
+                mask = weight_nm_mask(part, s.n, s.m, s.sparse_dim)
+            elif s.tile:
+                mask = block_mask(part, s.sparsity, s.tile)
+            else:
+                mask = unstructured_mask(part, s.sparsity)
+            layer.weight_mask[s.start:s.stop] = mask
+        layer.weight_fn = frozen_masked_weight
+    return model.eval()
 
 
 def _resolve(model_or_name: nn.Module | str | os.PathLike, create_kwargs: dict | None) -> tuple[nn.Module, str]:
@@ -57,42 +116,190 @@ def _resolve(model_or_name: nn.Module | str | os.PathLike, create_kwargs: dict |
     return model, meta["arch"]
 
 
+def _default_img_size(model: nn.Module) -> int:
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)  # a ViT built with img_size=... only
+    if fixed:  # takes that size; pretrained_cfg keeps the default
+        return int(fixed[-1])
+    return int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, sparse layouts included (BSR components, packed 2:4 values + metadata)."""
+    if t.layout == torch.sparse_bsr:
+        return sum(_tensor_bytes(p) for p in (t.crow_indices(), t.col_indices(), t.values()))
+    # SparseSemiStructuredTensor: kept values + metadata, and the transposed copies the CUTLASS backend keeps
+    parts = [getattr(t, a, None) for a in ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask")]
+    if any(isinstance(p, torch.Tensor) for p in parts):
+        return sum(p.numel() * p.element_size() for p in parts if isinstance(p, torch.Tensor))
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Parameters, buffers and the sparse weights of converted layers (plain attributes), once each."""
+    seen: set[int] = set()
+    total = 0
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for m in model.modules() if isinstance(m, SparseLinear) for t in (m.weight, m.bias) if t is not None]
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += _tensor_bytes(t)
+    return total
+
+
+def _peak_and_time(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> tuple[float, float | None]:
+    """(median ms, peak MiB the forwards allocated beyond what was resident; None off CUDA)."""
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(x.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+    ms = time_forward(model, x, warmup, iters)
+    extra = (torch.cuda.max_memory_allocated(x.device) - base) / 2**20 if cuda else None
+    return ms, extra
+
+
+def _compile(model: nn.Module, backend: str, mode: str | None) -> nn.Module:
+    # one graph per batch size (dynamic=False): the shapes the kernels are tuned for, no symbolic-shape guards
+    return torch.compile(model, backend=backend, mode=mode, dynamic=False)
+
+
+@torch.no_grad()
 def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "semi_structured",
-                batch_size: int = 64, img_size: int | None = None, dtype: torch.dtype = torch.bfloat16,
-                device: str | None = None, warmup: int = 10, iters: int = 50,
-                create_kwargs: dict | None = None) -> dict[str, Any]:
-    """Time ``model`` dense and accelerated on random input.
+                batch_sizes: Sequence[int] = (64,), dtypes: Sequence[torch.dtype] = (torch.bfloat16,),
+                modes: Sequence[str] = ("eager",), img_size: int | None = None, device: str | None = None,
+                warmup: int = 10, iters: int = 50, create_kwargs: dict | None = None, compile_backend: str = "inductor",
+                compile_mode: str | None = None, blocksize: int | None = None,
+                progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Time ``model`` dense (masks baked in) and accelerated, for every dtype x batch size x mode.
 
     Args:
         model_or_name: a model (masked or plain), a timm name, a checkpoint or an export directory.
-        backend: ``semi_structured`` or ``bsr`` (see :func:`accelerate_`).
-        batch_size: images per forward.
-        img_size: input side; default from the model's ``pretrained_cfg['input_size']``.
-        dtype: dtype both runs use (sparse kernels need fp16/bf16).
+        backend: ``semi_structured`` or ``bsr`` (see :func:`accelerate_`); ``blocksize`` forces the BSR tile.
+        batch_sizes, dtypes: the grid; sparse kernels need fp16/bf16 (fp32 only for BSR).
+        modes: ``eager`` and/or ``compiled`` (``torch.compile(backend=compile_backend, mode=compile_mode)``,
+            compiled once per model, one graph per batch size).
+        img_size: input side; default the model's own.
         device: default ``cuda`` when available, else ``cpu``.
-        warmup, iters: forwards before timing, forwards timed (median reported).
-        create_kwargs: for a timm name.
+        warmup, iters: forwards before timing (compilation happens there), forwards timed (median reported).
+        progress: called with each finished row.
 
     Returns:
-        ``dense_ms``, ``sparse_ms``, ``speedup`` (dense / sparse), ``converted`` (layers run sparse), the
-        ``layers`` table of :func:`accelerate_`, and the settings (device name, dtype, batch, input size).
+        ``settings``, ``rows`` (one per dtype x batch x mode: ``dense_ms``, ``sparse_ms``, ``speedup`` =
+        dense/sparse, ``dense_img_s``, ``sparse_img_s``, ``dense_peak_mib``/``sparse_peak_mib`` (weights plus what
+        the forwards allocated; CUDA only), ``dense_weights_mib``/``sparse_weights_mib``, ``max_abs_diff`` of the
+        sparse logits against the masked dense model run eagerly in the same dtype, ``converted``) and ``layers``
+        (the :func:`accelerate_` table of the first dtype).
+    """
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"modes must be among {', '.join(MODES)}, got {bad}")
+    model, name = _resolve(model_or_name, create_kwargs)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    img_size = img_size or _default_img_size(model)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {bs: torch.randn(bs, 3, img_size, img_size, generator=gen) for bs in batch_sizes}
+    rows: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
+    for dtype in dtypes:
+        dense = densify_(copy.deepcopy(model)).to(device=device, dtype=dtype).eval()
+        sparse = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        table = accelerate_(sparse, backend=backend, dtype=dtype, blocksize=blocksize)
+        densify_(sparse)  # layers left dense run baked weights, as in the dense model: only the kernels differ
+        layers = layers or table
+        sizes = {"dense": weight_bytes(dense) / 2**20, "sparse": weight_bytes(sparse) / 2**20}
+        runs = {"eager": (dense, sparse)}
+        if "compiled" in modes:
+            runs["compiled"] = (_compile(dense, compile_backend, compile_mode),
+                                _compile(sparse, compile_backend, compile_mode))
+        for bs in batch_sizes:
+            x = inputs[bs].to(device=device, dtype=dtype)
+            ref = dense(x).float()
+            for mode in modes:
+                d, s = runs[mode]
+                dense_ms, dense_extra = _peak_and_time(d, x, warmup, iters)
+                sparse_ms, sparse_extra = _peak_and_time(s, x, warmup, iters)
+                row = {
+                    "model": name, "backend": backend, "dtype": str(dtype).removeprefix("torch."), "batch_size": bs,
+                    "mode": mode, "dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4),
+                    "speedup": round(dense_ms / sparse_ms, 4),
+                    "dense_img_s": round(bs / dense_ms * 1e3, 1), "sparse_img_s": round(bs / sparse_ms * 1e3, 1),
+                    "dense_peak_mib": None if dense_extra is None else round(sizes["dense"] + dense_extra, 1),
+                    "sparse_peak_mib": None if sparse_extra is None else round(sizes["sparse"] + sparse_extra, 1),
+                    "dense_weights_mib": round(sizes["dense"], 2), "sparse_weights_mib": round(sizes["sparse"], 2),
+                    "max_abs_diff": float((s(x).float() - ref).abs().max()),
+                    "converted": sum(r["converted"] for r in table),
+                }
+                rows.append(row)
+                if progress:
+                    progress(row)
+        del dense, sparse, runs
+    settings = {
+        "model": name, "backend": backend, "img_size": img_size, "warmup": warmup, "iters": iters,
+        "device": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu",
+        "torch": torch.__version__, "compile_backend": compile_backend if "compiled" in modes else None,
+        "compile_mode": compile_mode,
+    }
+    return {"settings": settings, "rows": rows, "layers": layers}
+
+
+@torch.no_grad()
+def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "semi_structured",
+                 batch_size: int = 64, dtype: torch.dtype = torch.bfloat16, tags: Sequence[str] = ("ff",),
+                 img_size: int | None = None, device: str | None = None, warmup: int = 10, iters: int = 50,
+                 create_kwargs: dict | None = None, blocksize: int | None = None) -> dict[str, Any]:
+    """The MLP linears alone (layers tagged ``ff``, or ``tags``): dense ``F.linear`` against the sparse kernel.
+
+    Each layer gets the input size a whole-model forward of ``batch_size`` images feeds it (batch x tokens
+    rows for a ViT). Layers of one shape and input size are timed once and counted (``count``); ``total`` sums
+    count x time over every layer, which is the time those layers take in one forward.
     """
     model, name = _resolve(model_or_name, create_kwargs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if img_size is None:  # a ViT built with img_size=... only takes that size; pretrained_cfg keeps the default
-        fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        img_size = int(fixed[-1]) if fixed else \
-            int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
-    sparse = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    img_size = img_size or _default_img_size(model)
     dense = densify_(copy.deepcopy(model)).to(device=device, dtype=dtype).eval()
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device, dtype=dtype)
-    rows = accelerate_(sparse, backend=backend, dtype=dtype)
-    densify_(sparse)  # layers left dense run baked weights, as in the dense model: only the kernels differ
-    dense_ms = time_forward(dense, x, warmup, iters)
-    sparse_ms = time_forward(sparse, x, warmup, iters)
-    return {
-        "model": name, "backend": backend, "device": torch.cuda.get_device_name(device) if device.startswith("cuda")
-        else "cpu", "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size, "img_size": img_size,
-        "dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4), "speedup": round(dense_ms / sparse_ms, 4),
-        "converted": sum(r["converted"] for r in rows), "layers": rows,
-    }
+    chosen = [c.fqn for c in find_candidates(dense) if isinstance(c.module, nn.Linear) and c.tags & set(tags)]
+    in_shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(fqn: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:  # returns None: the output is kept
+            in_shapes.setdefault(fqn, tuple(args[0].shape))
+        return hook
+
+    hooks = [dense.get_submodule(f).register_forward_hook(record(f)) for f in chosen]
+    dense(torch.randn(batch_size, 3, img_size, img_size, device=device, dtype=dtype))
+    for h in hooks:
+        h.remove()
+    sparse = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    table = {r["fqn"]: r for r in accelerate_(sparse, backend=backend, dtype=dtype, blocksize=blocksize)}
+    densify_(sparse)  # a layer left dense runs its baked weight, as in the dense model
+    groups: dict[tuple, list[str]] = {}
+    for f in chosen:
+        lin = dense.get_submodule(f)
+        groups.setdefault((tuple(lin.weight.shape), in_shapes.get(f)), []).append(f)
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for (shape, in_shape), fqns in groups.items():
+        if in_shape is None:  # not reached by the forward
+            continue
+        lin, fast = dense.get_submodule(fqns[0]), sparse.get_submodule(fqns[0])
+        x = torch.randn(*in_shape, generator=gen).to(device=device, dtype=dtype)
+        dense_ms = time_call(lambda x=x, lin=lin: F.linear(x, lin.weight, lin.bias), device, warmup, iters)
+        sparse_ms = time_call(lambda x=x, fast=fast: fast(x), device, warmup, iters)
+        rows.append({
+            "layer": fqns[0], "count": len(fqns), "weight": "x".join(map(str, shape)),
+            "rows": int(torch.tensor(in_shape[:-1]).prod()), "converted": table[fqns[0]]["converted"],
+            "dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4), "speedup": round(dense_ms / sparse_ms, 4),
+            "max_abs_diff": float((fast(x).float() - F.linear(x, lin.weight, lin.bias).float()).abs().max()),
+        })
+    dense_total = sum(r["count"] * r["dense_ms"] for r in rows)
+    sparse_total = sum(r["count"] * r["sparse_ms"] for r in rows)
+    total = {"layer": "total", "count": sum(r["count"] for r in rows), "dense_ms": round(dense_total, 4),
+             "sparse_ms": round(sparse_total, 4),
+             "speedup": round(dense_total / sparse_total, 4) if sparse_total else None}
+    settings = {"model": name, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
+                "batch_size": batch_size, "img_size": img_size, "tags": list(tags), "warmup": warmup, "iters": iters,
+                "device": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu",
+                "torch": torch.__version__}
+    return {"settings": settings, "rows": rows, "total": total}

@@ -134,6 +134,7 @@ def test_controller_step_does_no_host_sync(kind, method):
         model(torch.randn(2, 3, 32, 32)).sum().backward()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", METHODS)
 def test_controller_step_does_no_cuda_sync(method):
