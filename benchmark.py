@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "--tile, --sparsity in tile x tile blocks; a checkpoint or export keeps its own")
     g.add_argument("--backend", default=None, choices=["semi_structured", "bsr"],
                    help="default: bsr with --tile, else semi_structured (2:4)")
+    g.add_argument("--semi-kernel", default="auto", choices=["auto", "cusparselt", "cutlass"],
+                   help="2:4 kernel: torch's choice (auto) or one forced")
     g.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
     g.add_argument("--targets", nargs="+", default=None,
                    help="layers a timm name gets masks on (default: ff); e.g. ff qkv proj")
@@ -245,7 +247,8 @@ def _bench_infer(args) -> int:
     backend = args.backend or ("bsr" if args.tile else "semi_structured")
     model = _infer_model(args)
     dtypes = [getattr(torch, d) for d in dict.fromkeys(args.dtype)]
-    common = dict(backend=backend, img_size=args.img_size, device=device, warmup=args.warmup, iters=args.steps)
+    common = dict(backend=backend, img_size=args.img_size, device=device, warmup=args.warmup, iters=args.steps,
+                  semi_kernel=args.semi_kernel)
     what = f"{args.model} on {device}, {backend}, {args.steps} timed forwards after {args.warmup}"
     if args.layers:
         rows, totals = [], []

@@ -4,6 +4,7 @@
 #   bash scripts/gpu_session.sh infer      # ViT-B/16 bf16 batch 256: dense vs 2:4 (ff; ff+qkv+proj), eager + compiled
 #   bash scripts/gpu_session.sh bsr        # the same for BSR at 90 % with 32x32 and 64x64 tiles
 #   bash scripts/gpu_session.sh layers     # the MLP linears alone, 2:4 and BSR tile 64
+#   bash scripts/gpu_session.sh kernels    # 2:4 with the CUTLASS kernel forced (default: torch's pick, cuSPARSELt)
 #   bash scripts/gpu_session.sh train      # ViT-B/16 bf16 batch 128 compiled training steps: dense vs srste/mdgf
 # Each stage leaves one archive, $OUT/<stage>.tar.gz (the device tool brings back at most 8 files), holding JSON/CSV
 # per run and one log per run; the tables are printed too. $OUT defaults to ./gpu_out.
@@ -11,8 +12,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-}
-case "$STAGE" in tests|infer|bsr|layers|train) ;; *)
-  echo "usage: bash scripts/gpu_session.sh tests|infer|bsr|layers|train" >&2; exit 2;; esac
+case "$STAGE" in tests|infer|bsr|layers|kernels|train) ;; *)
+  echo "usage: bash scripts/gpu_session.sh tests|infer|bsr|layers|kernels|train" >&2; exit 2;; esac
 FINAL=${OUT:-gpu_out}
 OUT=$(mktemp -d)/$STAGE
 mkdir -p "$OUT" "$FINAL"
@@ -54,6 +55,10 @@ torch.cuda.get_device_capability(), 'cusparselt', torch.backends.cusparselt.is_a
   layers)
     run layers_24 "${common[@]}" --targets ff --nm 2:4 --layers
     run layers_bsr64 "${common[@]}" --targets ff --sparsity 0.9 --tile 64 --layers
+    ;;
+  kernels)
+    run layers_24_cutlass "${common[@]}" --targets ff --nm 2:4 --layers --semi-kernel cutlass
+    run infer_24_all_cutlass "${common[@]}" --targets ff qkv proj --nm 2:4 --torchcompile --semi-kernel cutlass
     ;;
   train)
     run train_vitb --bench train "${model[@]}" --methods srste mdgf --amp --torchcompile -b "${BATCH:-128}" \

@@ -3,8 +3,8 @@
 ``accelerate_(model, backend)`` swaps each eligible ``nn.Linear`` (masked or plain) for a :class:`SparseLinear`
 holding the sparse weight, leaves everything else dense, and returns one row per Linear/Conv2d saying what runs
 sparse and why the rest does not. Nothing changes unless the layer sits on a CUDA GPU of compute capability
-8.0+ (Ampere, Hopper, ...): that is where ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt/CUTLASS) and the
-Triton BSR kernels run. Converted layers are for inference only (no gradients, not saved in ``state_dict``).
+8.0+ (Ampere, Hopper, ...): that is where ``torch.sparse``'s semi-structured tensors (cuSPARSELt or CUTLASS, the
+one ``to_sparse_semi_structured`` would pick unless ``semi_kernel`` says) and the Triton BSR kernels run. Converted layers are for inference only (no gradients, not saved in ``state_dict``).
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from .layers import MaskedMixin
 from .masks import is_nm
 from .surgery import set_submodule
 
-__all__ = ["SparseLinear", "accelerate_", "plan_acceleration", "BACKENDS"]
+__all__ = ["SparseLinear", "accelerate_", "plan_acceleration", "BACKENDS", "SEMI_KERNELS"]
 
 _logger = logging.getLogger(__name__)
 
 BACKENDS = ("semi_structured", "bsr")
+#: 2:4 kernels: torch's default choice, or one forced (they differ in shape multiples and speed per GPU and shape)
+SEMI_KERNELS = ("auto", "cusparselt", "cutlass")
 MIN_CAPABILITY = (8, 0)
 _NEED_GPU = "these kernels need a CUDA GPU of compute capability 8.0+"
 
@@ -73,16 +75,26 @@ def _device_problem(weight: torch.Tensor) -> str | None:
     return None
 
 
-def _semi_structured_min_shape(dtype: torch.dtype) -> tuple[int, int]:
-    """(rows, cols) multiples the weight needs for the semi-structured backend torch will pick."""
+def semi_structured_class(kernel: str = "auto") -> type:
+    """The ``torch.sparse`` 2:4 tensor class for ``kernel``; ``auto`` is torch's own pick (cuSPARSELt unless
+    ``SparseSemiStructuredTensor._FORCE_CUTLASS`` is set or this build has no cuSPARSELt)."""
     from torch.sparse import (
         SparseSemiStructuredTensor,
         SparseSemiStructuredTensorCUSPARSELT,
         SparseSemiStructuredTensorCUTLASS,
     )
 
-    cutlass = SparseSemiStructuredTensor._FORCE_CUTLASS or not torch.backends.cusparselt.is_available()
-    cls = SparseSemiStructuredTensorCUTLASS if cutlass else SparseSemiStructuredTensorCUSPARSELT
+    if kernel not in SEMI_KERNELS:
+        raise ValueError(f"semi_kernel must be one of {', '.join(SEMI_KERNELS)}, got {kernel!r}")
+    if kernel == "auto":
+        cutlass = SparseSemiStructuredTensor._FORCE_CUTLASS or not torch.backends.cusparselt.is_available()
+        kernel = "cutlass" if cutlass else "cusparselt"
+    return SparseSemiStructuredTensorCUTLASS if kernel == "cutlass" else SparseSemiStructuredTensorCUSPARSELT
+
+
+def _semi_structured_min_shape(dtype: torch.dtype, kernel: str = "auto") -> tuple[int, int]:
+    """(rows, cols) multiples the weight needs for the semi-structured kernel that will run."""
+    cls = semi_structured_class(kernel)
     cfg = cls._DTYPE_SHAPE_CONSTRAINTS.get(dtype)
     return (cfg.sparse_min_rows, cfg.sparse_min_cols) if cfg else (32, 64)
 
@@ -94,7 +106,8 @@ def _pattern(mod: nn.Module) -> str:
 
 
 @torch.no_grad()
-def pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize: int | None) -> tuple[str | None, str]:
+def pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize: int | None,
+                    semi_kernel: str = "auto") -> tuple[str | None, str]:
     """(why the pattern/shape/dtype cannot run on ``backend`` or None, a note for the table)."""
     if not isinstance(mod, nn.Linear):
         return "Conv2d: no commodity sparse conv kernel (would need im2col)", ""
@@ -107,9 +120,10 @@ def pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize:
         keep = mod.weight_mask if masked else mod.weight != 0
         if not is_nm(keep, 2, 4, dim=1):
             return f"pattern {_pattern(mod)} is not 2:4 along the input dim (no commodity kernel for it)", ""
-        rows, cols = _semi_structured_min_shape(dtype)
+        rows, cols = _semi_structured_min_shape(dtype, semi_kernel)
         if out_f % rows or in_f % cols:
-            return f"shape {out_f}x{in_f}: 2:4 kernels need rows a multiple of {rows}, cols of {cols}", ""
+            kernel = semi_structured_class(semi_kernel).BACKEND
+            return f"shape {out_f}x{in_f}: the {kernel} 2:4 kernel needs rows a multiple of {rows}, cols of {cols}", ""
         finer = [s.pattern() for s in getattr(mod, "slices", ()) if s.n is not None and (s.n, s.m) != (2, 4)]
         note = f"{'/'.join(sorted(set(finer)))} runs as 2:4 (at most the 2:4 speedup)" if finer else ""
         return None, note
@@ -133,7 +147,7 @@ def pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize:
 
 @torch.no_grad()
 def plan_acceleration(model: nn.Module, backend: str = "semi_structured", dtype: torch.dtype = torch.bfloat16,
-                      blocksize: int | None = None) -> list[dict[str, Any]]:
+                      blocksize: int | None = None, semi_kernel: str = "auto") -> list[dict[str, Any]]:
     """The pre-flight of :func:`accelerate_`: one row per Linear/Conv2d, nothing changed.
 
     Rows: ``fqn``, ``shape``, ``pattern``, ``eligible`` (would convert), ``converted`` (False here), ``reason``
@@ -141,6 +155,8 @@ def plan_acceleration(model: nn.Module, backend: str = "semi_structured", dtype:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if semi_kernel not in SEMI_KERNELS:
+        raise ValueError(f"semi_kernel must be one of {', '.join(SEMI_KERNELS)}, got {semi_kernel!r}")
     rows = []
     for fqn, mod in model.named_modules():
         if isinstance(mod, SparseLinear):
@@ -149,7 +165,7 @@ def plan_acceleration(model: nn.Module, backend: str = "semi_structured", dtype:
             continue
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
-        problem, note = pattern_problem(mod, backend, dtype, blocksize)
+        problem, note = pattern_problem(mod, backend, dtype, blocksize, semi_kernel)
         device = _device_problem(mod.weight)
         runs = f"{backend}" + (f" ({note})" if note else "")
         if problem:
@@ -163,13 +179,12 @@ def plan_acceleration(model: nn.Module, backend: str = "semi_structured", dtype:
     return rows
 
 
-def _to_sparse(mod: nn.Linear, backend: str, dtype: torch.dtype, blocksize: int | None) -> SparseLinear:
+def _to_sparse(mod: nn.Linear, backend: str, dtype: torch.dtype, blocksize: int | None,
+               semi_kernel: str = "auto") -> SparseLinear:
     w = (mod.weight * mod.weight_mask if isinstance(mod, MaskedMixin) else mod.weight).detach().to(dtype)
     bias = None if mod.bias is None else mod.bias.detach().to(dtype)
     if backend == "semi_structured":
-        from torch.sparse import to_sparse_semi_structured
-
-        sparse = to_sparse_semi_structured(w.contiguous())
+        sparse = semi_structured_class(semi_kernel).from_dense(w.contiguous())
     else:
         tiles = {s.tile for s in getattr(mod, "slices", ()) if s.tile}
         tile = blocksize or tiles.pop()
@@ -179,7 +194,7 @@ def _to_sparse(mod: nn.Linear, backend: str, dtype: torch.dtype, blocksize: int 
 
 @torch.no_grad()
 def accelerate_(model: nn.Module, backend: str = "semi_structured", dtype: torch.dtype = torch.bfloat16,
-                blocksize: int | None = None) -> list[dict[str, Any]]:
+                blocksize: int | None = None, semi_kernel: str = "auto") -> list[dict[str, Any]]:
     """Swap eligible Linear layers for :class:`SparseLinear` on ``backend``, in place.
 
     Args:
@@ -189,18 +204,19 @@ def accelerate_(model: nn.Module, backend: str = "semi_structured", dtype: torch
         backend: ``semi_structured`` (2:4, fp16/bf16, sm80+) or ``bsr`` (block-sparse, power-of-two tile >= 16).
         dtype: dtype of the converted weights.
         blocksize: BSR tile; default the layer's slice tile.
+        semi_kernel: ``auto`` (torch's choice), ``cusparselt`` or ``cutlass`` for the 2:4 backend.
 
     Returns:
         The :func:`plan_acceleration` rows with ``converted`` set: what now runs sparse, and why the rest does
         not. On CPU, or a GPU below compute capability 8.0, nothing changes and every reason says so.
     """
-    rows = plan_acceleration(model, backend, dtype, blocksize)
+    rows = plan_acceleration(model, backend, dtype, blocksize, semi_kernel)
     for row in rows:
         if not row["eligible"]:
             continue
         mod = model.get_submodule(row["fqn"])
         try:
-            set_submodule(model, row["fqn"], _to_sparse(mod, backend, dtype, blocksize))
+            set_submodule(model, row["fqn"], _to_sparse(mod, backend, dtype, blocksize, semi_kernel))
         except (RuntimeError, ValueError) as e:  # a kernel constraint the pre-flight did not know about
             row["reason"] = f"conversion failed: {' '.join(str(e).split())[:200]}"
             continue

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accelerate import SparseLinear, accelerate_
+from .accelerate import SparseLinear, accelerate_, semi_structured_class
 from .layers import masked_modules
 from .masks import block_mask, unstructured_mask, weight_nm_mask
 from .surgery import densify_
@@ -160,6 +160,11 @@ def _peak_and_time(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -
     return ms, extra
 
 
+def _kernel_name(backend: str, semi_kernel: str) -> str | None:
+    """The 2:4 kernel that ran (``cusparselt``/``cutlass``), None for BSR."""
+    return semi_structured_class(semi_kernel).BACKEND if backend == "semi_structured" else None
+
+
 def _compile(model: nn.Module, backend: str, mode: str | None) -> nn.Module:
     # one graph per batch size (dynamic=False): the shapes the kernels are tuned for, no symbolic-shape guards
     return torch.compile(model, backend=backend, mode=mode, dynamic=False)
@@ -170,13 +175,14 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
                 batch_sizes: Sequence[int] = (64,), dtypes: Sequence[torch.dtype] = (torch.bfloat16,),
                 modes: Sequence[str] = ("eager",), img_size: int | None = None, device: str | None = None,
                 warmup: int = 10, iters: int = 50, create_kwargs: dict | None = None, compile_backend: str = "inductor",
-                compile_mode: str | None = None, blocksize: int | None = None,
+                compile_mode: str | None = None, blocksize: int | None = None, semi_kernel: str = "auto",
                 progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Time ``model`` dense (masks baked in) and accelerated, for every dtype x batch size x mode.
 
     Args:
         model_or_name: a model (masked or plain), a timm name, a checkpoint or an export directory.
-        backend: ``semi_structured`` or ``bsr`` (see :func:`accelerate_`); ``blocksize`` forces the BSR tile.
+        backend: ``semi_structured`` or ``bsr`` (see :func:`accelerate_`); ``blocksize`` forces the BSR tile,
+            ``semi_kernel`` the 2:4 kernel (``auto``, ``cusparselt``, ``cutlass``).
         batch_sizes, dtypes: the grid; sparse kernels need fp16/bf16 (fp32 only for BSR).
         modes: ``eager`` and/or ``compiled`` (``torch.compile(backend=compile_backend, mode=compile_mode)``,
             compiled once per model, one graph per batch size).
@@ -205,7 +211,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
     for dtype in dtypes:
         dense = densify_(copy.deepcopy(model)).to(device=device, dtype=dtype).eval()
         sparse = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-        table = accelerate_(sparse, backend=backend, dtype=dtype, blocksize=blocksize)
+        table = accelerate_(sparse, backend=backend, dtype=dtype, blocksize=blocksize, semi_kernel=semi_kernel)
         densify_(sparse)  # layers left dense run baked weights, as in the dense model: only the kernels differ
         layers = layers or table
         sizes = {"dense": weight_bytes(dense) / 2**20, "sparse": weight_bytes(sparse) / 2**20}
@@ -239,7 +245,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
         "model": name, "backend": backend, "img_size": img_size, "warmup": warmup, "iters": iters,
         "device": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu",
         "torch": torch.__version__, "compile_backend": compile_backend if "compiled" in modes else None,
-        "compile_mode": compile_mode,
+        "compile_mode": compile_mode, "semi_kernel": _kernel_name(backend, semi_kernel),
     }
     return {"settings": settings, "rows": rows, "layers": layers}
 
@@ -248,7 +254,8 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
 def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "semi_structured",
                  batch_size: int = 64, dtype: torch.dtype = torch.bfloat16, tags: Sequence[str] = ("ff",),
                  img_size: int | None = None, device: str | None = None, warmup: int = 10, iters: int = 50,
-                 create_kwargs: dict | None = None, blocksize: int | None = None) -> dict[str, Any]:
+                 create_kwargs: dict | None = None, blocksize: int | None = None,
+                 semi_kernel: str = "auto") -> dict[str, Any]:
     """The MLP linears alone (layers tagged ``ff``, or ``tags``): dense ``F.linear`` against the sparse kernel.
 
     Each layer gets the input size a whole-model forward of ``batch_size`` images feeds it (batch x tokens
@@ -272,7 +279,8 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
     for h in hooks:
         h.remove()
     sparse = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    table = {r["fqn"]: r for r in accelerate_(sparse, backend=backend, dtype=dtype, blocksize=blocksize)}
+    rows_plan = accelerate_(sparse, backend=backend, dtype=dtype, blocksize=blocksize, semi_kernel=semi_kernel)
+    table = {r["fqn"]: r for r in rows_plan}
     densify_(sparse)  # a layer left dense runs its baked weight, as in the dense model
     groups: dict[tuple, list[str]] = {}
     for f in chosen:
@@ -301,5 +309,5 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
     settings = {"model": name, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
                 "batch_size": batch_size, "img_size": img_size, "tags": list(tags), "warmup": warmup, "iters": iters,
                 "device": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu",
-                "torch": torch.__version__}
+                "torch": torch.__version__, "semi_kernel": _kernel_name(backend, semi_kernel)}
     return {"settings": settings, "rows": rows, "total": total}

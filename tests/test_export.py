@@ -380,6 +380,27 @@ def test_sparse_linear_bsr_forward_math_on_cpu(x32):
     torch.testing.assert_close(fast(x), _logits(layer, x), rtol=1e-5, atol=1e-5)
 
 
+def test_semi_kernel_choice_sets_the_shape_multiples_in_the_plan():
+    """cuSPARSELt takes 2:4 bf16 weights in multiples of 16 x 16, CUTLASS 32 rows x 64 columns: a 48x48 layer
+    fits one and not the other, and the plan (computed without a GPU) says which."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    from sparsity.accelerate import semi_structured_class
+
+    assert semi_structured_class("cutlass") is SparseSemiStructuredTensorCUTLASS
+    assert semi_structured_class("cusparselt") is SparseSemiStructuredTensorCUSPARSELT
+    layer = torch.nn.Linear(48, 48)
+    with torch.no_grad():
+        layer.weight *= sparsity.nm_mask(layer.weight, 2, 4, dim=1)
+    model = torch.nn.Sequential(layer)
+    lt = sparsity.accelerate.plan_acceleration(model, "semi_structured", torch.bfloat16, semi_kernel="cusparselt")
+    assert "otherwise eligible: would run semi_structured" in lt[0]["reason"]
+    cut = sparsity.accelerate.plan_acceleration(model, "semi_structured", torch.bfloat16, semi_kernel="cutlass")
+    assert "the cutlass 2:4 kernel needs rows a multiple of 32, cols of 64" in cut[0]["reason"]
+    with pytest.raises(ValueError, match="semi_kernel must be one of auto, cusparselt, cutlass"):
+        sparsity.accelerate_(model, semi_kernel="cuBLAS")
+
+
 def _gpu_sm80() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
