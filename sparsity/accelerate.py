@@ -4,7 +4,8 @@
 holding the sparse weight, leaves everything else dense, and returns one row per Linear/Conv2d saying what runs
 sparse and why the rest does not. Nothing changes unless the layer sits on a CUDA GPU of compute capability
 8.0+ (Ampere, Hopper, ...): that is where ``torch.sparse``'s semi-structured tensors (cuSPARSELt or CUTLASS, the
-one ``to_sparse_semi_structured`` would pick unless ``semi_kernel`` says) and the Triton BSR kernels run. Converted layers are for inference only (no gradients, not saved in ``state_dict``).
+one ``to_sparse_semi_structured`` would pick unless ``semi_kernel`` says) and the Triton BSR kernels run.
+Converted layers are for inference only (no gradients, not saved in ``state_dict``).
 """
 
 from __future__ import annotations
