@@ -103,7 +103,7 @@ def train_one_epoch(
         if not torch.isfinite(loss):  # one host sync per step; the loss is logged anyway
             state.skipped_nonfinite += 1
             if state.skipped_nonfinite > max_nonfinite:
-                raise NonFiniteLossError(f"non-finite loss ({float(loss)}) at epoch {state.epoch} step "
+                raise NonFiniteLossError(f"non-finite loss ({float(loss.detach())}) at epoch {state.epoch} step "
                                          f"{state.global_step}")
             _logger.warning("non-finite loss at step %d skipped (%d/%d allowed)", state.global_step,
                             state.skipped_nonfinite, max_nonfinite)
