@@ -185,7 +185,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
             ``semi_kernel`` the 2:4 kernel (``auto``, ``cusparselt``, ``cutlass``).
         batch_sizes, dtypes: the grid; sparse kernels need fp16/bf16 (fp32 only for BSR).
         modes: ``eager`` and/or ``compiled`` (``torch.compile(backend=compile_backend, mode=compile_mode)``,
-            compiled once per model, one graph per batch size).
+            static shapes, compiled afresh for every batch size).
         img_size: input side; default the model's own.
         device: default ``cuda`` when available, else ``cpu``.
         warmup, iters: forwards before timing (compilation happens there), forwards timed (median reported).
@@ -216,10 +216,13 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
         layers = layers or table
         sizes = {"dense": weight_bytes(dense) / 2**20, "sparse": weight_bytes(sparse) / 2**20}
         runs = {"eager": (dense, sparse)}
-        if "compiled" in modes:
-            runs["compiled"] = (_compile(dense, compile_backend, compile_mode),
-                                _compile(sparse, compile_backend, compile_mode))
         for bs in batch_sizes:
+            if "compiled" in modes:
+                # fresh graphs for every model x batch size: instances of one class share dynamo's recompile
+                # limit, past which it would silently run eagerly and the "compiled" row would lie
+                torch._dynamo.reset()
+                runs["compiled"] = (_compile(dense, compile_backend, compile_mode),
+                                    _compile(sparse, compile_backend, compile_mode))
             x = inputs[bs].to(device=device, dtype=dtype)
             ref = dense(x).float()
             for mode in modes:
