@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accelerate import SparseLinear, accelerate_, semi_structured_class
-from .layers import masked_modules
-from .masks import block_mask, unstructured_mask, weight_nm_mask
 from .surgery import densify_
 from .targets import find_candidates
 
@@ -70,12 +68,13 @@ def sparse_model(arch: str, targets: Sequence[str] = ("ff",), nm: tuple[int, int
                  sparsity: float | None = None, tile: int | None = None, seed: int = 0, **create_kwargs) -> nn.Module:
     """``arch`` with magnitude masks on ``targets``: N:M (``nm``) or, with ``tile``, block sparsity ``sparsity``.
 
-    The weights are timm's random initialisation (nothing is downloaded); the masks are what a one-shot
-    magnitude prune of them gives, so every selected layer has exactly the pattern asked for. Targets are the
-    recipe's (``ff``, ``qkv``, ``q``/``k``/``v``, ``proj``, ``conv``, ``re:...``).
+    The weights are timm's random initialisation (nothing is downloaded); the masks are what the methods' own
+    one-shot magnitude prune gives (``oneshot`` for N:M, ``gmp`` at its final sparsity for blocks and
+    unstructured), so every selected layer has exactly the pattern asked for and its pruned weights are zero.
+    Targets are the recipe's (``ff``, ``qkv``, ``q``/``k``/``v``, ``proj``, ``conv``, ``re:...``).
     """
+    from .controller import SparsityController
     from .factory import create_model
-    from .methods import frozen_masked_weight
     from .recipe import recipe_from_dict
 
     if tile is not None:
@@ -86,19 +85,10 @@ def sparse_model(arch: str, targets: Sequence[str] = ("ff",), nm: tuple[int, int
     else:
         n, m = nm or (2, 4)
         spec = {"method": "oneshot", "rules": [{"target": list(targets), "n": n, "m": m}]}
+    recipe = recipe_from_dict(spec, source="benchmark --targets")
     torch.manual_seed(seed)
-    model = create_model(arch, recipe=recipe_from_dict(spec, source="benchmark --targets"), **create_kwargs)
-    for _, layer in masked_modules(model):
-        for s in layer.slices:
-            part = layer.weight[s.start:s.stop]
-            if s.n is not None:
-                mask = weight_nm_mask(part, s.n, s.m, s.sparse_dim)
-            elif s.tile:
-                mask = block_mask(part, s.sparsity, s.tile)
-            else:
-                mask = unstructured_mask(part, s.sparsity)
-            layer.weight_mask[s.start:s.stop] = mask
-        layer.weight_fn = frozen_masked_weight
+    model = create_model(arch, recipe=recipe, **create_kwargs)
+    SparsityController(model, recipe, total_steps=1).finalize()  # final masks now, frozen from here on
     return model.eval()
 
 

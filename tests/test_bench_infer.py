@@ -6,6 +6,7 @@ fields) and leave speed to runs on a GPU (docs/export.md)."""
 import json
 
 import pytest
+import timm
 import torch
 
 import benchmark
@@ -27,11 +28,15 @@ def vit_ff24():
 def test_sparse_model_nm_masks_exactly_the_targets(vit_ff24):
     masked = dict(sparsity.masked_modules(vit_ff24))
     assert sorted(masked) == [f"blocks.{i}.mlp.{fc}" for i in range(2) for fc in ("fc1", "fc2")]
-    for layer in masked.values():
+    torch.manual_seed(0)  # sparse_model's seed: the same timm initialisation, before pruning
+    init = timm.create_model(VIT, **VIT_KW)
+    for fqn, layer in masked.items():
         assert sparsity.is_nm(layer.weight_mask, 2, 4, dim=1)
         assert layer.weight_mask.float().mean().item() == 0.5
+        w0 = init.get_submodule(fqn).weight.detach()
+        assert torch.equal(layer.weight.detach(), w0 * layer.weight_mask)  # kept weights as initialised, rest 0
         # magnitude: every kept weight is at least as large as every pruned one of its group of 4
-        w = layer.weight.detach().abs().reshape(-1, 4)
+        w = w0.abs().reshape(-1, 4)
         keep = layer.weight_mask.reshape(-1, 4)
         kept_min = torch.where(keep, w, torch.inf).min(1).values
         pruned_max = torch.where(keep, -torch.inf, w).max(1).values
