@@ -150,6 +150,15 @@ def _peak_and_time(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -
     return ms, extra
 
 
+def _dense_and_sparse(model: nn.Module, device: str, dtype: torch.dtype, **accel) -> tuple[nn.Module, nn.Module, list]:
+    """Two copies of ``model`` on ``device`` in ``dtype``: masks baked in, and :func:`accelerate_`d (its table
+    third). Layers the sparse copy could not convert run their baked weights too: only the kernels differ."""
+    dense = densify_(copy.deepcopy(model)).to(device=device, dtype=dtype).eval()
+    sparse = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    table = accelerate_(sparse, dtype=dtype, **accel)
+    return dense, densify_(sparse), table
+
+
 def _kernel_name(backend: str, semi_kernel: str) -> str | None:
     """The 2:4 kernel that ran (``cusparselt``/``cutlass``), None for BSR."""
     return semi_structured_class(semi_kernel).BACKEND if backend == "semi_structured" else None
@@ -199,10 +208,8 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
     rows: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
     for dtype in dtypes:
-        dense = densify_(copy.deepcopy(model)).to(device=device, dtype=dtype).eval()
-        sparse = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-        table = accelerate_(sparse, backend=backend, dtype=dtype, blocksize=blocksize, semi_kernel=semi_kernel)
-        densify_(sparse)  # layers left dense run baked weights, as in the dense model: only the kernels differ
+        dense, sparse, table = _dense_and_sparse(model, device, dtype, backend=backend, blocksize=blocksize,
+                                                 semi_kernel=semi_kernel)
         layers = layers or table
         sizes = {"dense": weight_bytes(dense) / 2**20, "sparse": weight_bytes(sparse) / 2**20}
         runs = {"eager": (dense, sparse)}
@@ -258,7 +265,8 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
     model, name = _resolve(model_or_name, create_kwargs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     img_size = img_size or _default_img_size(model)
-    dense = densify_(copy.deepcopy(model)).to(device=device, dtype=dtype).eval()
+    dense, sparse, plan = _dense_and_sparse(model, device, dtype, backend=backend, blocksize=blocksize,
+                                            semi_kernel=semi_kernel)
     chosen = [c.fqn for c in find_candidates(dense) if isinstance(c.module, nn.Linear) and c.tags & set(tags)]
     in_shapes: dict[str, tuple[int, ...]] = {}
 
@@ -271,10 +279,7 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
     dense(torch.randn(batch_size, 3, img_size, img_size, device=device, dtype=dtype))
     for h in hooks:
         h.remove()
-    sparse = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    rows_plan = accelerate_(sparse, backend=backend, dtype=dtype, blocksize=blocksize, semi_kernel=semi_kernel)
-    table = {r["fqn"]: r for r in rows_plan}
-    densify_(sparse)  # a layer left dense runs its baked weight, as in the dense model
+    table = {r["fqn"]: r for r in plan}
     groups: dict[tuple, list[str]] = {}
     for f in chosen:
         lin = dense.get_submodule(f)
