@@ -69,6 +69,7 @@ class CheckedImages(torch.utils.data.Dataset):
         self.policy = policy
         if hasattr(dataset, "_max_retries"):
             dataset._max_retries = 1  # let failures reach this wrapper instead of timm's silent retry
+            logging.getLogger("timm.data.dataset").addFilter(_NO_TIMM_SKIP)  # this wrapper reports them (once)
 
     @property
     def transform(self):
@@ -92,17 +93,40 @@ class CheckedImages(torch.utils.data.Dataset):
         except Exception:  # noqa: BLE001 - only for the message
             return f"sample {i}"
 
+    def _cause(self, j: int, e: Exception) -> Exception:
+        """The decoder's own error: timm's retry loop replaces it with a bare "Failed to load 1 consecutive
+        samples", so the file is opened again here to get the message worth showing."""
+        if not (isinstance(e, RuntimeError) and "consecutive samples" in str(e)):
+            return e
+        try:
+            with Image.open(self._name(j)) as im:
+                im.load()
+        except Exception as real:  # noqa: BLE001 - whatever PIL says is the message
+            return real
+        return e
+
     def __getitem__(self, i: int):
         for attempt in range(min(len(self), 50)):
             j = (i + attempt) % len(self)
             try:
                 return self.dataset[j]
             except (OSError, RuntimeError, ValueError) as e:
+                e = self._cause(j, e)
                 if self.policy == "fail":
                     raise DataError(f"unreadable image {self._name(j)} ({type(e).__name__}: {e}); fix or remove it, "
                                     "or pass --on-bad-image skip") from None
                 _log.warning("skipping unreadable image %s (%s)", self._name(j), e)
         raise DataError(f"50 unreadable images in a row from {self._name(i)}; check the data set")
+
+
+class _NoTimmSkipMessage(logging.Filter):
+    """Drops timm's "Skipped sample" warning, which is wrong under ``--on-bad-image fail`` (nothing is skipped)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Skipped sample")
+
+
+_NO_TIMM_SKIP = _NoTimmSkipMessage()
 
 
 def _check_image_folder(root: str, split_dir: str | None) -> None:

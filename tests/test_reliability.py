@@ -191,6 +191,7 @@ def test_corrupt_image_fail_or_skip(tmp_path):
     proc = _train([*base, "--experiment", "fail"])
     assert proc.returncode == 2 and "unreadable image" in proc.stderr and "1.png" in proc.stderr
     assert "--on-bad-image skip" in proc.stderr and "Traceback" not in proc.stderr
+    assert "cannot identify image file" in proc.stderr and "Skipped sample" not in proc.stderr  # PIL's own reason
     proc = _train([*base, "--experiment", "skip", "--on-bad-image", "skip"])
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "skipping unreadable image" in proc.stdout + proc.stderr
