@@ -263,7 +263,8 @@ def _bench_infer(args) -> int:
                 ("weight", "weight"), ("rows", "input rows"), ("converted", "sparse"), ("dense_ms", "dense ms"),
                 ("sparse_ms", "sparse ms"), ("speedup", "speedup"), ("max_abs_diff", "max |diff|")]
         print(_table(rows + totals, cols))
-        result = {"settings": res["settings"], "rows": rows, "totals": totals}
+        settings = {k: v for k, v in res["settings"].items() if k not in ("dtype", "batch_size")}  # per row
+        result = {"settings": settings, "rows": rows, "totals": totals}
         _write(args.output, "infer_layers", result, rows + totals)
         return 0
 
@@ -275,12 +276,15 @@ def _bench_infer(args) -> int:
     result = bench_infer(model, batch_sizes=args.batch_size, dtypes=dtypes, modes=modes,
                          compile_backend=args.torchcompile or "inductor", compile_mode=args.compile_mode,
                          progress=progress, **common)
-    converted = sum(r["converted"] for r in result["layers"])
-    print(f"{what}: {converted} of {len(result['layers'])} Linear/Conv2d layers run sparse")
-    if not converted:
-        reasons = Counter(r["reason"].split(";")[0] for r in result["layers"])
-        print(f"  nothing runs sparse: {reasons.most_common(1)[0][0]} (every layer's reason: --output's "
-              "infer_layers_plan.csv)")
+    print(what)
+    for dtype in dict.fromkeys(r["dtype"] for r in result["layers"]):
+        plan = [r for r in result["layers"] if r["dtype"] == dtype]
+        converted = sum(r["converted"] for r in plan)
+        print(f"  {dtype}: {converted} of {len(plan)} Linear/Conv2d layers run sparse")
+        if not converted:
+            reasons = Counter(r["reason"].split(";")[0] for r in plan)
+            print(f"    nothing runs sparse: {reasons.most_common(1)[0][0]} (every layer's reason: --output's "
+                  "infer_layers_plan.csv)")
     cols = [("dtype", "dtype"), ("batch_size", "batch"), ("mode", "mode"), ("dense_ms", "dense ms"),
             ("sparse_ms", "sparse ms"), ("speedup", "speedup"), ("dense_img_s", "dense img/s"),
             ("sparse_img_s", "sparse img/s"), ("dense_peak_mib", "dense peak MiB"),
@@ -295,7 +299,7 @@ def _bench_infer(args) -> int:
 
 def _write_layer_table(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["fqn", "shape", "pattern", "eligible", "converted", "reason"],
+        w = csv.DictWriter(f, fieldnames=["dtype", "fqn", "shape", "pattern", "eligible", "converted", "reason"],
                            extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)

@@ -195,7 +195,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
         dense/sparse, ``dense_img_s``, ``sparse_img_s``, ``dense_peak_mib``/``sparse_peak_mib`` (weights plus what
         the forwards allocated; CUDA only), ``dense_weights_mib``/``sparse_weights_mib``, ``max_abs_diff`` of the
         sparse logits against the masked dense model run eagerly in the same dtype, ``converted``) and ``layers``
-        (the :func:`accelerate_` table of the first dtype).
+        (the :func:`accelerate_` table of every dtype, with a ``dtype`` column: what converts depends on it).
     """
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -210,7 +210,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
     for dtype in dtypes:
         dense, sparse, table = _dense_and_sparse(model, device, dtype, backend=backend, blocksize=blocksize,
                                                  semi_kernel=semi_kernel)
-        layers = layers or table
+        layers += [{"dtype": str(dtype).removeprefix("torch."), **r} for r in table]
         sizes = {"dense": weight_bytes(dense) / 2**20, "sparse": weight_bytes(sparse) / 2**20}
         runs = {"eager": (dense, sparse)}
         for bs in batch_sizes:

@@ -72,7 +72,11 @@ def test_bench_infer_grid_on_cpu_reports_consistent_rows(vit_ff24):
         scale = 1 if r["dtype"] == "float32" else 0.5
         assert r["dense_weights_mib"] == pytest.approx(dense_mib * scale, abs=0.01)
         assert r["sparse_weights_mib"] == r["dense_weights_mib"]
-    assert len(res["layers"]) == 10 and res["settings"]["img_size"] == 32
+    assert len(res["layers"]) == 20 and res["settings"]["img_size"] == 32  # the plan of each dtype
+    assert [r["dtype"] for r in res["layers"]] == ["float32"] * 10 + ["bfloat16"] * 10
+    fc1 = {r["dtype"]: r["reason"] for r in res["layers"] if r["fqn"] == "blocks.0.mlp.fc1"}
+    assert "2:4 kernels need float16/bfloat16" in fc1["float32"]  # fp32: the dtype is a reason
+    assert "otherwise eligible" in fc1["bfloat16"]  # bf16: only the device is
     assert all("compute capability 8.0+" in r["reason"] for r in res["layers"])
     assert isinstance(vit_ff24.blocks[0].mlp.fc1, MaskedLinear)  # the caller's model is untouched
 
@@ -119,11 +123,11 @@ def test_benchmark_cli_infer_writes_files(tmp_path, capsys):
                          "--steps", "1", "--warmup", "0", "--output", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "0 of 10 Linear/Conv2d layers run sparse" in printed and "nothing runs sparse" in printed
+    assert "float32: 0 of 10 Linear/Conv2d layers run sparse" in printed and "nothing runs sparse" in printed
     data = json.loads((out / "bench_infer.json").read_text())
     assert [r["batch_size"] for r in data["rows"]] == [2, 4]
     plan = (out / "infer_layers_plan.csv").read_text().splitlines()
-    assert plan[0] == "fqn,shape,pattern,eligible,converted,reason" and len(plan) == 11
+    assert plan[0] == "dtype,fqn,shape,pattern,eligible,converted,reason" and len(plan) == 11
     assert sum("q=2:4 k=2:4 v=2:4" in line for line in plan) == 2 and sum("attn.proj" in line for line in plan) == 2
     csv_rows = (out / "bench_infer.csv").read_text().splitlines()
     assert len(csv_rows) == 3 and "max_abs_diff" in csv_rows[0]
