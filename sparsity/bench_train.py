@@ -11,7 +11,6 @@ step). Nothing is extrapolated: the figures are medians of measured steps.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import time
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .controller import SparsityController
+from .engine import _autocast
 from .recipe import Recipe, recipe_from_dict
 from .surgery import sparsify_
 
@@ -106,11 +106,6 @@ class _Variant:
         self.times: dict[str, list[float]] = {p: [] for p in ("step",) + PHASES}
         self.peak_bytes: int | None = None
 
-    def _autocast(self):
-        if not self.s.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.s.device).type, dtype=torch.bfloat16)
-
     def step(self, record: bool) -> None:
         cuda = torch.device(self.s.device).type == "cuda"
         if cuda:
@@ -124,7 +119,7 @@ class _Variant:
         mark(0)
         self.ctl.step(self.global_step)
         mark(1)
-        with self._autocast():
+        with _autocast(torch.device(self.s.device), torch.bfloat16 if self.s.amp else None):
             loss = self.loss_fn(self.train_model(self.x), self.y)
         mark(2)
         self.optimizer.zero_grad(set_to_none=True)

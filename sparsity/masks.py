@@ -294,14 +294,11 @@ def nm_masks_(
             continue
         if out is not None:
             product.append((out, w, mask))
-        if m > RANK_MAX_M:
-            _sort_keep_(_group_view(mask, m, dim), None if factor is None else _group_view(factor, m, dim),
-                        _group_view(w, m, dim), n)
-            continue
-        wb = _block_view(w, m, dim)
-        if wb is None:  # exotic strides: rank a contiguous copy
+        wb = None if m > RANK_MAX_M else _block_view(w, m, dim)
+        if wb is None and m <= RANK_MAX_M:  # exotic strides: rank a contiguous copy
             wb = _block_view(w.contiguous(), m, dim)
-        if n == 1 and m >= 16 and wb.shape[2] < NATURAL_MIN_T:  # contiguous groups: argmax beats 15 duels
+        # past RANK_MAX_M, or 1:16+ on short runs of contiguous groups (argmax beats 15 duels): sort instead
+        if m > RANK_MAX_M or (n == 1 and m >= 16 and wb.shape[2] < NATURAL_MIN_T):
             _sort_keep_(_group_view(mask, m, dim), None if factor is None else _group_view(factor, m, dim),
                         _group_view(w, m, dim), n)
             continue

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.autograd.graph import increment_version
 
-__all__ = ["kernel", "status", "NativeBatch", "nm_keep_native", "supports", "tile_supports", "tile_expand_native",
+__all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "tile_expand_native",
            "tile_backward_native"]
 
 _log = logging.getLogger(__name__)
@@ -179,11 +179,6 @@ class NativeBatch:
         # caches keyed on them (the mask factor, the precomputed W * E) and saved-tensor checks see the change
         increment_version(self._written)
         return True
-
-
-def nm_keep_native(units: list[tuple], n: int, m: int, beta: float = 0.0) -> bool:
-    """:class:`NativeBatch` ``(units, n, m).run(beta)``: False if nothing was written."""
-    return kernel() is not None and NativeBatch(units, n, m).run(beta)
 
 
 def _int64s(values) -> ctypes.Array:

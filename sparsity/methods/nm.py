@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from .. import native
-from ..layers import MaskedMixin, uncovered_rows
+from ..layers import MaskedMixin, frozen_weight, uncovered_rows
 from ..masks import grouped_dim, nm_masks_
 from ..recipe import Recipe, RecipeError
 from ..schedules import DENSE, SPARSE, Phase, ladder_pattern, mdgf_beta, phase_at, sdgf_ladder
@@ -78,8 +78,6 @@ class _NMWeight(torch.autograd.Function):
             ctx.save_for_backward(weight, factor)
         elif mode == "mdgf_exact":
             ctx.save_for_backward(factor, beta)
-        elif mode == "frozen":
-            ctx.save_for_backward(factor)
         if mode in ("mdgf", "mdgf_exact"):
             # lerp is exact at both ends: W where E = 1, beta * W where E = 0
             return torch.lerp(weight * beta, weight, factor)
@@ -94,9 +92,6 @@ class _NMWeight(torch.autograd.Function):
         if mode == "mdgf_exact":
             factor, beta = ctx.saved_tensors
             return torch.lerp(grad * beta, grad, factor), None, None, None, None
-        if mode == "frozen":
-            (factor,) = ctx.saved_tensors
-            return grad * factor, None, None, None, None
         return grad, None, None, None, None  # straight-through: g untouched, no op
 
 
@@ -135,6 +130,8 @@ def nm_weight(layer: MaskedMixin) -> torch.Tensor:
     mode = layer.sparse_mode
     if mode == "dense":
         return layer.weight
+    if mode == "frozen":
+        return frozen_weight(layer)  # W * E, gradient g * E
     if mode in _FROM_MASKED:
         masked = layer.fresh_masked_weight(layer.sparse_beta_value if mode == "mdgf" else 0.0)
         if masked is not None:
