@@ -42,7 +42,8 @@ from torch import nn
 from .checkpoint import CheckpointError, model_from_checkpoint
 from .codec import decode_weight, encode_weight
 from .errors import UserError
-from .layers import MaskedConv2d, MaskedLinear, SliceSpec, masked_modules
+from .layers import MaskedConv2d, MaskedLinear, SliceSpec, frozen_weight, masked_modules
+from .recipe import plain
 from .report import sparsity_report
 from .surgery import densify_, set_submodule
 
@@ -66,12 +67,6 @@ class ExportError(UserError):
 
 
 # ---- binary-mask forward --------------------------------------------------------------------------------------
-def _binary_weight(layer) -> torch.Tensor:
-    from .methods import frozen_masked_weight
-
-    return frozen_masked_weight(layer)
-
-
 def use_binary_masks_(model: nn.Module) -> nn.Module:
     """Make every masked layer's forward ``W * E`` with its stored binary mask (what export ships).
 
@@ -79,21 +74,11 @@ def use_binary_masks_(model: nn.Module) -> nn.Module:
     mode until a controller steps it); evaluation and export want the fixed binary mask instead.
     """
     for _, layer in masked_modules(model):
-        layer.weight_fn = _binary_weight
+        layer.weight_fn = frozen_weight
     return model
 
 
 # ---- building the export ----------------------------------------------------------------------------------------
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    return str(x)
-
-
 def _config(model: nn.Module, arch: str, create_kwargs: dict, recipe: dict | None, fmt: str, report: list[dict],
             slices: dict, extra: dict | None) -> dict:
     """timm's hub ``config.json`` layout (so ``local-dir:`` works for densified exports) plus our block."""
@@ -126,7 +111,7 @@ def _config(model: nn.Module, arch: str, create_kwargs: dict, recipe: dict | Non
             **(extra or {}),
         },
     }
-    return _jsonable(cfg)
+    return plain(cfg)
 
 
 def _check_timm_fit(arch: str, create_kwargs: dict, state: dict[str, torch.Tensor]) -> None:
@@ -180,6 +165,7 @@ def _build(model: nn.Module, arch: str | None, create_kwargs: dict | None, recip
     for row in report:
         if row["conforms"] is False:
             _logger.warning("export: %s does not conform to its pattern %s", row["fqn"], row["pattern"])
+    skipped = dict(getattr(work, "sparsity_skipped", {}))  # what sparsify_ left out and why (densify_ drops it)
     layers = masked_modules(work)
     slices = {fqn: [asdict(s) for s in layer.slices] for fqn, layer in layers}
     methods = {fqn: layer.method for fqn, layer in layers}
@@ -195,7 +181,7 @@ def _build(model: nn.Module, arch: str | None, create_kwargs: dict | None, recip
             compressed[k] = v
     return {"arch": arch, "create_kwargs": dict(create_kwargs), "recipe": recipe, "report": report,
             "slices": slices, "methods": methods, "dense": dense, "compressed": compressed, "layout": layout,
-            "model": work}
+            "model": work, "skipped": skipped}
 
 
 def _compressed_metadata(build: dict[str, Any]) -> dict[str, str]:
@@ -243,7 +229,8 @@ def _write(build: dict[str, Any], output_dir: str | os.PathLike, fmt: str, force
         sizes = {"densified_bytes": written, "compressed_bytes": other_bytes} if fmt == "densified" else \
             {"densified_bytes": other_bytes, "compressed_bytes": written}
         cfg = _config(build["model"], build["arch"], build["create_kwargs"], build["recipe"], fmt, build["report"],
-                      build["slices"], {"methods": build["methods"], **sizes, **(extra or {})})
+                      build["slices"], {"methods": build["methods"], "skipped": build["skipped"], **sizes,
+                                        **(extra or {})})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
         _publish(tmp, out, force)
@@ -451,10 +438,13 @@ def _rewrap_masked(model: nn.Module, masks: dict[str, torch.Tensor], sp: dict) -
         layer.weight_mask.copy_(mask)
         layer.slices = tuple(SliceSpec(**s) for s in sp.get("slices", {}).get(fqn, []))
         layer.method = methods.get(fqn, "masked")
-        layer.weight_fn = _binary_weight
+        layer.weight_fn = frozen_weight
         set_submodule(model, fqn, layer)
-    model.sparsity_skipped = {r["fqn"]: r["note"] for r in sp.get("layers", [])  # type: ignore[attr-defined]
-                              if r.get("method") == "skipped" or r.get("note")}
+    skipped = sp.get("skipped")
+    if skipped is None:  # exports written before "skipped" was stored: read it back from the report's notes
+        skipped = {r["fqn"]: r["note"].removeprefix("partly skipped: ") for r in sp.get("layers", [])
+                   if r.get("method") == "skipped" or r.get("note")}
+    model.sparsity_skipped = dict(skipped)  # type: ignore[attr-defined]
     if sp.get("recipe") is not None:
         from .recipe import RecipeError, recipe_from_dict
 

@@ -255,6 +255,18 @@ class Recipe:
         return out
 
 
+def plain(x: Any) -> Any:
+    """Plain Python types only, keys as strings and anything else as its ``str`` (YAML, JSON and
+    ``weights_only=True`` checkpoints accept the result)."""
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
 def _plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}

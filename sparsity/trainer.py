@@ -13,7 +13,6 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,11 +28,11 @@ from .errors import TrainingError, UserError
 from .factory import create_model
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules
-from .recipe import Recipe, recipe_from_dict
+from .recipe import Recipe, plain, recipe_from_dict
 from .report import sparsity_report
 from .run_outputs import append_summary, final_table, init_wandb, plots, truncate_summary, write_report
 
-__all__ = ["run_training", "build_loaders", "resolve_data", "DistInfo", "init_distributed", "plain"]
+__all__ = ["run_training", "build_loaders", "resolve_data"]
 
 _logger = logging.getLogger("train")
 
@@ -43,17 +42,6 @@ CKPT_RE_EPOCH = "checkpoint-{epoch}.pth.tar"
 # ---------------------------------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------------------------------
-def plain(x: Any) -> Any:
-    """Plain Python types only (YAML, JSON and ``weights_only=True`` checkpoints accept them)."""
-    if isinstance(x, dict):
-        return {str(k): plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

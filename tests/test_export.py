@@ -380,6 +380,19 @@ def test_sparse_linear_bsr_forward_math_on_cpu(x32):
     torch.testing.assert_close(fast(x), _logits(layer, x), rtol=1e-5, atol=1e-5)
 
 
+def test_partly_skipped_layer_note_survives_export_round_trip(tmp_path):
+    """A qkv whose k third cannot take its pattern is partly skipped; the reloaded model says so once."""
+    model = _sparse_model(VIT, VIT_KW, [{"target": ["q", "v"], "n": 2, "m": 4}, {"target": "k", "n": 1, "m": 5}])
+    before = {r["fqn"]: r["note"] for r in sparsity.sparsity_report(model)}
+    assert before["blocks.0.attn.qkv"].startswith("partly skipped: k: ")
+    loaders = {"densified": lambda d: sparsity.load_densified(d, masked=True), "compressed": sparsity.load_compressed}
+    for fmt, export in (("densified", sparsity.export_densified), ("compressed", sparsity.export_compressed)):
+        export(model, tmp_path / fmt, arch=VIT, create_kwargs=VIT_KW)
+        loaded, _ = loaders[fmt](tmp_path / fmt)
+        after = {r["fqn"]: r["note"] for r in sparsity.sparsity_report(loaded)}
+        assert after["blocks.0.attn.qkv"] == before["blocks.0.attn.qkv"], fmt
+
+
 def test_semi_kernel_choice_sets_the_shape_multiples_in_the_plan():
     """cuSPARSELt takes 2:4 bf16 weights in multiples of 16 x 16, CUTLASS 32 rows x 64 columns: a 48x48 layer
     fits one and not the other, and the plan (computed without a GPU) says which."""
