@@ -98,6 +98,26 @@ def test_kept_plan_follows_new_tensors():
     assert torch.equal(m1, M.nm_mask(w1, 2, 4)) and torch.equal(m2, M.nm_mask(w2, 2, 4))
 
 
+@needs_kernel
+def test_thread_count_changes_nothing():
+    """Work is split over as many threads as it fills (64k elements each): every count gives the same bytes."""
+    gen = torch.Generator().manual_seed(3)
+    ws = [torch.randn(256, 128, 3, 3, generator=gen), torch.randn(384, 96, generator=gen)]  # 331 776 elements
+    dims = [1, 1]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3, 7, 16):
+            torch.set_num_threads(t)
+            results.append(_run(ws, dims, 2, 4, 0.3))
+    finally:
+        torch.set_num_threads(before)
+    for got in results[1:]:
+        for g, w in zip(got, results[0]):
+            assert all(torch.equal(a, b) for a, b in zip(g, w))
+    assert all(bool((M._group_view(mk, 4, 1).sum(-1) == 2).all()) for mk in results[0][0])
+
+
 def test_torch_fallback_gives_the_same_masks(torch_only):
     w = torch.randint(-2, 3, (16, 32, 3, 3)).float()
     out = torch.empty_like(w)

@@ -197,7 +197,9 @@ int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *f
     }
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (total < ((int64_t)1 << 16) * nthreads) nthreads = 1; /* small work: a thread costs more than it saves */
+    /* at least 64k elements per thread: below that a thread costs more than it saves (as many threads as the work
+     * fills, not all-or-one: a 1M-element call on 16 threads runs on 15, not on 1) */
+    if ((int64_t)nthreads > (total >> 16)) nthreads = total >> 16 > 0 ? (int)(total >> 16) : 1;
     job_t jobs[MAX_THREADS];
     for (int i = 0; i < nthreads; i++) {
         job_t j = {nunits, w, mask, factor, masked, A, T, m, n, width, one, beta, total * i / nthreads,
