@@ -10,7 +10,7 @@ from torch import nn
 from .layers import MaskedMixin, masked_modules
 from .masks import weight_is_nm
 
-__all__ = ["sparsity_report", "format_report", "overall_sparsity", "accel_eligibility"]
+__all__ = ["sparsity_report", "format_report", "overall_sparsity", "accel_eligibility", "target_problem"]
 
 
 def accel_eligibility(layer: MaskedMixin) -> str:
@@ -43,6 +43,31 @@ def _conforms(layer: MaskedMixin, w: torch.Tensor) -> bool | None:
             continue
         result = ok if result is None else (result and ok)
     return result
+
+
+@torch.no_grad()
+def target_problem(model: nn.Module) -> str | None:
+    """Why the model, as evaluated (eval mode), is not yet the sparse model its recipe asks for, or None if it is.
+
+    The weight every masked layer's eval forward uses must satisfy each slice's final pattern: not while a dense
+    warm-up runs (all-True masks), a GMP ramp is below its final sparsity, an SDGF ladder is at 4:8 on its way to
+    1:8, or MDGF's ``beta`` still lets pruned weights through. The trainer ranks only such epochs for
+    ``model_best.pth.tar``.
+    """
+    was = {id(m): m.training for m in model.modules()}
+    model.eval()
+    try:
+        for fqn, layer in masked_modules(model):
+            w = layer.sparse_weight().detach()
+            if _conforms(layer, w) is False:
+                pats = [f"{s.label}={s.pattern()}" for s in layer.slices]
+                pattern = " ".join(pats) if len(pats) > 1 else layer.slices[0].pattern()
+                density = float((w != 0).float().mean())
+                return f"{fqn} is not at {pattern} yet (density {density:.3f})"
+    finally:
+        for m in model.modules():
+            m.training = was[id(m)]
+    return None
 
 
 @torch.no_grad()

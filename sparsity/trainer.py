@@ -29,7 +29,7 @@ from .factory import create_model
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules
 from .recipe import Recipe, plain, recipe_from_dict
-from .report import sparsity_report
+from .report import sparsity_report, target_problem
 from .run_outputs import append_summary, final_table, init_wandb, plots, truncate_summary, write_report
 
 __all__ = ["run_training", "build_loaders", "resolve_data"]
@@ -402,7 +402,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                 if wandb_run is not None:
                     wandb_run.log(row, step=state.global_step)
                 metric = eval_metrics.get(args.eval_metric, eval_metrics["top1"])
-                _save_epoch(run_dir, checkpoint_dict, save, state, epoch, metric, args.checkpoint_hist)
+                _save_epoch(run_dir, checkpoint_dict, save, state, epoch, metric, args.checkpoint_hist,
+                            target_problem(model))
                 _logger.info("epoch %d done: train loss %.4f | top-1 %.2f | sparsity %.3f %s", epoch,
                              row["train_loss"], row["eval_top1"], row["sparsity"],
                              f"| {row['pattern']}" if row.get("pattern") else "")
@@ -417,7 +418,22 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     final = evaluate(model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype, reduce=reduce)
     rows = sparsity_report(model)
     if dist.is_main:
-        save(dict(checkpoint_dict(args.epochs, 0, final["top1"]), final=final), run_dir / "last.pth.tar")
+        final_metric = final.get(args.eval_metric, final["top1"])
+        problem = target_problem(model)
+        best = state.extra.get("best")
+        final_best = problem is None and (best is None or final_metric > best[0])
+        if final_best:  # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
+            state.extra["best"] = [final_metric, args.epochs]
+        save(dict(checkpoint_dict(args.epochs, 0, final_metric), final=final), run_dir / "last.pth.tar")
+        if final_best:
+            try:
+                _copy_atomic(run_dir / "last.pth.tar", run_dir / "model_best.pth.tar")
+            except OSError as e:
+                raise UserError(f"could not copy last.pth.tar to model_best.pth.tar ({e.strerror or e}); "
+                                "last.pth.tar is intact") from None
+        elif state.extra.get("best") is None:
+            _logger.warning("no model_best.pth.tar: the model never reached its recipe's target (%s); "
+                            "last.pth.tar holds the final model", problem)
         write_report(run_dir, rows, final, model, args, recipe, time.perf_counter() - t_start)
         plots(run_dir, summary_path, rows)
         print(final_table(args, recipe, final, rows, model, run_dir, time.perf_counter() - t_start))
@@ -434,13 +450,23 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
 
 
 def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: int, metric: float,
-                keep: int) -> None:
-    """last.pth.tar every epoch; checkpoint-<epoch> for the ``keep`` best epochs; model_best for the best."""
+                keep: int, problem: str | None = None) -> None:
+    """last.pth.tar every epoch; checkpoint-<epoch> for the ``keep`` best epochs; model_best for the best epoch
+    at the recipe's target.
+
+    ``problem`` (:func:`~sparsity.report.target_problem`) says why this epoch's model is not yet the sparse model
+    the recipe asks for (dense warm-up, GMP ramp, an SDGF step above the final N:M, MDGF's beta > 0). Such an
+    epoch is kept as last/checkpoint-<epoch> (resume needs them) but never becomes model_best: fine-tuning from a
+    pretrained model, its top-1 is often the run's highest, and model_best is what users export.
+    """
     last = run_dir / "last.pth.tar"
     best = state.extra.get("best")
     hist = [list(h) for h in state.extra.get("hist") or []]
-    new_best = best is None or metric > best[0]
-    state.extra["best"] = [metric, epoch] if new_best else list(best)
+    beats = best is None or metric > best[0]
+    new_best = beats and problem is None
+    if beats and problem is not None:
+        _logger.info("epoch %d (eval metric %.4g) is not a model_best candidate: %s", epoch, metric, problem)
+    state.extra["best"] = [metric, epoch] if new_best else (list(best) if best is not None else None)
     hist.append([metric, epoch])
     hist.sort(key=lambda h: (-h[0], -h[1]))
     dropped = hist[keep:] if keep >= 0 else []

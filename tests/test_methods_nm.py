@@ -172,3 +172,35 @@ def test_controller_state_roundtrip():
     ctl2.load_state_dict(state)
     assert ctl2.state_dict() == state
     assert state["state"]["frozen"] is True
+
+
+def test_target_problem_names_what_is_not_final_yet():
+    """model_best is ranked only when the evaluated model is the recipe's sparse model (trainer._save_epoch)."""
+    from sparsity.report import target_problem
+
+    model, recipe = _layer("ste", dense_fraction=0.5)  # dense warm-up: all-True masks
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    ctl.step(2)
+    model.train()
+    assert target_problem(model) == "fc is not at 2:4 yet (density 1.000)"
+    assert model.training and model.fc.training  # the check runs in eval mode and restores the mode
+    ctl.step(5)
+    assert target_problem(model) is None
+
+    model, recipe = _layer("mdgf", decay={"type": "linear", "coef": 0.1})  # beta = 1 - 0.1 t
+    ctl = sparsity.SparsityController(model, recipe, total_steps=100)
+    ctl.step(5)  # beta 0.5: pruned weights still pass at half strength
+    assert target_problem(model) == "fc is not at 2:4 yet (density 1.000)"
+    ctl.step(10)  # beta 0
+    assert target_problem(model) is None
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    recipe = sparsity.recipe_from_dict({"method": "ste", "structure_decay": "sparsify",
+                                        "rules": [{"target": "linear", "n": 1, "m": 8}]})
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=40)
+    ctl.step(10)  # the ladder is at 4:8 on its way to 1:8
+    assert target_problem(model) == "0 is not at 1:8 yet (density 0.500)"
+    ctl.step(30)
+    assert target_problem(model) is None

@@ -72,6 +72,32 @@ def test_train_then_validate(tmp_path, name, capsys):
     assert val["layers_conforming"] == val["layers"] == result["layers"]
 
 
+@pytest.mark.parametrize("scores,best", [([90.0, 80.0, 70.0, 60.0], [80.0, 1]), ([90.0, 80.0, 70.0, 95.0], [95.0, 3])])
+def test_model_best_only_ranks_epochs_at_the_target(tmp_path, monkeypatch, scores, best):
+    """Fine-tuning from a pretrained model, the early, denser epochs often score highest; model_best (what users
+    export) must still be a model at the recipe's pattern. Top-1 is set per evaluation here (three epochs, then
+    the final model, which competes as 'epoch 3')."""
+    import sparsity.trainer as trainer_mod
+
+    real, scores = trainer_mod.evaluate, iter(scores)
+
+    def falling(*a, **k):
+        return {**real(*a, **k), "top1": next(scores)}
+
+    monkeypatch.setattr(trainer_mod, "evaluate", falling)
+    cfg = _recipe(tmp_path, "sdgf", RECIPES["sdgf"])  # ladder 7:8 -> 4:8 -> 2:8 -> 1:8, then fine-tune
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--checkpoint-hist", "3",
+                                "--output", str(tmp_path), "--experiment", "run"]) == 0
+    run = tmp_path / "run"
+    with open(run / "summary.csv") as f:
+        patterns = [r["pattern"] for r in csv.DictReader(f)]
+    assert patterns == ["ff=4:8", "ff=1:8", "ff=1:8"]
+    ck = torch.load(run / "model_best.pth.tar", weights_only=True)
+    assert ck["best"] == best and ck["metric"] == best[0]  # epoch 0 scored 90 at 4:8: not a candidate
+    assert (run / "checkpoint-0.pth.tar").is_file()  # still kept for resume
+    assert run_cli(validate.main, ["--checkpoint", str(run / "model_best.pth.tar"), "--require-conformance"]) == 0
+
+
 def test_resume_from_epoch_checkpoint_matches_uninterrupted(tmp_path):
     cfg = _recipe(tmp_path, "mdgf", {**RECIPES["mdgf"], "structure_decay": "sparsify", "mask_interval": 2})
     args = ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--checkpoint-hist", "3", "--output", str(tmp_path)]
