@@ -70,8 +70,9 @@ class ExportError(UserError):
 def use_binary_masks_(model: nn.Module) -> nn.Module:
     """Make every masked layer's forward ``W * E`` with its stored binary mask (what export ships).
 
-    A model rebuilt from a checkpoint has its method's training-time forward (an N:M layer starts in ``dense``
-    mode until a controller steps it); evaluation and export want the fixed binary mask instead.
+    A model rebuilt from a checkpoint already evaluates ``W * E`` for the built-in methods (N:M layers start in
+    ``ste`` mode with beta 0; learned masks evaluate their argmax / top-k, which ``weight_mask`` holds). This makes
+    it explicit for any method, a registered third-party one included, and drops a method's extra forward work.
     """
     for _, layer in masked_modules(model):
         layer.weight_fn = frozen_weight
@@ -461,9 +462,9 @@ def load_for_eval(path: str | os.PathLike, use_ema: bool = False, binary: bool =
         path: a train.py checkpoint (``.pth.tar``), an export directory, or the ``.safetensors`` file of one
             (``config.json`` beside it).
         use_ema: training checkpoints only: the EMA weights.
-        binary: training checkpoints only: forward ``W * E`` with the stored binary mask (what export ships).
-            False keeps the method's own forward as rebuilt (an N:M layer then runs dense until a controller
-            steps it).
+        binary: training checkpoints only: forward ``W * E`` with the stored binary mask (what export ships,
+            :func:`use_binary_masks_`). False keeps the method's own forward as rebuilt (the same function for
+            the built-in methods; see :func:`use_binary_masks_`).
 
     Exports come back with masked layers (:func:`load_compressed` / :func:`load_densified` with ``masked=True``)
     so :func:`~sparsity.sparsity_report` can check conformance; their forward is the exported one.
