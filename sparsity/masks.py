@@ -419,7 +419,7 @@ def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     mask = torch.zeros(numel, dtype=torch.bool, device=w.device)
     if keep > 0:
         idx = w.detach().abs().flatten().topk(keep, sorted=False).indices
-        mask[idx] = True
+        mask.index_fill_(0, idx, True)  # a scalar fill: `mask[idx] = True` copies True host-to-device (a sync)
     return mask.view_as(w)
 
 
@@ -476,7 +476,7 @@ def tile_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     keep = int(round((1.0 - sparsity) * flat.numel()))
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if keep > 0:
-        mask[flat.topk(keep, sorted=False).indices] = True
+        mask.index_fill_(0, flat.topk(keep, sorted=False).indices, True)  # no host-to-device copy, unlike [idx] =
     return mask.view_as(scores)
 
 

@@ -100,6 +100,18 @@ def _no_host_sync():
 
     for name in names:
         setattr(torch.Tensor, name, forbid(name))
+    setitem = torch.Tensor.__setitem__
+
+    def checked_setitem(self, index, value):
+        # `x[idx] = True` with tensor indices turns the Python value into a CPU tensor that a CUDA index_put_ copies
+        # host-to-device, a sync (index_fill_/masked_fill_ take the scalar as is)
+        idx = index if isinstance(index, tuple) else (index,)
+        if isinstance(value, (bool, int, float)) and any(isinstance(i, torch.Tensor) for i in idx):
+            raise AssertionError("host synchronisation on CUDA: tensor[indices] = Python scalar in controller.step")
+        return setitem(self, index, value)
+
+    torch.Tensor.__setitem__ = checked_setitem
+    saved["__setitem__"] = setitem
     try:
         yield
     finally:
