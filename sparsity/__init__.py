@@ -15,7 +15,7 @@ from .checkpoint import CheckpointError, load_model_weights, model_from_checkpoi
 from .controller import SparsityController
 from .export import export_compressed, export_densified, load_compressed, load_densified
 from .factory import create_model
-from .layers import MaskedConv2d, MaskedLinear, SliceSpec, masked_modules
+from .layers import MaskedConv2d, MaskedLinear, SliceSpec, loss_scale, masked_modules
 from .masks import block_mask, conv_nm_mask, is_nm, linear_nm_mask, nm_mask, tile_mask, unstructured_mask, weight_is_nm
 from .methods import METHODS, SparsityMethod, register_method
 from .recipe import Recipe, RecipeError, Rule, load_recipe, load_yaml, recipe_from_dict
@@ -30,5 +30,5 @@ __all__ = [
     "SparsityMethod", "block_mask", "conv_nm_mask", "densify_", "format_report", "is_nm", "linear_nm_mask",
     "load_recipe", "load_yaml", "masked_modules", "nm_mask", "overall_sparsity", "recipe_from_dict",
     "register_method", "sparsify_", "sparsity_report", "tile_mask", "unstructured_mask", "weight_is_nm",
-    "accelerate_", "export_compressed", "export_densified", "load_compressed", "load_densified",
+    "accelerate_", "export_compressed", "export_densified", "load_compressed", "load_densified", "loss_scale",
 ]

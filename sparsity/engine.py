@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layers import loss_scale
+
 __all__ = ["TrainState", "train_one_epoch", "evaluate", "accuracy", "NonFiniteLossError"]
 
 _logger = logging.getLogger(__name__)
@@ -111,7 +113,9 @@ def train_one_epoch(
             continue
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaled = scaler.scale(loss)
+            with loss_scale(scaler):  # gradient terms a method adds (SR-STE's decay) get scaled like the loss's
+                scaled.backward()
             if clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), clip_grad)

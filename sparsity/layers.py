@@ -8,7 +8,8 @@ itself is one line.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 __all__ = [
     "SliceSpec", "MaskedMixin", "MaskedLinear", "MaskedConv2d", "masked_modules", "MASKED_TYPES", "frozen_weight",
-    "uncovered_rows",
+    "uncovered_rows", "loss_scale", "current_loss_scale",
 ]
 
 
@@ -251,6 +252,45 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
 
 
 MASKED_TYPES = (MaskedLinear, MaskedConv2d)
+
+
+# ---- loss scaling (fp16 AMP) --------------------------------------------------------------------------------------
+# A backward that adds a term of its own to the incoming gradient (SR-STE's lambda (1 - E) W, USD's penalty) must
+# scale it like that gradient: under GradScaler the gradient arrives multiplied by the loss scale S and is divided
+# by S before the optimizer step, so an unscaled term would end up divided by S (65536 at the start). Autograd runs
+# CUDA backwards on its own device threads, so this is a plain module global, not a thread-local.
+_LOSS_SCALE: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def loss_scale(scaler) -> Iterator[None]:
+    """Run the backward of ``scaler.scale(loss)`` inside this, so methods scale the gradient terms they add.
+
+    ``scaler``: a ``torch.amp.GradScaler`` (its current scale, a device tensor: no host sync), a scale tensor, or
+    None / a disabled scaler (nothing to do). ``train.py`` does this for ``--amp --amp-dtype float16`` on CUDA; a
+    custom loop with a GradScaler and ``srste`` or ``usd`` needs it too::
+
+        with sparsity.loss_scale(scaler):
+            scaler.scale(loss).backward()
+    """
+    global _LOSS_SCALE
+    if isinstance(scaler, torch.Tensor) or scaler is None:
+        scale = scaler
+    else:
+        scale = getattr(scaler, "_scale", None) if scaler.is_enabled() else None
+        if scale is None and scaler.is_enabled():
+            raise RuntimeError("loss_scale(scaler): call scaler.scale(loss) first (it creates the scale)")
+    before, _LOSS_SCALE = _LOSS_SCALE, scale
+    try:
+        yield
+    finally:
+        _LOSS_SCALE = before
+
+
+def current_loss_scale(like: torch.Tensor) -> torch.Tensor | None:
+    """The loss scale set by :func:`loss_scale` as a 0-dim tensor of ``like``'s dtype and device, or None."""
+    s = _LOSS_SCALE
+    return None if s is None else s.to(device=like.device, dtype=like.dtype).reshape(())
 
 
 class _FrozenWeight(torch.autograd.Function):

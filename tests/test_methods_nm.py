@@ -204,3 +204,30 @@ def test_target_problem_names_what_is_not_final_yet():
     assert target_problem(model) == "0 is not at 1:8 yet (density 0.500)"
     ctl.step(30)
     assert target_problem(model) is None
+
+
+@pytest.mark.parametrize("precomputed", [True, False])
+def test_srste_decay_is_scaled_with_the_loss_under_a_grad_scaler(precomputed):
+    """fp16 AMP: the gradient arrives times the loss scale S and is divided by S before the step, so SR-STE's
+    lambda (1 - E) W must be added times S too, or it ends up divided by S."""
+    model, recipe = _layer("srste", srste_lambda=0.1)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    ctl.step(0)
+    fc = model.fc
+    if not precomputed:  # an in-place write invalidates the precomputed W * E: the factor path runs
+        with torch.no_grad():
+            fc.weight.mul_(1.0)
+    assert (fc.fresh_masked_weight() is not None) == precomputed  # which autograd function runs
+    w, e = fc.weight.detach().clone(), fc.weight_mask.clone()
+    x = torch.randn(3, 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = model(x).sum()
+    scaled = scaler.scale(loss)
+    with sparsity.loss_scale(scaler):
+        scaled.backward()
+    assert fc.weight.grad.abs().max() > 100  # still scaled here
+    scaler.unscale_(opt)
+    _, g = _expected(w, x, e.float(), fc.bias.detach())
+    assert torch.allclose(fc.weight.grad, g + 0.1 * (~e).float() * w, atol=1e-5)
+    assert sparsity.layers.current_loss_scale(w) is None  # reset on exit

@@ -123,6 +123,23 @@ def test_gradient_is_masked_plus_penalty_below_threshold():
     assert (w.abs() < tau).sum() == 2  # 0.1 and 0.05 are pulled toward zero
 
 
+def test_penalty_is_scaled_with_the_loss_under_a_grad_scaler():
+    """fp16 AMP: the penalty is added times the loss scale, so after unscale_ the gradient is the fp32 one."""
+    model, ctl = _one_layer(0.125, penalty=0.1)
+    ctl.step(0)
+    layer = model[0]
+    x = torch.randn(3, 4)
+    layer(x).sum().backward()
+    want = layer.weight.grad.clone()
+    layer.weight.grad = None
+    scaler = torch.amp.GradScaler("cpu", init_scale=4096.0)
+    scaled = scaler.scale(layer(x).sum())
+    with sparsity.loss_scale(scaler):
+        scaled.backward()
+    scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.0))
+    assert bool((want != 0).any()) and torch.allclose(layer.weight.grad, want, atol=1e-6)
+
+
 def test_search_reaches_target_and_scheme_round_trips(tmp_path):
     model, _, ctl = _build(SEARCH)
     ctl.method.output_dir = str(tmp_path)

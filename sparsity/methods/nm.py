@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from .. import native
-from ..layers import MaskedMixin, frozen_weight, uncovered_rows
+from ..layers import MaskedMixin, current_loss_scale, frozen_weight, uncovered_rows
 from ..masks import grouped_dim, nm_masks_
 from ..recipe import Recipe, RecipeError
 from ..schedules import DENSE, SPARSE, Phase, ladder_pattern, mdgf_beta, phase_at, sdgf_ladder
@@ -88,7 +88,9 @@ class _NMWeight(torch.autograd.Function):
         mode = ctx.mode
         if mode == "srste":
             weight, factor = ctx.saved_tensors
-            return torch.addcmul(grad, weight, 1 - factor, value=ctx.lam), None, None, None, None
+            scale = current_loss_scale(grad)  # fp16 AMP: the decay is scaled like the loss gradient
+            return (torch.addcmul(grad, weight if scale is None else weight * scale, 1 - factor, value=ctx.lam),
+                    None, None, None, None)
         if mode == "mdgf_exact":
             factor, beta = ctx.saved_tensors
             return torch.lerp(grad * beta, grad, factor), None, None, None, None
@@ -117,7 +119,9 @@ class _NMFromMasked(torch.autograd.Function):
         if ctx.mode == "srste":
             weight, masked = ctx.saved_tensors
             pruned = torch.sub(weight, masked)  # W * (1 - E), exactly; addcmul rounds as the factor path does
-            return torch.addcmul(grad, pruned, pruned.new_ones(()), value=ctx.lam), None, None, None
+            scale = current_loss_scale(grad)  # fp16 AMP: the decay is scaled like the loss gradient
+            return (torch.addcmul(grad, pruned, pruned.new_ones(()) if scale is None else scale, value=ctx.lam),
+                    None, None, None)
         return grad, None, None, None
 
 

@@ -44,7 +44,7 @@ import torch
 import yaml
 from torch import nn
 
-from ..layers import MaskedMixin, SliceSpec
+from ..layers import MaskedMixin, SliceSpec, current_loss_scale
 from ..masks import grouped_dim, weight_nm_mask
 from ..recipe import Recipe, RecipeError, Rule
 from . import SparsityMethod, frozen_masked_weight, register_method
@@ -192,7 +192,9 @@ class _USDWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, mask, coef, tau = ctx.saved_tensors
-        return grad * mask + coef * weight * (weight.abs() < tau), None, None, None
+        scale = current_loss_scale(grad)  # fp16 AMP: the penalty is scaled like the loss gradient
+        penalty = coef * weight * (weight.abs() < tau)
+        return grad * mask + (penalty if scale is None else penalty * scale), None, None, None
 
 
 def usd_weight(layer: MaskedMixin) -> torch.Tensor:
