@@ -65,7 +65,7 @@ class SparseLinear(nn.Module):
                f"pattern={self.pattern}, dtype={self.dtype}"
 
 
-def _device_problem(weight: torch.Tensor) -> str | None:
+def _device_problem(weight: torch.Tensor, backend: str = "bsr", semi_kernel: str = "auto") -> str | None:
     if not torch.cuda.is_available():
         return f"{_NEED_GPU} (no CUDA device here)"
     if weight.device.type != "cuda":
@@ -73,6 +73,20 @@ def _device_problem(weight: torch.Tensor) -> str | None:
     cap = torch.cuda.get_device_capability(weight.device)
     if cap < MIN_CAPABILITY:
         return f"{_NEED_GPU}; {torch.cuda.get_device_name(weight.device)} is {cap[0]}.{cap[1]}"
+    return _kernel_problem(cap, backend, semi_kernel)
+
+
+def _kernel_problem(cap: tuple[int, int], backend: str, semi_kernel: str) -> str | None:
+    """What stops the chosen 2:4 kernel on a GPU of capability ``cap`` (sm80+ already checked)."""
+    if backend != "semi_structured":
+        return None
+    if semi_kernel == "cusparselt" and not torch.backends.cusparselt.is_available():
+        return "this torch build has no cuSPARSELt; use semi_kernel='cutlass' or 'auto'"
+    kernel = semi_structured_class(semi_kernel).__name__
+    if kernel.endswith("CUTLASS") and cap[0] != 8:
+        # torch's CUTLASS 2:4 GEMM is built for sm8x only: it converts fine, then its first forward raises
+        hint = "use semi_kernel='cusparselt'" if semi_kernel == "cutlass" else "this torch build has no cuSPARSELt"
+        return f"torch's CUTLASS 2:4 kernel runs on compute capability 8.x only, this GPU is {cap[0]}.{cap[1]} ({hint})"
     return None
 
 
@@ -167,7 +181,7 @@ def plan_acceleration(model: nn.Module, backend: str = "semi_structured", dtype:
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
         problem, note = pattern_problem(mod, backend, dtype, blocksize, semi_kernel)
-        device = _device_problem(mod.weight)
+        device = _device_problem(mod.weight, backend, semi_kernel)
         runs = f"{backend}" + (f" ({note})" if note else "")
         if problem:
             reason = "; ".join(p for p in (device, problem) if p)
@@ -217,10 +231,14 @@ def accelerate_(model: nn.Module, backend: str = "semi_structured", dtype: torch
             continue
         mod = model.get_submodule(row["fqn"])
         try:
-            set_submodule(model, row["fqn"], _to_sparse(mod, backend, dtype, blocksize, semi_kernel))
+            sparse = _to_sparse(mod, backend, dtype, blocksize, semi_kernel)
+            # one forward before the swap: some kernels convert fine and refuse only when called (CUTLASS 2:4 off
+            # sm8x, say); 64 rows also take BSR's Triton path (rows a multiple of the tile) and warm it up
+            sparse(torch.zeros(64, mod.in_features, device=mod.weight.device, dtype=dtype))
         except (RuntimeError, ValueError) as e:  # a kernel constraint the pre-flight did not know about
             row["reason"] = f"conversion failed: {' '.join(str(e).split())[:200]}"
             continue
+        set_submodule(model, row["fqn"], sparse)
         row["converted"] = True
     done = sum(r["converted"] for r in rows)
     _logger.info("accelerate_(%s): %d of %d layers run sparse", backend, done, len(rows))

@@ -414,6 +414,50 @@ def test_semi_kernel_choice_sets_the_shape_multiples_in_the_plan():
         sparsity.accelerate_(model, semi_kernel="cuBLAS")
 
 
+def test_cutlass_2of4_is_refused_off_sm8x(monkeypatch):
+    """torch's CUTLASS 2:4 GEMM is built for compute capability 8.x: on an H100 (9.0) it converts, then raises on
+    the first forward. The plan says so up front; cuSPARSELt is fine there."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    from sparsity.accelerate import _kernel_problem
+
+    assert "runs on compute capability 8.x only, this GPU is 9.0 (use semi_kernel='cusparselt')" in \
+        _kernel_problem((9, 0), "semi_structured", "cutlass")
+    assert _kernel_problem((8, 0), "semi_structured", "cutlass") is None
+    assert _kernel_problem((8, 6), "semi_structured", "cutlass") is None
+    assert _kernel_problem((9, 0), "bsr", "cutlass") is None
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    assert _kernel_problem((9, 0), "semi_structured", "auto") is None
+    assert _kernel_problem((9, 0), "semi_structured", "cusparselt") is None
+    monkeypatch.setattr(SparseSemiStructuredTensor, "_FORCE_CUTLASS", True)  # auto then means CUTLASS
+    assert "8.x only" in _kernel_problem((9, 0), "semi_structured", "auto")
+    monkeypatch.setattr(SparseSemiStructuredTensor, "_FORCE_CUTLASS", False)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    assert "this torch build has no cuSPARSELt" in _kernel_problem((9, 0), "semi_structured", "auto")
+    assert "no cuSPARSELt; use semi_kernel='cutlass'" in _kernel_problem((8, 0), "semi_structured", "cusparselt")
+
+
+def test_accelerate_keeps_a_layer_whose_kernel_fails_on_first_call(monkeypatch):
+    """A kernel that converts but raises when called leaves the layer dense, with the error as the reason."""
+    import sparsity.accelerate as acc
+
+    layer = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        layer.weight *= sparsity.nm_mask(layer.weight, 2, 4, dim=1)
+    model = torch.nn.Sequential(layer)
+    monkeypatch.setattr(acc, "_device_problem", lambda *a: None)  # pretend a capable GPU
+
+    class Refuses(acc.SparseLinear):
+        def forward(self, x):
+            raise RuntimeError("_sparse_semi_structured_linear: Supported only on GPUs with compute capability 8.x")
+
+    monkeypatch.setattr(acc, "_to_sparse",
+                        lambda mod, *a: Refuses(mod.weight.detach(), None, 64, 64, "semi_structured"))
+    rows = sparsity.accelerate_(model, backend="semi_structured")
+    assert rows[0]["converted"] is False and model[0] is layer
+    assert rows[0]["reason"].startswith("conversion failed: _sparse_semi_structured_linear: Supported only")
+
+
 def _gpu_sm80() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
@@ -430,13 +474,17 @@ def test_accelerate_semi_structured_matches_masked_model_bf16():
     assert converted == {f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "mlp.fc1", "mlp.fc2")}, rows
     out = _logits(model, x).float()
     torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2)
+    compiled = torch.compile(model)  # the benchmarks' compiled rows: the sparse weight must survive tracing
+    torch.testing.assert_close(_logits(compiled, x).float(), ref, rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_sm80(), reason="needs a CUDA GPU of compute capability 8.0+")
 def test_accelerate_bsr_matches_masked_model_bf16():
     model = _block_vit().cuda().to(torch.bfloat16)
-    x = torch.randn(8, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+    # 16 x 65 tokens = 1040 rows, a multiple of the 16 tile: torch's Triton BSR kernel runs (the benchmarks' path),
+    # not the generic fallback it takes for other row counts
+    x = torch.randn(16, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
     ref = _logits(model, x).float()
     rows = sparsity.accelerate_(model, backend="bsr", dtype=torch.bfloat16)
     assert [r["fqn"] for r in rows if r["converted"]] == ["blocks.0.mlp.fc1"], rows
