@@ -53,8 +53,11 @@ def _groups(x: torch.Tensor, m: int, dim: int) -> tuple[torch.Tensor, list[int]]
 #: Largest M for which N:M masks rank by pairwise comparison (m(m-1)/2 elementwise compares per group, batched
 #: over layers, no sort, no host sync); larger M uses a stable sort. See docs/performance.md for the measurement.
 RANK_MAX_M = 16
-#: Elements per batched rank computation: the scratch (12 bytes per element, ~6 MB) stays cache-resident.
+#: Elements per batched rank computation on CPU: the scratch (12 bytes per element, ~6 MB) stays cache-resident.
 RANK_CHUNK = 1 << 19
+#: The same on a GPU, where every op is a kernel launch: few large chunks (ViT-B's 78 M masked weights in 5, about
+#: 250 launches; CPU-sized chunks made it about 3 200, some 30 ms of launch time per step). Scratch: ~200 MB.
+RANK_CHUNK_GPU = 1 << 24
 #: Blocks whose group positions are runs of at least this many elements (3x3 convs: 9) are ranked in place;
 #: shorter runs (Linear, 1x1 convs: 1) are gathered into a planar layout first (measured: docs/performance.md).
 NATURAL_MIN_T = 8
@@ -242,9 +245,10 @@ def nm_masks_(
 ) -> None:
     """In place, for every i: ``masks[i] = nm_mask(weights[i], n, m, dims[i])``, batched over all tensors.
 
-    For ``m <= RANK_MAX_M`` one rank computation covers every tensor of a dtype and device (in cache-sized chunks
-    of :data:`RANK_CHUNK` elements): a fixed handful of elementwise ops per chunk whatever the number of layers,
-    no sort, no host synchronisation. Semantics are those of :func:`nm_mask`.
+    For ``m <= RANK_MAX_M`` one rank computation covers every tensor of a dtype and device (in chunks of
+    :data:`RANK_CHUNK` elements on CPU, cache-sized, and :data:`RANK_CHUNK_GPU` elsewhere): a fixed handful of
+    elementwise ops per chunk whatever the number of layers, no sort, no host synchronisation. Semantics are
+    those of :func:`nm_mask`.
 
     Args:
         masks: bool tensors shaped like ``weights`` (views such as row slices of a layer's mask are fine).
@@ -323,14 +327,15 @@ def nm_masks_(
             batches.setdefault((wb.dtype, wb.device, run), []).append((mb, fb, wb))
             if ob is not None:
                 product.append((ob, wb, mb))
-    for units in batches.values():
+    for (_, device, _), units in batches.items():
+        limit = RANK_CHUNK if device.type == "cpu" else RANK_CHUNK_GPU
         chunk, count = [], 0
         for mask_block, factor_block, w_block in units:
-            rows = max(1, RANK_CHUNK // (m * w_block.shape[2]))  # split big layers: chunks stay cache-resident
+            rows = max(1, limit // (m * w_block.shape[2]))  # split big layers: chunks stay cache-resident
             for start in range(0, w_block.shape[0], rows):
                 piece = (mask_block[start:start + rows], None if factor_block is None else
                          factor_block[start:start + rows], w_block[start:start + rows])
-                if chunk and count + piece[2].numel() > RANK_CHUNK:
+                if chunk and count + piece[2].numel() > limit:
                     _rank_keep_(chunk, n, m, workspace)
                     chunk, count = [], 0
                 chunk.append(piece)
