@@ -32,6 +32,51 @@ MIN_CAPABILITY = (8, 0)
 _NEED_GPU = "these kernels need a CUDA GPU of compute capability 8.0+"
 
 
+@torch.library.custom_op("sparsity::bsr_mm", mutates_args=())
+def _bsr_mm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, rows: int,
+            dense: torch.Tensor) -> torch.Tensor:
+    """``W @ dense`` for the BSR weight (rows x dense.shape[0]) held as its three dense component tensors.
+
+    An opaque op to ``torch.compile``: dynamo cannot trace sparse tensors and broke the graph at every BSR layer
+    (a ViT-B with 48 of them ran mostly eagerly under "compiled"); it traces this op as one node instead.
+    """
+    weight = torch.sparse_bsr_tensor(crow, col, values, size=(rows, dense.shape[0]), check_invariants=False)
+    return weight @ dense
+
+
+@_bsr_mm.register_fake
+def _(crow, col, values, rows, dense):
+    return dense.new_empty((rows, dense.shape[1]))
+
+
+@torch.library.custom_op("sparsity::bsr_mm_t", mutates_args=())
+def _bsr_mm_t(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, cols: int,
+              grad: torch.Tensor) -> torch.Tensor:
+    """``W^T @ grad``: the input gradient of :func:`_bsr_mm`, through a dense copy of W (inference is the point;
+    this only keeps autograd through a converted layer correct)."""
+    weight = torch.sparse_bsr_tensor(crow, col, values, size=(grad.shape[0], cols), check_invariants=False).to_dense()
+    return weight.t() @ grad
+
+
+@_bsr_mm_t.register_fake
+def _(crow, col, values, cols, grad):
+    return grad.new_empty((cols, grad.shape[1]))
+
+
+def _bsr_mm_setup(ctx, inputs, output) -> None:
+    crow, col, values, rows, dense = inputs
+    ctx.save_for_backward(crow, col, values)
+    ctx.cols = dense.shape[0]
+
+
+def _bsr_mm_backward(ctx, grad):
+    crow, col, values = ctx.saved_tensors
+    return None, None, None, None, _bsr_mm_t(crow, col, values, ctx.cols, grad)
+
+
+_bsr_mm.register_autograd(_bsr_mm_backward, setup_context=_bsr_mm_setup)
+
+
 class SparseLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` a semi-structured (2:4) or BSR sparse tensor; any leading dims.
 
@@ -45,6 +90,11 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.backend, self.pattern = backend, pattern
         self.dtype = weight.dtype
+        if backend == "bsr":
+            # the components the forward passes to the opaque op; dynamo cannot wrap views whose base is a sparse
+            # tensor, so they get their own storage and the BSR weight is rebuilt on it (no second copy is kept)
+            self._bsr = (weight.crow_indices().clone(), weight.col_indices().clone(), weight.values().clone())
+            weight = torch.sparse_bsr_tensor(*self._bsr, size=weight.shape, check_invariants=False)
         # plain attributes on purpose: sparse tensor subclasses do not survive state_dict / .to() round trips
         self.weight = weight
         self.bias = bias
@@ -55,7 +105,7 @@ class SparseLinear(nn.Module):
         if self.backend == "semi_structured":
             y = F.linear(x2, self.weight, self.bias)  # (B*, out)
         else:  # BSR: sparse @ dense is the supported direction
-            y = (self.weight @ x2.t()).t()
+            y = _bsr_mm(*self._bsr, self.out_features, x2.t()).t()
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)

@@ -67,7 +67,8 @@ def test_bench_infer_grid_on_cpu_reports_consistent_rows(vit_ff24):
     for r in rows:
         assert r["converted"] == 0 and r["max_abs_diff"] == 0.0  # CPU: the "sparse" model is the dense one
         assert r["dense_peak_mib"] is None and r["sparse_peak_mib"] is None  # peak memory is CUDA's counter
-        assert r["dense_img_s"] == pytest.approx(r["batch_size"] / r["dense_ms"] * 1e3, rel=1e-3)
+        # img/s is rounded to 0.1 (a slow, loaded machine gives single digits); ms to 4 decimals
+        assert r["dense_img_s"] == pytest.approx(r["batch_size"] / r["dense_ms"] * 1e3, rel=1e-3, abs=0.051)
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"], rel=1e-3)
         scale = 1 if r["dtype"] == "float32" else 0.5
         assert r["dense_weights_mib"] == pytest.approx(dense_mib * scale, abs=0.01)

@@ -458,6 +458,39 @@ def test_accelerate_keeps_a_layer_whose_kernel_fails_on_first_call(monkeypatch):
     assert rows[0]["reason"].startswith("conversion failed: _sparse_semi_structured_linear: Supported only")
 
 
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+def test_bsr_linear_compiles_into_one_graph_and_keeps_autograd():
+    """Dynamo cannot trace sparse tensors: the BSR matmul is an opaque custom op, so a compiled model is one graph
+    (it broke at every BSR layer before), gives the eager result, and gradients still reach the input."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from sparsity.accelerate import SparseLinear
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    w[:32] = 0  # the first two block rows of 16x16 tiles are empty
+    bias = torch.randn(64)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), SparseLinear(w.to_sparse_bsr((16, 16)), bias, 32, 64, "bsr"),
+                                torch.nn.ReLU())
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    dense = torch.nn.Sequential(model[0], torch.nn.Linear(32, 64), torch.nn.ReLU())
+    with torch.no_grad():
+        dense[1].weight.copy_(w)
+        dense[1].bias.copy_(bias)
+    dense(x).square().sum().backward()
+    want = x.grad.clone()
+    x.grad = None
+    model(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-4)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+
+
 def _gpu_sm80() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
