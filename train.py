@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-resume-opt", action="store_true")
     g.add_argument("--checkpoint-hist", type=int, default=2, help="epoch checkpoints kept")
     g.add_argument("--recovery-interval", type=int, default=0, help="recovery checkpoint every K steps (0: off)")
-    g.add_argument("--eval-metric", default="top1", type=str)
+    g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
+                   help="ranks epochs for model_best/checkpoint-N (loss: lower is better)")
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--log-wandb", action="store_true")
     g.add_argument("--mask-check-interval", type=int, default=0, help="DDP: compare mask checksums every K steps")

@@ -134,6 +134,23 @@ def _check_writable(path: Path) -> None:
         raise UserError(f"output dir {path} is not writable ({e.strerror}); choose another --output") from None
 
 
+def _check_same_run(resume: dict, path: str, recipe: Recipe, args) -> None:
+    """A resume continues one run: the same sparsity recipe and, for sparse recipes, the same length (phases,
+    ramps and decays are fractions of the whole run, so another --epochs would move them mid-run)."""
+    saved = resume.get("recipe")
+    if saved is not None and plain(saved) != recipe.to_dict():
+        now = recipe.to_dict()
+        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise CheckpointError(f"--resume {path} was trained with another sparsity recipe (differs in: "
+                              f"{', '.join(keys)}); resume with the config the run started with (its args.yaml), or "
+                              "start a new run from it with --initial-checkpoint")
+    epochs = (resume.get("args") or {}).get("epochs")
+    if recipe.method != "dense" and epochs is not None and epochs != args.epochs:
+        raise CheckpointError(f"--resume {path} is from a {epochs}-epoch run, this one asks for {args.epochs}: the "
+                              "sparsity schedule is laid out over the whole run; resume with --epochs "
+                              f"{epochs}, or start a new run from it with --initial-checkpoint")
+
+
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint (recovery or epoch) in ``run_dir``; temp files of a killed write are ignored."""
     best, best_key = None, None
@@ -223,6 +240,9 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if args.drop_path is not None:
         create_kwargs["drop_path_rate"] = args.drop_path
     model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, **create_kwargs)
+    if args.resume == "auto" and not args.experiment:
+        raise UserError("--resume auto needs --experiment NAME: the run folder to continue (without it every run "
+                        "gets a new, time-stamped folder, and nothing would ever be resumed)")
     resume_path = args.resume if args.resume and args.resume != "auto" else None
     run_dir = _run_dir(args, resume_path)
     if args.resume == "auto":
@@ -235,19 +255,28 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         if resume.get("arch") != args.model:
             raise CheckpointError(f"--resume {resume_path} is a checkpoint of '{resume.get('arch')}', not "
                                   f"'{args.model}'; resume with the same --model/--config")
+        _check_same_run(resume, resume_path, recipe, args)
         try:
             model.load_state_dict(resume["state_dict"], strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"--resume {resume_path} does not fit this model/recipe: {str(e)[:300]}") from None
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    data_cfg = resolve_data(args, model)
+    loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
+    steps_per_epoch = len(loader_train)
+    if steps_per_epoch < 1:
+        raise UserError(f"batch size {args.batch_size} x {dist.world_size} process(es) exceeds the training set "
+                        f"({len(train_ds)} images; the last partial batch is dropped): lower -b")
+    if resume is not None and resume.get("steps_per_epoch") not in (None, steps_per_epoch):
+        raise CheckpointError(f"--resume {resume_path} was written with {resume['steps_per_epoch']} steps per epoch, "
+                              f"this run has {steps_per_epoch} (another -b or number of processes): the schedules "
+                              "would jump; resume with the run's batch size and process count")
     if dist.is_main:
         _check_writable(run_dir)
     model.to(dist.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-
-    data_cfg = resolve_data(args, model)
-    loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
-    steps_per_epoch = len(loader_train)
     total_steps = args.epochs * steps_per_epoch
     ctl = SparsityController(model, recipe, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     ctl.method.output_dir = str(run_dir) if dist.is_main else None
@@ -285,8 +314,10 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             model_ema.module.load_state_dict(resume["state_dict_ema"], strict=True)
         _logger.info("resumed %s at epoch %d, step %d", resume_path, next_epoch, state.global_step)
     if lr_scheduler is not None:
+        if resume is not None and resume.get("scheduler") and not args.no_resume_opt:
+            lr_scheduler.load_state_dict(resume["scheduler"])  # plateau's best / bad-epoch count live there
         lr_scheduler.step(next_epoch)
-        if skip_batches:
+        if resume is not None:  # per-update schedules: the LR of the step the run continues at (a no-op otherwise)
             lr_scheduler.step_update(num_updates=state.global_step)
 
     train_model: nn.Module = model
@@ -310,7 +341,10 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     resolved = resolved_config(args, recipe)
     summary_path = run_dir / "summary.csv"
     if dist.is_main:
-        (run_dir / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        args_file = run_dir / "args.yaml"
+        if resume is not None and args_file.exists():  # keep the run's own config; record what the resume used
+            args_file = run_dir / f"args-resumed-step{state.global_step}.yaml"
+        args_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
         if resume is not None:
             truncate_summary(summary_path, next_epoch)
     wandb_run = init_wandb(args, resolved, run_dir) if (args.log_wandb and dist.is_main) else None
@@ -335,7 +369,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             "best": state.extra.get("best"), "hist": state.extra.get("hist", []),
             "loss_sum": float(running) if (mid_epoch and running is not None) else 0.0,
             "loss_count": state.loss_count if mid_epoch else 0,
-            "flip_reference": ctl.flip_reference() if mid_epoch else None,
+            "flip_reference": ctl.flip_reference() if mid_epoch else None, "steps_per_epoch": steps_per_epoch,
         }
 
     def save(obj: dict, path: Path) -> None:
@@ -395,15 +429,14 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             row["mask_flip_rate"] = round(ctl.flip_rate(), 6)
             row.update(ctl.metrics())
             if lr_scheduler is not None:
-                lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric if args.eval_metric in eval_metrics
-                                                          else "top1"])
+                lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
             if dist.is_main:
                 append_summary(summary_path, row)
                 if wandb_run is not None:
                     wandb_run.log(row, step=state.global_step)
-                metric = eval_metrics.get(args.eval_metric, eval_metrics["top1"])
+                metric = eval_metrics[args.eval_metric]
                 _save_epoch(run_dir, checkpoint_dict, save, state, epoch, metric, args.checkpoint_hist,
-                            target_problem(model))
+                            target_problem(model), lower_is_better=args.eval_metric == "loss")
                 _logger.info("epoch %d done: train loss %.4f | top-1 %.2f | sparsity %.3f %s", epoch,
                              row["train_loss"], row["eval_top1"], row["sparsity"],
                              f"| {row['pattern']}" if row.get("pattern") else "")
@@ -418,10 +451,10 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     final = evaluate(model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype, reduce=reduce)
     rows = sparsity_report(model)
     if dist.is_main:
-        final_metric = final.get(args.eval_metric, final["top1"])
+        final_metric = final[args.eval_metric]
         problem = target_problem(model)
         best = state.extra.get("best")
-        final_best = problem is None and (best is None or final_metric > best[0])
+        final_best = problem is None and (best is None or _better(final_metric, best[0], args.eval_metric == "loss"))
         if final_best:  # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
             state.extra["best"] = [final_metric, args.epochs]
         save(dict(checkpoint_dict(args.epochs, 0, final_metric), final=final), run_dir / "last.pth.tar")
@@ -449,8 +482,12 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     return 0
 
 
+def _better(a: float, b: float, lower_is_better: bool) -> bool:
+    return a < b if lower_is_better else a > b
+
+
 def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: int, metric: float,
-                keep: int, problem: str | None = None) -> None:
+                keep: int, problem: str | None = None, lower_is_better: bool = False) -> None:
     """last.pth.tar every epoch; checkpoint-<epoch> for the ``keep`` best epochs; model_best for the best epoch
     at the recipe's target.
 
@@ -462,13 +499,13 @@ def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: 
     last = run_dir / "last.pth.tar"
     best = state.extra.get("best")
     hist = [list(h) for h in state.extra.get("hist") or []]
-    beats = best is None or metric > best[0]
+    beats = best is None or _better(metric, best[0], lower_is_better)
     new_best = beats and problem is None
     if beats and problem is not None:
         _logger.info("epoch %d (eval metric %.4g) is not a model_best candidate: %s", epoch, metric, problem)
     state.extra["best"] = [metric, epoch] if new_best else (list(best) if best is not None else None)
     hist.append([metric, epoch])
-    hist.sort(key=lambda h: (-h[0], -h[1]))
+    hist.sort(key=lambda h: (h[0] if lower_is_better else -h[0], -h[1]))  # best first; ties: the later epoch
     dropped = hist[keep:] if keep >= 0 else []
     state.extra["hist"] = hist[:keep] if keep >= 0 else hist
     save(checkpoint_dict(epoch + 1, 0, metric), last)

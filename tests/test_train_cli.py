@@ -149,6 +149,53 @@ def test_bad_input_one_message_exit_2_nothing_overwritten(tmp_path):
     assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_run_shape_errors_before_anything_is_written(tmp_path, capsys):
+    """--epochs 0, a batch larger than the data, --resume auto without a run name, and a resume that would change
+    the run (another recipe, another length): one line, exit 2, no run folder."""
+    base = [*TINY_VIT, *FAST, "--output", str(tmp_path / "out")]
+    cases = [
+        (["--epochs", "0", "--experiment", "a"], "--epochs must be at least 1, got 0"),
+        (["-b", "4096", "--experiment", "b"], "batch size 4096 x 1 process(es) exceeds the training set (1437 images"),
+        (["--resume", "auto"], "--resume auto needs --experiment NAME"),
+    ]
+    for extra, message in cases:
+        assert run_cli(train.main, [*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # a finished 1-epoch 2:4 run, resumed with a 1:8 recipe, then with another --epochs
+    first = _recipe(tmp_path, "ste", RECIPES["ste"])
+    assert run_cli(train.main, ["--config", first, *base, "--experiment", "run"]) == 0
+    ckpt = str(tmp_path / "out" / "run" / "checkpoint-0.pth.tar")
+    other = _recipe(tmp_path, "srste", RECIPES["srste"])
+    capsys.readouterr()
+    assert run_cli(train.main, ["--config", other, *base, "--experiment", "r2", "--resume", ckpt]) == 2
+    assert "was trained with another sparsity recipe (differs in: method, rules)" in capsys.readouterr().err
+    assert run_cli(train.main, ["--config", first, *base, "--experiment", "r3", "--resume", ckpt,
+                                "--epochs", "3"]) == 2
+    assert "is from a 1-epoch run, this one asks for 3" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "r2").exists() and not (tmp_path / "out" / "r3").exists()
+
+
+def test_eval_metric_loss_keeps_the_lowest(tmp_path, monkeypatch):
+    import sparsity.trainer as trainer_mod
+
+    real, losses = trainer_mod.evaluate, iter([1.0, 2.0, 3.0, 4.0])  # three epochs, then the final model
+
+    def rising(*a, **k):
+        return {**real(*a, **k), "loss": next(losses)}
+
+    monkeypatch.setattr(trainer_mod, "evaluate", rising)
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--checkpoint-hist", "2",
+                                "--eval-metric", "loss", "--output", str(tmp_path), "--experiment", "run"]) == 0
+    best = torch.load(tmp_path / "run" / "model_best.pth.tar", weights_only=True)
+    last = torch.load(tmp_path / "run" / "last.pth.tar", weights_only=True)
+    assert best["metric"] == 1.0 and last["best"] == [1.0, 0] and last["hist"] == [[1.0, 0], [2.0, 1]]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-0.pth.tar",
+                                                                                "checkpoint-1.pth.tar"]
+
+
 def test_image_folder_data_dir(tmp_path):
     from PIL import Image
 
