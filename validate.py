@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsity.distributed import init_distributed
     from sparsity.engine import evaluate
     from sparsity.errors import UserError
-    from sparsity.trainer import build_loaders, resolve_data
+    from sparsity.trainer import build_loaders, resolve_data, trained_data_config
 
     # a training recipe is a valid --config here too: its training-only keys are ignored
     args, blocks = parse_with_config(build_parser(), argv, ignore=_ignored_training_keys())
@@ -71,14 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.checkpoint)
     recipe = sparsity.recipe_from_dict(blocks["sparsity"], source=args.config) if "sparsity" in blocks else None
     meta: dict = {}
-    if path.is_dir() or path.suffix == ".safetensors":
+    trained_cfg = None  # the data config the model was trained with, where the file says
+    if path.is_dir() or (path.suffix == ".safetensors" and (path.parent / "config.json").exists()):
         from sparsity.export import load_for_eval
 
         model, meta = load_for_eval(str(path))
-    else:
+        trained_cfg = meta.get("pretrained_cfg")
+    else:  # a train.py checkpoint, or a bare state dict (.pth, .safetensors) with --model
         ckpt = sparsity.checkpoint.load_checkpoint_file(path)
         if "arch" in ckpt:
             model, _ = sparsity.model_from_checkpoint(path, use_ema=args.use_ema)
+            trained_cfg = trained_data_config(ckpt.get("args"), model)
         else:
             if not args.model:
                 raise UserError(f"{path} holds no model name; pass --model (and --config for a sparse recipe)")
@@ -90,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.dataset_download,
-                           args.img_size or 32)
-    data_cfg = resolve_data(args, model)
+                           args.img_size or int((trained_cfg or {}).get("input_size", (3, 32))[-1]))
+    data_cfg = resolve_data(args, model, trained_cfg)
     args.validation_batch_size = args.batch_size
     _, loader = build_loaders(args, data_cfg, None, val_ds, dist)
     metrics = evaluate(model, loader, device=dist.device, amp_dtype=getattr(torch, args.amp_dtype) if args.amp

@@ -69,17 +69,42 @@ def _set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------------------------
-def resolve_data(args, model: nn.Module) -> dict:
+_DATA_KEYS = ("img_size", "crop_pct", "mean", "std", "interpolation")
+
+
+def resolve_data(args, model: nn.Module, saved: dict | None = None) -> dict:
+    """timm's data config (input_size, mean, std, crop_pct, interpolation) for ``model``.
+
+    Precedence: the flags; then ``saved``, the config the model was trained with (a data config: a train
+    checkpoint's, see :func:`trained_data_config`, or an export's ``pretrained_cfg``); then the digits data set's
+    own (32 px, its mean/std); then the input size a fixed-size model was built for (a ViT made with
+    ``img_size=32`` keeps timm's 224 in its ``pretrained_cfg``); then timm's defaults for the model.
+    """
     from timm.data import resolve_data_config
 
-    cfg_args = {"img_size": args.img_size, "crop_pct": args.crop_pct, "mean": args.mean, "std": args.std,
-                "interpolation": args.interpolation}
-    if args.dataset == "digits":
+    cfg_args = {k: getattr(args, k, None) for k in _DATA_KEYS}
+    if saved:
+        size = saved.get("input_size")
+        for k, v in (("img_size", size[-1] if size else None), *((k, saved.get(k)) for k in _DATA_KEYS[1:])):
+            cfg_args[k] = cfg_args[k] or v
+    if getattr(args, "dataset", None) == "digits":
         cfg_args["img_size"] = cfg_args["img_size"] or 32
         cfg_args["mean"] = cfg_args["mean"] or DIGITS_MEAN
         cfg_args["std"] = cfg_args["std"] or DIGITS_STD
         cfg_args["crop_pct"] = cfg_args["crop_pct"] or 1.0
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if not cfg_args["img_size"] and isinstance(fixed, (tuple, list)) and not getattr(model, "dynamic_img_size", False):
+        cfg_args["img_size"] = fixed[-1]
     return resolve_data_config({k: v for k, v in cfg_args.items() if v}, model=model)
+
+
+def trained_data_config(saved_args: dict | None, model: nn.Module) -> dict | None:
+    """The data config a train.py run used, from the ``args`` its checkpoints store (None for other files)."""
+    if not saved_args:
+        return None
+    from types import SimpleNamespace
+
+    return resolve_data(SimpleNamespace(**{k: saved_args.get(k) for k in (*_DATA_KEYS, "dataset")}), model)
 
 
 def build_datasets(args):

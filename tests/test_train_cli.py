@@ -216,6 +216,38 @@ def test_image_folder_data_dir(tmp_path):
     assert ck["create_kwargs"]["num_classes"] == 3 and ck["global_step"] == 3
 
 
+def test_validate_on_image_folder_uses_the_training_preprocessing(tmp_path, capsys):
+    """A 32 px model trained on digits, validated on an ImageFolder: without flags validate.py takes the run's
+    input size and mean/std (from the checkpoint, or the export's pretrained_cfg), not timm's 224 px ImageNet ones
+    (which crashed the ViT, and would silently score a CNN at chance)."""
+    import export
+    from sparsity.data import DIGITS_MEAN, DIGITS_STD, DigitsDataset
+
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment",
+                                "run"]) == 0
+    digits = DigitsDataset("validation", img_size=32)
+    for i, (img, label) in enumerate(zip(digits.images[:60], digits.targets[:60])):
+        d = tmp_path / "folder" / "validation" / f"c{label}"
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{i}.png")
+    ckpt = tmp_path / "run" / "last.pth.tar"
+    assert export.main(["--checkpoint", str(ckpt), "--format", "compressed", "--output", str(tmp_path / "exp")]) == 0
+    data = ["--dataset", "", "--data-dir", str(tmp_path / "folder")]
+    explicit = ["--img-size", "32", "--crop-pct", "1.0", "--mean", *map(str, DIGITS_MEAN), "--std",
+                *map(str, DIGITS_STD)]
+    results = {}
+    for name, source, flags in [("explicit", ckpt, explicit), ("checkpoint", ckpt, []),
+                                ("export", tmp_path / "exp", [])]:
+        out = tmp_path / f"{name}.json"
+        assert run_cli(validate.main, ["--checkpoint", str(source), *data, *flags, "--results-file", str(out)]) == 0
+        results[name] = json.loads(out.read_text())
+    assert results["checkpoint"]["top1"] == results["explicit"]["top1"] == results["export"]["top1"]
+    assert results["checkpoint"]["loss"] == pytest.approx(results["explicit"]["loss"], abs=1e-6)
+    pcfg = json.loads((tmp_path / "exp" / "config.json").read_text())["pretrained_cfg"]
+    assert pcfg["input_size"] == [3, 32, 32] and pcfg["mean"] == pytest.approx(list(DIGITS_MEAN))
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_torchrun_two_processes_identical_masks_and_weights(tmp_path):
     cfg = _recipe(tmp_path, "srste", RECIPES["srste"])
