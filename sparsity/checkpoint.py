@@ -85,7 +85,7 @@ def model_state_from(ckpt: dict, use_ema: bool = False) -> dict:
     """The model state dict inside one of our checkpoints, a timm checkpoint, or a bare state dict."""
     if use_ema:
         for key in ("state_dict_ema", "model_ema"):
-            if key in ckpt:
+            if isinstance(ckpt.get(key), dict):  # train.py stores None when the run had no EMA
                 return ckpt[key]
         raise CheckpointError("--use-ema: the checkpoint holds no EMA weights (train with --model-ema)")
     for key in ("state_dict", "model"):

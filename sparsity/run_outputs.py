@@ -17,10 +17,24 @@ _logger = logging.getLogger("train")
 
 
 def append_summary(path: Path, row: dict) -> None:
-    new = not path.exists()
+    """One row per epoch under the file's header; a row with new columns (a resume that added ``--model-ema``,
+    say) rewrites the file with the union, so no value lands under another column's name."""
+    header = None
+    if path.exists():
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+    if header is not None and not set(row) <= set(header):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        fields = header + [k for k in row if k not in header]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows([*rows, row])
+        return
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
+        w = csv.DictWriter(f, fieldnames=header or list(row))
+        if header is None:
             w.writeheader()
         w.writerow(row)
 

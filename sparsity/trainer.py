@@ -338,6 +338,10 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         if model_ema is not None and resume.get("state_dict_ema") is not None:
             model_ema.module.load_state_dict(resume["state_dict_ema"], strict=True)
         _logger.info("resumed %s at epoch %d, step %d", resume_path, next_epoch, state.global_step)
+    if model_ema is not None and dist.distributed:
+        # every rank seeds its own init and DDP syncs only the live model: the EMA copy must start from rank 0's
+        for t in model_ema.module.state_dict().values():
+            torch.distributed.broadcast(t.view(torch.uint8) if t.dtype == torch.bool else t, 0)
     if lr_scheduler is not None:
         if resume is not None and resume.get("scheduler") and not args.no_resume_opt:
             lr_scheduler.load_state_dict(resume["scheduler"])  # plateau's best / bad-epoch count live there
@@ -499,6 +503,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         wandb_run.finish()
     if dist.distributed:
         n = check_ranks_consistent(model, dist, weights=True)
+        if model_ema is not None:
+            n += check_ranks_consistent(model_ema.module, dist, weights=True)
         if dist.is_main:
             _logger.info("ranks identical: masks and weights (%d tensors compared across %d ranks)", n,
                          dist.world_size)

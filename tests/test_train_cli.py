@@ -253,10 +253,32 @@ def test_torchrun_two_processes_identical_masks_and_weights(tmp_path):
     cfg = _recipe(tmp_path, "srste", RECIPES["srste"])
     proc = run_group(
         ["bash", "distributed_train.sh", "2", "--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path),
-         "--experiment", "ddp", "--mask-check-interval", "1"],
+         "--experiment", "ddp", "--mask-check-interval", "1", "--model-ema"],  # EMA: rank 0's on every rank
         cwd=ROOT, timeout=300, env={**os.environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ranks identical: masks and weights" in proc.stdout
     ck = torch.load(tmp_path / "ddp" / "last.pth.tar", weights_only=True)
     assert ck["global_step"] == 2  # 719 images per rank / 256 per batch
+
+
+def test_summary_keeps_columns_aligned_when_a_resume_adds_one(tmp_path):
+    from sparsity.run_outputs import append_summary
+
+    path = tmp_path / "summary.csv"
+    append_summary(path, {"epoch": 0, "eval_top1": 50.0, "sparsity": 0.5})
+    append_summary(path, {"epoch": 1, "eval_top1": 60.0, "ema_top1": 55.0, "sparsity": 0.5})  # --model-ema added
+    append_summary(path, {"epoch": 2, "eval_top1": 70.0, "sparsity": 0.5})  # and dropped again
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "eval_top1", "sparsity", "ema_top1"]
+    assert [r["sparsity"] for r in rows] == ["0.5"] * 3 and [r["ema_top1"] for r in rows] == ["", "55.0", ""]
+
+
+def test_use_ema_on_a_checkpoint_without_ema_is_one_line(tmp_path, capsys):
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment",
+                                "run"]) == 0
+    capsys.readouterr()
+    assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "run" / "last.pth.tar"), "--use-ema"]) == 2
+    assert "the checkpoint holds no EMA weights (train with --model-ema)" in capsys.readouterr().err
