@@ -22,6 +22,24 @@ class CheckpointError(UserError):
     """A checkpoint cannot be used; the message says which file and what to do."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a rename inside ``path`` (best effort: not every file system allows opening a directory)."""
+    try:
+        dfd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
 def save_atomic(obj: Any, path: str | os.PathLike, before_rename=None) -> None:
     """``torch.save`` to a temp file in the same dir, fsync, then rename: a crash never leaves a partial file
     under ``path`` and the previous version survives until the new one is complete. ``before_rename()`` is a
@@ -34,17 +52,11 @@ def save_atomic(obj: Any, path: str | os.PathLike, before_rename=None) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the mode a plain open() would
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -142,6 +142,10 @@ def _check_image_folder(root: str, split_dir: str | None) -> None:
                     f"or <root>/{split_dir or 'train'}/<class>/<image>")
 
 
+#: folder names that mark a split layout (<root>/<split>/<class>/<image>) rather than class folders
+_SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test")
+
+
 def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool, download: bool = False,
                   img_size: int = 32, on_bad_image: str = "fail"):
     """``digits`` (embedded), or any timm dataset (``''``/``folder`` = ImageFolder at ``data_dir``, or timm's
@@ -156,6 +160,11 @@ def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool
     if name in ("", "folder", "imagefolder") or name.startswith("folder/"):
         _check_image_folder(data_dir, split)
         sub = Path(data_dir) / split
+        splits = sorted(d.name for d in Path(data_dir).iterdir() if d.is_dir() and d.name in _SPLIT_NAMES)
+        if not sub.is_dir() and splits:  # a split layout without this split: never fall back to the whole root
+            flag = "--train-split" if is_training else "--val-split"
+            raise DataError(f"--data-dir {data_dir} has split folders ({', '.join(splits)}) but no '{split}'; "
+                            f"pass {flag} with one of them")
         root = str(sub) if sub.is_dir() else data_dir
         return CheckedImages(create_dataset("", root=root, split=split, is_training=is_training), on_bad_image)
     if not download and not Path(data_dir).exists():

@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic
+from .checkpoint import CheckpointError, fsync_dir, load_checkpoint_file, save_atomic
 from .controller import SparsityController
 from .data import DIGITS_MEAN, DIGITS_STD, build_dataset
 from .distributed import DistInfo, check_ranks_consistent, init_distributed
@@ -192,9 +192,13 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy, fsync, rename (as :func:`save_atomic` writes): a crash never leaves a partial model_best/checkpoint-N."""
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, dst)
+    fsync_dir(dst.parent)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -282,3 +282,28 @@ def test_use_ema_on_a_checkpoint_without_ema_is_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "run" / "last.pth.tar"), "--use-ema"]) == 2
     assert "the checkpoint holds no EMA weights (train with --model-ema)" in capsys.readouterr().err
+
+
+def test_missing_split_folder_is_an_error_not_the_whole_root(tmp_path):
+    from PIL import Image
+
+    from sparsity.data import DataError, build_dataset
+
+    for split in ("train", "val"):
+        d = tmp_path / split / "c0"
+        d.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(d / "0.png")
+    assert len(build_dataset("", str(tmp_path), "val", False)) == 1
+    with pytest.raises(DataError, match=r"has split folders \(train, val\) but no 'validation'; pass --val-split"):
+        build_dataset("", str(tmp_path), "validation", False)
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    from sparsity.checkpoint import _umask, save_atomic
+    from sparsity.trainer import _copy_atomic
+
+    save_atomic({"a": torch.zeros(2)}, tmp_path / "last.pth.tar")
+    _copy_atomic(tmp_path / "last.pth.tar", tmp_path / "model_best.pth.tar")
+    want = 0o666 & ~_umask()
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("last.pth.tar", "model_best.pth.tar")] == [want, want]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth.tar", "model_best.pth.tar"]  # no temp left
