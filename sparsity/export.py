@@ -362,7 +362,11 @@ def _stock_model(cfg: dict, state: dict[str, torch.Tensor], where: Path) -> nn.M
     except Exception:  # noqa: BLE001 - a model whose __init__ needs real tensors
         pass
     if not assign:
-        model = timm.create_model(arch, **kwargs)
+        try:
+            model = timm.create_model(arch, **kwargs)
+        except (TypeError, ValueError, RuntimeError) as e:  # a config.json edited or from another model
+            raise ExportError(f"{where}: config.json asks for {arch} with {kwargs}, which timm cannot build "
+                              f"({' '.join(str(e).split())[:200]})") from None
     try:
         model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as e:

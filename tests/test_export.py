@@ -342,6 +342,16 @@ def test_export_rejects_wrong_create_kwargs(vit24, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_export_whose_config_names_an_unbuildable_model_is_one_error(vit24, tmp_path):
+    sparsity.export_densified(vit24, tmp_path / "d", arch=VIT, create_kwargs=VIT_KW)
+    cfg_file = tmp_path / "d" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["architecture"] = "resnet18"  # edited by hand: ResNet takes no img_size
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="config.json asks for resnet18 with .*which timm cannot build .*img_size"):
+        load_for_eval(tmp_path / "d")
+
+
 # ---- accelerate_ ---------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU no-op path")
 @pytest.mark.parametrize("backend", ["semi_structured", "bsr"])
