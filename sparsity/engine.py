@@ -113,9 +113,8 @@ def train_one_epoch(
             continue
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaled = scaler.scale(loss)
             with loss_scale(scaler):  # gradient terms a method adds (SR-STE's decay) get scaled like the loss's
-                scaled.backward()
+                scaler.scale(loss).backward()
             if clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), clip_grad)

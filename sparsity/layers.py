@@ -259,7 +259,7 @@ MASKED_TYPES = (MaskedLinear, MaskedConv2d)
 # scale it like that gradient: under GradScaler the gradient arrives multiplied by the loss scale S and is divided
 # by S before the optimizer step, so an unscaled term would end up divided by S (65536 at the start). Autograd runs
 # CUDA backwards on its own device threads, so this is a plain module global, not a thread-local.
-_LOSS_SCALE: torch.Tensor | None = None
+_LOSS_SCALE = None  # a scale tensor or a GradScaler (its scale read when a backward asks: scale() creates it)
 
 
 @contextlib.contextmanager
@@ -274,13 +274,9 @@ def loss_scale(scaler) -> Iterator[None]:
             scaler.scale(loss).backward()
     """
     global _LOSS_SCALE
-    if isinstance(scaler, torch.Tensor) or scaler is None:
-        scale = scaler
-    else:
-        scale = getattr(scaler, "_scale", None) if scaler.is_enabled() else None
-        if scale is None and scaler.is_enabled():
-            raise RuntimeError("loss_scale(scaler): call scaler.scale(loss) first (it creates the scale)")
-    before, _LOSS_SCALE = _LOSS_SCALE, scale
+    if scaler is not None and not isinstance(scaler, torch.Tensor) and not scaler.is_enabled():
+        scaler = None
+    before, _LOSS_SCALE = _LOSS_SCALE, scaler
     try:
         yield
     finally:
@@ -290,6 +286,8 @@ def loss_scale(scaler) -> Iterator[None]:
 def current_loss_scale(like: torch.Tensor) -> torch.Tensor | None:
     """The loss scale set by :func:`loss_scale` as a 0-dim tensor of ``like``'s dtype and device, or None."""
     s = _LOSS_SCALE
+    if s is not None and not isinstance(s, torch.Tensor):
+        s = getattr(s, "_scale", None)  # a GradScaler: its current scale (a device tensor, no host sync)
     return None if s is None else s.to(device=like.device, dtype=like.dtype).reshape(())
 
 

@@ -222,10 +222,8 @@ def test_srste_decay_is_scaled_with_the_loss_under_a_grad_scaler(precomputed):
     x = torch.randn(3, 8)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss = model(x).sum()
-    scaled = scaler.scale(loss)
-    with sparsity.loss_scale(scaler):
-        scaled.backward()
+    with sparsity.loss_scale(scaler):  # as documented: the scale is created inside, by scaler.scale
+        scaler.scale(model(x).sum()).backward()
     assert fc.weight.grad.abs().max() > 100  # still scaled here
     scaler.unscale_(opt)
     _, g = _expected(w, x, e.float(), fc.bias.detach())
