@@ -239,25 +239,20 @@ def _infer_model(args):
 def _bench_infer(args) -> int:
     import torch
 
-    from sparsity.bench_infer import bench_infer, bench_layers
-    from sparsity.layers import masked_modules
+    from sparsity.bench_infer import bench_infer, bench_layers, default_backend, resolve_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    model = _infer_model(args)
-    backend = args.backend or ("bsr" if args.tile else "semi_structured")
-    if args.backend is None and isinstance(model, str):
-        # a checkpoint or export with block-sparse layers (supermask, block gmp) runs BSR unless told otherwise
-        from sparsity.export import load_for_eval
-
-        saved, _ = load_for_eval(model)
-        if any(s.tile for _, layer in masked_modules(saved) for s in layer.slices):
-            backend = "bsr"
-        del saved
+    source = _infer_model(args)
+    model, name = resolve_model(source)  # a checkpoint or export is loaded once, for every run below
+    if not isinstance(source, str):
+        name = args.model  # the timm name, not the class
+    # a checkpoint or export with block-sparse layers (supermask, block gmp) runs BSR unless told otherwise
+    backend = args.backend or default_backend(model)
     dtypes = [getattr(torch, d) for d in dict.fromkeys(args.dtype)]
     common = dict(backend=backend, img_size=args.img_size, device=device, warmup=args.warmup, iters=args.steps,
-                  semi_kernel=args.semi_kernel)
+                  semi_kernel=args.semi_kernel, name=name)
     what = f"{args.model} on {device}, {backend}, {args.steps} timed forwards after {args.warmup}"
     if args.layers:
         rows, totals = [], []

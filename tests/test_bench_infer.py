@@ -127,6 +127,7 @@ def test_benchmark_cli_infer_writes_files(tmp_path, capsys):
     assert "float32: 0 of 10 Linear/Conv2d layers run sparse" in printed and "nothing runs sparse" in printed
     data = json.loads((out / "bench_infer.json").read_text())
     assert [r["batch_size"] for r in data["rows"]] == [2, 4]
+    assert data["settings"]["model"] == VIT and data["settings"]["backend"] == "semi_structured"  # not the class
     plan = (out / "infer_layers_plan.csv").read_text().splitlines()
     assert plan[0] == "dtype,fqn,shape,pattern,eligible,converted,reason" and len(plan) == 11
     assert sum("q=2:4 k=2:4 v=2:4" in line for line in plan) == 2 and sum("attn.proj" in line for line in plan) == 2
