@@ -165,9 +165,7 @@ def _semi_structured_min_shape(dtype: torch.dtype, kernel: str = "auto") -> tupl
 
 
 def _pattern(mod: nn.Module) -> str:
-    if isinstance(mod, MaskedMixin) and mod.slices:
-        return " ".join(f"{s.label}={s.pattern()}" for s in mod.slices)
-    return "dense"
+    return mod.pattern_label() if isinstance(mod, MaskedMixin) else "dense"
 
 
 @torch.no_grad()

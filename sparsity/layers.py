@@ -175,9 +175,12 @@ class MaskedMixin:
         if key in missing_keys:
             missing_keys.remove(key)
 
+    def pattern_label(self, sep: str = " ") -> str:
+        """Every slice's pattern as ``label=pattern`` (``ff=2:4``, ``q=2:4 k=1:8 v=2:4``), or ``dense``."""
+        return sep.join(f"{s.label}={s.pattern()}" for s in self.slices) or "dense"
+
     def extra_repr(self) -> str:  # type: ignore[override]
-        pats = ", ".join(f"{s.label}={s.pattern()}" for s in self.slices) or "dense"
-        return f"{super().extra_repr()}, method={self.method}, pattern=[{pats}]"  # type: ignore[misc]
+        return f"{super().extra_repr()}, method={self.method}, pattern=[{self.pattern_label(', ')}]"  # type: ignore[misc]
 
 
 class MaskedLinear(MaskedMixin, nn.Linear):

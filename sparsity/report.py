@@ -60,8 +60,7 @@ def target_problem(model: nn.Module) -> str | None:
         for fqn, layer in masked_modules(model):
             w = layer.sparse_weight().detach()
             if _conforms(layer, w) is False:
-                pats = [f"{s.label}={s.pattern()}" for s in layer.slices]
-                pattern = " ".join(pats) if len(pats) > 1 else layer.slices[0].pattern()
+                pattern = layer.slices[0].pattern() if len(layer.slices) == 1 else layer.pattern_label()
                 density = float((w != 0).float().mean())
                 return f"{fqn} is not at {pattern} yet (density {density:.3f})"
     finally:
@@ -84,7 +83,7 @@ def sparsity_report(model: nn.Module) -> list[dict]:
             "fqn": fqn,
             "shape": list(layer.weight.shape),
             "method": layer.method,
-            "pattern": " ".join(f"{s.label}={s.pattern()}" for s in layer.slices),
+            "pattern": layer.pattern_label(),
             "density": round(float((w != 0).float().mean()), 6),
             "conforms": _conforms(layer, w),
             "accel": accel_eligibility(layer),

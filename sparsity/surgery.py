@@ -84,7 +84,7 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
         method.prepare_layer(recipe, layer)
         set_submodule(model, fqn, layer)
         _bypasses_forward(model, fqn)
-        rows.append((fqn, tuple(mod.weight.shape), ", ".join(f"{s.label}={s.pattern()}" for s in specs)))
+        rows.append((fqn, tuple(mod.weight.shape), layer.pattern_label(", ")))
     _log_table(recipe.method, rows, model.sparsity_skipped)  # type: ignore[attr-defined]
     return model
 
