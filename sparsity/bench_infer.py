@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accelerate import SparseLinear, accelerate_, semi_structured_class
+from .data import fixed_img_size
 from .layers import masked_modules
 from .surgery import densify_
 from .targets import find_candidates
@@ -116,10 +117,8 @@ def default_backend(model: nn.Module) -> str:
 
 
 def _default_img_size(model: nn.Module) -> int:
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)  # a ViT built with img_size=... only
-    if fixed:  # takes that size; pretrained_cfg keeps the default
-        return int(fixed[-1])
-    return int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
+    return fixed_img_size(model) or int((getattr(model, "pretrained_cfg", None) or {}).get("input_size",
+                                                                                          (3, 224, 224))[-1])
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

@@ -142,6 +142,15 @@ def _check_image_folder(root: str, split_dir: str | None) -> None:
                     f"or <root>/{split_dir or 'train'}/<class>/<image>")
 
 
+def fixed_img_size(model) -> int | None:
+    """The input side a fixed-size model was built for (a ViT made with ``img_size=32`` keeps timm's 224 in its
+    ``pretrained_cfg``), or None (CNNs, dynamic-size models)."""
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(fixed, (tuple, list)) and not getattr(model, "dynamic_img_size", False):
+        return int(fixed[-1])
+    return None
+
+
 #: folder names that mark a split layout (<root>/<split>/<class>/<image>) rather than class folders
 _SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test")
 

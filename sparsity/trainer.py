@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, fsync_dir, load_checkpoint_file, save_atomic
 from .controller import SparsityController
-from .data import DIGITS_MEAN, DIGITS_STD, build_dataset
+from .data import DIGITS_MEAN, DIGITS_STD, build_dataset, fixed_img_size
 from .distributed import DistInfo, check_ranks_consistent, init_distributed
 from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from .errors import TrainingError, UserError
@@ -92,9 +92,7 @@ def resolve_data(args, model: nn.Module, saved: dict | None = None) -> dict:
         cfg_args["mean"] = cfg_args["mean"] or DIGITS_MEAN
         cfg_args["std"] = cfg_args["std"] or DIGITS_STD
         cfg_args["crop_pct"] = cfg_args["crop_pct"] or 1.0
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if not cfg_args["img_size"] and isinstance(fixed, (tuple, list)) and not getattr(model, "dynamic_img_size", False):
-        cfg_args["img_size"] = fixed[-1]
+    cfg_args["img_size"] = cfg_args["img_size"] or fixed_img_size(model)
     return resolve_data_config({k: v for k, v in cfg_args.items() if v}, model=model)
 
 
