@@ -7,17 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import masked_modules
+from .layers import layer_kind, masked_modules
 from .methods import get_method
 from .recipe import Recipe
 
 __all__ = ["SparsityController"]
-
-
-def _layer_kind(layer: nn.Module) -> str:
-    if isinstance(layer, nn.Conv2d):
-        return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
-    return "linear"
 
 
 class SparsityController:
@@ -99,7 +93,7 @@ class SparsityController:
                 kept += k
                 nonzero += int((layer.sparse_weight() != 0).sum())
                 total += layer.weight.numel()
-                acc = by_kind.setdefault(_layer_kind(layer), [0, 0])
+                acc = by_kind.setdefault(layer_kind(layer), [0, 0])
                 acc[0] += k
                 acc[1] += layer.weight.numel()
         out: dict[str, Any] = {

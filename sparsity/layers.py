@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = [
     "SliceSpec", "MaskedMixin", "MaskedLinear", "MaskedConv2d", "masked_modules", "MASKED_TYPES", "frozen_weight",
-    "uncovered_rows", "loss_scale", "current_loss_scale",
+    "uncovered_rows", "loss_scale", "current_loss_scale", "layer_kind",
 ]
 
 
@@ -95,13 +95,9 @@ class MaskedMixin:
         self._mask_factor = (key, factor)
         return factor
 
-    def mask_factor_out(self) -> torch.Tensor:
-        """The cached factor, for a mask kernel that writes ``weight_mask`` and the factor together; call
-        :meth:`mask_factor_written` afterwards so the next forward does not rebuild it."""
-        return self.mask_factor()
-
     def mask_factor_written(self) -> None:
-        """Declare the factor returned by :meth:`mask_factor_out` equal to ``weight_mask`` again."""
+        """Declare the factor :meth:`mask_factor` returned equal to ``weight_mask`` again, after a mask kernel
+        wrote both (the next forward then does not rebuild it)."""
         cached = getattr(self, "_mask_factor", None)
         key = self._factor_key()
         if cached is not None and key is not None and cached[0][3:] == key[3:]:
@@ -255,6 +251,13 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
 
 
 MASKED_TYPES = (MaskedLinear, MaskedConv2d)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``linear``, ``conv1x1`` or ``conv`` (every other Conv2d): per-type recipe keys and report figures."""
+    if isinstance(module, nn.Conv2d):
+        return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv"
+    return "linear"
 
 
 # ---- loss scaling (fp16 AMP) --------------------------------------------------------------------------------------

@@ -39,17 +39,6 @@ def check_nm(n: int, m: int) -> None:
         raise ValueError(f"N:M pattern: n must be in 1..m (keep n of every m), got {n}:{m}")
 
 
-def _groups(x: torch.Tensor, m: int, dim: int) -> tuple[torch.Tensor, list[int]]:
-    """View ``x`` with ``dim`` moved last and split into groups of ``m``: (..., G, m)."""
-    dim = dim % x.dim()
-    size = x.shape[dim]
-    if size % m:
-        raise ValueError(f"dimension {dim} of size {size} is not divisible by m={m}")
-    moved = x.movedim(dim, -1)
-    shape = list(moved.shape)
-    return moved.reshape(*shape[:-1], size // m, m), shape
-
-
 #: Largest M for which N:M masks rank by pairwise comparison (m(m-1)/2 elementwise compares per group, batched
 #: over layers, no sort, no host sync); larger M uses a stable sort. See docs/performance.md for the measurement.
 RANK_MAX_M = 16
@@ -406,7 +395,7 @@ def is_nm(w: torch.Tensor, n: int, m: int, dim: int = -1) -> bool:
     if w.shape[dim % w.dim()] % m:
         return False
     nz = w if w.dtype == torch.bool else w != 0
-    groups, _ = _groups(nz, m, dim)
+    groups = _group_view(nz, m, dim)
     return bool((groups.sum(dim=-1) <= n).all())
 
 

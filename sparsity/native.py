@@ -189,8 +189,8 @@ def _int64s(values) -> ctypes.Array:
 def tile_supports(*tensors: torch.Tensor | None) -> bool:
     """Whether the tile kernels take these tensors: float32 (or the uint8/bool masks) on CPU, contiguous."""
     ok = (torch.float32, torch.bool, torch.uint8)
-    return kernel() is not None and all(
-        t is None or (t.device.type == "cpu" and t.is_contiguous() and t.dtype in ok) for t in tensors)
+    return all(t is None or (t.device.type == "cpu" and t.is_contiguous() and t.dtype in ok) for t in tensors) \
+        and kernel() is not None  # tensors first: a GPU run never builds the C kernel
 
 
 def tile_expand_native(units: list[tuple]) -> bool:

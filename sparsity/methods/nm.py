@@ -232,22 +232,24 @@ class NMMethod(SparsityMethod):
         return [tuple(r) for r in runs]
 
     @torch.no_grad()
-    def _compute_masks(self, phase: Phase | None, beta: float = 0.0) -> None:
+    def _compute_masks(self, phase: Phase | None, beta: float = 0.0, precompute: bool = True) -> None:
         """Masks for the patterns in force at ``phase`` (None: the target patterns), in place: one batched
-        :func:`nm_masks_` call per distinct N:M over all layers, scratch reused from ``self._workspace``."""
+        :func:`nm_masks_` call per distinct N:M over all layers, scratch reused from ``self._workspace``.
+        ``precompute``: the forward reads the precomputed ``W * (E + beta (1 - E))`` (``_FROM_MASKED`` modes);
+        otherwise (frozen, mdgf_exact) it multiplies by the 0/1 factor, which the pass then writes instead."""
         calls: dict[tuple[int, int], tuple[list, list, list, list, list]] = {}
         frame = None if phase is None else self._frames(phase)
-        fast = native.kernel() is not None
         kinds = []  # per layer: True = precomputed forward weight, False = 0/1 factor
         for fqn, layer in self.layers:
             w, mask = layer.weight, layer.weight_mask
             # CPU float32 with the native kernel: the forward weight itself comes out of the mask pass and the
             # forward multiplies nothing; elsewhere (CUDA, no compiler) the pass writes the 0/1 factor, as a
             # compiled forward wants, and the forward multiplies
-            layer_fast = fast and w.device.type == "cpu" and w.dtype == torch.float32
+            layer_fast = (precompute and w.device.type == "cpu" and w.dtype == torch.float32
+                          and native.kernel() is not None)  # device first: a GPU run never builds the C kernel
             kinds.append(layer_fast)
             out = layer.masked_weight_out() if layer_fast else None
-            factor = None if layer_fast else layer.mask_factor_out()
+            factor = None if layer_fast else layer.mask_factor()
             cached = self._run_cache.get((fqn, frame))
             if cached is None:  # the runs depend on the phase only through its ladder frame
                 spans = ((s.start, s.stop) for s in layer.slices)
@@ -299,13 +301,14 @@ class NMMethod(SparsityMethod):
         due = (phase.t % r.mask_interval == 0) or self.last_update is None or frame != self.frame
         if mode == "frozen":
             if not self.frozen:
-                self._compute_masks(None)
+                self._compute_masks(None, precompute=False)
                 self.frozen = True
                 self.last_update = global_step
             for _, layer in self.layers:  # optimizer momentum must not revive pruned weights
                 layer.weight.mul_(layer.mask_factor())
         elif due and self.last_update != global_step:
-            self._compute_masks(phase if frame is not None else None, self.beta if mode == "mdgf" else 0.0)
+            self._compute_masks(phase if frame is not None else None, self.beta if mode == "mdgf" else 0.0,
+                                precompute=mode in _FROM_MASKED)
             self.last_update = global_step
         self.frame = frame
         refill = self.beta != self._beta_set

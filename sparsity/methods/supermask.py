@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
-from ..layers import MaskedMixin, SliceSpec, frozen_weight, uncovered_rows
+from ..layers import MaskedMixin, SliceSpec, frozen_weight, layer_kind, uncovered_rows
 from ..masks import expand_tiles, expand_tiles_, tile_mask, tile_scores
 from ..recipe import Recipe, RecipeError, Rule
 from ..schedules import DENSE, FINETUNE, linear_ramp, phase_at
@@ -84,13 +84,6 @@ class SupermaskConfig:
     ramp: Ramp | None = None
     fixed_weight: bool = False
     score_init: Literal["magnitude", "uniform"] = "magnitude"
-
-
-def layer_kind(module: nn.Module) -> str:
-    """``linear``, ``conv1x1`` or ``conv`` (every other Conv2d): selects the ``sparsity_*``/``tile_*`` keys."""
-    if isinstance(module, nn.Conv2d):
-        return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv"
-    return "linear"
 
 
 def tile_sum(x: torch.Tensor, tile: int) -> torch.Tensor:
@@ -348,7 +341,7 @@ class SupermaskMethod(SparsityMethod):
             layer.__dict__["_tile_keep"] = tuple((s.start, s.stop, s.tile, k) for s, k in zip(layer.slices, keeps))
             layer.masked_weight_written()
         for layer, keeps in plain:
-            mask, factor = layer.weight_mask, layer.mask_factor_out()
+            mask, factor = layer.weight_mask, layer.mask_factor()
             for spec, keep in zip(layer.slices, keeps):
                 expand_tiles_(mask[spec.start:spec.stop], keep, spec.tile, factor[spec.start:spec.stop])
             layer.mask_factor_written()
