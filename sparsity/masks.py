@@ -150,9 +150,8 @@ def _rank_keep_(units: list[tuple], n: int, m: int, workspace: dict | None) -> N
             score_b[:, :m - k].sub_(won)
     else:
         keys_p, score_p = keys.view(m, -1), score.view(m, -1)
-        for (_, _, w), (g0, g1) in zip(units, views):
-            keys_p[:, g0:g1].view(m, w.shape[0], w.shape[2]).transpose(0, 1).copy_(w.view(key_dtype))
-        _magnitude_key_(keys)
+        for (_, _, w), (g0, g1) in zip(units, views):  # the key written straight into the planar layout
+            _magnitude_key(w, out=keys_p[:, g0:g1].view(m, w.shape[0], w.shape[2]).transpose(0, 1))
         for i in range(m):
             score_p[i].fill_(n - 1 - i)
         cols = keys_p.shape[1]
