@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import sparsity
-    from sparsity.data import build_dataset
+    from sparsity.data import build_dataset, resolve_data, trained_data_config
     from sparsity.distributed import init_distributed
     from sparsity.engine import evaluate
     from sparsity.errors import UserError
-    from sparsity.trainer import build_loaders, resolve_data, trained_data_config
+    from sparsity.trainer import build_loaders
 
     # a training recipe is a valid --config here too: its training-only keys are ignored
     args, blocks = parse_with_config(build_parser(), argv, ignore=_ignored_training_keys())
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a train.py checkpoint, or a bare state dict (.pth, .safetensors) with --model
         ckpt = sparsity.checkpoint.load_checkpoint_file(path)
         if "arch" in ckpt:
-            model, _ = sparsity.model_from_checkpoint(path, use_ema=args.use_ema)
+            model, _ = sparsity.model_from_checkpoint(path, use_ema=args.use_ema, ckpt=ckpt)
             trained_cfg = trained_data_config(ckpt.get("args"), model)
         else:
             if not args.model:
@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     model.to(dist.device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.dataset_download,
-                           args.img_size or int((trained_cfg or {}).get("input_size", (3, 32))[-1]))
     data_cfg = resolve_data(args, model, trained_cfg)
+    val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.dataset_download,
+                           data_cfg["input_size"][-1])
     args.validation_batch_size = args.batch_size
     _, loader = build_loaders(args, data_cfg, None, val_ds, dist)
     metrics = evaluate(model, loader, device=dist.device, amp_dtype=getattr(torch, args.amp_dtype) if args.amp

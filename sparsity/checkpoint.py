@@ -122,17 +122,19 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "checkpoint": ckpt}
 
 
-def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[nn.Module, dict]:
+def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
+                          ckpt: dict | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the sparse model a training checkpoint was written from, with its weights and masks.
 
     Our checkpoints hold ``arch`` (timm model name), ``create_kwargs`` (everything passed to
     ``timm.create_model``: num_classes, model kwargs) and ``recipe`` (the ``sparsity:`` block as plain types).
-    Returns ``(model, checkpoint_dict)``.
+    ``ckpt``: the file's contents when the caller has already loaded them (read once). Returns
+    ``(model, checkpoint_dict)``.
     """
     from .factory import create_model
     from .recipe import recipe_from_dict
 
-    ckpt = load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
     if "arch" not in ckpt:
         raise CheckpointError(f"checkpoint {path} has no 'arch': it is not a train.py checkpoint; pass --model "
                               "and the recipe explicitly")

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from .errors import UserError
 
-__all__ = ["DigitsDataset", "DIGITS_MEAN", "DIGITS_STD", "build_dataset", "DataError"]
+__all__ = ["DigitsDataset", "DIGITS_MEAN", "DIGITS_STD", "build_dataset", "DataError", "resolve_data",
+           "trained_data_config", "fixed_img_size"]
 
 _log = logging.getLogger(__name__)
 DIGITS_MEAN = (0.3057, 0.3057, 0.3057)
@@ -182,3 +184,39 @@ def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool
         return create_dataset(name, root=data_dir, split=split, is_training=is_training, download=download)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         raise DataError(f"cannot open dataset {name!r} at {data_dir}: {e}") from None
+
+
+_DATA_KEYS = ("img_size", "crop_pct", "mean", "std", "interpolation")
+
+
+def resolve_data(args, model: nn.Module, saved: dict | None = None) -> dict:
+    """timm's data config (input_size, mean, std, crop_pct, interpolation) for ``model``.
+
+    Precedence: the flags; then ``saved``, the config the model was trained with (a data config: a train
+    checkpoint's, see :func:`trained_data_config`, or an export's ``pretrained_cfg``); then the digits data set's
+    own (32 px, its mean/std); then the input size a fixed-size model was built for (a ViT made with
+    ``img_size=32`` keeps timm's 224 in its ``pretrained_cfg``); then timm's defaults for the model.
+    """
+    from timm.data import resolve_data_config
+
+    cfg_args = {k: getattr(args, k, None) for k in _DATA_KEYS}
+    if saved:
+        size = saved.get("input_size")
+        for k, v in (("img_size", size[-1] if size else None), *((k, saved.get(k)) for k in _DATA_KEYS[1:])):
+            cfg_args[k] = cfg_args[k] or v
+    if getattr(args, "dataset", None) == "digits":
+        cfg_args["img_size"] = cfg_args["img_size"] or 32
+        cfg_args["mean"] = cfg_args["mean"] or DIGITS_MEAN
+        cfg_args["std"] = cfg_args["std"] or DIGITS_STD
+        cfg_args["crop_pct"] = cfg_args["crop_pct"] or 1.0
+    cfg_args["img_size"] = cfg_args["img_size"] or fixed_img_size(model)
+    return resolve_data_config({k: v for k, v in cfg_args.items() if v}, model=model)
+
+
+def trained_data_config(saved_args: dict | None, model: nn.Module) -> dict | None:
+    """The data config a train.py run used, from the ``args`` its checkpoints store (None for other files)."""
+    if not saved_args:
+        return None
+    from types import SimpleNamespace
+
+    return resolve_data(SimpleNamespace(**{k: saved_args.get(k) for k in (*_DATA_KEYS, "dataset")}), model)

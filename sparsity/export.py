@@ -293,7 +293,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output_dir: str |
     out = Path(output_dir) if output_dir else default_output_dir(checkpoint, fmt)
     _refuse_existing(out, force)  # before the (slow) model build
     model, ckpt = model_from_checkpoint(checkpoint, use_ema=use_ema)
-    from .trainer import trained_data_config
+    from .data import trained_data_config
 
     trained = trained_data_config(ckpt.get("args"), model)
     if trained:  # the preprocessing the run trained with, for validate.py and timm users of the export

@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, fsync_dir, load_checkpoint_file, save_atomic
 from .controller import SparsityController
-from .data import DIGITS_MEAN, DIGITS_STD, build_dataset, fixed_img_size
+from .data import build_dataset, resolve_data
 from .distributed import DistInfo, check_ranks_consistent, init_distributed
 from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from .errors import TrainingError, UserError
@@ -69,42 +69,6 @@ def _set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------------------------
-_DATA_KEYS = ("img_size", "crop_pct", "mean", "std", "interpolation")
-
-
-def resolve_data(args, model: nn.Module, saved: dict | None = None) -> dict:
-    """timm's data config (input_size, mean, std, crop_pct, interpolation) for ``model``.
-
-    Precedence: the flags; then ``saved``, the config the model was trained with (a data config: a train
-    checkpoint's, see :func:`trained_data_config`, or an export's ``pretrained_cfg``); then the digits data set's
-    own (32 px, its mean/std); then the input size a fixed-size model was built for (a ViT made with
-    ``img_size=32`` keeps timm's 224 in its ``pretrained_cfg``); then timm's defaults for the model.
-    """
-    from timm.data import resolve_data_config
-
-    cfg_args = {k: getattr(args, k, None) for k in _DATA_KEYS}
-    if saved:
-        size = saved.get("input_size")
-        for k, v in (("img_size", size[-1] if size else None), *((k, saved.get(k)) for k in _DATA_KEYS[1:])):
-            cfg_args[k] = cfg_args[k] or v
-    if getattr(args, "dataset", None) == "digits":
-        cfg_args["img_size"] = cfg_args["img_size"] or 32
-        cfg_args["mean"] = cfg_args["mean"] or DIGITS_MEAN
-        cfg_args["std"] = cfg_args["std"] or DIGITS_STD
-        cfg_args["crop_pct"] = cfg_args["crop_pct"] or 1.0
-    cfg_args["img_size"] = cfg_args["img_size"] or fixed_img_size(model)
-    return resolve_data_config({k: v for k, v in cfg_args.items() if v}, model=model)
-
-
-def trained_data_config(saved_args: dict | None, model: nn.Module) -> dict | None:
-    """The data config a train.py run used, from the ``args`` its checkpoints store (None for other files)."""
-    if not saved_args:
-        return None
-    from types import SimpleNamespace
-
-    return resolve_data(SimpleNamespace(**{k: saved_args.get(k) for k in (*_DATA_KEYS, "dataset")}), model)
-
-
 def build_datasets(args):
     img = args.img_size or 32
     train_ds = build_dataset(args.dataset, args.data_dir, args.train_split, True, args.dataset_download, img,
@@ -255,7 +219,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         return 0
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
-    _seed_all(args.seed + dist.rank)
+    # one seed on every rank: model, EMA copy and method state start identical; every epoch reseeds per rank below
+    _seed_all(args.seed)
 
     # ---- everything that can fail on bad input, before anything is written -------------------------------------
     train_ds, val_ds = build_datasets(args)
@@ -340,10 +305,6 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         if model_ema is not None and resume.get("state_dict_ema") is not None:
             model_ema.module.load_state_dict(resume["state_dict_ema"], strict=True)
         _logger.info("resumed %s at epoch %d, step %d", resume_path, next_epoch, state.global_step)
-    if model_ema is not None and dist.distributed:
-        # every rank seeds its own init and DDP syncs only the live model: the EMA copy must start from rank 0's
-        for t in model_ema.module.state_dict().values():
-            torch.distributed.broadcast(t.view(torch.uint8) if t.dtype == torch.bool else t, 0)
     if lr_scheduler is not None:
         if resume is not None and resume.get("scheduler") and not args.no_resume_opt:
             lr_scheduler.load_state_dict(resume["scheduler"])  # plateau's best / bad-epoch count live there
@@ -484,17 +445,11 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if dist.is_main:
         final_metric = final[args.eval_metric]
         problem = target_problem(model)
-        best = state.extra.get("best")
-        final_best = problem is None and (best is None or _better(final_metric, best[0], args.eval_metric == "loss"))
-        if final_best:  # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
-            state.extra["best"] = [final_metric, args.epochs]
+        # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
+        final_best = _claim_best(state, final_metric, args.epochs, problem, args.eval_metric == "loss")
         save(dict(checkpoint_dict(args.epochs, 0, final_metric), final=final), run_dir / "last.pth.tar")
         if final_best:
-            try:
-                _copy_atomic(run_dir / "last.pth.tar", run_dir / "model_best.pth.tar")
-            except OSError as e:
-                raise UserError(f"could not copy last.pth.tar to model_best.pth.tar ({e.strerror or e}); "
-                                "last.pth.tar is intact") from None
+            _copy_best(run_dir)
         elif state.extra.get("best") is None:
             _logger.warning("no model_best.pth.tar: the model never reached its recipe's target (%s); "
                             "last.pth.tar holds the final model", problem)
@@ -519,8 +474,29 @@ def _better(a: float, b: float, lower_is_better: bool) -> bool:
     return a < b if lower_is_better else a > b
 
 
+def _claim_best(state: TrainState, metric: float, epoch: int, problem: str | None, lower_is_better: bool) -> bool:
+    """Make ``[metric, epoch]`` the run's best if it beats the best so far and the model is at the recipe's target
+    (``problem`` None); True if it did."""
+    best = state.extra.get("best")
+    beats = best is None or _better(metric, best[0], lower_is_better)
+    if beats and problem is not None:
+        _logger.info("epoch %d (eval metric %.4g) is not a model_best candidate: %s", epoch, metric, problem)
+    if beats and problem is None:
+        state.extra["best"] = [metric, epoch]
+        return True
+    return False
+
+
+def _copy_best(run_dir: Path) -> None:
+    try:
+        _copy_atomic(run_dir / "last.pth.tar", run_dir / "model_best.pth.tar")
+    except OSError as e:
+        raise UserError(f"could not copy last.pth.tar to model_best.pth.tar ({e.strerror or e}); free space or "
+                        "choose another --output. last.pth.tar is intact") from None
+
+
 def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: int, metric: float,
-                keep: int, problem: str | None = None, lower_is_better: bool = False) -> None:
+                keep: int, problem: str | None, lower_is_better: bool) -> None:
     """last.pth.tar every epoch; checkpoint-<epoch> for the ``keep`` best epochs; model_best for the best epoch
     at the recipe's target.
 
@@ -530,13 +506,8 @@ def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: 
     pretrained model, its top-1 is often the run's highest, and model_best is what users export.
     """
     last = run_dir / "last.pth.tar"
-    best = state.extra.get("best")
+    new_best = _claim_best(state, metric, epoch, problem, lower_is_better)
     hist = [list(h) for h in state.extra.get("hist") or []]
-    beats = best is None or _better(metric, best[0], lower_is_better)
-    new_best = beats and problem is None
-    if beats and problem is not None:
-        _logger.info("epoch %d (eval metric %.4g) is not a model_best candidate: %s", epoch, metric, problem)
-    state.extra["best"] = [metric, epoch] if new_best else (list(best) if best is not None else None)
     hist.append([metric, epoch])
     hist.sort(key=lambda h: (h[0] if lower_is_better else -h[0], -h[1]))  # best first; ties: the later epoch
     dropped = hist[keep:] if keep >= 0 else []
@@ -547,11 +518,11 @@ def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: 
             _copy_atomic(last, run_dir / CKPT_RE_EPOCH.format(epoch=epoch))
         for _, e in dropped:
             (run_dir / CKPT_RE_EPOCH.format(epoch=e)).unlink(missing_ok=True)
-        if new_best:
-            _copy_atomic(last, run_dir / "model_best.pth.tar")
     except OSError as e:
         raise UserError(f"could not copy {last} ({e.strerror or e}); free space or choose another --output. "
                         "last.pth.tar is intact") from None
+    if new_best:
+        _copy_best(run_dir)
     recovery = run_dir / "recovery.pth.tar"
     recovery.unlink(missing_ok=True)  # superseded by last.pth.tar
 
