@@ -85,7 +85,7 @@ class _Variant:
 
     def __init__(self, name: str, base: nn.Module, recipe: Recipe, s: TrainBenchSettings,
                  x: torch.Tensor, y: torch.Tensor) -> None:
-        from timm.optim import create_optimizer_v2, param_groups_weight_decay
+        from timm.optim import create_optimizer_v2
 
         self.name, self.recipe, self.s, self.x, self.y = name, recipe, s, x, y
         model = sparsify_(copy.deepcopy(base), recipe)
@@ -97,10 +97,8 @@ class _Variant:
         self.ctl = SparsityController(model, recipe, total_steps=s.total_steps, steps_per_epoch=s.total_steps)
         self.global_step = 0
         self.ctl.step(0)
-        extra = {id(p) for p in self.ctl.no_weight_decay_params()}
-        names = [n for n, p in model.named_parameters() if id(p) in extra]
-        groups = param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=names)
-        self.optimizer = create_optimizer_v2(groups, opt=s.opt, lr=s.lr, weight_decay=s.weight_decay)
+        self.optimizer = create_optimizer_v2(self.ctl.param_groups(s.weight_decay), opt=s.opt, lr=s.lr,
+                                             weight_decay=s.weight_decay)
         self.train_model = torch.compile(model, backend=s.torchcompile) if s.torchcompile else model
         self.loss_fn = nn.CrossEntropyLoss()
         self.times: dict[str, list[float]] = {p: [] for p in ("step",) + PHASES}

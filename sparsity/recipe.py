@@ -251,7 +251,7 @@ class Recipe:
                 continue
             out[f.name] = getattr(self, f.name)
         if self.options is not None:
-            out.update(_plain(dataclasses.asdict(self.options)))
+            out.update(plain(dataclasses.asdict(self.options)))
         return out
 
 
@@ -265,14 +265,6 @@ def plain(x: Any) -> Any:
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 COMMON_KEYS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("options", "source")]

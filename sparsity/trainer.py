@@ -187,13 +187,9 @@ def _loss_fns(args, mixup_active: bool):
 
 
 def _optimizer(args, model: nn.Module, ctl: SparsityController):
-    from timm.optim import create_optimizer_v2, optimizer_kwargs, param_groups_weight_decay
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
 
-    extra = {id(p) for p in ctl.no_weight_decay_params()}
-    names = [n for n, p in model.named_parameters() if id(p) in extra]
-    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=names)
-    kwargs = optimizer_kwargs(cfg=args)
-    return create_optimizer_v2(groups, **kwargs)
+    return create_optimizer_v2(ctl.param_groups(args.weight_decay), **optimizer_kwargs(cfg=args))
 
 
 def _num_classes(args, train_ds) -> int:
