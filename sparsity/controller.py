@@ -79,7 +79,11 @@ class SparsityController:
 
     def set_flip_reference(self, masks: dict[str, torch.Tensor] | None) -> None:
         """Set what :meth:`flip_rate` compares against (None: the next call reports 0.0, as a first epoch)."""
-        self._last_masks = None if masks is None else {k: v.clone() for k, v in masks.items()}
+        if masks is None:
+            self._last_masks = None
+            return
+        device = {fqn: layer.weight_mask.device for fqn, layer in self.layers}  # a checkpoint loads on the CPU
+        self._last_masks = {k: v.to(device.get(k, v.device), copy=True) for k, v in masks.items()}
 
     def metrics(self) -> dict[str, Any]:
         """Scalars for summary.csv: ``sparsity`` (pruned fraction of the selected layers' masks),

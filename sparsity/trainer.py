@@ -279,6 +279,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         next_epoch, skip_batches = int(resume["next_epoch"]), int(resume.get("skip_batches", 0))
         if skip_batches:  # mid-epoch: the reference the uninterrupted epoch would compare against
             ctl.set_flip_reference(resume.get("flip_reference"))
+            if resume.get("metric_reference") is not None:
+                ctl.method.set_metric_reference(resume["metric_reference"])
     ctl.step(state.global_step)  # before optimizer/EMA: a method may rewrite weights at its first step
 
     optimizer = _optimizer(args, model, ctl)
@@ -358,6 +360,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             "loss_sum": float(running) if (mid_epoch and running is not None) else 0.0,
             "loss_count": state.loss_count if mid_epoch else 0,
             "flip_reference": ctl.flip_reference() if mid_epoch else None, "steps_per_epoch": steps_per_epoch,
+            "metric_reference": ctl.method.metric_reference() if mid_epoch else None,
         }
 
     def save(obj: dict, path: Path) -> None:

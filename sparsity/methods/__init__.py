@@ -156,6 +156,14 @@ class SparsityMethod:
         """Scalars for summary.csv (e.g. beta, current pattern)."""
         return {}
 
+    def metric_reference(self) -> dict[str, torch.Tensor] | None:
+        """What the next :meth:`metrics` call compares against (the weights or patterns of the previous call), or
+        None. A mid-epoch checkpoint saves it so that a resumed epoch's CSV row equals an uninterrupted run's."""
+        return None
+
+    def set_metric_reference(self, ref: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`metric_reference` returned."""
+
     def no_weight_decay_params(self) -> list[nn.Parameter]:
         """Extra parameters (scores, logits) that belong in an optimizer group without weight decay."""
         return []

@@ -27,7 +27,7 @@ from ..recipe import Recipe, RecipeError, Rule
 from ..schedules import cubic_sparsity
 from . import SparsityMethod, frozen_masked_weight, register_method
 
-__all__ = ["GMPConfig", "GMPMethod", "WeightChangeRMS", "check_phase_keys"]
+__all__ = ["GMPConfig", "GMPMethod", "WeightChangeRMS", "WeightChangeReference", "check_phase_keys"]
 
 
 def _unit(v: float) -> str | None:
@@ -83,9 +83,27 @@ class WeightChangeRMS:
             self.snapshot[fqn] = w.clone()
         return {f"rmsi_{k}": round(math.sqrt(sq[k] / count[k]), 8) for k in sorted(sq) if count[k]}
 
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Compare the next call against ``snapshot`` (the weights a checkpoint saved from :attr:`snapshot`)."""
+        for fqn, w in self.snapshot.items():
+            if fqn in snapshot and snapshot[fqn].shape == w.shape:
+                w.copy_(snapshot[fqn])
+
+
+class WeightChangeReference:
+    """For methods that report :class:`WeightChangeRMS` as ``self._rms``: its snapshot is the metric reference."""
+
+    _rms: WeightChangeRMS
+
+    def metric_reference(self) -> dict[str, torch.Tensor]:
+        return self._rms.snapshot
+
+    def set_metric_reference(self, ref: dict[str, torch.Tensor]) -> None:
+        self._rms.restore(ref)
+
 
 @register_method("gmp")
-class GMPMethod(SparsityMethod):
+class GMPMethod(WeightChangeReference, SparsityMethod):
     """Cubic-schedule magnitude pruning, unstructured or by ``tile`` x ``tile`` blocks."""
 
     Config = GMPConfig

@@ -416,6 +416,15 @@ class GumbelMethod(SparsityMethod):
             "mask_flip": round(changed / groups, 6) if groups else 0.0,
         }
 
+    def metric_reference(self) -> dict[str, torch.Tensor]:
+        return {f"{fqn}/{name}": t for (fqn, name), t in self._last_argmax.items()}
+
+    def set_metric_reference(self, ref: dict[str, torch.Tensor]) -> None:
+        for (fqn, name), t in self._last_argmax.items():
+            saved = ref.get(f"{fqn}/{name}")
+            if saved is not None and saved.shape == t.shape:
+                t.copy_(saved)
+
     def no_weight_decay_params(self) -> list[nn.Parameter]:
         return [getattr(layer, name) for _, layer, _, name in self._units() if getattr(layer, name).requires_grad]
 

@@ -48,7 +48,7 @@ from ..layers import MaskedMixin, SliceSpec, current_loss_scale
 from ..masks import grouped_dim, weight_nm_mask
 from ..recipe import Recipe, RecipeError, Rule
 from . import SparsityMethod, frozen_masked_weight, register_method
-from .gmp import WeightChangeRMS, check_phase_keys
+from .gmp import WeightChangeReference, WeightChangeRMS, check_phase_keys
 
 __all__ = ["USDConfig", "USDMethod", "erk_densities", "allowed_n", "load_scheme", "write_scheme"]
 
@@ -236,7 +236,7 @@ class _Unit:
 
 
 @register_method("usd")
-class USDMethod(SparsityMethod):
+class USDMethod(WeightChangeReference, SparsityMethod):
     """Per-unit N:M search (N stepping down from M), then fine-tune with the found scheme fixed."""
 
     Config = USDConfig
