@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default=None, help="experiment YAML (for --model, data and recipe)")
     p.add_argument("--checkpoint", required=True, help=".pth.tar checkpoint, export dir or model.safetensors")
     p.add_argument("--model", default=None, help="timm model name (only for checkpoints without one)")
-    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+                   help="timm model kwargs (only for checkpoints without a model name)")
+    p.add_argument("--num-classes", type=int, default=None, help="only for checkpoints without a model name")
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--dataset", default="digits")
@@ -54,6 +55,25 @@ def _ignored_training_keys():
     return {a.dest for a in train_parser()._actions}
 
 
+def _check_same_model(args, path: Path, arch: str, create_kwargs: dict) -> None:
+    """--model/--num-classes/--model-kwargs build bare state dicts; a file that names its model is built as it
+    says, so a flag (or config key) asking for something else is refused instead of silently ignored."""
+    from sparsity.errors import UserError
+
+    asked = []
+    if args.model and args.model.split(".", 1)[0] != arch.split(".", 1)[0]:
+        asked.append(f"--model {args.model} (file: {arch})")
+    held = create_kwargs.get("num_classes")
+    if args.num_classes is not None and held is not None and args.num_classes != held:
+        asked.append(f"--num-classes {args.num_classes} (file: {held})")
+    for key, value in (args.model_kwargs or {}).items():
+        if key in create_kwargs and create_kwargs[key] != value:
+            asked.append(f"--model-kwargs {key}={value} (file: {create_kwargs[key]})")
+    if asked:
+        raise UserError(f"{path} names its model, which differs from {'; '.join(asked)}; drop those flags (or "
+                        "the config's keys) or pass the checkpoint you meant")
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -75,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     if path.is_dir() or (path.suffix == ".safetensors" and (path.parent / "config.json").exists()):
         from sparsity.export import load_for_eval
 
+        if args.use_ema:
+            raise UserError(f"--use-ema: {path} is an export, which holds one set of weights; export the EMA "
+                            "(export.py --checkpoint RUN.pth.tar --use-ema) and validate that export")
         model, meta = load_for_eval(str(path))
+        _check_same_model(args, path, meta["arch"], meta["create_kwargs"])
         trained_cfg = meta.get("pretrained_cfg")
     else:  # a train.py checkpoint, or a bare state dict (.pth, .safetensors) with --model
         ckpt = sparsity.checkpoint.load_checkpoint_file(path)
         if "arch" in ckpt:
+            _check_same_model(args, path, ckpt["arch"], dict(ckpt.get("create_kwargs") or {}))
             model, _ = sparsity.model_from_checkpoint(path, use_ema=args.use_ema, ckpt=ckpt)
             trained_cfg = trained_data_config(ckpt.get("args"), model)
         else:

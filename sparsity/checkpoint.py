@@ -68,6 +68,8 @@ def save_atomic(obj: Any, path: str | os.PathLike, before_rename=None) -> None:
 def load_checkpoint_file(path: str | os.PathLike) -> dict:
     """Load a ``.pth``/``.pth.tar``/``.bin`` (``weights_only=True``) or ``.safetensors`` file into a dict."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(_directory_hint(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.suffix == ".safetensors":
@@ -93,6 +95,17 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     return obj
 
 
+def _directory_hint(path: Path) -> str:
+    if (path / "config.json").is_file():
+        return (f"{path} is an export directory, not a training checkpoint; pass the .pth.tar it was exported from "
+                "(validate.py and sparsity.export.load_for_eval read export directories)")
+    found = sorted(p.name for p in path.glob("*.pth.tar"))
+    if found:
+        pick = "model_best.pth.tar" if "model_best.pth.tar" in found else found[-1]
+        return f"{path} is a run directory; pass one of its checkpoints, e.g. {path / pick}"
+    return f"{path} is a directory, not a checkpoint file; pass a .pth.tar or .safetensors file"
+
+
 def model_state_from(ckpt: dict, use_ema: bool = False) -> dict:
     """The model state dict inside one of our checkpoints, a timm checkpoint, or a bare state dict."""
     if use_ema:
@@ -114,6 +127,15 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
     try:
         result = model.load_state_dict(state, strict=strict)
     except RuntimeError as e:
+        own = model.state_dict()
+        masked = [k.removesuffix(".weight_mask") for k in state if k.endswith(".weight_mask") and k not in own]
+        if masked:
+            raise CheckpointError(
+                f"checkpoint {path} is sparse: it holds masks for {len(masked)} layer(s) this run's recipe leaves "
+                f"dense ({', '.join(masked[:3])}{', ...' if len(masked) > 3 else ''}); use a recipe that covers "
+                f"them, or export it densified first (export.py --checkpoint {path} --format densified) and pass "
+                "the export's model.safetensors"
+            ) from None
         first = str(e).split("\n")
         detail = " ".join(line.strip() for line in first[1:3])[:400]
         raise CheckpointError(

@@ -396,6 +396,9 @@ def load_densified(path: str | os.PathLike, masked: bool = False) -> tuple[nn.Mo
             reports and conformance checks work; the forward is unchanged.
     """
     folder, cfg = _read_config(path)
+    if (cfg.get("sparsity") or {}).get("format") == "compressed":
+        raise ExportError(f"{folder} holds a compressed export; load it with sparsity.load_compressed (or "
+                          "sparsity.export.load_for_eval, which reads either format)")
     file = Path(path) if Path(path).is_file() else folder / DENSIFIED_FILE
     state, _ = _load_safetensors(file)
     model = _stock_model(cfg, state, file)

@@ -328,6 +328,37 @@ def test_cli_bad_checkpoint_exit_code_2_one_line(tmp_path, capsys):
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
 
 
+def test_directories_and_formats_mixed_up_get_a_hint(fake_checkpoint, tmp_path, capsys):
+    """An export or run directory where a checkpoint file belongs, a compressed export into load_densified, and
+    validate.py flags that a file naming its own model would silently override: one line each, naming the fix."""
+    import validate
+
+    comp = tmp_path / "comp"
+    assert _cli(["--checkpoint", str(fake_checkpoint), "--format", "compressed", "--output", str(comp)]) == 0
+    capsys.readouterr()
+    cases = [
+        (export_cli.main, ["--checkpoint", str(comp), "--format", "densified"],
+         f"{comp} is an export directory, not a training checkpoint; pass the .pth.tar it was exported from"),
+        (export_cli.main, ["--checkpoint", str(fake_checkpoint.parent), "--format", "densified"],
+         f"is a run directory; pass one of its checkpoints, e.g. {fake_checkpoint}"),
+        (validate.main, ["--checkpoint", str(fake_checkpoint), "--model", "resnet18", "--num-classes", "5"],
+         f"--model resnet18 (file: {VIT}); --num-classes 5 (file: 10); drop those flags"),
+        (validate.main, ["--checkpoint", str(comp), "--model-kwargs", "depth=3"],
+         "--model-kwargs depth=3 (file: 2); drop those flags"),
+        (validate.main, ["--checkpoint", str(comp), "--use-ema"], "is an export, which holds one set of weights"),
+    ]
+    for main, argv, msg in cases:
+        assert run_cli(main, argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and msg in err, (argv, err)
+    assert sorted(p.name for p in fake_checkpoint.parent.iterdir()) == ["model_best.pth.tar"]  # nothing written
+    with pytest.raises(ExportError, match="holds a compressed export; load it with sparsity.load_compressed"):
+        sparsity.load_densified(comp)
+    # flags that agree with the file are fine (the file's own values, a tag on the name)
+    assert run_cli(validate.main, ["--checkpoint", str(fake_checkpoint), "--model", f"{VIT}.augreg_in21k",
+                                   "--num-classes", "10", "--model-kwargs", "depth=2", "-b", "512"]) == 0
+
+
 def test_load_for_eval_rejects_non_exports(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="config.json"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+import sparsity
 import train
 from cli_common import run_cli
 from tests.conftest import run_group
@@ -193,6 +194,16 @@ def test_bad_input_table(tmp_path):
     dense = tmp_path / "dense.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, dense)
     cases["initial_other_arch"] = (["--initial-checkpoint", str(dense)], "does not fit this model")
+    proj = sparsity.create_model(TINY_VIT[1], recipe=sparsity.recipe_from_dict(
+        {"method": "ste", "rules": [{"target": "proj", "n": 2, "m": 4}]}), img_size=32, patch_size=8,
+        embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    torch.save({"state_dict": proj.state_dict()}, tmp_path / "proj.pth.tar")
+    cases["initial_sparse_elsewhere"] = (
+        ["--initial-checkpoint", str(tmp_path / "proj.pth.tar")],
+        "is sparse: it holds masks for 2 layer(s) this run's recipe leaves dense (blocks.0.attn.proj, "
+        "blocks.1.attn.proj); use a recipe that covers them, or export it densified first")
+    cases["initial_run_dir"] = (["--initial-checkpoint", str(run)], f"{run} is a run directory; pass one of its "
+                                f"checkpoints, e.g. {run / 'last.pth.tar'}")
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     cases["unwritable_output"] = (["--output", str(blocker / "sub")], "is not writable")
