@@ -45,9 +45,17 @@ class SparsityController:
         self.global_step = int(global_step)
         self.method.step(self.global_step)
 
-    def finalize(self) -> None:
-        """End of training: every layer keeps a fixed binary mask (the exported model)."""
+    @torch.no_grad()
+    def finalize(self, *copies: nn.Module) -> None:
+        """End of training: every layer keeps a fixed binary mask (the exported model) and its pruned weights
+        are set to exactly zero, so the raw state dict is at the pattern too (the last optimizer step may have
+        moved them: momentum). ``copies`` (an EMA copy) get the same masks and zeros."""
         self.method.finalize()
+        for other in copies:
+            self.sync(other)
+        for model in (self.model, *copies):
+            for _, layer in masked_modules(model):
+                layer.weight.mul_(layer.weight_mask)
 
     @torch.no_grad()
     def sync(self, other: nn.Module) -> None:

@@ -437,7 +437,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                             "or allow --skip-nonfinite N") from None
 
     # ---- end of training: fixed binary masks, final evaluation, report, plots --------------------------------------
-    ctl.finalize()
+    ctl.finalize(*([model_ema.module] if model_ema is not None else []))
     ctl.on_train_end(str(run_dir) if dist.is_main else None)
     final = evaluate(model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype, reduce=reduce)
     rows = sparsity_report(model)

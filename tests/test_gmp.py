@@ -97,6 +97,26 @@ def test_block_pattern_and_rule_overrides():
     assert rows["fc2"]["conforms"] is True and rows["fc2"]["density"] == pytest.approx(0.25, abs=0.01)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_masks_are_nested_under_momentum(seed):
+    """A weight once pruned stays pruned: the next update ranks the weights after the revived ones (momentum moves
+    them during the optimizer step) are zeroed again, so it never brings one back."""
+    block = {"method": "gmp", "final_sparsity": 0.9, "init_sparsity": 0.3, "update_interval": 2, "end_fraction": 0.8,
+             "rules": [{"target": "linear"}]}
+    model, _, ctl = _build(block, total=30)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    torch.manual_seed(seed)
+    prev = None
+    for t in range(26):
+        ctl.step(t)
+        masks = [layer.weight_mask.clone() for _, layer in ctl.layers]
+        if prev is not None:
+            for old, new in zip(prev, masks):
+                assert not torch.any(new & ~old), t  # nothing pruned before is kept now
+        prev = masks
+        _train_step(model, opt)
+
+
 def test_resume_is_exact_and_finalize_reaches_final():
     block = {"method": "gmp", "final_sparsity": 0.8, "update_interval": 3, "end_fraction": 0.8,
              "rules": [{"target": "linear"}]}

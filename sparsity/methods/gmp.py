@@ -181,20 +181,24 @@ class GMPMethod(WeightChangeReference, SparsityMethod):
         self.current = zeros / total if total else 0.0
         self.last_update = t
 
-    @torch.no_grad()
-    def step(self, global_step: int) -> None:
-        if self._due(global_step):
-            self._compute_masks(global_step)
-        for _, layer in self.layers:  # pruned weights stay exactly zero
+    def _zero_pruned(self) -> None:
+        for _, layer in self.layers:
             layer.weight.mul_(layer.weight_mask)
 
     @torch.no_grad()
+    def step(self, global_step: int) -> None:
+        if self._due(global_step):
+            self._zero_pruned()  # first: the ranking must not see what momentum revived since the last step
+            self._compute_masks(global_step)
+        self._zero_pruned()  # pruned weights stay exactly zero
+
+    @torch.no_grad()
     def finalize(self) -> None:
-        """Prune to the final sparsity if training stopped before ``end_fraction``; masks stay fixed."""
+        """Prune to the final sparsity if training stopped before ``end_fraction``; masks stay fixed (the
+        controller zeroes the pruned weights)."""
         if self.last_update is None or self.last_update < self.end:
+            self._zero_pruned()
             self._compute_masks(self.end)
-        for _, layer in self.layers:
-            layer.weight.mul_(layer.weight_mask)
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"target_sparsity": round(self.current, 6)}

@@ -93,8 +93,6 @@ class OneshotMethod(SparsityMethod):
         if not self.done:  # never stepped: take the mask now (no permutation this late)
             self._compute_masks()
             self.done = True
-        for _, layer in self.layers:
-            layer.weight.mul_(layer.weight_mask)
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"phase": "frozen" if self.done else "dense"}
