@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=2e-5)
     g.add_argument("--clip-grad", type=float, default=None)
     g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--sched", type=str, default="cosine")
+    g.add_argument("--sched", type=str, default="cosine",
+                   choices=("cosine", "tanh", "step", "multistep", "plateau", "poly", "none"),
+                   help="timm's LR schedulers; none: constant LR (no warm-up)")
     g.add_argument("--sched-on-updates", action="store_true")
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--warmup-lr", type=float, default=1e-5)

@@ -28,7 +28,7 @@ from .errors import TrainingError, UserError
 from .factory import create_model
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules
-from .recipe import Recipe, plain, recipe_from_dict
+from .recipe import Recipe, closest, plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_outputs import append_summary, final_table, init_wandb, plots, truncate_summary, write_report
 
@@ -204,6 +204,18 @@ def _num_classes(args, train_ds) -> int:
     raise UserError("cannot infer the number of classes from the data set; pass --num-classes")
 
 
+def _check_optimizer(opt: str) -> None:
+    """timm's names (``timm.optim.list_optimizers()``), optionally ``lookahead_``-prefixed, as create_optimizer_v2
+    reads them; anything else would fail after the run folder exists."""
+    from timm.optim import list_optimizers
+
+    parts = opt.lower().split("_")
+    known = list_optimizers()
+    if parts[-1] not in known or len(parts) > 2 or (len(parts) == 2 and parts[0] != "lookahead"):
+        raise UserError(f"unknown optimizer --opt '{opt}'{closest(parts[-1], known)} (see "
+                        "timm.optim.list_optimizers(); a 'lookahead_' prefix is allowed)")
+
+
 def run_training(args, sparsity_block: dict | None, config_path: str | None = None) -> int:
     from cli_common import setup_logging
 
@@ -250,6 +262,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             raise CheckpointError(f"--resume {resume_path} does not fit this model/recipe: {str(e)[:300]}") from None
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    _check_optimizer(args.opt)
     data_cfg = resolve_data(args, model)
     loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
     steps_per_epoch = len(loader_train)

@@ -181,6 +181,9 @@ def test_bad_input_table(tmp_path):
     cases["top_level_type"] = (["--config", _cfg(tmp_path, RECIPE, "t.yaml", batch_size="big")],
                                "'batch_size' in")
     cases["unknown_model"] = (["--model", "resnet5O"], "unknown model 'resnet5O'")
+    cases["unknown_opt"] = (["--opt", "adamx"], "unknown optimizer --opt 'adamx'; did you mean 'adamax'?")
+    cases["sched_typo"] = (["--config", _cfg(tmp_path, RECIPE, "s.yaml", sched="cosinee")],
+                           "'sched' in " + str(tmp_path / "s.yaml") + " must be one of ['cosine', ")
     cases["missing_data"] = (["--dataset", "", "--data-dir", str(tmp_path / "nope")], "does not exist")
     cases["empty_data"] = (["--dataset", "", "--data-dir", str(_folder(tmp_path / "e", empty=True))],
                            "holds no images")
