@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None, help="ImageFolder root or timm dataset root")
-    g.add_argument("--dataset", default="digits", help="digits (embedded), '' (ImageFolder) or a timm dataset name")
+    g.add_argument("--dataset", default=None,
+                   help="digits (embedded), '' (ImageFolder) or a timm dataset name (default: '' with --data-dir, "
+                        "else digits)")
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="validation")
     g.add_argument("--dataset-download", action="store_true", help="let timm/torchvision download the data set")

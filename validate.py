@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="only for checkpoints without a model name")
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--val-split", default="validation")
+    p.add_argument("--dataset", default=None,
+                   help="default: the training run's (from the checkpoint), '' (ImageFolder) with --data-dir, else "
+                        "digits")
+    p.add_argument("--val-split", default=None, help="default: the training run's, else validation")
     p.add_argument("--dataset-download", action="store_true")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--crop-pct", type=float, default=None)
@@ -78,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import sparsity
-    from sparsity.data import build_dataset, resolve_data, trained_data_config
+    from sparsity.data import (
+        DataError,
+        build_dataset,
+        num_classes_of,
+        resolve_data,
+        resolve_dataset,
+        trained_data_config,
+    )
     from sparsity.distributed import init_distributed
     from sparsity.engine import evaluate
     from sparsity.errors import UserError
@@ -92,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = sparsity.recipe_from_dict(blocks["sparsity"], source=args.config) if "sparsity" in blocks else None
     meta: dict = {}
     trained_cfg = None  # the data config the model was trained with, where the file says
+    trained_args = None  # a train checkpoint's args: which data it read
     if path.is_dir() or (path.suffix == ".safetensors" and (path.parent / "config.json").exists()):
         from sparsity.export import load_for_eval
 
@@ -106,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         if "arch" in ckpt:
             _check_same_model(args, path, ckpt["arch"], dict(ckpt.get("create_kwargs") or {}))
             model, _ = sparsity.model_from_checkpoint(path, use_ema=args.use_ema, ckpt=ckpt)
-            trained_cfg = trained_data_config(ckpt.get("args"), model)
+            trained_args = ckpt.get("args")
+            trained_cfg = trained_data_config(trained_args, model)
         else:
             if not args.model:
                 raise UserError(f"{path} holds no model name; pass --model (and --config for a sparse recipe)")
@@ -117,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     model.to(dist.device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    resolve_dataset(args, trained_args)
     data_cfg = resolve_data(args, model, trained_cfg)
     val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.dataset_download,
                            data_cfg["input_size"][-1])
+    classes, outputs = num_classes_of(val_ds), getattr(model, "num_classes", None)
+    if classes and outputs and classes > outputs:
+        raise DataError(f"the {args.dataset or args.data_dir} {args.val_split} split has {classes} classes, the model "
+                        f"predicts {outputs}: pass the --dataset/--data-dir it was trained on")
     args.validation_batch_size = args.batch_size
     _, loader = build_loaders(args, data_cfg, None, val_ds, dist)
     metrics = evaluate(model, loader, device=dist.device, amp_dtype=getattr(torch, args.amp_dtype) if args.amp

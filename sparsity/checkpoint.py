@@ -151,7 +151,8 @@ def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
     Our checkpoints hold ``arch`` (timm model name), ``create_kwargs`` (everything passed to
     ``timm.create_model``: num_classes, model kwargs) and ``recipe`` (the ``sparsity:`` block as plain types).
     ``ckpt``: the file's contents when the caller has already loaded them (read once). Returns
-    ``(model, checkpoint_dict)``.
+    ``(model, checkpoint_dict)``; the model's ``pretrained_cfg`` holds the run's input size, mean/std, crop and
+    interpolation (so ``export_densified``/``export_compressed`` of it record them too).
     """
     from .factory import create_model
     from .recipe import recipe_from_dict
@@ -167,4 +168,10 @@ def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not match its own arch/recipe: {str(e)[:400]}") from None
+    from .data import trained_data_config
+
+    trained = trained_data_config(ckpt.get("args"), model)
+    if trained:  # the preprocessing the run trained with: what an export writes for validate.py and timm users
+        model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", {}) or {}),
+                                **{k: trained[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")}}
     return model, ckpt

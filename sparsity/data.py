@@ -186,6 +186,42 @@ def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool
         raise DataError(f"cannot open dataset {name!r} at {data_dir}: {e}") from None
 
 
+def resolve_dataset(args, saved: dict | None = None) -> None:
+    """Which data a CLI reads, filled in on ``args`` where not given (``None``).
+
+    ``--dataset``: as given; else, with ``--data-dir``, the training run's kind of data when it read a folder
+    (``saved``: the args a checkpoint stores) or an ImageFolder; else the training run's, else the embedded digits.
+    ``--data-dir`` and ``--val-split``: the training run's when it is that data set. ``--dataset digits`` with a
+    ``--data-dir`` is refused: the directory would be silently ignored.
+    """
+    saved = saved or {}
+    before = saved.get("dataset")
+    if args.dataset is None:
+        if args.data_dir:
+            args.dataset = before if before not in (None, "digits") else ""
+        else:
+            args.dataset = before if before is not None else "digits"
+    elif args.dataset == "digits" and args.data_dir:
+        raise DataError(f"--data-dir {args.data_dir} is not read with --dataset digits (the embedded data set): pass "
+                        "--dataset '' for an ImageFolder (or a timm data set name), or drop --data-dir")
+    if args.dataset != "digits" and before == args.dataset:
+        args.data_dir = args.data_dir or saved.get("data_dir")
+        if getattr(args, "val_split", "") is None:
+            args.val_split = saved.get("val_split")
+    if getattr(args, "val_split", "") is None:
+        args.val_split = "validation"
+
+
+def num_classes_of(ds) -> int | None:
+    """Classes of a data set built by :func:`build_dataset` (None where it does not say)."""
+    if hasattr(ds, "classes"):
+        return len(ds.classes)
+    reader = getattr(ds, "reader", None)
+    if reader is not None and hasattr(reader, "class_to_idx"):
+        return len(reader.class_to_idx)
+    return None
+
+
 _DATA_KEYS = ("img_size", "crop_pct", "mean", "std", "interpolation")
 
 

@@ -292,13 +292,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output_dir: str |
         raise ExportError(f"format must be 'densified' or 'compressed', got {fmt!r}")
     out = Path(output_dir) if output_dir else default_output_dir(checkpoint, fmt)
     _refuse_existing(out, force)  # before the (slow) model build
-    model, ckpt = model_from_checkpoint(checkpoint, use_ema=use_ema)
-    from .data import trained_data_config
-
-    trained = trained_data_config(ckpt.get("args"), model)
-    if trained:  # the preprocessing the run trained with, for validate.py and timm users of the export
-        model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", {}) or {}),
-                                **{k: trained[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")}}
+    model, ckpt = model_from_checkpoint(checkpoint, use_ema=use_ema)  # pretrained_cfg: the run's preprocessing
     extra = {"source_checkpoint": str(checkpoint), "ema": bool(use_ema)}
     for k in ("epoch", "global_step"):
         if k in ckpt:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, fsync_dir, load_checkpoint_file, save_atomic
 from .controller import SparsityController
-from .data import build_dataset, resolve_data
+from .data import build_dataset, num_classes_of, resolve_data, resolve_dataset
 from .distributed import DistInfo, check_ranks_consistent, init_distributed
 from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from .errors import TrainingError, UserError
@@ -193,15 +193,10 @@ def _optimizer(args, model: nn.Module, ctl: SparsityController):
 
 
 def _num_classes(args, train_ds) -> int:
-    if args.num_classes:
-        return args.num_classes
-    for attr in ("classes",):
-        if hasattr(train_ds, attr):
-            return len(getattr(train_ds, attr))
-    reader = getattr(train_ds, "reader", None)
-    if reader is not None and hasattr(reader, "class_to_idx"):
-        return len(reader.class_to_idx)
-    raise UserError("cannot infer the number of classes from the data set; pass --num-classes")
+    n = args.num_classes or num_classes_of(train_ds)
+    if not n:
+        raise UserError("cannot infer the number of classes from the data set; pass --num-classes")
+    return n
 
 
 def _check_optimizer(opt: str) -> None:
@@ -222,6 +217,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     dist = init_distributed(args.device)
     setup_logging(dist.is_main)
     recipe = recipe_from_dict(sparsity_block or {}, source=config_path or "the command line")
+    resolve_dataset(args)
     if args.print_config:
         print(yaml.safe_dump(resolved_config(args, recipe), sort_keys=False))
         return 0

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+import sparsity
 import train
 import validate
 from cli_common import run_cli
@@ -196,7 +198,7 @@ def test_eval_metric_loss_keeps_the_lowest(tmp_path, monkeypatch):
                                                                                 "checkpoint-1.pth.tar"]
 
 
-def test_image_folder_data_dir(tmp_path):
+def test_image_folder_data_dir(tmp_path, capsys):
     from PIL import Image
 
     for split in ("train", "validation"):
@@ -214,6 +216,23 @@ def test_image_folder_data_dir(tmp_path):
     assert "num_classes: null" in args or "num_classes" in args
     ck = torch.load(tmp_path / "folder" / "last.pth.tar", weights_only=True)
     assert ck["create_kwargs"]["num_classes"] == 3 and ck["global_step"] == 3
+    # validate.py reads the data the run trained on without being told; other data is refused, not mis-scored
+    out = tmp_path / "v.json"
+    assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "folder" / "last.pth.tar"), "--results-file",
+                                   str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["top1"] <= 100.0 and res["loss"] > 0
+    assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "folder" / "last.pth.tar"), "--dataset",
+                                   "digits"]) == 2
+    assert "the digits validation split has 10 classes, the model predicts 3" in capsys.readouterr().err
+    # --data-dir alone means an ImageFolder; with the embedded digits named it is refused (it would be ignored)
+    base = ["--config", cfg, *TINY_VIT, *[a for a in FAST if a not in ("--dataset", "digits")], "--data-dir",
+            str(tmp_path / "data"), "--img-size", "32", "-b", "4", "--output", str(tmp_path)]
+    assert run_cli(train.main, [*base, "--experiment", "implicit", "--epochs", "1"]) == 0
+    assert yaml.safe_load((tmp_path / "implicit" / "args.yaml").read_text())["dataset"] == ""
+    assert run_cli(train.main, [*base, "--dataset", "digits", "--experiment", "refused"]) == 2
+    assert "is not read with --dataset digits" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 def test_validate_on_image_folder_uses_the_training_preprocessing(tmp_path, capsys):
@@ -246,6 +265,12 @@ def test_validate_on_image_folder_uses_the_training_preprocessing(tmp_path, caps
     assert results["checkpoint"]["loss"] == pytest.approx(results["explicit"]["loss"], abs=1e-6)
     pcfg = json.loads((tmp_path / "exp" / "config.json").read_text())["pretrained_cfg"]
     assert pcfg["input_size"] == [3, 32, 32] and pcfg["mean"] == pytest.approx(list(DIGITS_MEAN))
+    # the same export written from Python records the run's preprocessing too
+    model, ck = sparsity.model_from_checkpoint(ckpt)
+    sparsity.export_densified(model, tmp_path / "py", arch=ck["arch"], create_kwargs=ck["create_kwargs"])
+    pcfg = json.loads((tmp_path / "py" / "config.json").read_text())["pretrained_cfg"]
+    assert pcfg["input_size"] == [3, 32, 32] and pcfg["std"] == pytest.approx(list(DIGITS_STD))
+    assert pcfg["crop_pct"] == 1.0
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
