@@ -73,6 +73,11 @@ class Run:
     def log_path(self) -> Path:
         return self.run_dir.parent / f"{self.experiment}.log"
 
+    @property
+    def flags_path(self) -> Path:
+        """The train.py flags the run was started with (a finished run is reused only for the same flags)."""
+        return self.run_dir.parent / f"{self.experiment}.flags.json"
+
     def finished(self) -> bool:
         return _read_results(self.results_path) is not None
 
@@ -199,6 +204,19 @@ def _read_results(path: Path) -> dict | None:
     return data if isinstance(data, dict) and "top1" in data else None
 
 
+def _check_same_flags(run: Run, flags: list[str]) -> None:
+    try:
+        saved = json.loads(run.flags_path.read_text())
+    except (OSError, ValueError):
+        return  # finished before flags were recorded
+    if saved != flags:
+        then = " ".join(a for a in saved if a not in flags) or "-"
+        now = " ".join(a for a in flags if a not in saved) or "-"  # both "-": the same flags in another order
+        raise CompareError(f"run {run.experiment} finished earlier with other train.py flags (then: {then}; now: "
+                           f"{now}): its result would be reported as this one's; use another --output, or delete "
+                           f"{run.run_dir} to run it again")
+
+
 def _log_tail(path: Path, lines: int = 8) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()
@@ -233,11 +251,14 @@ def run_all(runs: Sequence[Run], command: Callable[[Run], list[str]], progress: 
     for i, run in enumerate(runs, 1):
         tag = f"[{i}/{total}] {run.experiment}"
         result = _read_results(run.results_path)
+        flags = command(run)[2:]  # after the interpreter and the script
         if result is not None:
+            _check_same_flags(run, flags)
             progress(f"{tag}: skipping, finished earlier (top-1 {result['top1']:.2f} %)")
             rows.append(_row(run, "done", result))
         else:
             run.log_path.parent.mkdir(parents=True, exist_ok=True)
+            run.flags_path.write_text(json.dumps(flags))
             progress(f"{tag}: running (log: {run.log_path})")
             with open(run.log_path, "w") as log:
                 rc = subprocess.call(command(run), stdout=log, stderr=subprocess.STDOUT)

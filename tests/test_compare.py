@@ -108,6 +108,10 @@ def test_run_all_resumes_and_reports_failures(tmp_path):
     cmp.write_markdown(summary, tmp_path / "c.md")
     md = (tmp_path / "c.md").read_text()
     assert "| a-r | srste | ff=2:4 | 2 | 60.50 ± 0.71 |" in md and "1 (1 failed)" in md and "| 70.5 |" in md
+    # a finished run is not reused for other train.py flags: its result would be reported as theirs
+    with pytest.raises(cmp.CompareError, match=r"a-r-s0 finished earlier with other train.py flags \(then: -; now: "
+                                               r"--epochs 2\)"):
+        cmp.run_all(runs[:1], lambda r: fake + cmp.train_command(r, Path("train.py"), ["--epochs", "2"])[2:])
     # a run that rejects its input (exit code 2) stops the comparison with its error line
     bad = _fake_train(tmp_path, 0.0, rc=2)
     with pytest.raises(cmp.CompareError, match="bad data dir"):
