@@ -251,7 +251,8 @@ def run_all(runs: Sequence[Run], command: Callable[[Run], list[str]], progress: 
     for i, run in enumerate(runs, 1):
         tag = f"[{i}/{total}] {run.experiment}"
         result = _read_results(run.results_path)
-        flags = command(run)[2:]  # after the interpreter and the script
+        cmd = command(run)
+        flags = cmd[2:]  # after the interpreter and the script
         if result is not None:
             _check_same_flags(run, flags)
             progress(f"{tag}: skipping, finished earlier (top-1 {result['top1']:.2f} %)")
@@ -261,7 +262,7 @@ def run_all(runs: Sequence[Run], command: Callable[[Run], list[str]], progress: 
             run.flags_path.write_text(json.dumps(flags))
             progress(f"{tag}: running (log: {run.log_path})")
             with open(run.log_path, "w") as log:
-                rc = subprocess.call(command(run), stdout=log, stderr=subprocess.STDOUT)
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
             result = _read_results(run.results_path) if rc == 0 else None
             if rc == 2:
                 errors = [ln for ln in _log_tail(run.log_path, 40).splitlines() if ln.startswith("error:")]

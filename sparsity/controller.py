@@ -81,17 +81,21 @@ class SparsityController:
         self._last_masks = current
         return changed / total if total else 0.0
 
-    def flip_reference(self) -> dict[str, torch.Tensor] | None:
-        """The masks :meth:`flip_rate` compares against (saved by mid-epoch checkpoints for an exact CSV)."""
-        return self._last_masks
+    def metric_reference(self) -> dict[str, Any]:
+        """What the next epoch's change figures compare against: the masks of :meth:`flip_rate` and the method's
+        own (:meth:`SparsityMethod.metric_reference`). A mid-epoch checkpoint saves it for an exact CSV."""
+        return {"masks": self._last_masks, "method": self.method.metric_reference()}
 
-    def set_flip_reference(self, masks: dict[str, torch.Tensor] | None) -> None:
-        """Set what :meth:`flip_rate` compares against (None: the next call reports 0.0, as a first epoch)."""
+    def set_metric_reference(self, ref: dict[str, Any]) -> None:
+        """Restore :meth:`metric_reference` (masks None: the next :meth:`flip_rate` reports 0.0, as a first epoch)."""
+        masks = ref.get("masks")
         if masks is None:
             self._last_masks = None
-            return
-        device = {fqn: layer.weight_mask.device for fqn, layer in self.layers}  # a checkpoint loads on the CPU
-        self._last_masks = {k: v.to(device.get(k, v.device), copy=True) for k, v in masks.items()}
+        else:
+            device = {fqn: layer.weight_mask.device for fqn, layer in self.layers}  # a checkpoint loads on the CPU
+            self._last_masks = {k: v.to(device.get(k, v.device), copy=True) for k, v in masks.items()}
+        if ref.get("method") is not None:
+            self.method.set_metric_reference(ref["method"])
 
     def metrics(self) -> dict[str, Any]:
         """Scalars for summary.csv: ``sparsity`` (pruned fraction of the selected layers' masks),

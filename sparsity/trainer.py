@@ -287,9 +287,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         state.extra["best"], state.extra["hist"] = resume.get("best"), resume.get("hist", [])
         next_epoch, skip_batches = int(resume["next_epoch"]), int(resume.get("skip_batches", 0))
         if skip_batches:  # mid-epoch: the reference the uninterrupted epoch would compare against
-            ctl.set_flip_reference(resume.get("flip_reference"))
-            if resume.get("metric_reference") is not None:
-                ctl.method.set_metric_reference(resume["metric_reference"])
+            ctl.set_metric_reference(resume.get("metric_reference") or {"masks": resume.get("flip_reference")})
     ctl.step(state.global_step)  # before optimizer/EMA: a method may rewrite weights at its first step
 
     optimizer = _optimizer(args, model, ctl)
@@ -368,8 +366,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             "best": state.extra.get("best"), "hist": state.extra.get("hist", []),
             "loss_sum": float(running) if (mid_epoch and running is not None) else 0.0,
             "loss_count": state.loss_count if mid_epoch else 0,
-            "flip_reference": ctl.flip_reference() if mid_epoch else None, "steps_per_epoch": steps_per_epoch,
-            "metric_reference": ctl.method.metric_reference() if mid_epoch else None,
+            "metric_reference": ctl.metric_reference() if mid_epoch else None, "steps_per_epoch": steps_per_epoch,
         }
 
     def save(obj: dict, path: Path) -> None:
