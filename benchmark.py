@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from cli_common import ConfigError, ParseKwargs, run_cli, setup_logging
+from sparsity.optim import OPT_IMPLS
 
 BUILTIN = ("dense", "ste", "srste", "mdgf", "supermask", "gumbel")  # sparsity.bench_train.BUILTIN_METHODS
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None,
                    help="torch.compile backend (infer: adds compiled rows to the eager ones)")
     g.add_argument("--opt", default="adamw")
+    g.add_argument("--opt-impl", default="auto", choices=OPT_IMPLS,
+                   help="as train.py: auto = torch's fused kernel where it has one, else timm's default")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also write a torch.profiler table of STEPS steps per variant (profile_<variant>.txt)")
@@ -149,7 +152,8 @@ def _bench_train(args) -> int:
     settings = TrainBenchSettings(
         batch_size=args.batch_size[0], img_size=args.img_size or 224, num_classes=args.num_classes, steps=args.steps,
         warmup=args.warmup, block=args.block, device=device, amp=args.amp, channels_last=args.channels_last,
-        torchcompile=args.torchcompile, opt=args.opt, lr=args.lr, model_kwargs=dict(args.model_kwargs),
+        torchcompile=args.torchcompile, opt=args.opt, opt_impl=args.opt_impl, lr=args.lr,
+        model_kwargs=dict(args.model_kwargs),
     )
     load_before = _load()
 
@@ -162,7 +166,7 @@ def _bench_train(args) -> int:
     rows = result["rows"]
     s = result["settings"]
     print(f"{args.model} {s['model_kwargs'] or ''} batch {s['batch_size']} img {s['img_size']} on {s['device_name']} "
-          f"({s['threads']} threads, amp={s['amp']}, channels_last={s['channels_last']}, "
+          f"({s['threads']} threads, {s['optimizer']}, amp={s['amp']}, channels_last={s['channels_last']}, "
           f"compile={s['torchcompile']}), {rows[0]['steps']} steps per variant, load {load_before}, "
           f"process max RSS {s['process_max_rss_mb']} MB")
     peak = "peak step MB" if device.startswith("cuda") else "peak step MB (CUDA only)"

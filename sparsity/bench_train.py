@@ -22,6 +22,7 @@ from torch import nn
 
 from .controller import SparsityController
 from .engine import _autocast
+from .optim import create_optimizer
 from .recipe import Recipe, recipe_from_dict
 from .surgery import sparsify_
 
@@ -49,6 +50,7 @@ class TrainBenchSettings:
     channels_last: bool = False
     torchcompile: str | None = None  # a torch.compile backend ("inductor", "aot_eager", ...) or None
     opt: str = "adamw"
+    opt_impl: str = "auto"  # as train.py's --opt-impl
     lr: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
@@ -85,8 +87,6 @@ class _Variant:
 
     def __init__(self, name: str, base: nn.Module, recipe: Recipe, s: TrainBenchSettings,
                  x: torch.Tensor, y: torch.Tensor) -> None:
-        from timm.optim import create_optimizer_v2
-
         self.name, self.recipe, self.s, self.x, self.y = name, recipe, s, x, y
         model = sparsify_(copy.deepcopy(base), recipe)
         model.to(s.device)
@@ -97,8 +97,8 @@ class _Variant:
         self.ctl = SparsityController(model, recipe, total_steps=s.total_steps, steps_per_epoch=s.total_steps)
         self.global_step = 0
         self.ctl.step(0)
-        self.optimizer = create_optimizer_v2(self.ctl.param_groups(s.weight_decay), opt=s.opt, lr=s.lr,
-                                             weight_decay=s.weight_decay)
+        self.optimizer, self.opt_impl = create_optimizer(self.ctl.param_groups(s.weight_decay), impl=s.opt_impl,
+                                                         opt=s.opt, lr=s.lr, weight_decay=s.weight_decay)
         self.train_model = torch.compile(model, backend=s.torchcompile) if s.torchcompile else model
         self.loss_fn = nn.CrossEntropyLoss()
         self.times: dict[str, list[float]] = {p: [] for p in ("step",) + PHASES}
@@ -248,6 +248,7 @@ def bench_train(model_name: str, recipes: dict[str, Recipe], settings: TrainBenc
         "model": model_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "rounds": rounds, "recipes": {name: r.source for name, r in recipes.items()},
+        "optimizer": f"{type(variants[0].optimizer).__name__} ({variants[0].opt_impl})",
         "process_max_rss_mb": _max_rss_mb(),  # CPU: the whole process, all variants resident together
     })
     return {"settings": out_settings, "rows": rows}

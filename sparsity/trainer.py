@@ -28,6 +28,7 @@ from .errors import TrainingError, UserError
 from .factory import create_model
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules
+from .optim import check_impl, create_optimizer
 from .recipe import Recipe, closest, plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_outputs import append_summary, final_table, init_wandb, plots, truncate_summary, write_report
@@ -186,10 +187,15 @@ def _loss_fns(args, mixup_active: bool):
     return train, nn.CrossEntropyLoss()
 
 
-def _optimizer(args, model: nn.Module, ctl: SparsityController):
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
+def _optimizer(args, ctl: SparsityController, is_main: bool):
+    from timm.optim import optimizer_kwargs
 
-    return create_optimizer_v2(ctl.param_groups(args.weight_decay), **optimizer_kwargs(cfg=args))
+    optimizer, impl = create_optimizer(ctl.param_groups(args.weight_decay), impl=args.opt_impl,
+                                       **optimizer_kwargs(cfg=args))
+    if is_main:
+        _logger.info("optimizer: %s (%s implementation, --opt-impl %s)", type(optimizer).__name__, impl,
+                     args.opt_impl)
+    return optimizer
 
 
 def _num_classes(args, train_ds) -> int:
@@ -199,9 +205,9 @@ def _num_classes(args, train_ds) -> int:
     return n
 
 
-def _check_optimizer(opt: str) -> None:
+def _check_optimizer(opt: str, impl: str = "auto") -> None:
     """timm's names (``timm.optim.list_optimizers()``), optionally ``lookahead_``-prefixed, as create_optimizer_v2
-    reads them; anything else would fail after the run folder exists."""
+    reads them, and an implementation it has; anything else would fail after the run folder exists."""
     from timm.optim import list_optimizers
 
     parts = opt.lower().split("_")
@@ -209,6 +215,7 @@ def _check_optimizer(opt: str) -> None:
     if parts[-1] not in known or len(parts) > 2 or (len(parts) == 2 and parts[0] != "lookahead"):
         raise UserError(f"unknown optimizer --opt '{opt}'{closest(parts[-1], known)} (see "
                         "timm.optim.list_optimizers(); a 'lookahead_' prefix is allowed)")
+    check_impl(opt, impl)
 
 
 def run_training(args, sparsity_block: dict | None, config_path: str | None = None) -> int:
@@ -258,7 +265,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             raise CheckpointError(f"--resume {resume_path} does not fit this model/recipe: {str(e)[:300]}") from None
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    _check_optimizer(args.opt)
+    _check_optimizer(args.opt, args.opt_impl)
     data_cfg = resolve_data(args, model)
     loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
     steps_per_epoch = len(loader_train)
@@ -290,7 +297,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             ctl.set_metric_reference(resume.get("metric_reference") or {"masks": resume.get("flip_reference")})
     ctl.step(state.global_step)  # before optimizer/EMA: a method may rewrite weights at its first step
 
-    optimizer = _optimizer(args, model, ctl)
+    optimizer = _optimizer(args, ctl, dist.is_main)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
     scaler = torch.amp.GradScaler("cuda") if (args.amp and amp_dtype == torch.float16 and
                                               dist.device.type == "cuda") else None

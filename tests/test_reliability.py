@@ -182,6 +182,8 @@ def test_bad_input_table(tmp_path):
                                "'batch_size' in")
     cases["unknown_model"] = (["--model", "resnet5O"], "unknown model 'resnet5O'")
     cases["unknown_opt"] = (["--opt", "adamx"], "unknown optimizer --opt 'adamx'; did you mean 'adamax'?")
+    cases["fused_without_kernel"] = (["--opt", "lamb", "--opt-impl", "fused"],
+                                     "--opt-impl fused: torch has no fused kernel for --opt lamb")
     cases["sched_typo"] = (["--config", _cfg(tmp_path, RECIPE, "s.yaml", sched="cosinee")],
                            "'sched' in " + str(tmp_path / "s.yaml") + " must be one of ['cosine', ")
     cases["missing_data"] = (["--dataset", "", "--data-dir", str(tmp_path / "nope")], "does not exist")

@@ -65,6 +65,7 @@ def test_train_then_validate(tmp_path, name, capsys):
     assert result["sparsity_selected"] == pytest.approx(1 - expected_density, abs=1e-6)
     out = capsys.readouterr().out
     assert "conforms    yes" in out
+    assert "optimizer: AdamW (fused implementation, --opt-impl auto)" in out  # torch's one-pass kernel on CPU
     res_file = tmp_path / "val.json"
     rc = run_cli(validate.main, ["--checkpoint", str(run / "last.pth.tar"), "--results-file", str(res_file),
                                  "--require-conformance"])
