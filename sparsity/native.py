@@ -1,5 +1,5 @@
-"""The optional native CPU kernels (``csrc/nm_rank.c``: N:M masks; ``csrc/tiles.c``: supermask's tile expansion and
-backward): built on first use, cached, loaded with ctypes.
+"""The optional native CPU kernels (``csrc/nm_rank.c``: N:M masks and SR-STE's weight gradient; ``csrc/tiles.c``:
+supermask's tile expansion and backward): built on first use, cached, loaded with ctypes.
 
 Exact N:M masks over every selected weight are the sparse path's biggest per-step cost on CPU. In eager PyTorch
 they take a key pass plus ``m - 1`` duels of three ops each (about nine passes over the weights); the C kernel
@@ -30,7 +30,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 __all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "tile_expand_native",
-           "tile_backward_native"]
+           "tile_backward_native", "srste_grad_native"]
 
 _log = logging.getLogger(__name__)
 _SOURCES = (Path(__file__).with_name("csrc") / "nm_rank.c", Path(__file__).with_name("csrc") / "tiles.c")
@@ -113,6 +113,8 @@ def _build() -> ctypes.CDLL:
     lib.tile_expand.restype = ctypes.c_int
     lib.tile_backward.argtypes = [i64, p, p, p, p, p, p, p, p, ctypes.c_int]
     lib.tile_backward.restype = ctypes.c_int
+    lib.srste_grad.argtypes = [i64, p, p, p, p, ctypes.c_float, ctypes.c_int]
+    lib.srste_grad.restype = ctypes.c_int
     return lib
 
 
@@ -224,3 +226,16 @@ def tile_backward_native(units: list[tuple]) -> bool:
         _int64s(u[0].shape[1] for u in units), _int64s(u[5] for u in units), torch.get_num_threads(),
     )
     return rc == 0
+
+
+def srste_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor | None:
+    """SR-STE's weight gradient ``g + lam * (1 - E) * W`` in one pass over the gradient, the weight and the 1-byte
+    mask (the torch ops take two passes and read the weight-sized ``W * E``), into a new tensor. None when the
+    kernel does not take these tensors (not float32 CPU, not contiguous, shapes differ) or is unavailable."""
+    if not (grad.shape == weight.shape == mask.shape and mask.dtype == torch.bool and grad.dtype == torch.float32
+            and weight.dtype == torch.float32) or not tile_supports(grad, weight, mask):
+        return None
+    out = torch.empty_like(grad)
+    rc = kernel().srste_grad(grad.numel(), grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), out.data_ptr(),
+                             lam, torch.get_num_threads())
+    return out if rc == 0 else None

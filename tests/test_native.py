@@ -222,7 +222,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
 
     monkeypatch.setenv("SPARSITY_CACHE_DIR", str(tmp_path))
     lib = ctypes.CDLL(str(native._compile(native._compiler(), [*native._FLAGS, "-DNM_NO_STREAMING"])))
-    for name in ("nm_keep", "tile_expand", "tile_backward"):
+    for name in ("nm_keep", "tile_expand", "tile_backward", "srste_grad"):
         getattr(lib, name).argtypes = getattr(native.kernel(), name).argtypes
         getattr(lib, name).restype = ctypes.c_int
     gen = torch.Generator().manual_seed(5)
@@ -241,12 +241,15 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
         return mask, out, gw, gs
 
     want_tiles = tiles()
+    gw, mw = torch.randn(w.shape, generator=gen), torch.rand(w.shape, generator=gen) > 0.5
+    want_srste = native.srste_grad_native(gw, w, mw, 2e-4)
     monkeypatch.setattr(native, "_lib", lib)
     assert torch.get_num_threads() == 2  # conftest
     got = _run(ws, dims, 2, 4, 0.3)
     for g, w_ in zip(got, want):
         assert all(_same(a, b) for a, b in zip(g, w_))
     assert all(torch.equal(a, b) for a, b in zip(tiles(), want_tiles))
+    assert torch.equal(native.srste_grad_native(gw, w, mw, 2e-4), want_srste)
 
 
 @needs_kernel
@@ -340,3 +343,35 @@ def test_supermask_backward_falls_back_when_the_kernel_goes_away(monkeypatch):
     got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     assert len(got) == len(want)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(got, want))
+
+
+@needs_kernel
+@pytest.mark.parametrize("numel", [1, 15, 16, 1000, 3 * 65536 + 7])  # tails, one and several threads
+def test_srste_gradient_kernel_equals_the_torch_formula(numel):
+    """g + lambda * (1 - E) * W from the one-pass kernel equals the torch ops it replaces (W - W * E, then addcmul)
+    bit for bit, non-finite values included (inf, NaN, -0 and subnormals in weights and gradients)."""
+    gen = torch.Generator().manual_seed(numel)
+    g, w = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen) * 3
+    mask = torch.rand(numel, generator=gen) > 0.5
+    if numel >= 16:
+        w[:4] = torch.tensor([float("inf"), float("nan"), -0.0, 1e-40])
+        g[4:8] = torch.tensor([float("-inf"), float("nan"), -0.0, 3e-39])
+    lam = 2e-4
+    got = native.srste_grad_native(g, w, mask, lam)
+    pruned = torch.sub(w, w * mask)
+    want = torch.addcmul(g, pruned, pruned.new_ones(()), value=lam)
+    assert got is not None and got.data_ptr() not in (g.data_ptr(), w.data_ptr())
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+    assert torch.equal(got.view(torch.int32)[~got.isnan()], want.view(torch.int32)[~want.isnan()])  # signs of 0
+    kept = mask & w.isfinite()
+    torch.testing.assert_close(got[kept], g[kept], rtol=0, atol=0, equal_nan=True)  # kept: g passes untouched
+
+
+def test_srste_gradient_kernel_declines_what_it_does_not_take():
+    w = torch.randn(8, 8)
+    mask = torch.rand(8, 8) > 0.5
+    assert native.srste_grad_native(torch.randn(8, 8).t(), w, mask, 1e-3) is None  # not contiguous
+    assert native.srste_grad_native(torch.randn(8, 8, dtype=torch.bfloat16), w, mask, 1e-3) is None
+    assert native.srste_grad_native(torch.randn(8, 8), w, mask.float(), 1e-3) is None  # not a bool mask
+    assert native.srste_grad_native(torch.randn(4, 16), w, mask, 1e-3) is None  # shapes differ

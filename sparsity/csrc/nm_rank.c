@@ -225,3 +225,47 @@ int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *f
 #endif
     return 0;
 }
+
+/* SR-STE's weight gradient in one pass, reading the 1-byte mask instead of a weight-sized W * E: with
+ * d = w - w * e (w * e = w where kept, 0 * w where pruned), out = g + lam * d. These are the torch ops it replaces
+ * (sub, then addcmul(g, d, 1, value=lam)) with their roundings, so the result is bit for bit theirs, non-finite
+ * weights included: g where kept (d = +0 for a finite w), g + lam * w where pruned. -std=c11 keeps the compiler
+ * from contracting the multiply and add into one fused (once-rounded) operation. */
+static inline float srste_one(float g, float w, uint8_t keep, float lam) {
+    float d = w - (keep ? w : 0.0f * w);
+    return g + lam * d;
+}
+
+static void srste_range(const float *restrict g, const float *restrict w, const uint8_t *restrict keep,
+                        float *restrict out, float lam, int64_t e, int64_t hi) {
+#if STREAMING
+    for (; e < hi && ((uintptr_t)(out + e) & 63); e++) out[e] = srste_one(g[e], w[e], keep[e], lam);
+    const __m512 lv = _mm512_set1_ps(lam), zero = _mm512_setzero_ps();
+    for (; e + 16 <= hi; e += 16) {
+        __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(keep + e)));
+        __m512 wv = _mm512_loadu_ps(w + e);
+        __m512 we = _mm512_mask_blend_ps(_mm512_test_epi32_mask(k, k), _mm512_mul_ps(zero, wv), wv);
+        __m512 d = _mm512_sub_ps(wv, we);
+        _mm512_stream_ps(out + e, _mm512_add_ps(_mm512_loadu_ps(g + e), _mm512_mul_ps(lv, d)));
+    }
+#endif
+    for (; e < hi; e++) out[e] = srste_one(g[e], w[e], keep[e], lam);
+}
+
+int srste_grad(int64_t len, const float *g, const float *w, const uint8_t *keep, float *out, float lam,
+               int nthreads) {
+    if (len < 0) return -1;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if ((int64_t)nthreads > (len >> 16)) nthreads = len >> 16 > 0 ? (int)(len >> 16) : 1; /* >= 64k per thread */
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int i = 0; i < nthreads; i++) {
+        srste_range(g, w, keep, out, lam, len * i / nthreads, len * (i + 1) / nthreads);
+#if STREAMING
+        _mm_sfence();
+#endif
+    }
+    return 0;
+}

@@ -108,21 +108,23 @@ class _NMFromMasked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, masked, mode: str, lam: float):
+    def forward(ctx, weight, masked, mask, mode: str, lam: float):
         ctx.mode, ctx.lam = mode, lam
         if mode == "srste":
-            ctx.save_for_backward(weight, masked)
+            ctx.save_for_backward(weight, masked, mask)
         return masked.detach()
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.mode == "srste":
-            weight, masked = ctx.saved_tensors
-            pruned = torch.sub(weight, masked)  # W * (1 - E), exactly; addcmul rounds as the factor path does
+            weight, masked, mask = ctx.saved_tensors
             scale = current_loss_scale(grad)  # fp16 AMP: the decay is scaled like the loss gradient
-            return (torch.addcmul(grad, pruned, pruned.new_ones(()) if scale is None else scale, value=ctx.lam),
-                    None, None, None)
-        return grad, None, None, None
+            out = native.srste_grad_native(grad, weight, mask, ctx.lam) if scale is None else None
+            if out is None:  # not float32 contiguous CPU tensors, or no kernel: two torch passes, same values
+                pruned = torch.sub(weight, masked)  # W * (1 - E), exactly; addcmul rounds as the factor path does
+                out = torch.addcmul(grad, pruned, pruned.new_ones(()) if scale is None else scale, value=ctx.lam)
+            return out, None, None, None, None
+        return grad, None, None, None, None
 
 
 #: modes whose forward can start from the precomputed W * E
@@ -139,7 +141,7 @@ def nm_weight(layer: MaskedMixin) -> torch.Tensor:
     if mode in _FROM_MASKED:
         masked = layer.fresh_masked_weight(layer.sparse_beta_value if mode == "mdgf" else 0.0)
         if masked is not None:
-            return _NMFromMasked.apply(layer.weight, masked, mode, layer.srste_lambda)
+            return _NMFromMasked.apply(layer.weight, masked, layer.weight_mask, mode, layer.srste_lambda)
     return _NMWeight.apply(layer.weight, layer.mask_factor(), layer.sparse_beta, mode, layer.srste_lambda)
 
 
