@@ -89,6 +89,21 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
     return model
 
 
+def require_masked_layers(model: nn.Module) -> None:
+    """Refuse a sparsified model whose recipe selected layers but could mask none of them (every one skipped:
+    e.g. M dividing no grouped dimension), which would otherwise train dense while looking like a sparse run. A
+    recipe that selects nothing is already an error in :func:`match_rules`; a dense method passes."""
+    skipped = getattr(model, "sparsity_skipped", {})
+    if skipped and not masked_modules(model):
+        recipe = model.sparsity_recipe  # type: ignore[attr-defined]
+        fqn, why = next(iter(skipped.items()))
+        raise RecipeError(
+            f"the recipe{' in ' + recipe.source if recipe.source else ''} selects {len(skipped)} layer(s) but "
+            f"none can take its pattern (e.g. {fqn}: {why}), so the model would train dense; change the rules' "
+            "n/m or tile, or their targets"
+        )
+
+
 def _log_table(method: str, rows, skipped) -> None:
     if not _logger.isEnabledFor(logging.INFO):
         return

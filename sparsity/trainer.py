@@ -32,6 +32,7 @@ from .optim import check_impl, create_optimizer
 from .recipe import Recipe, closest, plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_outputs import append_summary, final_table, init_wandb, plots, truncate_summary, write_report
+from .surgery import require_masked_layers
 
 __all__ = ["run_training", "build_loaders", "resolve_data"]
 
@@ -243,6 +244,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if args.drop_path is not None:
         create_kwargs["drop_path_rate"] = args.drop_path
     model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, **create_kwargs)
+    require_masked_layers(model)  # every selected layer skipped: it would train dense
     if args.resume == "auto" and not args.experiment:
         raise UserError("--resume auto needs --experiment NAME: the run folder to continue (without it every run "
                         "gets a new, time-stamped folder, and nothing would ever be resumed)")

@@ -164,6 +164,8 @@ BAD_RECIPES = {
     "typo_nested": ({"method": "mdgf", "decay": {"tpye": "exp"}}, "unknown key 'sparsity.decay.tpye'"),
     "wrong_type": ({"method": "ste", "mask_interval": "often"}, "must be an integer"),
     "no_match": ({"method": "ste", "rules": [{"target": "re:nothing", "n": 2, "m": 4}]}, "matches no layer"),
+    "all_skipped": ({"method": "ste", "rules": [{"target": "ff", "n": 2, "m": 5}]},
+                    "selects 4 layer(s) but none can take its pattern (e.g. blocks.0.mlp.fc1: "),
     "strict": ({"method": "ste", "rules": [{"target": "stem", "n": 2, "m": 4, "strict": True}]},
                "patch_embed.proj cannot take 2:4 (rules[0], strict: true"),
 }
