@@ -293,10 +293,10 @@ def recipe_from_dict(block: dict | None, source: str | None = None) -> Recipe:
         elif key in option_keys:
             options[key] = value
         else:
-            raise RecipeError(
-                f"unknown key {_where(source, 'sparsity.' + str(key))} for method '{method_name}'"
-                f"{closest(str(key), COMMON_KEYS + option_keys)}"
-            )
+            rule_keys = [f.name for f in dataclasses.fields(Rule) if f.init]
+            hint = (f"; '{key}' is a rule key: put it inside each entry of sparsity.rules" if key in rule_keys
+                    else closest(str(key), COMMON_KEYS + option_keys))
+            raise RecipeError(f"unknown key {_where(source, 'sparsity.' + str(key))} for method '{method_name}'{hint}")
     raw_rules = common.pop("rules", [])
     if not isinstance(raw_rules, list):
         raise RecipeError(f"{_where(source, 'sparsity.rules')} must be a list of rules, got {raw_rules!r}")

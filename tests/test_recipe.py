@@ -47,6 +47,8 @@ sparsity:
     ({"method": "ste", "rules": [{"target": "ff", "n": 1}]}, r"both n and m"),
     ({"method": "ste", "rules": [{"target": "ff"}]}, r"needs n and m"),
     ({"method": "ste", "rules": [{"target": "ff", "n": 1, "m": 4, "skp": True}]}, r"did you mean 'skip'"),
+    ({"method": "ste", "strict": True, "rules": [{"target": "ff", "n": 2, "m": 4}]},
+     r"unknown key 'sparsity.strict'.*'strict' is a rule key: put it inside each entry of sparsity.rules"),
     ({"method": "mdgf", "decay": {"type": "expo"}}, r"did you mean 'exp'"),
     ({"method": "mdgf", "decay": {"typ": "exp"}}, r"unknown key 'sparsity.decay.typ'.*did you mean 'type'"),
     ({"method": "ste", "dense_fraction": 0.6, "finetune_fraction": 0.5}, r"must be < 1"),
