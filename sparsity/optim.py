@@ -7,6 +7,11 @@ tensor several times. torch's *fused* kernels (Adam, AdamW, SGD, Adagrad) do the
 each parameter and their speed does not depend on the values. ``auto`` (the default of ``--opt-impl``) uses
 them wherever torch has them for the optimizer and device, and timm's default everywhere else; the update is the
 same formula (it can differ from the loop's in the last bit of a float).
+
+The implementation is a property of the run, not of a checkpoint: torch's ``load_state_dict`` would take the
+saved groups' ``fused``/``foreach`` flags (an older or ``loop`` checkpoint would silently turn a fused optimizer
+back into a loop, and under fp16 AMP the gradient scaler, which asked the fused optimizer to unscale, would then
+fail), so the optimizers built here keep their own flags when a state dict is loaded.
 """
 
 from __future__ import annotations
@@ -19,55 +24,105 @@ import torch
 from .errors import UserError
 
 OPT_IMPLS = ("auto", "fused", "foreach", "loop")
+_IMPL_KEYS = ("fused", "foreach")
 
 
-def _inner_name(opt: str) -> str:
-    return opt.lower().split("_")[-1]  # "lookahead_adamw" wraps adamw
+def _torch_class(opt: str) -> type | None:
+    """The optimizer class timm builds for ``opt`` ("lookahead_adamw" wraps adamw), or None if unknown."""
+    from timm.optim import get_optimizer_info
+
+    try:
+        cls = get_optimizer_info(opt.lower().split("_")[-1]).opt_class
+    except (ValueError, KeyError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) else None
+
+
+def _accepts(opt: str, arg: str) -> bool:
+    cls = _torch_class(opt)
+    return cls is not None and arg in inspect.signature(cls.__init__).parameters
 
 
 def has_fused(opt: str) -> bool:
     """Whether timm's optimizer ``opt`` is a torch class with a ``fused`` implementation."""
-    from timm.optim import get_optimizer_info
-
-    try:
-        cls = get_optimizer_info(_inner_name(opt)).opt_class
-    except (ValueError, KeyError):
-        return False
-    if isinstance(cls, str) or not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):
-        return False
-    return "fused" in inspect.signature(cls.__init__).parameters
+    return _accepts(opt, "fused")
 
 
 def check_impl(opt: str, impl: str) -> None:
-    """Refuse an unknown ``--opt-impl`` or ``fused`` for an optimizer torch has no fused kernel for."""
+    """Refuse an unknown ``--opt-impl``, or ``fused``/``foreach`` for an optimizer that has no such implementation
+    (timm's own optimizers, lamb or lars for instance, are per-parameter loops)."""
     if impl not in OPT_IMPLS:
         raise UserError(f"unknown --opt-impl {impl!r} (valid: {', '.join(OPT_IMPLS)})")
     if impl == "fused" and not has_fused(opt):
         raise UserError(f"--opt-impl fused: torch has no fused kernel for --opt {opt} (it has one for adam, "
                         "adamw, sgd, momentum, nesterov and adagrad); use --opt-impl auto")
+    if impl == "foreach" and not _accepts(opt, "foreach"):
+        raise UserError(f"--opt-impl foreach: --opt {opt} has no foreach implementation; use --opt-impl auto")
+
+
+def _fused_devices() -> tuple[str, ...]:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return tuple(_get_fused_kernels_supported_devices())
+    except ImportError:  # a private helper: if it moves, the two devices every torch build has fused kernels for
+        return ("cuda", "cpu")
+
+
+def _fused_problem(params: list) -> str | None:
+    """Why torch's fused kernels would refuse these parameters (it checks only at the first step), or None."""
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    devices = _fused_devices()
+    for p in tensors:
+        if p.device.type not in devices:
+            return f"parameters on {p.device.type}, fused kernels exist for {', '.join(devices)}"
+        if not p.is_floating_point():
+            return f"a parameter of dtype {p.dtype}"
+    return None
+
+
+def _keep_impl_on_load(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``load_state_dict`` keep this optimizer's ``fused``/``foreach`` flags instead of the saved ones."""
+    base = getattr(optimizer, "_base_optimizer", optimizer)  # timm's Lookahead loads through its base optimizer
+
+    def hook(opt: torch.optim.Optimizer, state_dict: dict) -> dict:
+        groups = [dict(saved) for saved in state_dict["param_groups"]]
+        for saved, own in zip(groups, opt.param_groups):
+            for key in _IMPL_KEYS:
+                if key in own:
+                    saved[key] = own[key]
+        return {**state_dict, "param_groups": groups}
+
+    base.register_load_state_dict_pre_hook(hook)
 
 
 def create_optimizer(params: Any, impl: str = "auto", **timm_kwargs: Any) -> tuple[torch.optim.Optimizer, str]:
     """Build the optimizer with ``timm.optim.create_optimizer_v2(params, **timm_kwargs)`` and implementation
     ``impl``; returns it and the implementation that runs (``fused``, ``foreach``, ``loop`` or ``default``).
 
-    ``auto`` takes torch's fused kernel when the optimizer has one and torch accepts these parameters for it
-    (device, dtype), else timm's default. ``fused`` insists and says why it cannot; ``foreach``/``loop`` pass
-    ``foreach=True/False``. The parameters must already be on their training device.
+    ``auto`` takes torch's fused kernel when the optimizer has one and the parameters' devices and dtypes allow it,
+    else timm's default. ``fused`` insists and says why it cannot; ``foreach``/``loop`` pass ``foreach=True/False``
+    where the optimizer has that switch (``loop`` is timm's default for one without it). The parameters must
+    already be on their training device. A state dict loaded later keeps the implementation chosen here.
     """
     from timm.optim import create_optimizer_v2
 
     opt = timm_kwargs.get("opt", "sgd")
     check_impl(opt, impl)
-    if impl in ("foreach", "loop"):
-        return create_optimizer_v2(params, foreach=impl == "foreach", **timm_kwargs), impl
     if not isinstance(params, torch.nn.Module):
-        params = list(params)  # may be a generator; tried twice below
-    if has_fused(opt):
-        try:
-            return create_optimizer_v2(params, fused=True, **timm_kwargs), "fused"
-        except (RuntimeError, ValueError) as e:  # torch refuses this device or dtype for its fused kernel
-            if impl == "fused":
-                raise UserError(f"--opt-impl fused: torch cannot run --opt {opt} fused here ({e}); "
-                                "use --opt-impl auto") from e
-    return create_optimizer_v2(params, **timm_kwargs), "default"
+        params = list(params)  # may be a generator: read twice below
+    kwargs: dict[str, Any] = {}
+    used = "default"
+    if impl in ("foreach", "loop"):
+        if _accepts(opt, "foreach"):
+            kwargs, used = {"foreach": impl == "foreach"}, impl
+    elif has_fused(opt):
+        problem = _fused_problem(list(params.parameters()) if isinstance(params, torch.nn.Module) else params)
+        if problem is None:
+            kwargs, used = {"fused": True}, "fused"
+        elif impl == "fused":
+            raise UserError(f"--opt-impl fused: torch cannot run --opt {opt} fused here ({problem}); "
+                            "use --opt-impl auto")
+    optimizer = create_optimizer_v2(params, **kwargs, **timm_kwargs)
+    _keep_impl_on_load(optimizer)
+    return optimizer, used

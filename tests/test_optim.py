@@ -35,11 +35,47 @@ def test_foreach_and_loop_are_passed_through(impl, foreach):
     assert optimizer.defaults["foreach"] is foreach and not optimizer.defaults["fused"]
 
 
-def test_fused_is_refused_with_the_fix_where_torch_has_no_kernel():
+def test_impls_an_optimizer_lacks_are_refused_with_the_fix():
     with pytest.raises(UserError, match="torch has no fused kernel for --opt lamb.*use --opt-impl auto"):
         create_optimizer(_groups(_model()), impl="fused", opt="lamb", lr=1e-3)
+    with pytest.raises(UserError, match="--opt lamb has no foreach implementation; use --opt-impl auto"):
+        create_optimizer(_groups(_model()), impl="foreach", opt="lamb", lr=1e-3)
     with pytest.raises(UserError, match="unknown --opt-impl 'fast'"):
         create_optimizer(_groups(_model()), impl="fast", opt="adamw", lr=1e-3)
+    assert create_optimizer(_groups(_model()), impl="loop", opt="lamb", lr=1e-3)[1] == "default"  # a loop already
+
+
+def test_fused_needs_a_device_torch_has_kernels_for():
+    """torch checks the device only at the first step: auto falls back up front, fused says why."""
+    meta = nn.Linear(4, 4, device="meta")
+    assert create_optimizer(meta.parameters(), impl="auto", opt="adamw", lr=1e-3)[1] == "default"
+    with pytest.raises(UserError, match="cannot run --opt adamw fused here \\(parameters on meta"):
+        create_optimizer(meta.parameters(), impl="fused", opt="adamw", lr=1e-3)
+
+
+@pytest.mark.parametrize("saved", ["loop", "foreach"])
+@pytest.mark.parametrize("opt", ["adamw", "lookahead_adamw"])
+def test_loading_a_state_dict_keeps_the_runs_implementation(saved, opt):
+    """Resuming a checkpoint written by another implementation keeps the one --opt-impl chose (torch would take the
+    saved flags), with the saved state, and a gradient scaler's step still works (it asked the fused optimizer
+    to unscale; a silently restored loop optimizer would refuse)."""
+    model = _model()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    old, _ = create_optimizer(_groups(model), impl=saved, opt=opt, lr=1e-3)
+    nn.functional.cross_entropy(model(x), y).backward()
+    old.step()
+    new, used = create_optimizer(_groups(model), impl="auto", opt=opt, lr=1e-3)
+    new.load_state_dict(old.state_dict())
+    assert used == "fused" and all(g["fused"] is True and not g["foreach"] for g in new.param_groups)
+    weight = model[0].weight
+    state = [getattr(o, "_base_optimizer", o).state[weight]["exp_avg"] for o in (new, old)]  # lookahead: its base's
+    assert torch.equal(*state)
+    scaler = torch.amp.GradScaler("cpu")
+    new.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    before = weight.detach().clone()
+    scaler.step(new)
+    assert not torch.equal(weight, before)
 
 
 @pytest.mark.parametrize("opt", ["adamw", "sgd"])
