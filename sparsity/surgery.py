@@ -43,6 +43,7 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
     method = get_method(recipe.method)
     model.sparsity_recipe = recipe  # type: ignore[attr-defined]
     model.sparsity_skipped = {}  # type: ignore[attr-defined]
+    model.sparsity_unfit = {}  # type: ignore[attr-defined]  # the skipped layers whose shape refuses the pattern
     if not method.swaps_layers:
         _logger.info("sparsity method %r: model left dense", recipe.method)
         return model
@@ -56,7 +57,7 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
         if why and any(not recipe.rules[i].skip for *_, i in units):
             model.sparsity_skipped[fqn] = why  # type: ignore[attr-defined]
             continue
-        specs, problems = [], []
+        specs, problems, unfit = [], [], False
         for label, start, stop, rule_idx in units:
             rule = recipe.rules[rule_idx]
             if rule.skip:
@@ -71,10 +72,13 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
                         "change the pattern, exclude the layer, or drop strict"
                     )
                 problems.append(f"{label}: {problem}" if label != "all" else problem)
+                unfit |= spec.n is not None or bool(spec.sparsity)  # not a unit asking for sparsity 0
                 continue
             specs.append(spec)
         if problems:
             model.sparsity_skipped[fqn] = "; ".join(problems)  # type: ignore[attr-defined]
+            if unfit:
+                model.sparsity_unfit[fqn] = model.sparsity_skipped[fqn]  # type: ignore[attr-defined]
         if not specs:
             continue
         mod = cand.module
@@ -90,15 +94,16 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
 
 
 def require_masked_layers(model: nn.Module) -> None:
-    """Refuse a sparsified model whose recipe selected layers but could mask none of them (every one skipped:
-    e.g. M dividing no grouped dimension), which would otherwise train dense while looking like a sparse run. A
-    recipe that selects nothing is already an error in :func:`match_rules`; a dense method passes."""
-    skipped = getattr(model, "sparsity_skipped", {})
-    if skipped and not masked_modules(model):
+    """Refuse a sparsified model whose recipe selected layers but could mask none of them because no shape takes
+    its pattern (e.g. M dividing no grouped dimension): it would train dense while looking like a sparse run. A
+    recipe that selects nothing is already an error in :func:`match_rules`; layers a method leaves dense on
+    purpose (supermask at sparsity 0, skip rules) and dense methods pass."""
+    unfit = getattr(model, "sparsity_unfit", {})
+    if unfit and not masked_modules(model):
         recipe = model.sparsity_recipe  # type: ignore[attr-defined]
-        fqn, why = next(iter(skipped.items()))
+        fqn, why = next(iter(unfit.items()))
         raise RecipeError(
-            f"the recipe{' in ' + recipe.source if recipe.source else ''} selects {len(skipped)} layer(s) but "
+            f"the recipe{' in ' + recipe.source if recipe.source else ''} selects {len(unfit)} layer(s) but "
             f"none can take its pattern (e.g. {fqn}: {why}), so the model would train dense; change the rules' "
             "n/m or tile, or their targets"
         )
@@ -120,7 +125,7 @@ def densify_(model: nn.Module) -> nn.Module:
     """Bake masks in (W * E) and put plain ``nn.Linear``/``nn.Conv2d`` back: stock timm state-dict keys."""
     for fqn, layer in masked_modules(model):
         set_submodule(model, fqn, layer.to_dense())
-    for attr in ("sparsity_recipe", "sparsity_skipped"):
+    for attr in ("sparsity_recipe", "sparsity_skipped", "sparsity_unfit"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
