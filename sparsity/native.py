@@ -34,7 +34,9 @@ __all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "tile
 
 _log = logging.getLogger(__name__)
 _SOURCES = (Path(__file__).with_name("csrc") / "nm_rank.c", Path(__file__).with_name("csrc") / "tiles.c")
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11"]
+# -ffp-contract=off: no fused multiply-add where the source multiplies then adds (gcc already keeps them apart under
+# -std=c11, clang does not): the kernels' results are bit for bit those of the torch ops they replace
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11", "-ffp-contract=off"]
 _ONE_F32 = 0x3F800000  # bit pattern of 1.0f: the factor's "kept"
 #: longest group block (m * T elements, T = the run of one group position) the kernel's stack buffer holds
 MAX_BLOCK = 2048

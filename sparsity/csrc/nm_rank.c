@@ -229,8 +229,9 @@ int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *f
 /* SR-STE's weight gradient in one pass, reading the 1-byte mask instead of a weight-sized W * E: with
  * d = w - w * e (w * e = w where kept, 0 * w where pruned), out = g + lam * d. These are the torch ops it replaces
  * (sub, then addcmul(g, d, 1, value=lam)) with their roundings, so the result is bit for bit theirs, non-finite
- * weights included: g where kept (d = +0 for a finite w), g + lam * w where pruned. -std=c11 keeps the compiler
- * from contracting the multiply and add into one fused (once-rounded) operation. */
+ * weights included: g where kept (d = +0 for a finite w), g + lam * w where pruned. -ffp-contract=off (native.py)
+ * keeps the compiler from contracting the multiply and add into one fused (once-rounded) operation. Without
+ * OpenMP this one runs on a single thread. */
 static inline float srste_one(float g, float w, uint8_t keep, float lam) {
     float d = w - (keep ? w : 0.0f * w);
     return g + lam * d;
