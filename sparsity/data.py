@@ -153,8 +153,9 @@ def fixed_img_size(model) -> int | None:
     return None
 
 
-#: folder names that mark a split layout (<root>/<split>/<class>/<image>) rather than class folders
-_SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test")
+#: folder names that mark a split layout (<root>/<split>/<class>/<image>) rather than class folders: timm's split
+#: synonyms (train/training, val/valid/validation/eval/evaluation) and test
+_SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "eval", "evaluation", "test")
 
 
 def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool, download: bool = False,
@@ -169,15 +170,17 @@ def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool
         raise DataError(f"dataset {name or 'ImageFolder'!r} needs --data-dir (or use --dataset digits, the embedded "
                         "data set)")
     if name in ("", "folder", "imagefolder") or name.startswith("folder/"):
+        from timm.data.dataset_factory import _search_split
+
         _check_image_folder(data_dir, split)
-        sub = Path(data_dir) / split
+        root = _search_split(data_dir, split)  # timm's lookup: the split's folder or a synonym (val for validation)
         splits = sorted(d.name for d in Path(data_dir).iterdir() if d.is_dir() and d.name in _SPLIT_NAMES)
-        if not sub.is_dir() and splits:  # a split layout without this split: never fall back to the whole root
+        if root == data_dir and splits:  # a split layout without this split: never fall back to the whole root
             flag = "--train-split" if is_training else "--val-split"
-            raise DataError(f"--data-dir {data_dir} has split folders ({', '.join(splits)}) but no '{split}'; "
+            raise DataError(f"--data-dir {data_dir} has split folders ({', '.join(splits)}) but none for '{split}'; "
                             f"pass {flag} with one of them")
-        root = str(sub) if sub.is_dir() else data_dir
-        return CheckedImages(create_dataset("", root=root, split=split, is_training=is_training), on_bad_image)
+        return CheckedImages(create_dataset("", root=root, split=split, search_split=False, is_training=is_training),
+                             on_bad_image)
     if not download and not Path(data_dir).exists():
         raise DataError(f"--data-dir {data_dir} does not exist (add --dataset-download where a network exists)")
     try:

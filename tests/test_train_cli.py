@@ -315,13 +315,17 @@ def test_missing_split_folder_is_an_error_not_the_whole_root(tmp_path):
 
     from sparsity.data import DataError, build_dataset
 
-    for split in ("train", "val"):
+    for split, images in (("train", 1), ("val", 2), ("test", 3)):
         d = tmp_path / split / "c0"
         d.mkdir(parents=True)
-        Image.new("RGB", (8, 8)).save(d / "0.png")
-    assert len(build_dataset("", str(tmp_path), "val", False)) == 1
-    with pytest.raises(DataError, match=r"has split folders \(train, val\) but no 'validation'; pass --val-split"):
-        build_dataset("", str(tmp_path), "validation", False)
+        for i in range(images):
+            Image.new("RGB", (8, 8)).save(d / f"{i}.png")
+    assert len(build_dataset("", str(tmp_path), "val", False)) == 2
+    assert len(build_dataset("", str(tmp_path), "validation", False)) == 2  # timm's synonym: val/ for validation
+    assert len(build_dataset("", str(tmp_path), "training", True)) == 1
+    with pytest.raises(DataError, match=r"has split folders \(test, train, val\) but none for 'holdout'; pass "
+                                        r"--val-split"):
+        build_dataset("", str(tmp_path), "holdout", False)
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
