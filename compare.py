@@ -57,6 +57,9 @@ def _check_recipe(path: Path, train_args: list[str]):
 
     parser.error = fail  # type: ignore[method-assign]  # bad pass-through flags: our message, exit code 2
     targs, blocks = parse_with_config(parser, ["--config", str(path), *train_args])
+    from sparsity.data import resolve_dataset
+
+    resolve_dataset(targs)  # train.py's defaults: digits, or an ImageFolder with only --data-dir
     return targs, blocks.get("sparsity")
 
 
@@ -83,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     infos, datasets = [], set()
     for path in paths:
         targs, block = _check_recipe(path, train_args)
-        datasets.add(targs.dataset or "ImageFolder")
-        infos.append(cmp.recipe_info(path, labels[path], block, targs.dataset or "ImageFolder"))
+        dataset = targs.dataset or "ImageFolder"
+        datasets.add(dataset)
+        infos.append(cmp.recipe_info(path, labels[path], block, dataset))
     if len(datasets) > 1:
         raise ConfigError(f"the recipes use different data sets ({', '.join(sorted(datasets))}); a comparison runs "
                           "on one: pass --dataset (and --data-dir)")

@@ -174,3 +174,8 @@ def test_dry_run_lists_runs(tmp_path, capsys):
     assert "3 recipes x 2 seeds = 6 runs on digits" in text
     assert "[6/6] ste_digits_2of4-s4 (to run)" in text and "--resume auto --epochs 1" in text
     assert not (tmp_path / "o").exists()
+    plain = tmp_path / "no_dataset_key.yaml"  # train.py reads digits without a dataset: key; so does compare
+    plain.write_text("epochs: 1\nsparsity: {method: ste, rules: [{target: ff, n: 2, m: 4}]}\n")
+    argv = [str(QUICK / "dense_digits.yaml"), str(plain), "--dry-run", "--output", str(tmp_path / "o"), *TINY]
+    assert run_cli(compare.main, argv) == 0
+    assert "2 recipes x 1 seeds = 2 runs on digits" in capsys.readouterr().out
