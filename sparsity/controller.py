@@ -55,7 +55,7 @@ class SparsityController:
             self.sync(other)
         for model in (self.model, *copies):
             for _, layer in masked_modules(model):
-                layer.weight.mul_(layer.weight_mask)
+                layer.zero_pruned_()
 
     @torch.no_grad()
     def sync(self, other: nn.Module) -> None:

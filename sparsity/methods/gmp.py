@@ -183,7 +183,7 @@ class GMPMethod(WeightChangeReference, SparsityMethod):
 
     def _zero_pruned(self) -> None:
         for _, layer in self.layers:
-            layer.weight.mul_(layer.weight_mask)
+            layer.zero_pruned_()
 
     @torch.no_grad()
     def step(self, global_step: int) -> None:

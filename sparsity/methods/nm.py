@@ -307,7 +307,7 @@ class NMMethod(SparsityMethod):
                 self.frozen = True
                 self.last_update = global_step
             for _, layer in self.layers:  # optimizer momentum must not revive pruned weights
-                layer.weight.mul_(layer.mask_factor())
+                layer.zero_pruned_()
         elif due and self.last_update != global_step:
             self._compute_masks(phase if frame is not None else None, self.beta if mode == "mdgf" else 0.0,
                                 precompute=mode in _FROM_MASKED)
@@ -332,7 +332,7 @@ class NMMethod(SparsityMethod):
         """Leave a binary mask: masks recomputed from the final weights unless frozen, beta = 0."""
         if not self.frozen:
             with torch.no_grad():
-                self._compute_masks(None)
+                self._compute_masks(None, precompute=False)  # frozen: the forward multiplies by the factor
         for _, layer in self.layers:
             layer.sparse_mode = "frozen"
             layer.sparse_beta.zero_()

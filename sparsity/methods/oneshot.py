@@ -79,7 +79,7 @@ class OneshotMethod(SparsityMethod):
             self._compute_masks()
             self.done = True
         for _, layer in self.layers:  # optimizer momentum and weight decay must not revive pruned weights
-            layer.weight.mul_(layer.weight_mask)
+            layer.zero_pruned_()
 
     def _permute(self) -> None:
         from ..permute import permute_model_
