@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from cli_common import ConfigError, ParseKwargs, run_cli, setup_logging
+from sparsity.accelerate import BACKENDS, SEMI_KERNELS
 from sparsity.optim import OPT_IMPLS
 
 BUILTIN = ("dense", "ste", "srste", "mdgf", "supermask", "gumbel")  # sparsity.bench_train.BUILTIN_METHODS
@@ -72,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a torch.profiler table of STEPS steps per variant (profile_<variant>.txt)")
     g = p.add_argument_group("infer", "a timm --model name gets magnitude masks on --targets: N:M (--nm) or, with "
                                       "--tile, --sparsity in tile x tile blocks; a checkpoint or export keeps its own")
-    g.add_argument("--backend", default=None, choices=["semi_structured", "bsr"],
+    g.add_argument("--backend", default=None, choices=BACKENDS,
                    help="default: bsr with --tile, else semi_structured (2:4)")
-    g.add_argument("--semi-kernel", default="auto", choices=["auto", "cusparselt", "cutlass"],
+    g.add_argument("--semi-kernel", default="auto", choices=SEMI_KERNELS,
                    help="2:4 kernel: torch's choice (auto) or one forced")
     g.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
     g.add_argument("--targets", nargs="+", default=None,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -13,8 +14,8 @@ from torch import nn
 from .errors import UserError
 
 __all__ = [
-    "CheckpointError", "model_from_checkpoint", "save_atomic", "load_checkpoint_file", "model_state_from",
-    "load_model_weights",
+    "CheckpointError", "model_from_checkpoint", "save_atomic", "write_atomic", "load_checkpoint_file",
+    "model_state_from", "load_model_weights",
 ]
 
 
@@ -40,19 +41,19 @@ def fsync_dir(path: Path) -> None:
         pass
 
 
-def save_atomic(obj: Any, path: str | os.PathLike, before_rename=None) -> None:
-    """``torch.save`` to a temp file in the same dir, fsync, then rename: a crash never leaves a partial file
-    under ``path`` and the previous version survives until the new one is complete. ``before_rename()`` is a
-    test hook (fault injection between write and rename)."""
+def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "wb", before_rename=None) -> None:
+    """``write(f)`` into a temp file in the same dir, fsync, then rename: a crash never leaves a partial file
+    under ``path`` and the previous version survives until the new one is complete. The file gets the mode a plain
+    ``open()`` would give it. ``before_rename()`` is a test hook (fault injection between write and rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the mode a plain open() would
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
@@ -63,6 +64,11 @@ def save_atomic(obj: Any, path: str | os.PathLike, before_rename=None) -> None:
         except OSError:
             pass
         raise
+
+
+def save_atomic(obj: Any, path: str | os.PathLike, before_rename=None) -> None:
+    """``torch.save`` with :func:`write_atomic`."""
+    write_atomic(path, lambda f: torch.save(obj, f), before_rename=before_rename)
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict:

@@ -22,17 +22,22 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .recipe import closest
 
 OPT_IMPLS = ("auto", "fused", "foreach", "loop")
 _IMPL_KEYS = ("fused", "foreach")
 
 
+def _parts(opt: str) -> list[str]:
+    return opt.lower().split("_")  # "lookahead_adamw" wraps adamw
+
+
 def _torch_class(opt: str) -> type | None:
-    """The optimizer class timm builds for ``opt`` ("lookahead_adamw" wraps adamw), or None if unknown."""
+    """The optimizer class timm builds for ``opt``, or None if unknown or not a torch optimizer class."""
     from timm.optim import get_optimizer_info
 
     try:
-        cls = get_optimizer_info(opt.lower().split("_")[-1]).opt_class
+        cls = get_optimizer_info(_parts(opt)[-1]).opt_class
     except (ValueError, KeyError):
         return None
     return cls if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) else None
@@ -48,9 +53,17 @@ def has_fused(opt: str) -> bool:
     return _accepts(opt, "fused")
 
 
-def check_impl(opt: str, impl: str) -> None:
-    """Refuse an unknown ``--opt-impl``, or ``fused``/``foreach`` for an optimizer that has no such implementation
-    (timm's own optimizers, lamb or lars for instance, are per-parameter loops)."""
+def check_optimizer(opt: str, impl: str = "auto") -> None:
+    """Refuse what ``create_optimizer`` would fail on (after a run folder exists): an optimizer name that is not
+    timm's (``timm.optim.list_optimizers()``, optionally ``lookahead_``-prefixed), an unknown ``--opt-impl``, or
+    ``fused``/``foreach`` for an optimizer without that implementation (timm's own optimizers, lamb or lars for
+    instance, are per-parameter loops)."""
+    from timm.optim import list_optimizers
+
+    parts, known = _parts(opt), list_optimizers()
+    if parts[-1] not in known or len(parts) > 2 or (len(parts) == 2 and parts[0] != "lookahead"):
+        raise UserError(f"unknown optimizer --opt '{opt}'{closest(parts[-1], known)} (see "
+                        "timm.optim.list_optimizers(); a 'lookahead_' prefix is allowed)")
     if impl not in OPT_IMPLS:
         raise UserError(f"unknown --opt-impl {impl!r} (valid: {', '.join(OPT_IMPLS)})")
     if impl == "fused" and not has_fused(opt):
@@ -97,7 +110,8 @@ def _keep_impl_on_load(optimizer: torch.optim.Optimizer) -> None:
 
 
 def create_optimizer(params: Any, impl: str = "auto", **timm_kwargs: Any) -> tuple[torch.optim.Optimizer, str]:
-    """Build the optimizer with ``timm.optim.create_optimizer_v2(params, **timm_kwargs)`` and implementation
+    """Build the optimizer for ``params`` (parameters or param groups, e.g. ``SparsityController.param_groups``)
+    with ``timm.optim.create_optimizer_v2(params, **timm_kwargs)`` and implementation
     ``impl``; returns it and the implementation that runs (``fused``, ``foreach``, ``loop`` or ``default``).
 
     ``auto`` takes torch's fused kernel when the optimizer has one and the parameters' devices and dtypes allow it,
@@ -108,16 +122,15 @@ def create_optimizer(params: Any, impl: str = "auto", **timm_kwargs: Any) -> tup
     from timm.optim import create_optimizer_v2
 
     opt = timm_kwargs.get("opt", "sgd")
-    check_impl(opt, impl)
-    if not isinstance(params, torch.nn.Module):
-        params = list(params)  # may be a generator: read twice below
+    check_optimizer(opt, impl)
+    params = list(params)  # may be a generator: read twice below
     kwargs: dict[str, Any] = {}
     used = "default"
     if impl in ("foreach", "loop"):
         if _accepts(opt, "foreach"):
             kwargs, used = {"foreach": impl == "foreach"}, impl
     elif has_fused(opt):
-        problem = _fused_problem(list(params.parameters()) if isinstance(params, torch.nn.Module) else params)
+        problem = _fused_problem(params)
         if problem is None:
             kwargs, used = {"fused": True}, "fused"
         elif impl == "fused":

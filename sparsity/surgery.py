@@ -43,7 +43,7 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
     method = get_method(recipe.method)
     model.sparsity_recipe = recipe  # type: ignore[attr-defined]
     model.sparsity_skipped = {}  # type: ignore[attr-defined]
-    model.sparsity_unfit = {}  # type: ignore[attr-defined]  # the skipped layers whose shape refuses the pattern
+    model.sparsity_unfit = []  # type: ignore[attr-defined]  # skipped layers whose shape refuses the pattern
     if not method.swaps_layers:
         _logger.info("sparsity method %r: model left dense", recipe.method)
         return model
@@ -78,7 +78,7 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
         if problems:
             model.sparsity_skipped[fqn] = "; ".join(problems)  # type: ignore[attr-defined]
             if unfit:
-                model.sparsity_unfit[fqn] = model.sparsity_skipped[fqn]  # type: ignore[attr-defined]
+                model.sparsity_unfit.append(fqn)  # type: ignore[attr-defined]
         if not specs:
             continue
         mod = cand.module
@@ -98,10 +98,11 @@ def require_masked_layers(model: nn.Module) -> None:
     its pattern (e.g. M dividing no grouped dimension): it would train dense while looking like a sparse run. A
     recipe that selects nothing is already an error in :func:`match_rules`; layers a method leaves dense on
     purpose (supermask at sparsity 0, skip rules) and dense methods pass."""
-    unfit = getattr(model, "sparsity_unfit", {})
+    unfit = getattr(model, "sparsity_unfit", [])
     if unfit and not masked_modules(model):
         recipe = model.sparsity_recipe  # type: ignore[attr-defined]
-        fqn, why = next(iter(unfit.items()))
+        fqn = unfit[0]
+        why = model.sparsity_skipped[fqn]  # type: ignore[attr-defined]
         raise RecipeError(
             f"the recipe{' in ' + recipe.source if recipe.source else ''} selects {len(unfit)} layer(s) but "
             f"none can take its pattern (e.g. {fqn}: {why}), so the model would train dense; change the rules' "

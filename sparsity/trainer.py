@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 import shutil
 import time
@@ -19,7 +18,7 @@ import torch
 import yaml
 from torch import nn
 
-from .checkpoint import CheckpointError, fsync_dir, load_checkpoint_file, save_atomic
+from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic, write_atomic
 from .controller import SparsityController
 from .data import build_dataset, num_classes_of, resolve_data, resolve_dataset
 from .distributed import DistInfo, check_ranks_consistent, init_distributed
@@ -28,8 +27,8 @@ from .errors import TrainingError, UserError
 from .factory import create_model
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules
-from .optim import check_impl, create_optimizer
-from .recipe import Recipe, closest, plain, recipe_from_dict
+from .optim import check_optimizer, create_optimizer
+from .recipe import Recipe, plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_outputs import append_summary, final_table, init_wandb, plots, truncate_summary, write_report
 from .surgery import require_masked_layers
@@ -156,13 +155,9 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    """Copy, fsync, rename (as :func:`save_atomic` writes): a crash never leaves a partial model_best/checkpoint-N."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
+    """Copy with :func:`write_atomic`: a crash never leaves a partial model_best/checkpoint-N."""
+    with open(src, "rb") as f_src:
+        write_atomic(dst, lambda f: shutil.copyfileobj(f_src, f))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,19 +199,6 @@ def _num_classes(args, train_ds) -> int:
     if not n:
         raise UserError("cannot infer the number of classes from the data set; pass --num-classes")
     return n
-
-
-def _check_optimizer(opt: str, impl: str = "auto") -> None:
-    """timm's names (``timm.optim.list_optimizers()``), optionally ``lookahead_``-prefixed, as create_optimizer_v2
-    reads them, and an implementation it has; anything else would fail after the run folder exists."""
-    from timm.optim import list_optimizers
-
-    parts = opt.lower().split("_")
-    known = list_optimizers()
-    if parts[-1] not in known or len(parts) > 2 or (len(parts) == 2 and parts[0] != "lookahead"):
-        raise UserError(f"unknown optimizer --opt '{opt}'{closest(parts[-1], known)} (see "
-                        "timm.optim.list_optimizers(); a 'lookahead_' prefix is allowed)")
-    check_impl(opt, impl)
 
 
 def run_training(args, sparsity_block: dict | None, config_path: str | None = None) -> int:
@@ -267,7 +249,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             raise CheckpointError(f"--resume {resume_path} does not fit this model/recipe: {str(e)[:300]}") from None
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    _check_optimizer(args.opt, args.opt_impl)
+    check_optimizer(args.opt, args.opt_impl)
     data_cfg = resolve_data(args, model)
     loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
     steps_per_epoch = len(loader_train)

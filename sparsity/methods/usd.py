@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..checkpoint import write_atomic
 from ..layers import MaskedMixin, SliceSpec, current_loss_scale
 from ..masks import grouped_dim, weight_nm_mask
 from ..recipe import Recipe, RecipeError, Rule
@@ -165,24 +165,15 @@ def load_scheme(path: str | os.PathLike, where: str = "") -> dict[str, tuple[int
 def write_scheme(path: str | os.PathLike, layers: dict[str, tuple[int, int]], extra: dict | None = None) -> Path:
     """Write ``scheme.yaml`` atomically: ``{**extra, 'layers': {key: {n, m, density}}}``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = dict(extra or {})
     doc["layers"] = {k: {"n": n, "m": m, "density": round(n / m, 6)} for k, (n, m) in layers.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(doc, f, sort_keys=False, default_flow_style=None)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: yaml.safe_dump(doc, f, sort_keys=False, default_flow_style=None), mode="w")
     return path
 
 
 # ---- forward / backward -------------------------------------------------------------------------------------------
 class _USDWeight(torch.autograd.Function):
-    """Forward W * E; backward g * E + coef * W * (|W| < tau) (coef, tau per output row)."""
+    """Forward W * E; backward g * E + coef * W * (|W| < tau) (coef, tau per output row; E as the 0/1 factor)."""
 
     @staticmethod
     def forward(ctx, weight, mask, coef, tau):
@@ -200,7 +191,7 @@ class _USDWeight(torch.autograd.Function):
 def usd_weight(layer: MaskedMixin) -> torch.Tensor:
     """``weight_fn`` of ``usd``: the penalized search form while ``layer.usd_penalize``, else plain W * E / g * E."""
     if layer.usd_penalize:
-        return _USDWeight.apply(layer.weight, layer.weight_mask, layer.usd_coef, layer.usd_tau)
+        return _USDWeight.apply(layer.weight, layer.mask_factor(), layer.usd_coef, layer.usd_tau)
     return frozen_masked_weight(layer)
 
 
@@ -392,7 +383,7 @@ class USDMethod(WeightChangeReference, SparsityMethod):
             self._set_penalty(zero=True)
         if self.frozen:
             for _, layer in self.layers:  # optimizer momentum must not revive pruned weights
-                layer.weight.mul_(layer.weight_mask)
+                layer.zero_pruned_()
 
     def _update(self, t: int) -> None:
         o = self.recipe.options
