@@ -230,7 +230,7 @@ def nm_masks_(
     factors: list[torch.Tensor | None] | None = None,
     masked: list[torch.Tensor | None] | None = None,
     beta: float = 0.0,
-) -> None:
+) -> native.NativeBatch | None:
     """In place, for every i: ``masks[i] = nm_mask(weights[i], n, m, dims[i])``, batched over all tensors.
 
     For ``m <= RANK_MAX_M`` one rank computation covers every tensor of a dtype and device (in chunks of
@@ -251,6 +251,10 @@ def nm_masks_(
             otherwise. Float32 on CPU with m in {2, 4, 8} they come out of the same pass as the mask
             (:mod:`sparsity.native`).
         beta: the factor of the pruned weights in ``masked``.
+
+    Returns:
+        The :class:`~sparsity.native.NativeBatch` that computed everything when one native kernel call did (its
+        ``run(beta)`` repeats this call for the same tensors, with no planning), else None.
     """
     check_nm(n, m)
     factors = list(factors) if factors is not None else [None] * len(masks)
@@ -262,7 +266,7 @@ def nm_masks_(
                 factor.fill_(1)
             if out is not None:
                 out.copy_(w)
-        return
+        return None
     beta = float(beta)
     plan_key = ("native plan", n, m)
     signature = None
@@ -270,7 +274,7 @@ def nm_masks_(
         signature = (tuple(dims), *(_signature(t) for group in (masks, weights, factors, masked) for t in group))
         plan = workspace.get(plan_key)
         if plan is not None and plan[0] == signature and plan[1].run(beta):
-            return
+            return plan[1]
     batches: dict[tuple, list] = {}
     fused: list[tuple] = []  # units for the native kernel (float32 on CPU): one pass each
     product: list[tuple] = []  # (out, w, mask) whose w * mask the torch path still owes
@@ -307,9 +311,11 @@ def nm_masks_(
         run = wb.shape[2] if wb.shape[2] >= NATURAL_MIN_T else 0  # natural-layout chunks share one run length
         batches.setdefault((wb.dtype, wb.device, run), []).append((mb, fb, wb))
     batch = native.NativeBatch(fused, n, m) if fused and native.kernel() is not None else None
-    if batch is not None and not batches and not product and workspace is not None:
-        workspace[plan_key] = (signature, batch)  # every tensor went to the kernel: next call skips the planning
+    whole = batch is not None and not batches and not product  # every tensor goes to the kernel
+    if whole and workspace is not None:
+        workspace[plan_key] = (signature, batch)  # next call skips the planning
     if fused and (batch is None or not batch.run(beta)):  # no kernel (no compiler, SPARSITY_NATIVE=0): torch ops
+        whole = False
         for mb, fb, ob, wb in fused:
             run = wb.shape[2] if wb.shape[2] >= NATURAL_MIN_T else 0
             batches.setdefault((wb.dtype, wb.device, run), []).append((mb, fb, wb))
@@ -336,6 +342,7 @@ def nm_masks_(
         else:  # 0/1 in the weight's dtype, then times w: both vectorized same-dtype kernels
             out.copy_(mask.view(torch.uint8))
             out.mul_(w)
+    return batch if whole else None
 
 
 def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:

@@ -398,3 +398,55 @@ def test_bench_masks_reports_which_kernel_and_equal_masks():
     assert result["settings"]["native_kernel"] == native.status()
     assert [r["pattern"] for r in result["rows"]] == ["2:4", "1:8"]
     assert all(r["equal"] and r["layers"] > 0 and r["rank_ms"] > 0 for r in result["rows"])
+
+
+@pytest.mark.parametrize("method", ["ste", "mdgf"])
+def test_replayed_mask_step_equals_planned_one_and_follows_replaced_weights(method, monkeypatch):
+    """After the first step the controller replays its native kernel calls with no per-layer planning; every
+    replayed step must equal a freshly planned one (masks, forward weights, MDGF's moving beta), including rows
+    left dense (k, v of a qkv where only q is sparse, at another pattern than ff), and a weight whose memory is
+    replaced must be planned again rather than computed into the old buffers."""
+    from sparsity import native
+    from sparsity.methods import nm as nm_mod
+
+    def build():
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
+                                  num_heads=2, num_classes=10)
+        recipe = sparsity.recipe_from_dict({"method": method, "decay": {"type": "linear", "coef": 0.1},
+                                            "rules": [{"target": ["ff"], "n": 2, "m": 4},
+                                                      {"target": ["q"], "n": 1, "m": 8}]})
+        sparsity.sparsify_(model, recipe)
+        return model, sparsity.SparsityController(model, recipe, total_steps=100)
+
+    (model_a, ctl_a), (model_b, ctl_b) = build(), build()
+    planned = []
+    real = nm_mod.nm_masks_
+    monkeypatch.setattr(nm_mod, "nm_masks_", lambda *a, **k: planned.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        with torch.no_grad():  # an optimizer-like in-place update, the same for both models
+            for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+                delta = torch.randn(pa.shape, generator=gen) * 0.05
+                pa.add_(delta)
+                pb.add_(delta)
+        if step == 3:  # new memory for one weight (what model.to() or param.data = ... do)
+            layer_a = ctl_a.layers[0][1]
+            layer_a.weight.data = layer_a.weight.data.clone()
+        before = len(planned)
+        ctl_a.step(step)
+        planned_a = len(planned) - before
+        ctl_b.method._plan = None  # B plans every step
+        ctl_b.step(step)
+        if native.kernel() is not None:
+            assert ctl_a.method._plan is not None
+            assert planned_a == (2 if step in (0, 3) else 0), step  # two patterns: ff 2:4 and q 1:8
+        if method == "mdgf" and step > 0:
+            assert 0 < ctl_a.method.beta < 1
+        for (fqn, la), (_, lb) in zip(ctl_a.layers, ctl_b.layers):
+            assert torch.equal(la.weight_mask, lb.weight_mask), (step, fqn)
+            assert torch.equal(la.sparse_weight(), lb.sparse_weight()), (step, fqn)
+        qkv = next(lay for f, lay in ctl_a.layers if f.endswith("attn.qkv"))
+        d = qkv.weight.shape[0] // 3
+        assert qkv.weight_mask[d:].all() and torch.equal(qkv.sparse_weight()[d:], qkv.weight[d:])  # k, v dense
+        assert torch.equal(qkv.weight_mask[:d], sparsity.nm_mask(qkv.weight[:d], 1, 8, dim=1))
