@@ -271,6 +271,46 @@ def test_tile_kernels_equal_torch_formulas(rows, cols, tile):
 
 
 @needs_kernel
+def test_tile_kernels_split_by_elements_and_give_the_same_bytes_on_every_thread_count():
+    """Units of very different widths (a narrow early layer, a wide late one, a 1-row unit and a partial last tile
+    row) are shared out by element count; every tile row is done by one thread, so all counts give the same bytes
+    (the score sums included) and every element is written."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(64, 72, 8), (13, 30, 4), (1, 40, 8), (256, 1152, 8), (9, 9, 8)]
+    units = [(torch.randn(r, c, generator=gen), torch.randn(r, c, generator=gen),
+              torch.rand(-(-r // t), -(-c // t), generator=gen) > 0.5, t) for r, c, t in shapes]
+
+    def run():
+        expanded, backward = [], []
+        for w, g, keep, t in units:
+            expanded.append((torch.ones(w.shape, dtype=torch.bool), torch.full(w.shape, float("nan"))))
+            backward.append((torch.full(w.shape, float("nan")), torch.full(keep.shape, float("nan"))))
+        assert native.tile_expand_native([(w, mk, out, keep, t) for (w, _, keep, t), (mk, out) in zip(units, expanded)])
+        assert native.tile_backward_native([(g, w, keep, gw, gs, t)
+                                            for (w, g, keep, t), (gw, gs) in zip(units, backward)])
+        return [x for pair in expanded + backward for x in pair]
+
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 7, 16):
+            torch.set_num_threads(threads)
+            results.append(run())
+    finally:
+        torch.set_num_threads(before)
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+    from sparsity.methods.supermask import tile_sum
+
+    got = results[0]
+    for i, (w, g, keep, t) in enumerate(units):
+        mask, out, gw, gs = got[2 * i], got[2 * i + 1], got[2 * len(units) + 2 * i], got[2 * len(units) + 2 * i + 1]
+        factor = M.expand_tiles(keep, w.shape, t)
+        assert torch.equal(mask, factor) and torch.equal(out, w * factor) and torch.equal(gw, g * factor)
+        assert torch.allclose(gs, tile_sum(g * w, t), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_supermask_native_step_matches_torch_path(monkeypatch):
     """Supermask with the native tile kernels (W * E precomputed, fused backward) against the torch path, on a
     ViT whose qkv has only q and k targeted (v rows stay dense) and 8x8 tiles with edge tiles."""

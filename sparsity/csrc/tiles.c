@@ -6,7 +6,8 @@
  * square tiles of side `tile` (edge tiles hold what is left) and `keep`, one byte per tile, ceil(rows / tile) x
  * ceil(cols / tile) in row-major order. Pruned entries are written as 0 * value, what torch's product with a 0/1
  * factor gives (-0 for negative values, NaN for non-finite ones). Work is split over whole tile rows (a thread
- * sums whole tiles, in a fixed order: results do not depend on the thread count).
+ * sums whole tiles, in a fixed order: results do not depend on the thread count), in shares of equal element
+ * counts: a split by number of tile rows gave one thread the narrow early layers and the other the wide late ones.
  *
  * Built with nm_rank.c by sparsity/native.py; without a compiler sparsity.methods.supermask uses torch ops.
  */
@@ -23,6 +24,7 @@ typedef struct {
     int64_t nunits;
     const int64_t *rows, *cols, *tile;
     int64_t first_block[MAX_UNITS + 1]; /* prefix sums of tile rows: the work items */
+    int64_t first_elem[MAX_UNITS + 1];  /* prefix sums of elements */
 } plan_t;
 
 static int plan(plan_t *p, int64_t nunits, const int64_t *rows, const int64_t *cols, const int64_t *tile) {
@@ -31,12 +33,32 @@ static int plan(plan_t *p, int64_t nunits, const int64_t *rows, const int64_t *c
     p->rows = rows;
     p->cols = cols;
     p->tile = tile;
-    p->first_block[0] = 0;
+    p->first_block[0] = p->first_elem[0] = 0;
     for (int64_t u = 0; u < nunits; u++) {
         if (rows[u] < 0 || cols[u] < 0 || tile[u] < 1) return -1;
         p->first_block[u + 1] = p->first_block[u] + (rows[u] + tile[u] - 1) / tile[u];
+        p->first_elem[u + 1] = p->first_elem[u] + rows[u] * cols[u];
     }
     return 0;
+}
+
+/* The tile rows [*b0, *b1) of thread `me` of `nt`: those whose first element lies in its equal share of all
+ * elements (every tile row goes to exactly one thread) */
+static void share(const plan_t *p, int me, int nt, int64_t *b0, int64_t *b1) {
+    int64_t total = p->first_elem[p->nunits], bounds[2];
+    for (int k = 0; k < 2; k++) {
+        int64_t at = total * (me + k) / nt, b = p->first_block[p->nunits];
+        for (int64_t u = 0; u < p->nunits; u++) {
+            if (at < p->first_elem[u + 1]) { /* first tile row of unit u starting at or after `at` */
+                int64_t per = p->tile[u] * p->cols[u], off = at - p->first_elem[u];
+                b = p->first_block[u] + (off + per - 1) / per;
+                break;
+            }
+        }
+        bounds[k] = b;
+    }
+    *b0 = bounds[0];
+    *b1 = bounds[1];
 }
 
 static int64_t unit_of(const plan_t *p, int64_t block) {
@@ -135,7 +157,6 @@ int tile_expand(int64_t nunits, void *const *w, uint8_t *const *mask, void *cons
     plan_t local;
     int64_t widest = setup(&local, nunits, rows, cols, tile, &nthreads);
     if (widest < 0) return -1;
-    int64_t blocks = local.first_block[nunits];
     uint8_t *kexp_all = (uint8_t *)malloc((size_t)nthreads * (size_t)widest); /* per-thread spread keep bytes */
     if (!kexp_all) return -1;
 #ifdef _OPENMP
@@ -143,12 +164,14 @@ int tile_expand(int64_t nunits, void *const *w, uint8_t *const *mask, void *cons
 #endif
     {
 #ifdef _OPENMP
-        uint8_t *kexp = kexp_all + (size_t)omp_get_thread_num() * (size_t)widest;
-#pragma omp for schedule(static) nowait
+        int me = omp_get_thread_num(), nt = omp_get_num_threads();
 #else
-        uint8_t *kexp = kexp_all;
+        int me = 0, nt = 1;
 #endif
-        for (int64_t b = 0; b < blocks; b++) {
+        uint8_t *kexp = kexp_all + (size_t)me * (size_t)widest;
+        int64_t b0, b1;
+        share(&local, me, nt, &b0, &b1);
+        for (int64_t b = b0; b < b1; b++) {
             int64_t u = unit_of(&local, b);
             expand_block((const float *)w[u], mask[u], (float *)masked[u], (const uint8_t *)keep[u], kexp, rows[u],
                          cols[u], tile[u], b - local.first_block[u]);
@@ -166,7 +189,6 @@ int tile_backward(int64_t nunits, void *const *g, void *const *w, void *const *k
     plan_t local;
     int64_t widest = setup(&local, nunits, rows, cols, tile, &nthreads);
     if (widest < 0) return -1;
-    int64_t blocks = local.first_block[nunits];
     /* per-thread column sums and spread keep bytes */
     float *acc_all = (float *)malloc((size_t)nthreads * (size_t)widest * (sizeof(float) + 1));
     if (!acc_all) return -1;
@@ -176,16 +198,15 @@ int tile_backward(int64_t nunits, void *const *g, void *const *w, void *const *k
 #endif
     {
 #ifdef _OPENMP
-        size_t me = (size_t)omp_get_thread_num();
+        int me = omp_get_thread_num(), nt = omp_get_num_threads();
 #else
-        size_t me = 0;
+        int me = 0, nt = 1;
 #endif
-        float *acc = acc_all + me * (size_t)widest;
-        uint8_t *kexp = kexp_all + me * (size_t)widest;
-#ifdef _OPENMP
-#pragma omp for schedule(static) nowait
-#endif
-        for (int64_t b = 0; b < blocks; b++) {
+        float *acc = acc_all + (size_t)me * (size_t)widest;
+        uint8_t *kexp = kexp_all + (size_t)me * (size_t)widest;
+        int64_t b0, b1;
+        share(&local, me, nt, &b0, &b1);
+        for (int64_t b = b0; b < b1; b++) {
             int64_t u = unit_of(&local, b);
             backward_block((const float *)g[u], (const float *)w[u], (const uint8_t *)keep[u], (float *)gw[u],
                            (float *)gs[u], acc, kexp, rows[u], cols[u], tile[u], b - local.first_block[u]);
