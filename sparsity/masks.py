@@ -22,6 +22,7 @@ __all__ = [
     "weight_is_nm",
     "unstructured_mask",
     "tile_mask",
+    "tiles_kept",
     "expand_tiles",
     "expand_tiles_",
     "check_nm",
@@ -470,14 +471,24 @@ def tile_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
     Exactly ``round((1 - sparsity) * num_tiles)`` tiles are kept (ties broken by position).
     """
+    flat = scores.detach().flatten()
+    keep = tiles_kept(flat.numel(), sparsity)
+    if keep == 0 or keep == flat.numel():
+        return torch.full_like(scores, keep > 0, dtype=torch.bool)
+    # the keep-th largest value v: keep what is above it and the first (by position) of those equal to it. No
+    # host synchronisation (the count of ties stays a tensor); NaN ranks as +inf, -0 equals +0.
+    x = torch.nan_to_num(flat, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    v = x.kthvalue(x.numel() - keep + 1).values
+    above, equal = x > v, x == v
+    mask = above | (equal & (equal.cumsum(0) <= keep - above.sum()))
+    return mask.view_as(scores)
+
+
+def tiles_kept(num_tiles: int, sparsity: float) -> int:
+    """How many of ``num_tiles`` tiles survive ``sparsity``: ``round((1 - sparsity) * num_tiles)``."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    flat = scores.detach().flatten()
-    keep = int(round((1.0 - sparsity) * flat.numel()))
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if keep > 0:
-        mask.index_fill_(0, flat.topk(keep, sorted=False).indices, True)  # no host-to-device copy, unlike [idx] =
-    return mask.view_as(scores)
+    return int(round((1.0 - sparsity) * num_tiles))
 
 
 def block_mask(w: torch.Tensor, sparsity: float, tile: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 __all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "tile_expand_native",
-           "tile_backward_native", "srste_grad_native"]
+           "tile_backward_native", "tile_topk_native", "srste_grad_native"]
 
 _log = logging.getLogger(__name__)
 _SOURCES = (Path(__file__).with_name("csrc") / "nm_rank.c", Path(__file__).with_name("csrc") / "tiles.c")
@@ -117,6 +117,8 @@ def _build() -> ctypes.CDLL:
     lib.tile_backward.restype = ctypes.c_int
     lib.srste_grad.argtypes = [i64, p, p, p, p, ctypes.c_float, ctypes.c_int]
     lib.srste_grad.restype = ctypes.c_int
+    lib.tile_topk.argtypes = [i64, p, p, p, p, ctypes.c_int]
+    lib.tile_topk.restype = ctypes.c_int
     return lib
 
 
@@ -228,6 +230,23 @@ def tile_backward_native(units: list[tuple]) -> bool:
         _int64s(u[0].shape[1] for u in units), _int64s(u[5] for u in units), torch.get_num_threads(),
     )
     return rc == 0
+
+
+def tile_topk_native(units: list[tuple]) -> bool:
+    """Supermask's tile selection for ``units`` of (scores, keep, k): ``keep`` (bool, contiguous, the shape of
+    ``scores``) marks the ``k`` largest scores, ties to the lower index, NaN ranking as +inf: what
+    :func:`sparsity.masks.tile_mask` computes, for every unit in one call. Scores float32 contiguous on CPU. False if
+    the kernel is unavailable or does not take them (nothing written then)."""
+    if not units or not all(s.dtype == torch.float32 and k.shape == s.shape and k.dtype == torch.bool
+                            for s, k, _ in units) or not tile_supports(*(t for u in units for t in u[:2])):
+        return False
+    rc = kernel().tile_topk(len(units), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]),
+                            _int64s(u[0].numel() for u in units), _int64s(u[2] for u in units),
+                            torch.get_num_threads())
+    if rc != 0:
+        return False
+    increment_version([u[1] for u in units])
+    return True
 
 
 def srste_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor | None:

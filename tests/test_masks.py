@@ -91,3 +91,29 @@ def test_block_mask_whole_tiles():
     assert ((tiles.all(-1)) | (~tiles.any(-1))).all()  # constant within each tile
     assert int(tiles.all(-1).sum()) == 4  # 25 % of 16 tiles kept
     assert tile_mask(torch.arange(8.0), 0.5).tolist() == [False] * 4 + [True] * 4
+
+
+def _tile_mask_by_sort(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The documented rule spelled out: rank by score (NaN as +inf, -0 as +0), ties to the lower index."""
+    flat = torch.nan_to_num(scores.flatten(), nan=float("inf")) + 0.0  # + 0.0 turns -0 into +0
+    keep = int(round((1 - sparsity) * flat.numel()))
+    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:keep]
+    out = torch.zeros(flat.numel(), dtype=torch.bool)
+    out[order] = True
+    return out.view_as(scores)
+
+
+def test_tile_mask_ties_go_to_the_lower_index_and_nan_ranks_highest():
+    s = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, float("nan"), -0.0, 0.0, 3.0, -1.0])
+    # keep 4: NaN, then the first three of the four 3.0s; the 3.0 at index 8 loses its tie
+    assert tile_mask(s, 0.6).nonzero().flatten().tolist() == [1, 2, 4, 5]
+    assert tile_mask(torch.tensor([-1.0, 0.0, -0.0, -2.0]), 0.75).nonzero().flatten().tolist() == [1]  # -0 == +0
+    assert tile_mask(torch.tensor([-1.0, -0.0, 0.0, -2.0]), 0.75).nonzero().flatten().tolist() == [1]
+    assert tile_mask(s, 0.0).all() and not tile_mask(s, 1.0).any()
+    gen = torch.Generator().manual_seed(0)
+    for shape, sparsity in [((7, 9), 0.5), ((3, 40), 0.9), ((64,), 0.25), ((5, 5), 0.04)]:
+        few_values = torch.randint(0, 4, shape, generator=gen).float() - 1.5  # many ties
+        for scores in (torch.randn(shape, generator=gen), few_values):
+            got = tile_mask(scores, sparsity)
+            assert torch.equal(got, _tile_mask_by_sort(scores, sparsity))
+            assert int(got.sum()) == int(round((1 - sparsity) * scores.numel()))

@@ -222,7 +222,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
 
     monkeypatch.setenv("SPARSITY_CACHE_DIR", str(tmp_path))
     lib = ctypes.CDLL(str(native._compile(native._compiler(), [*native._FLAGS, "-DNM_NO_STREAMING"])))
-    for name in ("nm_keep", "tile_expand", "tile_backward", "srste_grad"):
+    for name in ("nm_keep", "tile_expand", "tile_backward", "srste_grad", "tile_topk"):
         getattr(lib, name).argtypes = getattr(native.kernel(), name).argtypes
         getattr(lib, name).restype = ctypes.c_int
     gen = torch.Generator().manual_seed(5)
@@ -243,6 +243,14 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
     want_tiles = tiles()
     gw, mw = torch.randn(w.shape, generator=gen), torch.rand(w.shape, generator=gen) > 0.5
     want_srste = native.srste_grad_native(gw, w, mw, 2e-4)
+    scores = [torch.randn(64, 72, generator=gen), torch.randint(0, 3, (9, 9), generator=gen).float()]
+
+    def selected():
+        keeps = [torch.empty(sc.shape, dtype=torch.bool) for sc in scores]
+        assert native.tile_topk_native([(sc, k, sc.numel() // 3) for sc, k in zip(scores, keeps)])
+        return keeps
+
+    want_selected = selected()
     monkeypatch.setattr(native, "_lib", lib)
     assert torch.get_num_threads() == 2  # conftest
     got = _run(ws, dims, 2, 4, 0.3)
@@ -250,6 +258,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
         assert all(_same(a, b) for a, b in zip(g, w_))
     assert all(torch.equal(a, b) for a, b in zip(tiles(), want_tiles))
     assert torch.equal(native.srste_grad_native(gw, w, mw, 2e-4), want_srste)
+    assert all(torch.equal(a, b) for a, b in zip(selected(), want_selected))
 
 
 @needs_kernel
@@ -282,7 +291,7 @@ def test_tile_kernels_split_by_elements_and_give_the_same_bytes_on_every_thread_
 
     def run():
         expanded, backward = [], []
-        for w, g, keep, t in units:
+        for w, _g, keep, _t in units:
             expanded.append((torch.ones(w.shape, dtype=torch.bool), torch.full(w.shape, float("nan"))))
             backward.append((torch.full(w.shape, float("nan")), torch.full(keep.shape, float("nan"))))
         assert native.tile_expand_native([(w, mk, out, keep, t) for (w, _, keep, t), (mk, out) in zip(units, expanded)])
@@ -308,6 +317,29 @@ def test_tile_kernels_split_by_elements_and_give_the_same_bytes_on_every_thread_
         factor = M.expand_tiles(keep, w.shape, t)
         assert torch.equal(mask, factor) and torch.equal(out, w * factor) and torch.equal(gw, g * factor)
         assert torch.allclose(gs, tile_sum(g * w, t), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_tile_selection_kernel_equals_tile_mask_on_every_thread_count():
+    """One native call selects the tiles of every unit: the same bools as tile_mask (ties to the lower index, NaN
+    as +inf, -0 as +0), exactly round((1 - s) * n) per unit, for all-keep/none-keep units too."""
+    gen = torch.Generator().manual_seed(11)
+    ties = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, float("nan"), -0.0, 0.0, 3.0, -1.0, float("-inf"), float("inf")])
+    units = [(torch.randn(48, 576, generator=gen), 0.5), (torch.randint(0, 3, (40, 33), generator=gen).float(), 0.7),
+             (ties, 0.6), (ties.flip(0).contiguous(), 0.25), (torch.randn(7, generator=gen), 0.0),
+             (torch.randn(5, 3, generator=gen), 1.0), (torch.zeros(9, 9), 0.5), (torch.randn(1, generator=gen), 0.5)]
+    want = [M.tile_mask(sc, sp) for sc, sp in units]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            keeps = [torch.empty(sc.shape, dtype=torch.bool) for sc, _ in units]
+            assert native.tile_topk_native([(sc, k, M.tiles_kept(sc.numel(), sp)) for (sc, sp), k in zip(units, keeps)])
+            for (sc, sp), got, ref in zip(units, keeps, want):
+                assert torch.equal(got, ref), (tuple(sc.shape), sp, threads)
+    finally:
+        torch.set_num_threads(before)
+    assert not native.tile_topk_native([(units[0][0].double(), torch.empty(48, 576, dtype=torch.bool), 5)])
 
 
 @needs_kernel

@@ -218,3 +218,94 @@ int tile_backward(int64_t nunits, void *const *g, void *const *w, void *const *k
     free(acc_all);
     return 0;
 }
+
+/* Tile selection: keep[i] = 1 for the k largest of a unit's n scores, exactly k of them; ties go to the lower
+ * index, NaN ranks as +inf and -0 as +0 (what sparsity.masks.tile_mask does with torch ops). The k-th largest
+ * value is found by quickselect on integer keys that order like the floats, then one pass keeps everything above
+ * it and the first (k - #above) entries equal to it. Units are spread over threads whole (dynamic schedule). */
+static inline int32_t score_key(uint32_t bits) {
+    uint32_t mag = bits & 0x7FFFFFFFu;
+    if (mag > 0x7F800000u) mag = 0x7F800000u; /* NaN: as +inf */
+    else if (bits >> 31) return -(int32_t)mag; /* negative (-0 -> 0) */
+    return (int32_t)mag;
+}
+
+/* the value of rank r (0-based, ascending) of a[0..n), reordering a (Hoare partition, median of three) */
+static int32_t select_rank(int32_t *a, int64_t n, int64_t r) {
+    int64_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        int64_t mid = lo + (hi - lo) / 2;
+        int32_t x = a[lo], y = a[mid], z = a[hi];
+        int32_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) {
+                int32_t t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (r <= j) hi = j;
+        else if (r >= i) lo = i;
+        else return a[r]; /* between the two halves: equal to the pivot */
+    }
+    return a[r];
+}
+
+static int top_unit(const float *scores, uint8_t *keep, int64_t n, int64_t k, int32_t *scratch) {
+    const uint32_t *bits = (const uint32_t *)scores;
+    if (k <= 0 || k >= n) {
+        memset(keep, k > 0, (size_t)n);
+        return 0;
+    }
+    for (int64_t i = 0; i < n; i++) scratch[i] = score_key(bits[i]);
+    int32_t v = select_rank(scratch, n, n - k);
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; i++) above += score_key(bits[i]) > v;
+    int64_t ties = k - above;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t key = score_key(bits[i]);
+        uint8_t on = key > v;
+        if (key == v && ties > 0) {
+            on = 1;
+            ties--;
+        }
+        keep[i] = on;
+    }
+    return 0;
+}
+
+int tile_topk(int64_t nunits, void *const *scores, uint8_t *const *keep, const int64_t *len, const int64_t *k,
+              int nthreads) {
+    int64_t widest = 1;
+    for (int64_t u = 0; u < nunits; u++) {
+        if (len[u] < 0) return -1;
+        widest = len[u] > widest ? len[u] : widest;
+    }
+#ifdef _OPENMP
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > nunits) nthreads = nunits > 0 ? (int)nunits : 1;
+#else
+    nthreads = 1;
+#endif
+    int32_t *scratch_all = (int32_t *)malloc((size_t)nthreads * (size_t)widest * sizeof(int32_t));
+    if (!scratch_all) return -1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+#ifdef _OPENMP
+        int32_t *scratch = scratch_all + (size_t)omp_get_thread_num() * (size_t)widest;
+#pragma omp for schedule(dynamic, 1) nowait
+#else
+        int32_t *scratch = scratch_all;
+#endif
+        for (int64_t u = 0; u < nunits; u++) top_unit((const float *)scores[u], keep[u], len[u], k[u], scratch);
+    }
+    free(scratch_all);
+    return 0;
+}

@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import native
 from ..layers import MaskedMixin, SliceSpec, frozen_weight, layer_kind, uncovered_rows
-from ..masks import expand_tiles, expand_tiles_, tile_mask, tile_scores
+from ..masks import expand_tiles, expand_tiles_, tile_mask, tile_scores, tiles_kept
 from ..recipe import Recipe, RecipeError, Rule
 from ..schedules import DENSE, FINETUNE, linear_ramp, phase_at
 from . import SparsityMethod, fill_missing_slice_params, register_method
@@ -318,9 +318,9 @@ class SupermaskMethod(SparsityMethod):
         """T(S) of every unit, written in place into ``weight_mask``, and with it either ``W * E`` for the forward
         (float32 on CPU: one native pass for all layers) or the layer's float mask factor."""
         units, fused, plain = [], [], []
+        all_keeps = iter(self._tile_keeps(fraction))
         for _, layer in self.layers:
-            keeps = [tile_mask(getattr(layer, name), spec.sparsity * fraction)
-                     for spec, name in zip(layer.slices, layer.score_names)]
+            keeps = [next(all_keeps) for _ in layer.slices]
             w, mask = layer.weight.detach(), layer.weight_mask
             out = layer.masked_weight_out() if native.tile_supports(w, mask) else None  # same layout as w
             if out is None:
@@ -345,6 +345,16 @@ class SupermaskMethod(SparsityMethod):
             for spec, keep in zip(layer.slices, keeps):
                 expand_tiles_(mask[spec.start:spec.stop], keep, spec.tile, factor[spec.start:spec.stop])
             layer.mask_factor_written()
+
+    def _tile_keeps(self, fraction: float) -> list[torch.Tensor]:
+        """The bool tile mask T(S) of every unit (layers, then slices, in order) at ``fraction`` of its target
+        sparsity: one native call for all of them (float32 scores on CPU), else :func:`tile_mask` per unit."""
+        units = [(getattr(layer, name).detach(), spec.sparsity * fraction)
+                 for _, layer in self.layers for spec, name in zip(layer.slices, layer.score_names)]
+        keeps = [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s, _ in units]
+        if native.tile_topk_native([(s, k, tiles_kept(s.numel(), sp)) for (s, sp), k in zip(units, keeps)]):
+            return keeps
+        return [tile_mask(s, sp) for s, sp in units]
 
     @torch.no_grad()
     def step(self, global_step: int) -> None:
