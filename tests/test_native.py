@@ -325,6 +325,8 @@ def test_tile_selection_kernel_equals_tile_mask_on_every_thread_count():
     as +inf, -0 as +0), exactly round((1 - s) * n) per unit, for all-keep/none-keep units too."""
     gen = torch.Generator().manual_seed(11)
     ties = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, float("nan"), -0.0, 0.0, 3.0, -1.0, float("-inf"), float("inf")])
+    ties[3] = -ties[5].abs()  # a NaN with the sign bit set ranks as +inf too
+    assert ties[3].view(torch.int32) < 0
     units = [(torch.randn(48, 576, generator=gen), 0.5), (torch.randint(0, 3, (40, 33), generator=gen).float(), 0.7),
              (ties, 0.6), (ties.flip(0).contiguous(), 0.25), (torch.randn(7, generator=gen), 0.0),
              (torch.randn(5, 3, generator=gen), 1.0), (torch.zeros(9, 9), 0.5), (torch.randn(1, generator=gen), 0.5)]

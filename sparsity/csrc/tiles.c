@@ -95,10 +95,36 @@ static inline void select_row(float *restrict dst, const uint8_t *restrict kexp,
     for (; c < n; c++) dst[c] = kexp[c] ? src[c] : 0.0f * src[c];
 }
 
+/* one row of the backward, both outputs from one pass over g and w: acc[c] += g[c] * w[c] (the column sums over the
+ * tile's rows, the same products and additions in the same order as the separate loops) and dst = g where kept,
+ * 0 * g where not */
+static inline void both_row(float *restrict dst, float *restrict acc, const uint8_t *restrict kexp,
+                            const float *restrict g, const float *restrict w, int64_t n) {
+    int64_t c = 0;
+#if STREAMING
+    for (; c < n && ((uintptr_t)(dst + c) & 63); c++) {
+        acc[c] += g[c] * w[c];
+        dst[c] = kexp[c] ? g[c] : 0.0f * g[c];
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    for (; c + 16 <= n; c += 16) {
+        __m512 gv = _mm512_loadu_ps(g + c);
+        _mm512_storeu_ps(acc + c, _mm512_add_ps(_mm512_loadu_ps(acc + c), _mm512_mul_ps(gv, _mm512_loadu_ps(w + c))));
+        __m128i k = _mm_loadu_si128((const __m128i *)(kexp + c));
+        _mm512_stream_ps(dst + c, _mm512_mask_blend_ps(_mm_test_epi8_mask(k, k), _mm512_mul_ps(zero, gv), gv));
+    }
+#endif
+    for (; c < n; c++) {
+        acc[c] += g[c] * w[c];
+        dst[c] = kexp[c] ? g[c] : 0.0f * g[c];
+    }
+}
+
 /* keep bytes of tile row `tr` spread over the columns: kexp[c] = keep[tr, c / tile] (once per tile row, so the row
  * loops below are plain contiguous loops the compiler vectorizes) */
 static void spread(const uint8_t *restrict krow, uint8_t *restrict kexp, int64_t cols, int64_t tile) {
-    for (int64_t c = 0; c < cols; c++) kexp[c] = krow[c / tile] != 0;
+    for (int64_t c0 = 0, t = 0; c0 < cols; c0 += tile, t++) /* a run per tile: no division per column */
+        memset(kexp + c0, krow[t] != 0, (size_t)(cols - c0 < tile ? cols - c0 : tile));
 }
 
 /* mask = keep expanded, masked = w where kept, 0 * w where not, for tile row `tr` of a unit */
@@ -125,6 +151,10 @@ static void backward_block(const float *restrict g, const float *restrict w, con
     if (gs) memset(acc, 0, (size_t)cols * sizeof(float));
     for (int64_t r = tr * tile; r < r1; r++) {
         const float *restrict gr = g + r * cols, *restrict wr = w + r * cols;
+        if (gs && gw) {
+            both_row(gw + r * cols, acc, kexp, gr, wr, cols);
+            continue;
+        }
         if (gs)
             for (int64_t c = 0; c < cols; c++) acc[c] += gr[c] * wr[c]; /* column sums over the tile's rows */
         if (gw) select_row(gw + r * cols, kexp, gr, cols);
@@ -221,60 +251,58 @@ int tile_backward(int64_t nunits, void *const *g, void *const *w, void *const *k
 
 /* Tile selection: keep[i] = 1 for the k largest of a unit's n scores, exactly k of them; ties go to the lower
  * index, NaN ranks as +inf and -0 as +0 (what sparsity.masks.tile_mask does with torch ops). The k-th largest
- * value is found by quickselect on integer keys that order like the floats, then one pass keeps everything above
- * it and the first (k - #above) entries equal to it. Units are spread over threads whole (dynamic schedule). */
-static inline int32_t score_key(uint32_t bits) {
+ * value is found by a radix select on unsigned keys that order like the floats (three digits from the top, each a
+ * histogram pass over the entries that share the digits so far), then one pass keeps everything above it and the
+ * first (k - #above) entries equal to it. Units are spread over threads whole (dynamic schedule). */
+static inline uint32_t score_key(uint32_t bits) {
     uint32_t mag = bits & 0x7FFFFFFFu;
-    if (mag > 0x7F800000u) mag = 0x7F800000u; /* NaN: as +inf */
-    else if (bits >> 31) return -(int32_t)mag; /* negative (-0 -> 0) */
-    return (int32_t)mag;
+    if (mag > 0x7F800000u) return 0x80000000u + 0x7F800000u; /* NaN of either sign: as +inf */
+    if ((bits >> 31) && mag != 0) return 0x80000000u - mag;   /* negative: below every non-negative, reversed */
+    return 0x80000000u + mag;                                 /* -0 and +0 alike */
 }
 
-/* the value of rank r (0-based, ascending) of a[0..n), reordering a (Hoare partition, median of three) */
-static int32_t select_rank(int32_t *a, int64_t n, int64_t r) {
-    int64_t lo = 0, hi = n - 1;
-    while (hi > lo) {
-        int64_t mid = lo + (hi - lo) / 2;
-        int32_t x = a[lo], y = a[mid], z = a[hi];
-        int32_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] < pivot) i++;
-            while (a[j] > pivot) j--;
-            if (i <= j) {
-                int32_t t = a[i];
-                a[i] = a[j];
-                a[j] = t;
-                i++;
-                j--;
-            }
+/* the value of rank r (0-based, ascending) of a[0..n), and in *above how many entries are larger; a is reordered */
+static uint32_t radix_select(uint32_t *a, int64_t n, int64_t r, int64_t *above) {
+    static const int shift[3] = {21, 10, 0};
+    static const uint32_t digits[3] = {2048, 2048, 1024};
+    int64_t hist[2048];
+    uint32_t value = 0;
+    *above = 0;
+    for (int d = 0; d < 3; d++) {
+        uint32_t mask = digits[d] - 1;
+        memset(hist, 0, sizeof hist);
+        for (int64_t i = 0; i < n; i++) hist[(a[i] >> shift[d]) & mask]++;
+        uint32_t b = 0;
+        int64_t below = 0;
+        while (below + hist[b] <= r) below += hist[b++];
+        *above += n - below - hist[b];
+        r -= below;
+        value |= b << shift[d];
+        int64_t m = 0; /* keep the entries whose digit is b (branch-free) */
+        for (int64_t i = 0; i < n; i++) {
+            a[m] = a[i];
+            m += ((a[i] >> shift[d]) & mask) == b;
         }
-        if (r <= j) hi = j;
-        else if (r >= i) lo = i;
-        else return a[r]; /* between the two halves: equal to the pivot */
+        n = m;
     }
-    return a[r];
+    return value;
 }
 
-static int top_unit(const float *scores, uint8_t *keep, int64_t n, int64_t k, int32_t *scratch) {
+static int top_unit(const float *scores, uint8_t *keep, int64_t n, int64_t k, uint32_t *scratch) {
     const uint32_t *bits = (const uint32_t *)scores;
     if (k <= 0 || k >= n) {
         memset(keep, k > 0, (size_t)n);
         return 0;
     }
     for (int64_t i = 0; i < n; i++) scratch[i] = score_key(bits[i]);
-    int32_t v = select_rank(scratch, n, n - k);
-    int64_t above = 0;
-    for (int64_t i = 0; i < n; i++) above += score_key(bits[i]) > v;
-    int64_t ties = k - above;
+    int64_t above;
+    uint32_t v = radix_select(scratch, n, n - k, &above);
+    int64_t ties = k - above; /* entries equal to v that are kept: the first ones */
     for (int64_t i = 0; i < n; i++) {
-        int32_t key = score_key(bits[i]);
-        uint8_t on = key > v;
-        if (key == v && ties > 0) {
-            on = 1;
-            ties--;
-        }
-        keep[i] = on;
+        uint32_t key = score_key(bits[i]);
+        int tie = key == v && ties > 0;
+        ties -= tie;
+        keep[i] = (uint8_t)((key > v) | tie);
     }
     return 0;
 }
@@ -292,17 +320,17 @@ int tile_topk(int64_t nunits, void *const *scores, uint8_t *const *keep, const i
 #else
     nthreads = 1;
 #endif
-    int32_t *scratch_all = (int32_t *)malloc((size_t)nthreads * (size_t)widest * sizeof(int32_t));
+    uint32_t *scratch_all = (uint32_t *)malloc((size_t)nthreads * (size_t)widest * sizeof(uint32_t));
     if (!scratch_all) return -1;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
 #endif
     {
 #ifdef _OPENMP
-        int32_t *scratch = scratch_all + (size_t)omp_get_thread_num() * (size_t)widest;
+        uint32_t *scratch = scratch_all + (size_t)omp_get_thread_num() * (size_t)widest;
 #pragma omp for schedule(dynamic, 1) nowait
 #else
-        int32_t *scratch = scratch_all;
+        uint32_t *scratch = scratch_all;
 #endif
         for (int64_t u = 0; u < nunits; u++) top_unit((const float *)scores[u], keep[u], len[u], k[u], scratch);
     }
