@@ -144,6 +144,13 @@ class MaskedMixin:
         key = self._weight_key()
         return cached[1] if key is not None and cached[0] == (*key, float(beta)) else None
 
+    def memory_key(self) -> tuple:
+        """Where this layer's weight, mask, precomputed forward weight and 0/1 factor live (data pointers): what a
+        prepared kernel call over them relies on. ``model.to()``, a dtype change or ``param.data = ...`` move it."""
+        cached, factor = getattr(self, "_masked_cache", None), getattr(self, "_mask_factor", None)
+        return (self.weight.data_ptr(), self.weight_mask.data_ptr(), None if cached is None else cached[1].data_ptr(),
+                None if factor is None else factor[1].data_ptr())
+
     def __getstate__(self) -> dict:
         # copies (deepcopy for an EMA model, pickling) drop the caches: they are rebuilt on demand
         state = self.__dict__.copy()

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch.autograd.graph import increment_version
 
-__all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "tile_expand_native",
-           "tile_backward_native", "tile_topk_native", "srste_grad_native"]
+__all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "TileExpand", "tile_expand_native",
+           "tile_backward_native", "TileTopk", "tile_topk_native", "srste_grad_native"]
 
 _log = logging.getLogger(__name__)
 _SOURCES = (Path(__file__).with_name("csrc") / "nm_rank.c", Path(__file__).with_name("csrc") / "tiles.c")
@@ -199,22 +199,33 @@ def tile_supports(*tensors: torch.Tensor | None) -> bool:
         and kernel() is not None  # tensors first: a GPU run never builds the C kernel
 
 
+class TileExpand:
+    """Supermask's mask step prepared for ``units`` of (weight, mask, masked, keep, tile): weight/masked float32 and
+    mask bool, each a contiguous (rows, cols) view; keep bool (ceil(rows/tile), ceil(cols/tile)). ``run()`` writes
+    the expanded mask and ``masked`` = W * E in one pass; the pointer arrays are built once, so a caller that keeps
+    the call (the same tensors every step) pays only the kernel."""
+
+    def __init__(self, units: list[tuple]) -> None:
+        self.units = units
+        self._args = (
+            len(units), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]), _ptrs([u[2] for u in units]),
+            _ptrs([u[3] for u in units]), _int64s(u[0].shape[0] for u in units),
+            _int64s(u[0].shape[1] for u in units), _int64s(u[4] for u in units),
+        )
+        self._written = [t for u in units for t in u[1:3]]
+
+    def run(self) -> bool:
+        """False if the kernel is unavailable or refuses the arguments (nothing written then)."""
+        lib = kernel()
+        if lib is None or not self.units or lib.tile_expand(*self._args, torch.get_num_threads()) != 0:
+            return False
+        increment_version(self._written)
+        return True
+
+
 def tile_expand_native(units: list[tuple]) -> bool:
-    """Supermask's mask step for ``units`` of (weight, mask, masked, keep, tile): weight/masked float32 and mask bool,
-    each a contiguous (rows, cols) view; keep bool (ceil(rows/tile), ceil(cols/tile)). Writes the expanded mask and
-    ``masked`` = W * E in one pass. False if the kernel is unavailable (nothing written)."""
-    lib = kernel()
-    if lib is None or not units:
-        return False
-    rc = lib.tile_expand(
-        len(units), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]), _ptrs([u[2] for u in units]),
-        _ptrs([u[3] for u in units]), _int64s(u[0].shape[0] for u in units), _int64s(u[0].shape[1] for u in units),
-        _int64s(u[4] for u in units), torch.get_num_threads(),
-    )
-    if rc != 0:
-        return False
-    increment_version([t for u in units for t in u[1:3]])
-    return True
+    """:class:`TileExpand` run once. False if the kernel is unavailable (nothing written)."""
+    return TileExpand(units).run()
 
 
 def tile_backward_native(units: list[tuple]) -> bool:
@@ -232,21 +243,43 @@ def tile_backward_native(units: list[tuple]) -> bool:
     return rc == 0
 
 
+class TileTopk:
+    """Supermask's tile selection prepared for ``units`` of (scores, keep): ``run(counts)`` marks in each ``keep``
+    (bool, contiguous, the shape of ``scores``) the ``counts[i]`` largest scores, ties to the lower index, NaN
+    ranking as +inf: what :func:`sparsity.masks.tile_mask` computes, for every unit in one call. Use
+    :meth:`create`, which declines what the kernel does not take (scores not float32 contiguous on CPU)."""
+
+    def __init__(self, units: list[tuple]) -> None:
+        self.units = units
+        self._args = (len(units), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]),
+                      _int64s(u[0].numel() for u in units))
+        self._keeps = [u[1] for u in units]
+        self._counts: tuple[tuple[int, ...], ctypes.Array] | None = None
+
+    @classmethod
+    def create(cls, units: list[tuple]) -> TileTopk | None:
+        if not units or not all(s.dtype == torch.float32 and k.shape == s.shape and k.dtype == torch.bool
+                                for s, k in units) or not tile_supports(*(t for u in units for t in u)):
+            return None
+        return cls(units)
+
+    def run(self, counts) -> bool:
+        """False if the kernel is unavailable (nothing written then)."""
+        counts = tuple(counts)
+        if self._counts is None or self._counts[0] != counts:
+            self._counts = (counts, _int64s(counts))
+        lib = kernel()
+        if lib is None or lib.tile_topk(*self._args, self._counts[1], torch.get_num_threads()) != 0:
+            return False
+        increment_version(self._keeps)
+        return True
+
+
 def tile_topk_native(units: list[tuple]) -> bool:
-    """Supermask's tile selection for ``units`` of (scores, keep, k): ``keep`` (bool, contiguous, the shape of
-    ``scores``) marks the ``k`` largest scores, ties to the lower index, NaN ranking as +inf: what
-    :func:`sparsity.masks.tile_mask` computes, for every unit in one call. Scores float32 contiguous on CPU. False if
-    the kernel is unavailable or does not take them (nothing written then)."""
-    if not units or not all(s.dtype == torch.float32 and k.shape == s.shape and k.dtype == torch.bool
-                            for s, k, _ in units) or not tile_supports(*(t for u in units for t in u[:2])):
-        return False
-    rc = kernel().tile_topk(len(units), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]),
-                            _int64s(u[0].numel() for u in units), _int64s(u[2] for u in units),
-                            torch.get_num_threads())
-    if rc != 0:
-        return False
-    increment_version([u[1] for u in units])
-    return True
+    """:class:`TileTopk` run once for ``units`` of (scores, keep, count). False if the kernel is unavailable or does
+    not take them (nothing written then)."""
+    call = TileTopk.create([u[:2] for u in units])
+    return call is not None and call.run(u[2] for u in units)
 
 
 def srste_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor | None:

@@ -450,3 +450,58 @@ def test_replayed_mask_step_equals_planned_one_and_follows_replaced_weights(meth
         d = qkv.weight.shape[0] // 3
         assert qkv.weight_mask[d:].all() and torch.equal(qkv.sparse_weight()[d:], qkv.weight[d:])  # k, v dense
         assert torch.equal(qkv.weight_mask[:d], sparsity.nm_mask(qkv.weight[:d], 1, 8, dim=1))
+
+
+def test_replayed_supermask_step_equals_planned_one_and_follows_replaced_tensors(monkeypatch):
+    """Supermask replays its two prepared kernel calls (tile selection, expansion) once planned: every replayed step
+    equals a freshly planned one while the ramp moves the kept-tile counts, q/k/v rows outside the targets stay
+    dense, and replaced weight or score memory makes it plan again."""
+    from sparsity import native
+
+    def build():
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
+                                  num_heads=2, num_classes=10)
+        recipe = sparsity.recipe_from_dict({"method": "supermask", "ramp": {"start_fraction": 0.0,
+                                                                             "end_fraction": 0.05},
+                                            "rules": [{"target": ["ff"], "sparsity": 0.5, "tile": 8},
+                                                      {"target": ["q"], "sparsity": 0.75, "tile": 4}]})
+        sparsity.sparsify_(model, recipe)
+        return model, sparsity.SparsityController(model, recipe, total_steps=100)
+
+    (model_a, ctl_a), (model_b, ctl_b) = build(), build()
+    planned = []
+    real = native.TileExpand.__init__
+    monkeypatch.setattr(native.TileExpand, "__init__", lambda self, units: planned.append(1) or real(self, units))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    for step in range(7):
+        with torch.no_grad():
+            for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+                delta = torch.randn(pa.shape, generator=gen) * 0.05
+                pa.add_(delta)
+                pb.add_(delta)
+        if step == 3:
+            layer = ctl_a.layers[0][1]
+            layer.weight.data = layer.weight.data.clone()
+        if step == 5:
+            layer = ctl_a.layers[1][1]
+            setattr(layer, layer.score_names[0], torch.nn.Parameter(getattr(layer, layer.score_names[0]).clone()))
+        before = len(planned)
+        ctl_a.step(step + 1)  # the ramp starts at 0 at step 0
+        planned_a = len(planned) - before
+        ctl_b.method._plan = None
+        ctl_b.step(step + 1)
+        if native.kernel() is not None:
+            assert ctl_a.method._plan is not None
+            assert planned_a == (1 if step in (0, 3, 5) else 0), step
+        for (fqn, la), (_, lb) in zip(ctl_a.layers, ctl_b.layers):
+            assert torch.equal(la.weight_mask, lb.weight_mask), (step, fqn)
+            assert torch.equal(la.sparse_weight(), lb.sparse_weight()), (step, fqn)
+        assert 0 < ctl_a.method.ramp <= 1
+        qkv = next(lay for f, lay in ctl_a.layers if f.endswith("attn.qkv"))
+        d = qkv.weight.shape[0] // 3
+        assert qkv.weight_mask[d:].all() and torch.equal(qkv.sparse_weight()[d:], qkv.weight[d:])
+        kept = qkv.weight_mask[:d].float().mean().item()
+        assert kept == pytest.approx(1 - 0.75 * ctl_a.method.ramp, abs=0.02)
+        assert torch.equal(model_a(x), model_b(x))

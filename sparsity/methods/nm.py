@@ -292,13 +292,9 @@ class NMMethod(SparsityMethod):
             self._plan = (key, self._tensor_guard(), batches, dense_copies, kinds)
 
     def _tensor_guard(self) -> tuple:
-        """What a replayed kernel call relies on: every layer's weight, mask, forward-weight buffer and 0/1 factor
-        are still the same memory (``model.to()``, a dtype change or ``param.data = ...`` replace them). The plan
-        keeps views of the old ones alive, so new memory cannot come back at an old address."""
-        return tuple((layer.weight.data_ptr(), layer.weight_mask.data_ptr(),
-                      None if layer._masked_cache is None else layer._masked_cache[1].data_ptr(),
-                      None if layer._mask_factor is None else layer._mask_factor[1].data_ptr())
-                     for _, layer in self.layers)
+        """What a replayed kernel call relies on: every layer's tensors still in the same memory (the plan keeps
+        views of the old ones alive, so new memory cannot come back at an old address)."""
+        return tuple(layer.memory_key() for _, layer in self.layers)
 
     def _masks_written(self, kinds: list[bool], beta: float) -> None:
         for (_, layer), layer_fast in zip(self.layers, kinds):

@@ -294,6 +294,9 @@ class SupermaskMethod(SparsityMethod):
         self.frozen = False
         self.phase = DENSE
         self.ramp = 0.0  # fraction of each unit's target sparsity in force
+        self._keep_buffers: list[torch.Tensor] | None = None  # the native selection's output, one per unit
+        self._counts: tuple[float, tuple[int, ...]] | None = None  # (fraction, tiles kept per unit)
+        self._plan: tuple | None = None  # the last all-native _compute_masks, replayed while nothing moved
 
     def ramp_at(self, global_step: int) -> tuple[str, int, float]:
         """(phase name, steps since the sparse phase began, fraction of the target sparsity in force)."""
@@ -316,9 +319,28 @@ class SupermaskMethod(SparsityMethod):
     @torch.no_grad()
     def _compute_masks(self, fraction: float) -> None:
         """T(S) of every unit, written in place into ``weight_mask``, and with it either ``W * E`` for the forward
-        (float32 on CPU: one native pass for all layers) or the layer's float mask factor."""
-        units, fused, plain = [], [], []
-        all_keeps = iter(self._tile_keeps(fraction))
+        (float32 on CPU: one native pass for all layers) or the layer's float mask factor.
+
+        When the last call ran wholly on the native kernels and the same tensors come back (every step of a run),
+        its two prepared kernel calls are replayed: no per-layer planning in the step."""
+        plan = self._plan
+        if plan is not None and plan[0] == self._tensor_guard():
+            _, select, expand, copies, layers = plan
+            if select.run(self._kept_counts(fraction)) and expand.run():
+                for out, w in copies:
+                    out.copy_(w)
+                for layer in layers:
+                    layer.masked_weight_written()
+                return
+        self._plan = None
+        select = self._select_call()
+        if select is not None and select.run(self._kept_counts(fraction)):
+            all_keeps = iter(select._keeps)
+        else:
+            select = None
+            all_keeps = iter([tile_mask(getattr(layer, name), spec.sparsity * fraction)
+                              for _, layer in self.layers for spec, name in zip(layer.slices, layer.score_names)])
+        units, fused, plain, copies = [], [], [], []
         for _, layer in self.layers:
             keeps = [next(all_keeps) for _ in layer.slices]
             w, mask = layer.weight.detach(), layer.weight_mask
@@ -331,13 +353,15 @@ class SupermaskMethod(SparsityMethod):
                 rows = spec.stop - spec.start
                 units.append((w[spec.start:spec.stop].view(rows, -1), mask[spec.start:spec.stop].view(rows, -1),
                               out[spec.start:spec.stop].view(rows, -1), keep, spec.tile))
+            copies += [(out[a:b], w[a:b]) for a, b in uncovered_rows(((s.start, s.stop) for s in layer.slices),
+                                                                      w.shape[0])]  # dense rows
             fused.append((layer, keeps, out))
-        if units and not native.tile_expand_native(units):
-            plain, fused = plain + [(layer, keeps) for layer, keeps, _ in fused], []
-        for layer, keeps, out in fused:
-            w = layer.weight.detach()
-            for start, stop in uncovered_rows(((s.start, s.stop) for s in layer.slices), w.shape[0]):
-                out[start:stop].copy_(w[start:stop])
+        expand = native.TileExpand(units) if units else None
+        if expand is not None and not expand.run():
+            plain, fused, expand = plain + [(layer, keeps) for layer, keeps, _ in fused], [], None
+        for out, w in copies if fused else ():
+            out.copy_(w)
+        for layer, keeps, _ in fused:
             layer.__dict__["_tile_keep"] = tuple((s.start, s.stop, s.tile, k) for s, k in zip(layer.slices, keeps))
             layer.masked_weight_written()
         for layer, keeps in plain:
@@ -345,16 +369,32 @@ class SupermaskMethod(SparsityMethod):
             for spec, keep in zip(layer.slices, keeps):
                 expand_tiles_(mask[spec.start:spec.stop], keep, spec.tile, factor[spec.start:spec.stop])
             layer.mask_factor_written()
+        if select is not None and expand is not None and not plain:
+            self._plan = (self._tensor_guard(), select, expand, copies, [layer for layer, _, _ in fused])
 
-    def _tile_keeps(self, fraction: float) -> list[torch.Tensor]:
-        """The bool tile mask T(S) of every unit (layers, then slices, in order) at ``fraction`` of its target
-        sparsity: one native call for all of them (float32 scores on CPU), else :func:`tile_mask` per unit."""
-        units = [(getattr(layer, name).detach(), spec.sparsity * fraction)
-                 for _, layer in self.layers for spec, name in zip(layer.slices, layer.score_names)]
-        keeps = [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s, _ in units]
-        if native.tile_topk_native([(s, k, tiles_kept(s.numel(), sp)) for (s, sp), k in zip(units, keeps)]):
-            return keeps
-        return [tile_mask(s, sp) for s, sp in units]
+    def _select_call(self) -> native.TileTopk | None:
+        """The native tile selection over every unit, writing into keep buffers owned by the method (reused every
+        step, rewritten with the forward-weight buffer, whose alias the backward checks: a backward after the next
+        mask step fails loudly), or None where it does not apply."""
+        scores = [getattr(layer, name).detach() for _, layer in self.layers for name in layer.score_names]
+        keeps = self._keep_buffers
+        if keeps is None or [k.shape for k in keeps] != [s.shape for s in scores]:
+            keeps = self._keep_buffers = [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s in scores]
+        return native.TileTopk.create(list(zip(scores, keeps)))
+
+    def _kept_counts(self, fraction: float) -> tuple[int, ...]:
+        """Tiles kept per unit (layers, then slices, in order) at ``fraction`` of each unit's target sparsity."""
+        if self._counts is None or self._counts[0] != fraction:
+            self._counts = (fraction, tuple(tiles_kept(getattr(layer, name).numel(), spec.sparsity * fraction)
+                                            for _, layer in self.layers
+                                            for spec, name in zip(layer.slices, layer.score_names)))
+        return self._counts[1]
+
+    def _tensor_guard(self) -> tuple:
+        """What a replayed plan relies on: every layer's tensors and scores still in the same memory (the plan keeps
+        views of the old ones alive, so new memory cannot come back at an old address)."""
+        return tuple((layer.memory_key(), *(getattr(layer, name).data_ptr() for name in layer.score_names))
+                     for _, layer in self.layers)
 
     @torch.no_grad()
     def step(self, global_step: int) -> None:
