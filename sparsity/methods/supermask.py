@@ -6,7 +6,8 @@ parameter ``weight_scores`` (``weight_scores_<label>`` for qkv thirds) of shape 
 
 =========  ==================================================================================================
 mask       T(S): the ``round((1 - s) * num_tiles)`` tiles with the highest scores (the tiles with S >= the
-           s-quantile), expanded to whole tiles; recomputed in ``step()`` every ``mask_interval`` steps
+           s-quantile; ties to the lower index, NaN as the highest), expanded to whole tiles; recomputed in
+           ``step()`` every ``mask_interval`` steps
 forward    W~ = W * T(S)
 grad W     g * T(S)  (``fixed_weight: true``: the weight does not train at all, ``requires_grad`` is False)
 grad S     straight-through through the threshold: dL/dS_tile = sum over the tile of g * W, i.e. the plain
