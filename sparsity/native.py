@@ -253,7 +253,7 @@ class TileTopk:
         self.units = units
         self._args = (len(units), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]),
                       _int64s(u[0].numel() for u in units))
-        self._keeps = [u[1] for u in units]
+        self.keeps = [u[1] for u in units]
         self._counts: tuple[tuple[int, ...], ctypes.Array] | None = None
 
     @classmethod
@@ -271,7 +271,7 @@ class TileTopk:
         lib = kernel()
         if lib is None or lib.tile_topk(*self._args, self._counts[1], torch.get_num_threads()) != 0:
             return False
-        increment_version(self._keeps)
+        increment_version(self.keeps)
         return True
 
 

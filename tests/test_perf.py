@@ -400,6 +400,16 @@ def test_bench_masks_reports_which_kernel_and_equal_masks():
     assert all(r["equal"] and r["layers"] > 0 and r["rank_ms"] > 0 for r in result["rows"])
 
 
+def _vit_controller(recipe: dict):
+    """A tiny ViT (seed 0) sparsified by ``recipe`` with its controller (100 steps)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+                              num_classes=10)
+    recipe = sparsity.recipe_from_dict(recipe)
+    sparsity.sparsify_(model, recipe)
+    return model, sparsity.SparsityController(model, recipe, total_steps=100)
+
+
 @pytest.mark.parametrize("method", ["ste", "mdgf"])
 def test_replayed_mask_step_equals_planned_one_and_follows_replaced_weights(method, monkeypatch):
     """After the first step the controller replays its native kernel calls with no per-layer planning; every
@@ -409,17 +419,9 @@ def test_replayed_mask_step_equals_planned_one_and_follows_replaced_weights(meth
     from sparsity import native
     from sparsity.methods import nm as nm_mod
 
-    def build():
-        torch.manual_seed(0)
-        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
-                                  num_heads=2, num_classes=10)
-        recipe = sparsity.recipe_from_dict({"method": method, "decay": {"type": "linear", "coef": 0.1},
-                                            "rules": [{"target": ["ff"], "n": 2, "m": 4},
-                                                      {"target": ["q"], "n": 1, "m": 8}]})
-        sparsity.sparsify_(model, recipe)
-        return model, sparsity.SparsityController(model, recipe, total_steps=100)
-
-    (model_a, ctl_a), (model_b, ctl_b) = build(), build()
+    recipe = {"method": method, "decay": {"type": "linear", "coef": 0.1},
+              "rules": [{"target": ["ff"], "n": 2, "m": 4}, {"target": ["q"], "n": 1, "m": 8}]}
+    (model_a, ctl_a), (model_b, ctl_b) = _vit_controller(recipe), _vit_controller(recipe)
     planned = []
     real = nm_mod.nm_masks_
     monkeypatch.setattr(nm_mod, "nm_masks_", lambda *a, **k: planned.append(1) or real(*a, **k))
@@ -458,18 +460,9 @@ def test_replayed_supermask_step_equals_planned_one_and_follows_replaced_tensors
     dense, and replaced weight or score memory makes it plan again."""
     from sparsity import native
 
-    def build():
-        torch.manual_seed(0)
-        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
-                                  num_heads=2, num_classes=10)
-        recipe = sparsity.recipe_from_dict({"method": "supermask", "ramp": {"start_fraction": 0.0,
-                                                                             "end_fraction": 0.05},
-                                            "rules": [{"target": ["ff"], "sparsity": 0.5, "tile": 8},
-                                                      {"target": ["q"], "sparsity": 0.75, "tile": 4}]})
-        sparsity.sparsify_(model, recipe)
-        return model, sparsity.SparsityController(model, recipe, total_steps=100)
-
-    (model_a, ctl_a), (model_b, ctl_b) = build(), build()
+    recipe = {"method": "supermask", "ramp": {"start_fraction": 0.0, "end_fraction": 0.05},
+              "rules": [{"target": ["ff"], "sparsity": 0.5, "tile": 8}, {"target": ["q"], "sparsity": 0.75, "tile": 4}]}
+    (model_a, ctl_a), (model_b, ctl_b) = _vit_controller(recipe), _vit_controller(recipe)
     planned = []
     real = native.TileExpand.__init__
     monkeypatch.setattr(native.TileExpand, "__init__", lambda self, units: planned.append(1) or real(self, units))

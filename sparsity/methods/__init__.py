@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +39,14 @@ def get_method(name: str) -> type[SparsityMethod]:
     if name not in METHODS:
         raise RecipeError(f"unknown sparsity method {name!r} (valid: {', '.join(sorted(METHODS))})")
     return METHODS[name]
+
+
+def slice_param_name(base: str, layer: MaskedMixin, spec: SliceSpec) -> str:
+    """Name of a learned per-slice parameter (supermask scores, gumbel logits): ``base`` for a whole-layer unit,
+    ``base_<label>`` for a row slice (the q/k/v thirds of a fused qkv)."""
+    if len(layer.slices) == 1 and spec.start == 0 and spec.stop == layer.weight.shape[0]:
+        return base
+    return f"{base}_{re.sub(r'[^0-9A-Za-z_]', '_', spec.label)}"
 
 
 def fill_missing_slice_params(module: MaskedMixin, state_dict: dict, prefix: str, names, from_weight) -> list:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,7 +35,7 @@ from ..layers import MaskedMixin, SliceSpec, frozen_weight
 from ..masks import grouped_dim
 from ..recipe import Recipe, RecipeError, parse_dataclass
 from ..schedules import DENSE, FINETUNE, SPARSE, linear_ramp, phase_at
-from . import SparsityMethod, fill_missing_slice_params, register_method
+from . import SparsityMethod, fill_missing_slice_params, register_method, slice_param_name
 
 __all__ = ["MAX_PATTERNS", "TauAnneal", "GumbelConfig", "GumbelMethod", "nm_patterns", "gumbel_weight", "tau_at"]
 
@@ -110,12 +109,6 @@ def tau_at(tau: float | TauAnneal, global_step: int, sparse_start: int, finetune
         return linear_ramp(global_step, sparse_start, finetune_start, tau.start, tau.end)
     progress = linear_ramp(global_step, sparse_start, finetune_start, 0.0, 1.0)
     return tau.start * (tau.end / tau.start) ** progress
-
-
-def _param_name(layer: MaskedMixin, spec: SliceSpec) -> str:
-    if len(layer.slices) == 1 and spec.start == 0 and spec.stop == layer.weight.shape[0]:
-        return "weight_logits"
-    return f"weight_logits_{re.sub(r'[^0-9A-Za-z_]', '_', spec.label)}"
 
 
 def _grouped(w: torch.Tensor, spec: SliceSpec) -> tuple[torch.Tensor, int]:
@@ -304,7 +297,7 @@ class GumbelMethod(SparsityMethod):
         names = []
         with torch.no_grad():
             for spec in layer.slices:
-                name = _param_name(layer, spec)
+                name = slice_param_name("weight_logits", layer, spec)
                 w = layer.weight[spec.start:spec.stop]
                 logits = nn.Parameter(_init_logits(w, spec, opts.init, opts.init_scale))
                 layer.register_parameter(name, logits)

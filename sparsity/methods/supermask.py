@@ -24,7 +24,6 @@ apply as for every method (fine-tune with ``finetune_mask: frozen`` fixes the ma
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,7 +36,7 @@ from ..layers import MaskedMixin, SliceSpec, frozen_weight, layer_kind, uncovere
 from ..masks import expand_tiles, expand_tiles_, tile_mask, tile_scores, tiles_kept
 from ..recipe import Recipe, RecipeError, Rule
 from ..schedules import DENSE, FINETUNE, linear_ramp, phase_at
-from . import SparsityMethod, fill_missing_slice_params, register_method
+from . import SparsityMethod, fill_missing_slice_params, register_method, slice_param_name
 
 __all__ = ["Ramp", "SupermaskConfig", "SupermaskMethod", "supermask_weight", "tile_sum", "layer_kind"]
 
@@ -98,13 +97,6 @@ def tile_sum(x: torch.Tensor, tile: int) -> torch.Tensor:
         x2 = F.pad(x2, (0, ct * tile - c, 0, rt * tile - r))
     # the contiguous inner reduction first: summing a run of `tile` is cheaper than a strided one
     return x2.reshape(rt, tile, ct, tile).sum(dim=3).sum(dim=1)
-
-
-def _param_name(base: str, layer: MaskedMixin, spec: SliceSpec) -> str:
-    """``base`` for a whole-layer unit; ``base_<label>`` for a row slice (the q/k/v thirds of a fused qkv)."""
-    if len(layer.slices) == 1 and spec.start == 0 and spec.stop == layer.weight.shape[0]:
-        return base
-    return f"{base}_{re.sub(r'[^0-9A-Za-z_]', '_', spec.label)}"
 
 
 def _init_scores(w: torch.Tensor, tile: int, how: str) -> torch.Tensor:
@@ -275,7 +267,7 @@ class SupermaskMethod(SparsityMethod):
         names = []
         with torch.no_grad():
             for spec in layer.slices:
-                name = _param_name("weight_scores", layer, spec)
+                name = slice_param_name("weight_scores", layer, spec)
                 scores = _init_scores(layer.weight[spec.start:spec.stop].detach(), spec.tile, opts.score_init)
                 layer.register_parameter(name, nn.Parameter(scores))
                 names.append(name)
@@ -336,7 +328,7 @@ class SupermaskMethod(SparsityMethod):
         self._plan = None
         select = self._select_call()
         if select is not None and select.run(self._kept_counts(fraction)):
-            all_keeps = iter(select._keeps)
+            all_keeps = iter(select.keeps)
         else:
             select = None
             all_keeps = iter([tile_mask(getattr(layer, name), spec.sparsity * fraction)
