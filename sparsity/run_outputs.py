@@ -78,6 +78,7 @@ def write_report(run_dir: Path, rows, final, model, args, recipe, seconds: float
         "sparsity_all": overall_sparsity(model, selected_only=False), "layers": len(conform),
         "layers_conforming": sum(bool(c) for c in conform), "wall_time_s": round(seconds, 2),
     }
+    result.update({k: final[k] for k in ("ema_top1", "ema_top5", "ema_loss") if k in final})  # --model-ema
     (run_dir / "results.json").write_text(json.dumps(result, indent=2))
 
 
@@ -127,6 +128,8 @@ def final_table(args, recipe, final, rows, model, run_dir, seconds) -> str:
         "",
         f"{'model':<12}{args.model} ({recipe.method})",
         f"{'top-1':<12}{final['top1']:.2f} %   (top-5 {final['top5']:.2f} %, loss {final['loss']:.4f})",
+        *([f"{'EMA top-1':<12}{final['ema_top1']:.2f} %   (top-5 {final['ema_top5']:.2f} %, loss "
+           f"{final['ema_loss']:.4f}; the metric model_best ranks)"] if "ema_top1" in final else []),
         f"{'sparsity':<12}{overall_sparsity(model):.1%} of the {len(conform)} selected layers' weights, "
         f"{overall_sparsity(model, selected_only=False):.1%} of all Linear/Conv weights",
         f"{'conforms':<12}" + (f"yes: all {ok} selected layers match their pattern" if ok == len(conform)

@@ -416,13 +416,16 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                 row["ema_top1"] = round(ema_metrics["top1"], 4)
             row["mask_flip_rate"] = round(ctl.flip_rate(), 6)
             row.update(ctl.metrics())
+            # as timm's train.py: with --model-ema the EMA model's metric ranks checkpoints (model_best) and drives
+            # plateau schedulers
+            ranked = ema_metrics if model_ema is not None else eval_metrics
             if lr_scheduler is not None:
-                lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+                lr_scheduler.step(epoch + 1, ranked[args.eval_metric])
             if dist.is_main:
                 append_summary(summary_path, row)
                 if wandb_run is not None:
                     wandb_run.log(row, step=state.global_step)
-                metric = eval_metrics[args.eval_metric]
+                metric = ranked[args.eval_metric]
                 _save_epoch(run_dir, checkpoint_dict, save, state, epoch, metric, args.checkpoint_hist,
                             target_problem(model), lower_is_better=args.eval_metric == "loss")
                 _logger.info("epoch %d done: train loss %.4f | top-1 %.2f | sparsity %.3f %s", epoch,
@@ -437,9 +440,14 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     ctl.finalize(*([model_ema.module] if model_ema is not None else []))
     ctl.on_train_end(str(run_dir) if dist.is_main else None)
     final = evaluate(model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype, reduce=reduce)
+    final_ranked = final
+    if model_ema is not None:
+        final_ranked = evaluate(model_ema.module, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype,
+                                reduce=reduce)
+        final = {**final, **{f"ema_{k}": v for k, v in final_ranked.items() if k in ("top1", "top5", "loss")}}
     rows = sparsity_report(model)
     if dist.is_main:
-        final_metric = final[args.eval_metric]
+        final_metric = final_ranked[args.eval_metric]
         problem = target_problem(model)
         # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
         final_best = _claim_best(state, final_metric, args.epochs, problem, args.eval_metric == "loss")

@@ -101,6 +101,32 @@ def test_model_best_only_ranks_epochs_at_the_target(tmp_path, monkeypatch, score
     assert run_cli(validate.main, ["--checkpoint", str(run / "model_best.pth.tar"), "--require-conformance"]) == 0
 
 
+def test_model_ema_ranks_checkpoints_by_the_ema_metric(tmp_path, monkeypatch, capsys):
+    """As timm's train.py: with --model-ema, model_best (and a plateau scheduler) follow the EMA model's metric.
+    Evaluations alternate live, EMA per epoch and at the end; here the live model improves while the EMA peaks at
+    epoch 0, so model_best must be epoch 0 (the live ranking would pick the final model)."""
+    import sparsity.trainer as trainer_mod
+
+    real, scores = trainer_mod.evaluate, iter([50.0, 90.0, 60.0, 40.0, 70.0, 30.0, 80.0, 20.0])
+
+    def scripted(*a, **k):
+        return {**real(*a, **k), "top1": next(scores)}
+
+    monkeypatch.setattr(trainer_mod, "evaluate", scripted)
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--model-ema",
+                                "--output", str(tmp_path), "--experiment", "run"]) == 0
+    run = tmp_path / "run"
+    with open(run / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(float(r["eval_top1"]), float(r["ema_top1"])) for r in rows] == [(50, 90), (60, 40), (70, 30)]
+    best = torch.load(run / "model_best.pth.tar", weights_only=True)
+    assert best["best"] == [90.0, 0] and best["metric"] == 90.0  # [metric, epoch]: epoch 0
+    result = json.loads((run / "results.json").read_text())
+    assert result["top1"] == 80.0 and result["ema_top1"] == 20.0
+    assert "EMA top-1   20.00 %" in capsys.readouterr().out
+
+
 def test_resume_from_epoch_checkpoint_matches_uninterrupted(tmp_path):
     cfg = _recipe(tmp_path, "mdgf", {**RECIPES["mdgf"], "structure_decay": "sparsify", "mask_interval": 2})
     args = ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--checkpoint-hist", "3", "--output", str(tmp_path)]
