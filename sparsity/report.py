@@ -62,6 +62,11 @@ def target_problem(model: nn.Module) -> str | None:
             if _conforms(layer, w) is False:
                 pattern = layer.slices[0].pattern() if len(layer.slices) == 1 else layer.pattern_label()
                 density = float((w != 0).float().mean())
+                if _conforms(layer, layer.weight_mask) and torch.any(w[~layer.weight_mask] != 0):
+                    # the mask is at the pattern but pruned weights still reach the forward (MDGF's decay)
+                    beta = getattr(layer, "sparse_beta_value", None)
+                    return (f"{fqn}'s mask is at {pattern} but its pruned weights still reach the forward"
+                            + (f" (beta {beta:.3g})" if beta else "") + f", density {density:.3f}")
                 return f"{fqn} is not at {pattern} yet (density {density:.3f})"
     finally:
         for m in model.modules():

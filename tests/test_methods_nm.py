@@ -234,7 +234,8 @@ def test_target_problem_names_what_is_not_final_yet():
     model, recipe = _layer("mdgf", decay={"type": "linear", "coef": 0.1})  # beta = 1 - 0.1 t
     ctl = sparsity.SparsityController(model, recipe, total_steps=100)
     ctl.step(5)  # beta 0.5: pruned weights still pass at half strength
-    assert target_problem(model) == "fc is not at 2:4 yet (density 1.000)"
+    assert target_problem(model) == "fc's mask is at 2:4 but its pruned weights still reach the forward (beta 0.5), " \
+                                    "density 1.000"
     ctl.step(10)  # beta 0
     assert target_problem(model) is None
 
