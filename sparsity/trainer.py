@@ -276,6 +276,13 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         state.skipped_nonfinite = int(resume.get("skipped_nonfinite", 0))
         state.loss_sum, state.loss_count = float(resume.get("loss_sum", 0.0)), int(resume.get("loss_count", 0))
         state.extra["best"], state.extra["hist"] = resume.get("best"), resume.get("hist", [])
+        ranked_by = "ema" if args.model_ema else "model"
+        if state.extra["best"] is not None and resume.get("metric_model", "model") != ranked_by:
+            # --model-ema turned on or off (or a checkpoint from before EMA ranking): the saved ranking compares
+            # the other model's metric; start a new one (checkpoint-<epoch> files already written stay)
+            _logger.info("resume: model_best is ranked by the %s metric from now on; the checkpoint's ranking "
+                         "(%s metric) starts over", ranked_by, resume.get("metric_model", "model"))
+            state.extra["best"], state.extra["hist"] = None, []
         next_epoch, skip_batches = int(resume["next_epoch"]), int(resume.get("skip_batches", 0))
         if skip_batches:  # mid-epoch: the reference the uninterrupted epoch would compare against
             ctl.set_metric_reference(resume.get("metric_reference") or {"masks": resume.get("flip_reference")})
@@ -355,6 +362,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             "global_step": state.global_step, "skipped_nonfinite": state.skipped_nonfinite, "metric": metric,
             "args": resolved, "rng": _rng_state(), "version": 1,
             "best": state.extra.get("best"), "hist": state.extra.get("hist", []),
+            "metric_model": "ema" if model_ema is not None else "model",  # which weights `metric` evaluated
             "loss_sum": float(running) if (mid_epoch and running is not None) else 0.0,
             "loss_count": state.loss_count if mid_epoch else 0,
             "metric_reference": ctl.metric_reference() if mid_epoch else None, "steps_per_epoch": steps_per_epoch,

@@ -200,6 +200,29 @@ def test_backward_after_the_buffer_was_rewritten_fails_loudly():
         loss.backward()
 
 
+@needs_kernel
+def test_supermask_backward_after_the_next_mask_step_fails_loudly():
+    """The tile masks are reused buffers, rewritten by every mask step: a pending backward must not silently take
+    the new ones, even where nothing downstream saved the forward weight (here: the weight is only used by a
+    matmul whose other input needs no gradient, so only the saved keep masks can tell)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    recipe = sparsity.recipe_from_dict({"method": "supermask", "rules": [{"target": "linear", "sparsity": 0.5,
+                                                                          "tile": 4}]})
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=100)
+    ctl.step(0)
+    layer = model[0]
+    w_tilde = layer.sparse_weight()  # W * T(S) from the precomputed buffer
+    assert layer.fresh_masked_weight() is not None
+    loss = (w_tilde * torch.randn(w_tilde.shape)).sum()  # mul saves its other input, not w_tilde
+    with torch.no_grad():
+        getattr(layer, layer.score_names[0]).add_(torch.randn(getattr(layer, layer.score_names[0]).shape))
+    ctl.step(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_copies_drop_the_caches():
     import copy
 
@@ -285,7 +308,7 @@ def test_tile_kernels_split_by_elements_and_give_the_same_bytes_on_every_thread_
     row) are shared out by element count; every tile row is done by one thread, so all counts give the same bytes
     (the score sums included) and every element is written."""
     gen = torch.Generator().manual_seed(7)
-    shapes = [(64, 72, 8), (13, 30, 4), (1, 40, 8), (256, 1152, 8), (9, 9, 8)]
+    shapes = [(8, 0, 8), (64, 72, 8), (13, 30, 4), (0, 16, 4), (1, 40, 8), (256, 1152, 8), (5, 0, 4), (9, 9, 8)]
     units = [(torch.randn(r, c, generator=gen), torch.randn(r, c, generator=gen),
               torch.rand(-(-r // t), -(-c // t), generator=gen) > 0.5, t) for r, c, t in shapes]
 
@@ -316,7 +339,8 @@ def test_tile_kernels_split_by_elements_and_give_the_same_bytes_on_every_thread_
         mask, out, gw, gs = got[2 * i], got[2 * i + 1], got[2 * len(units) + 2 * i], got[2 * len(units) + 2 * i + 1]
         factor = M.expand_tiles(keep, w.shape, t)
         assert torch.equal(mask, factor) and torch.equal(out, w * factor) and torch.equal(gw, g * factor)
-        assert torch.allclose(gs, tile_sum(g * w, t), rtol=1e-5, atol=1e-5)
+        if w.numel():  # empty units have empty score gradients
+            assert torch.allclose(gs, tile_sum(g * w, t), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

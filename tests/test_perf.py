@@ -438,7 +438,7 @@ def test_replayed_mask_step_equals_planned_one_and_follows_replaced_weights(meth
         before = len(planned)
         ctl_a.step(step)
         planned_a = len(planned) - before
-        ctl_b.method._plan = None  # B plans every step
+        ctl_b.method._plan, ctl_b.method._workspace = None, {}  # B plans every step, nm_masks_ included
         ctl_b.step(step)
         if native.kernel() is not None:
             assert ctl_a.method._plan is not None
@@ -452,6 +452,13 @@ def test_replayed_mask_step_equals_planned_one_and_follows_replaced_weights(meth
         d = qkv.weight.shape[0] // 3
         assert qkv.weight_mask[d:].all() and torch.equal(qkv.sparse_weight()[d:], qkv.weight[d:])  # k, v dense
         assert torch.equal(qkv.weight_mask[:d], sparsity.nm_mask(qkv.weight[:d], 1, 8, dim=1))
+        beta = ctl_a.method.beta if method == "mdgf" else 0.0
+        for fqn, layer in ctl_a.layers:  # ff at 2:4 against the formula, independently of either controller
+            if "mlp" in fqn:
+                w = layer.weight.detach()
+                e = sparsity.nm_mask(w, 2, 4, dim=1)
+                assert torch.equal(layer.weight_mask, e), (step, fqn)
+                assert torch.equal(layer.sparse_weight().detach(), torch.lerp(w * beta, w, e.float())), (step, fqn)
 
 
 def test_replayed_supermask_step_equals_planned_one_and_follows_replaced_tensors(monkeypatch):

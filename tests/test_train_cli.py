@@ -125,6 +125,18 @@ def test_model_ema_ranks_checkpoints_by_the_ema_metric(tmp_path, monkeypatch, ca
     result = json.loads((run / "results.json").read_text())
     assert result["top1"] == 80.0 and result["ema_top1"] == 20.0
     assert "EMA top-1   20.00 %" in capsys.readouterr().out
+    monkeypatch.setattr(trainer_mod, "evaluate", real)
+    assert run_cli(validate.main, ["--checkpoint", str(run / "model_best.pth.tar")]) == 0
+    captured = capsys.readouterr()
+    assert "ranked by its EMA weights' metric" in captured.out + captured.err  # the live weights were evaluated
+    # resuming without --model-ema: the saved ranking compared EMA metrics, so it starts over
+    scores = iter([10.0, 20.0, 30.0])
+    monkeypatch.setattr(trainer_mod, "evaluate", scripted)
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--output", str(tmp_path),
+                                "--experiment", "resumed", "--resume", str(run / "checkpoint-0.pth.tar")]) == 0
+    best = torch.load(tmp_path / "resumed" / "model_best.pth.tar", weights_only=True)
+    assert best["best"] == [30.0, 3] and best["metric_model"] == "model"  # not the EMA's [90.0, 0]
+    assert "ranking (ema metric) starts over" in "".join(capsys.readouterr())
 
 
 def test_resume_from_epoch_checkpoint_matches_uninterrupted(tmp_path):

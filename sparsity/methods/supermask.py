@@ -144,19 +144,21 @@ class _SupermaskFromMasked(torch.autograd.Function):
     the forward computes nothing and the backward makes g * E and every tile's sum of g * W in one pass.
 
     ``units`` holds (start, stop, tile, keep) per score, keep being the bool tile mask the step expanded. The output
-    aliases the buffer (``detach()`` shares its version counter): a backward after it was rewritten fails loudly.
+    aliases the buffer (``detach()`` shares its version counter) and the keep masks are saved: a backward after
+    either was rewritten fails loudly.
     """
 
     @staticmethod
     def forward(ctx, weight, masked, units, *scores):
         ctx.units = units
         ctx.score_dtypes = tuple(s.dtype for s in scores)
-        ctx.save_for_backward(weight)
+        # the keep masks too: the mask step rewrites them in place, and a backward after that must fail loudly
+        ctx.save_for_backward(weight, *(u[3] for u in units))
         return masked.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
+        weight = ctx.saved_tensors[0]
         need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
         grad = grad.contiguous()
         grad_w = torch.empty_like(weight) if need_w else None
@@ -371,7 +373,7 @@ class SupermaskMethod(SparsityMethod):
         mask step fails loudly), or None where it does not apply."""
         scores = [getattr(layer, name).detach() for _, layer in self.layers for name in layer.score_names]
         keeps = self._keep_buffers
-        if keeps is None or [k.shape for k in keeps] != [s.shape for s in scores]:
+        if keeps is None or [(k.shape, k.device) for k in keeps] != [(s.shape, s.device) for s in scores]:
             keeps = self._keep_buffers = [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s in scores]
         return native.TileTopk.create(list(zip(scores, keeps)))
 
