@@ -171,10 +171,10 @@ def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
     recipe = recipe_from_dict(ckpt.get("recipe") or {}, source=f"{path} (recipe)")
     model = create_model(ckpt["arch"], recipe=recipe, **dict(ckpt.get("create_kwargs") or {}))
     state = model_state_from(ckpt, use_ema)
-    if ckpt.get("metric_model") == "ema" and not use_ema and ckpt.get("best") is not None:
+    if ckpt.get("metric_model") == "ema" and not use_ema:
         logging.getLogger(__name__).warning(
-            "%s was ranked by its EMA weights' metric (trained with --model-ema); these are the live weights: pass "
-            "--use-ema for the EMA ones", path)
+            "%s: its metric and the model_best ranking come from the EMA weights (trained with --model-ema); these "
+            "are the live weights: pass --use-ema for the EMA ones", path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
