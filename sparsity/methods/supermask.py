@@ -369,8 +369,8 @@ class SupermaskMethod(SparsityMethod):
 
     def _select_call(self) -> native.TileTopk | None:
         """The native tile selection over every unit, writing into keep buffers owned by the method (reused every
-        step, rewritten with the forward-weight buffer, whose alias the backward checks: a backward after the next
-        mask step fails loudly), or None where it does not apply."""
+        step; the backward saves them, so one run after the next mask step fails loudly), or None where it does
+        not apply."""
         scores = [getattr(layer, name).detach() for _, layer in self.layers for name in layer.score_names]
         keeps = self._keep_buffers
         if keeps is None or [(k.shape, k.device) for k in keeps] != [(s.shape, s.device) for s in scores]:
