@@ -250,14 +250,12 @@ def _bench_infer(args) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
     source = _infer_model(args)
-    model, name = resolve_model(source)  # a checkpoint or export is loaded once, for every run below
-    if not isinstance(source, str):
-        name = args.model  # the timm name, not the class
+    model, _ = resolve_model(source)  # a checkpoint or export is loaded once, for every run below
     # a checkpoint or export with block-sparse layers (supermask, block gmp) runs BSR unless told otherwise
     backend = args.backend or default_backend(model)
     dtypes = [getattr(torch, d) for d in dict.fromkeys(args.dtype)]
     common = dict(backend=backend, img_size=args.img_size, device=device, warmup=args.warmup, iters=args.steps,
-                  semi_kernel=args.semi_kernel, name=name)
+                  semi_kernel=args.semi_kernel)
     what = f"{args.model} on {device}, {backend}, {args.steps} timed forwards after {args.warmup}"
     if args.layers:
         rows, totals = [], []

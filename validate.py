@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         num_classes_of,
         resolve_data,
         resolve_dataset,
-        trained_data_config,
     )
     from sparsity.distributed import init_distributed
     from sparsity.engine import evaluate
@@ -117,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             _check_same_model(args, path, ckpt["arch"], dict(ckpt.get("create_kwargs") or {}))
             model, _ = sparsity.model_from_checkpoint(path, use_ema=args.use_ema, ckpt=ckpt)
             trained_args = ckpt.get("args")
-            trained_cfg = trained_data_config(trained_args, model)
+            # model_from_checkpoint put the run's data config (from its args) into pretrained_cfg
+            trained_cfg = model.pretrained_cfg if trained_args else None
         else:
             if not args.model:
                 raise UserError(f"{path} holds no model name; pass --model (and --config for a sparse recipe)")

@@ -21,7 +21,7 @@ from .layers import MaskedMixin
 from .masks import is_nm
 from .surgery import set_submodule
 
-__all__ = ["SparseLinear", "accelerate_", "plan_acceleration", "BACKENDS", "SEMI_KERNELS"]
+__all__ = ["SparseLinear", "accelerate_", "plan_acceleration", "layer_backend", "BACKENDS", "SEMI_KERNELS"]
 
 _logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class SparseLinear(nn.Module):
                f"pattern={self.pattern}, dtype={self.dtype}"
 
 
-def _device_problem(weight: torch.Tensor, backend: str = "bsr", semi_kernel: str = "auto") -> str | None:
+def _device_problem(weight: torch.Tensor, backend: str, semi_kernel: str) -> str | None:
     if not torch.cuda.is_available():
         return f"{_NEED_GPU} (no CUDA device here)"
     if weight.device.type != "cuda":
@@ -162,6 +162,12 @@ def _semi_structured_min_shape(dtype: torch.dtype, kernel: str = "auto") -> tupl
     cls = semi_structured_class(kernel)
     cfg = cls._DTYPE_SHAPE_CONSTRAINTS.get(dtype)
     return (cfg.sparse_min_rows, cfg.sparse_min_cols) if cfg else (32, 64)
+
+
+def layer_backend(layer: MaskedMixin) -> str:
+    """The kernel family a masked layer's pattern calls for: ``bsr`` for block-sparse (tiled) slices, else
+    ``semi_structured`` (N:M)."""
+    return "bsr" if any(s.tile for s in layer.slices) else "semi_structured"
 
 
 def _pattern(mod: nn.Module) -> str:
@@ -280,8 +286,8 @@ def accelerate_(model: nn.Module, backend: str = "semi_structured", dtype: torch
         mod = model.get_submodule(row["fqn"])
         try:
             sparse = _to_sparse(mod, backend, dtype, blocksize, semi_kernel)
-            # one forward before the swap: some kernels convert fine and refuse only when called (CUTLASS 2:4 off
-            # sm8x, say); 64 rows also take BSR's Triton path (rows a multiple of the tile) and warm it up
+            # one forward before the swap: a kernel constraint the pre-flight does not know refuses here, not in
+            # the user's first forward; 64 rows also take BSR's Triton path (rows a multiple of the tile) and warm it
             sparse(torch.zeros(64, mod.in_features, device=mod.weight.device, dtype=dtype))
         except (RuntimeError, ValueError) as e:  # a kernel constraint the pre-flight did not know about
             row["reason"] = f"conversion failed: {' '.join(str(e).split())[:200]}"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accelerate import SparseLinear, accelerate_, semi_structured_class
+from .accelerate import SparseLinear, accelerate_, layer_backend, semi_structured_class
 from .data import fixed_img_size
 from .layers import masked_modules
 from .surgery import densify_
@@ -98,8 +98,9 @@ def sparse_model(arch: str, targets: Sequence[str] = ("ff",), nm: tuple[int, int
 def resolve_model(model_or_name: nn.Module | str | os.PathLike,
                   create_kwargs: dict | None = None) -> tuple[nn.Module, str]:
     """``(model, name)`` for a model, a timm name, a checkpoint or an export (loaded once: pass the model on)."""
-    if isinstance(model_or_name, nn.Module):
-        return model_or_name, type(model_or_name).__name__
+    if isinstance(model_or_name, nn.Module):  # timm models know their name; others are named by their class
+        cfg = getattr(model_or_name, "pretrained_cfg", None) or {}
+        return model_or_name, cfg.get("architecture") or type(model_or_name).__name__
     import timm
 
     name = str(model_or_name)
@@ -113,7 +114,7 @@ def resolve_model(model_or_name: nn.Module | str | os.PathLike,
 
 def default_backend(model: nn.Module) -> str:
     """``bsr`` for a model with block-sparse (tiled) layers, else ``semi_structured``."""
-    return "bsr" if any(s.tile for _, layer in masked_modules(model) for s in layer.slices) else "semi_structured"
+    return "bsr" if any(layer_backend(layer) == "bsr" for _, layer in masked_modules(model)) else "semi_structured"
 
 
 def _default_img_size(model: nn.Module) -> int:
@@ -183,7 +184,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
                 modes: Sequence[str] = ("eager",), img_size: int | None = None, device: str | None = None,
                 warmup: int = 10, iters: int = 50, create_kwargs: dict | None = None, compile_backend: str = "inductor",
                 compile_mode: str | None = None, blocksize: int | None = None, semi_kernel: str = "auto",
-                progress: Callable[[dict], None] | None = None, name: str | None = None) -> dict[str, Any]:
+                progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Time ``model`` dense (masks baked in) and accelerated, for every dtype x batch size x mode.
 
     Args:
@@ -197,7 +198,6 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
         device: default ``cuda`` when available, else ``cpu``.
         warmup, iters: forwards before timing (compilation happens there), forwards timed (median reported).
         progress: called with each finished row.
-        name: the model's name in the results (default: the timm name or the checkpoint's architecture).
 
     Returns:
         ``settings``, ``rows`` (one per dtype x batch x mode: ``dense_ms``, ``sparse_ms``, ``speedup`` =
@@ -209,8 +209,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"modes must be among {', '.join(MODES)}, got {bad}")
-    model, resolved = resolve_model(model_or_name, create_kwargs)
-    name = name or resolved
+    model, name = resolve_model(model_or_name, create_kwargs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     img_size = img_size or _default_img_size(model)
     gen = torch.Generator().manual_seed(0)
@@ -265,15 +264,14 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
                  batch_size: int = 64, dtype: torch.dtype = torch.bfloat16, tags: Sequence[str] = ("ff",),
                  img_size: int | None = None, device: str | None = None, warmup: int = 10, iters: int = 50,
                  create_kwargs: dict | None = None, blocksize: int | None = None,
-                 semi_kernel: str = "auto", name: str | None = None) -> dict[str, Any]:
+                 semi_kernel: str = "auto") -> dict[str, Any]:
     """The MLP linears alone (layers tagged ``ff``, or ``tags``): dense ``F.linear`` against the sparse kernel.
 
     Each layer gets the input size a whole-model forward of ``batch_size`` images feeds it (batch x tokens
     rows for a ViT). Layers of one shape and input size are timed once and counted (``count``); ``total`` sums
     count x time over every layer, which is the time those layers take in one forward.
     """
-    model, resolved = resolve_model(model_or_name, create_kwargs)
-    name = name or resolved
+    model, name = resolve_model(model_or_name, create_kwargs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     img_size = img_size or _default_img_size(model)
     dense, sparse, plan = _dense_and_sparse(model, device, dtype, backend=backend, blocksize=blocksize,

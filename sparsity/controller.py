@@ -125,7 +125,6 @@ class SparsityController:
     def no_weight_decay_params(self) -> list[nn.Parameter]:
         return self.method.no_weight_decay_params()
 
-
     def param_groups(self, weight_decay: float) -> list[dict]:
         """timm's weight-decay parameter groups for the model: no decay on biases/norms (timm's rule) and on the
         method's extra parameters (scores, logits). What train.py and the training benchmark optimize."""
@@ -134,6 +133,7 @@ class SparsityController:
         extra = {id(p) for p in self.no_weight_decay_params()}
         names = [n for n, p in self.model.named_parameters() if id(p) in extra]
         return param_groups_weight_decay(self.model, weight_decay, no_weight_decay_list=names)
+
     def state_dict(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "method": self.recipe.method, "state": self.method.state_dict()}
 

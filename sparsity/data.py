@@ -153,9 +153,12 @@ def fixed_img_size(model) -> int | None:
     return None
 
 
-#: folder names that mark a split layout (<root>/<split>/<class>/<image>) rather than class folders: timm's split
-#: synonyms (train/training, val/valid/validation/eval/evaluation) and test
-_SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "eval", "evaluation", "test")
+def _split_names() -> tuple[str, ...]:
+    """Folder names that mark a split layout (<root>/<split>/<class>/<image>) rather than class folders: timm's
+    split synonyms (train/training, val/valid/validation/eval/evaluation) and test."""
+    from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
+
+    return (*_TRAIN_SYNONYM, *_EVAL_SYNONYM, "test")
 
 
 def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool, download: bool = False,
@@ -174,7 +177,8 @@ def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool
 
         _check_image_folder(data_dir, split)
         root = _search_split(data_dir, split)  # timm's lookup: the split's folder or a synonym (val for validation)
-        splits = sorted(d.name for d in Path(data_dir).iterdir() if d.is_dir() and d.name in _SPLIT_NAMES)
+        names = _split_names()
+        splits = sorted(d.name for d in Path(data_dir).iterdir() if d.is_dir() and d.name in names)
         if root == data_dir and splits:  # a split layout without this split: never fall back to the whole root
             flag = "--train-split" if is_training else "--val-split"
             raise DataError(f"--data-dir {data_dir} has split folders ({', '.join(splits)}) but none for '{split}'; "

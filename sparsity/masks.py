@@ -202,10 +202,6 @@ def _sort_keep_(mask: torch.Tensor, factor: torch.Tensor | None, groups: torch.T
         factor.copy_(keep)
 
 
-def _signature(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
-
-
 def _native_blocks(mask, factor, out, w, m: int, dim: int) -> tuple | None:
     """(mask, factor, out, weight) as (A, m, T) block views for the native kernel, or None where it cannot take
     them (no kernel for this dtype/device/m, or an output laid out unlike the weight)."""
@@ -269,13 +265,6 @@ def nm_masks_(
                 out.copy_(w)
         return None
     beta = float(beta)
-    plan_key = ("native plan", n, m)
-    signature = None
-    if workspace is not None:  # the same tensors as last call (a controller, every step): reuse the kernel call
-        signature = (tuple(dims), *(_signature(t) for group in (masks, weights, factors, masked) for t in group))
-        plan = workspace.get(plan_key)
-        if plan is not None and plan[0] == signature and plan[1].run(beta):
-            return plan[1]
     batches: dict[tuple, list] = {}
     fused: list[tuple] = []  # units for the native kernel (float32 on CPU): one pass each
     product: list[tuple] = []  # (out, w, mask) whose w * mask the torch path still owes
@@ -313,8 +302,6 @@ def nm_masks_(
         batches.setdefault((wb.dtype, wb.device, run), []).append((mb, fb, wb))
     batch = native.NativeBatch(fused, n, m) if fused and native.kernel() is not None else None
     whole = batch is not None and not batches and not product  # every tensor goes to the kernel
-    if whole and workspace is not None:
-        workspace[plan_key] = (signature, batch)  # next call skips the planning
     if fused and (batch is None or not batch.run(beta)):  # no kernel (no compiler, SPARSITY_NATIVE=0): torch ops
         whole = False
         for mb, fb, ob, wb in fused:

@@ -30,7 +30,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 __all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "TileExpand", "tile_expand_native",
-           "tile_backward_native", "TileTopk", "tile_topk_native", "srste_grad_native"]
+           "tile_backward_native", "TileTopk", "counts_array", "tile_topk_native", "srste_grad_native"]
 
 _log = logging.getLogger(__name__)
 _SOURCES = (Path(__file__).with_name("csrc") / "nm_rank.c", Path(__file__).with_name("csrc") / "tiles.c")
@@ -160,31 +160,41 @@ def supports(block: torch.Tensor) -> bool:
             and block.shape[1] * block.shape[2] <= MAX_BLOCK and block.is_contiguous())
 
 
-class NativeBatch:
-    """One kernel call over ``units`` of (mask, factor or None, masked or None, weight): contiguous (A, m, T) block
-    views of one shape per unit, float32 on CPU (bool mask). The pointer arrays are built once, so a caller that
-    keeps the batch (the masks of a whole model, every step) pays only the call."""
+class _PreparedCall:
+    """A kernel call whose pointer arrays are built once, so a caller that keeps it (the same tensors every step)
+    pays only the call. ``_call(fn, *extra)`` runs ``fn(*self._args, *extra, threads)`` and bumps the version
+    counters of ``self._written``: writes through raw pointers bypass autograd's counters, and caches keyed on
+    them (the mask factor, the precomputed W * E) and saved-tensor checks must see the change."""
+
+    units: list[tuple]
+    _args: tuple
+    _written: list[torch.Tensor]
+
+    def _call(self, fn: str, *extra) -> bool:
+        """False if the kernel is unavailable or refuses the arguments (nothing written then)."""
+        lib = kernel()
+        if lib is None or not self.units or getattr(lib, fn)(*self._args, *extra, torch.get_num_threads()) != 0:
+            return False
+        increment_version(self._written)
+        return True
+
+
+class NativeBatch(_PreparedCall):
+    """One N:M kernel call over ``units`` of (mask, factor or None, masked or None, weight): contiguous (A, m, T)
+    block views of one shape per unit, float32 on CPU (bool mask)."""
 
     def __init__(self, units: list[tuple], n: int, m: int) -> None:
         self.units, self.n, self.m = units, n, m
-        count = len(units)
         self._args = (
-            count, _ptrs([u[3] for u in units]), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]),
-            _ptrs([u[2] for u in units]), (ctypes.c_int64 * count)(*[u[3].shape[0] for u in units]),
-            (ctypes.c_int64 * count)(*[u[3].shape[2] for u in units]), m, n, 4, _ONE_F32,
+            len(units), _ptrs([u[3] for u in units]), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]),
+            _ptrs([u[2] for u in units]), _int64s(u[3].shape[0] for u in units),
+            _int64s(u[3].shape[2] for u in units), m, n, 4, _ONE_F32,
         )
         self._written = [t for u in units for t in u[:3] if t is not None]
 
     def run(self, beta: float = 0.0) -> bool:
-        """Compute the masks (``masked`` outputs: ``W * (E + beta (1 - E))``); False if the kernel is unavailable
-        or refuses the arguments (nothing written then)."""
-        lib = kernel()
-        if lib is None or not self.units or lib.nm_keep(*self._args, beta, torch.get_num_threads()) != 0:
-            return False
-        # writes through raw pointers bypass autograd's version counters: bump them as an in-place op would, so
-        # caches keyed on them (the mask factor, the precomputed W * E) and saved-tensor checks see the change
-        increment_version(self._written)
-        return True
+        """Compute the masks (``masked`` outputs: ``W * (E + beta (1 - E))``); False if nothing was written."""
+        return self._call("nm_keep", beta)
 
 
 def _int64s(values) -> ctypes.Array:
@@ -199,11 +209,10 @@ def tile_supports(*tensors: torch.Tensor | None) -> bool:
         and kernel() is not None  # tensors first: a GPU run never builds the C kernel
 
 
-class TileExpand:
+class TileExpand(_PreparedCall):
     """Supermask's mask step prepared for ``units`` of (weight, mask, masked, keep, tile): weight/masked float32 and
     mask bool, each a contiguous (rows, cols) view; keep bool (ceil(rows/tile), ceil(cols/tile)). ``run()`` writes
-    the expanded mask and ``masked`` = W * E in one pass; the pointer arrays are built once, so a caller that keeps
-    the call (the same tensors every step) pays only the kernel."""
+    the expanded mask and ``masked`` = W * E in one pass."""
 
     def __init__(self, units: list[tuple]) -> None:
         self.units = units
@@ -216,11 +225,7 @@ class TileExpand:
 
     def run(self) -> bool:
         """False if the kernel is unavailable or refuses the arguments (nothing written then)."""
-        lib = kernel()
-        if lib is None or not self.units or lib.tile_expand(*self._args, torch.get_num_threads()) != 0:
-            return False
-        increment_version(self._written)
-        return True
+        return self._call("tile_expand")
 
 
 def tile_expand_native(units: list[tuple]) -> bool:
@@ -243,7 +248,7 @@ def tile_backward_native(units: list[tuple]) -> bool:
     return rc == 0
 
 
-class TileTopk:
+class TileTopk(_PreparedCall):
     """Supermask's tile selection prepared for ``units`` of (scores, keep): ``run(counts)`` marks in each ``keep``
     (bool, contiguous, the shape of ``scores``) the ``counts[i]`` largest scores, ties to the lower index, NaN
     ranking as +inf: what :func:`sparsity.masks.tile_mask` computes, for every unit in one call. Use
@@ -253,8 +258,7 @@ class TileTopk:
         self.units = units
         self._args = (len(units), _ptrs([u[0] for u in units]), _ptrs([u[1] for u in units]),
                       _int64s(u[0].numel() for u in units))
-        self.keeps = [u[1] for u in units]
-        self._counts: tuple[tuple[int, ...], ctypes.Array] | None = None
+        self.keeps = self._written = [u[1] for u in units]
 
     @classmethod
     def create(cls, units: list[tuple]) -> TileTopk | None:
@@ -263,23 +267,22 @@ class TileTopk:
             return None
         return cls(units)
 
-    def run(self, counts) -> bool:
-        """False if the kernel is unavailable (nothing written then)."""
-        counts = tuple(counts)
-        if self._counts is None or self._counts[0] != counts:
-            self._counts = (counts, _int64s(counts))
-        lib = kernel()
-        if lib is None or lib.tile_topk(*self._args, self._counts[1], torch.get_num_threads()) != 0:
-            return False
-        increment_version(self.keeps)
-        return True
+    def run(self, counts: ctypes.Array) -> bool:
+        """``counts``: one kept-tile count per unit, as :func:`counts_array` makes it once (not every step). False
+        if the kernel is unavailable (nothing written then)."""
+        return self._call("tile_topk", counts)
+
+
+def counts_array(counts) -> ctypes.Array:
+    """Kept-tile counts for :meth:`TileTopk.run`."""
+    return _int64s(counts)
 
 
 def tile_topk_native(units: list[tuple]) -> bool:
     """:class:`TileTopk` run once for ``units`` of (scores, keep, count). False if the kernel is unavailable or does
     not take them (nothing written then)."""
     call = TileTopk.create([u[:2] for u in units])
-    return call is not None and call.run(u[2] for u in units)
+    return call is not None and call.run(counts_array(u[2] for u in units))
 
 
 def srste_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor | None:

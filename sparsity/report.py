@@ -17,11 +17,11 @@ def accel_eligibility(layer: MaskedMixin) -> str:
     """Whether a commodity sparse kernel could run this layer, device aside (the pre-flight of
     :func:`sparsity.accelerate.plan_acceleration`, which adds the device checks): 2:4 semi-structured in bf16 for
     N:M layers, BSR for block-sparse ones. 1:8 and beyond have no faster kernel: at best they run as 2:4."""
-    from .accelerate import pattern_problem
+    from .accelerate import layer_backend, pattern_problem
 
     if not layer.slices:
         return "no: dense"
-    backend = "bsr" if any(s.tile for s in layer.slices) else "semi_structured"
+    backend = layer_backend(layer)
     problem, note = pattern_problem(layer, backend, torch.bfloat16, None)
     if problem:
         return f"no: {problem}"

@@ -43,14 +43,13 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
     method = get_method(recipe.method)
     model.sparsity_recipe = recipe  # type: ignore[attr-defined]
     model.sparsity_skipped = {}  # type: ignore[attr-defined]
-    model.sparsity_unfit = []  # type: ignore[attr-defined]  # skipped layers whose shape refuses the pattern
     if not method.swaps_layers:
         _logger.info("sparsity method %r: model left dense", recipe.method)
         return model
     candidates = find_candidates(model)
     assigned = match_rules(recipe.rules, candidates, recipe.source)
     by_fqn = {c.fqn: c for c in candidates}
-    rows = []
+    rows, unfit_layers = [], []  # unfit: skipped because their shape refuses the pattern asked of them
     for fqn, units in assigned.items():
         cand = by_fqn[fqn]
         why = method.skip_reason(recipe, fqn, cand.tags)
@@ -78,7 +77,7 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
         if problems:
             model.sparsity_skipped[fqn] = "; ".join(problems)  # type: ignore[attr-defined]
             if unfit:
-                model.sparsity_unfit.append(fqn)  # type: ignore[attr-defined]
+                unfit_layers.append(fqn)
         if not specs:
             continue
         mod = cand.module
@@ -89,25 +88,18 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
         set_submodule(model, fqn, layer)
         _bypasses_forward(model, fqn)
         rows.append((fqn, tuple(mod.weight.shape), layer.pattern_label(", ")))
+    if unfit_layers and not rows:
+        # every selected layer refused the pattern (e.g. M dividing no grouped dimension): the model would train
+        # dense while looking like a sparse run. Layers left dense on purpose (supermask at sparsity 0, skip rules)
+        # do not count; a recipe that selects nothing is already an error in match_rules.
+        fqn = unfit_layers[0]
+        raise RecipeError(
+            f"the recipe{' in ' + recipe.source if recipe.source else ''} selects {len(unfit_layers)} layer(s) but "
+            f"none can take its pattern (e.g. {fqn}: {model.sparsity_skipped[fqn]}), so the model would train "
+            "dense; change the rules' n/m or tile, or their targets"
+        )
     _log_table(recipe.method, rows, model.sparsity_skipped)  # type: ignore[attr-defined]
     return model
-
-
-def require_masked_layers(model: nn.Module) -> None:
-    """Refuse a sparsified model whose recipe selected layers but could mask none of them because no shape takes
-    its pattern (e.g. M dividing no grouped dimension): it would train dense while looking like a sparse run. A
-    recipe that selects nothing is already an error in :func:`match_rules`; layers a method leaves dense on
-    purpose (supermask at sparsity 0, skip rules) and dense methods pass."""
-    unfit = getattr(model, "sparsity_unfit", [])
-    if unfit and not masked_modules(model):
-        recipe = model.sparsity_recipe  # type: ignore[attr-defined]
-        fqn = unfit[0]
-        why = model.sparsity_skipped[fqn]  # type: ignore[attr-defined]
-        raise RecipeError(
-            f"the recipe{' in ' + recipe.source if recipe.source else ''} selects {len(unfit)} layer(s) but "
-            f"none can take its pattern (e.g. {fqn}: {why}), so the model would train dense; change the rules' "
-            "n/m or tile, or their targets"
-        )
 
 
 def _log_table(method: str, rows, skipped) -> None:
@@ -126,7 +118,7 @@ def densify_(model: nn.Module) -> nn.Module:
     """Bake masks in (W * E) and put plain ``nn.Linear``/``nn.Conv2d`` back: stock timm state-dict keys."""
     for fqn, layer in masked_modules(model):
         set_submodule(model, fqn, layer.to_dense())
-    for attr in ("sparsity_recipe", "sparsity_skipped", "sparsity_unfit"):
+    for attr in ("sparsity_recipe", "sparsity_skipped"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -31,7 +31,6 @@ from .optim import check_optimizer, create_optimizer
 from .recipe import Recipe, plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_outputs import append_summary, final_table, init_wandb, plots, truncate_summary, write_report
-from .surgery import require_masked_layers
 
 __all__ = ["run_training", "build_loaders", "resolve_data"]
 
@@ -125,9 +124,9 @@ def _check_writable(path: Path) -> None:
 def _check_same_run(resume: dict, path: str, recipe: Recipe, args) -> None:
     """A resume continues one run: the same sparsity recipe and, for sparse recipes, the same length (phases,
     ramps and decays are fractions of the whole run, so another --epochs would move them mid-run)."""
-    saved = resume.get("recipe")
-    if saved is not None and plain(saved) != recipe.to_dict():
-        now = recipe.to_dict()
+    saved, now = resume.get("recipe"), recipe.to_dict()
+    if saved is not None and plain(saved) != now:
+        saved = plain(saved)
         keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise CheckpointError(f"--resume {path} was trained with another sparsity recipe (differs in: "
                               f"{', '.join(keys)}); resume with the config the run started with (its args.yaml), or "
@@ -155,9 +154,14 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    """Copy with :func:`write_atomic`: a crash never leaves a partial model_best/checkpoint-N."""
-    with open(src, "rb") as f_src:
-        write_atomic(dst, lambda f: shutil.copyfileobj(f_src, f))
+    """Copy with :func:`write_atomic`: a crash never leaves a partial model_best/checkpoint-N, and a failed copy
+    (disk full) is one message; ``src`` stays intact."""
+    try:
+        with open(src, "rb") as f_src:
+            write_atomic(dst, lambda f: shutil.copyfileobj(f_src, f))
+    except OSError as e:
+        raise UserError(f"could not copy {src.name} to {dst.name} ({e.strerror or e}); free space or choose another "
+                        f"--output. {src.name} is intact") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,7 +230,6 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if args.drop_path is not None:
         create_kwargs["drop_path_rate"] = args.drop_path
     model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, **create_kwargs)
-    require_masked_layers(model)  # every selected layer skipped: it would train dense
     if args.resume == "auto" and not args.experiment:
         raise UserError("--resume auto needs --experiment NAME: the run folder to continue (without it every run "
                         "gets a new, time-stamped folder, and nothing would ever be resumed)")
@@ -461,7 +464,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         final_best = _claim_best(state, final_metric, args.epochs, problem, args.eval_metric == "loss")
         save(dict(checkpoint_dict(args.epochs, 0, final_metric), final=final), run_dir / "last.pth.tar")
         if final_best:
-            _copy_best(run_dir)
+            _copy_atomic(run_dir / "last.pth.tar", run_dir / "model_best.pth.tar")
         elif state.extra.get("best") is None:
             _logger.warning("no model_best.pth.tar: the model never reached its recipe's target (%s); "
                             "last.pth.tar holds the final model", problem)
@@ -499,14 +502,6 @@ def _claim_best(state: TrainState, metric: float, epoch: int, problem: str | Non
     return False
 
 
-def _copy_best(run_dir: Path) -> None:
-    try:
-        _copy_atomic(run_dir / "last.pth.tar", run_dir / "model_best.pth.tar")
-    except OSError as e:
-        raise UserError(f"could not copy last.pth.tar to model_best.pth.tar ({e.strerror or e}); free space or "
-                        "choose another --output. last.pth.tar is intact") from None
-
-
 def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: int, metric: float,
                 keep: int, problem: str | None, lower_is_better: bool) -> None:
     """last.pth.tar every epoch; checkpoint-<epoch> for the ``keep`` best epochs; model_best for the best epoch
@@ -525,16 +520,12 @@ def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: 
     dropped = hist[keep:] if keep >= 0 else []
     state.extra["hist"] = hist[:keep] if keep >= 0 else hist
     save(checkpoint_dict(epoch + 1, 0, metric), last)
-    try:
-        if any(e == epoch for _, e in state.extra["hist"]):
-            _copy_atomic(last, run_dir / CKPT_RE_EPOCH.format(epoch=epoch))
-        for _, e in dropped:
-            (run_dir / CKPT_RE_EPOCH.format(epoch=e)).unlink(missing_ok=True)
-    except OSError as e:
-        raise UserError(f"could not copy {last} ({e.strerror or e}); free space or choose another --output. "
-                        "last.pth.tar is intact") from None
+    if any(e == epoch for _, e in state.extra["hist"]):
+        _copy_atomic(last, run_dir / CKPT_RE_EPOCH.format(epoch=epoch))
+    for _, e in dropped:
+        (run_dir / CKPT_RE_EPOCH.format(epoch=e)).unlink(missing_ok=True)
     if new_best:
-        _copy_best(run_dir)
+        _copy_atomic(last, run_dir / "model_best.pth.tar")
     recovery = run_dir / "recovery.pth.tar"
     recovery.unlink(missing_ok=True)  # superseded by last.pth.tar
 

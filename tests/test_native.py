@@ -88,7 +88,7 @@ def test_native_writes_bump_version_counters():
 
 @needs_kernel
 def test_kept_plan_follows_new_tensors():
-    """A workspace keeps the kernel's pointer arrays between calls; new tensors must not be written through them."""
+    """A workspace reused between calls must not write new tensors through the old ones' memory."""
     ws = {}
     w1, w2 = torch.randn(32, 32), torch.randn(32, 32)
     m1 = torch.zeros(32, 32, dtype=torch.bool)

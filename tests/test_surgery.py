@@ -130,23 +130,17 @@ def test_non_divisible_layer_skipped_or_strict_error():
 def test_recipe_that_masks_nothing_is_refused_unless_dense_on_purpose():
     """Every selected layer unfit for the pattern (M=5 divides no channel count) would train dense: refused by
     name. Layers a method leaves dense on purpose (supermask at sparsity 0) are not an error."""
-    from sparsity.surgery import require_masked_layers
-
-    unfit = sparsity.sparsify_(tiny_model("resnet"), sparsity.recipe_from_dict(
-        {"method": "ste", "rules": [{"target": "conv", "n": 2, "m": 5}]}, source="m5.yaml"))
-    assert not sparsity.masked_modules(unfit) and len(unfit.sparsity_unfit) == len(unfit.sparsity_skipped) > 1
     with pytest.raises(sparsity.RecipeError, match=r"the recipe in m5.yaml selects \d+ layer\(s\) but none can take "
                                                    r"its pattern \(e.g. conv1: .*not divisible by M=5\)"):
-        require_masked_layers(unfit)
-    on_purpose = sparsity.sparsify_(tiny_model("resnet"), sparsity.recipe_from_dict(
+        sparsity.sparsify_(tiny_model("resnet"), sparsity.recipe_from_dict(
+            {"method": "ste", "rules": [{"target": "conv", "n": 2, "m": 5}]}, source="m5.yaml"))
+    on_purpose = sparsity.sparsify_(tiny_model("resnet"), sparsity.recipe_from_dict(  # passes
         {"method": "supermask", "sparsity_linear": 0.0, "sparsity_conv": 0.0, "sparsity_conv1x1": 0.0,
          "rules": [{"target": "conv"}]}))
-    assert on_purpose.sparsity_skipped and not on_purpose.sparsity_unfit
-    require_masked_layers(on_purpose)  # passes
-    partly = sparsity.sparsify_(tiny_model("resnet"), sparsity.recipe_from_dict(
+    assert on_purpose.sparsity_skipped and not sparsity.masked_modules(on_purpose)
+    partly = sparsity.sparsify_(tiny_model("resnet"), sparsity.recipe_from_dict(  # passes
         {"method": "ste", "rules": [{"target": "conv", "n": 2, "m": 4}]}))
-    assert "conv1" in partly.sparsity_unfit
-    require_masked_layers(partly)  # the stem is skipped, the other convs are masked
+    assert "conv1" in partly.sparsity_skipped and sparsity.masked_modules(partly)  # the stem skipped, the rest masked
 
 
 def test_swinv2_qkv_mask_applies():

@@ -153,6 +153,16 @@ static range_fn pick(int width, int m, int64_t T) {
     return 0;
 }
 
+/* Threads for `total` elements: 1 to MAX_THREADS, and at least 64k elements per thread: below that a thread
+ * costs more than it saves (as many threads as the work fills, not all-or-one: a 1M-element call on 16 threads
+ * runs on 15, not on 1) */
+static int clamp_threads(int nthreads, int64_t total) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if ((int64_t)nthreads > (total >> 16)) nthreads = total >> 16 > 0 ? (int)(total >> 16) : 1;
+    return nthreads;
+}
+
 typedef struct {
     int64_t nunits;
     void *const *w;
@@ -195,11 +205,7 @@ int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *f
         if (A[u] < 0 || T[u] < 1 || (int64_t)m * T[u] > CHUNK) return -1;
         total += A[u] * m * T[u];
     }
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    /* at least 64k elements per thread: below that a thread costs more than it saves (as many threads as the work
-     * fills, not all-or-one: a 1M-element call on 16 threads runs on 15, not on 1) */
-    if ((int64_t)nthreads > (total >> 16)) nthreads = total >> 16 > 0 ? (int)(total >> 16) : 1;
+    nthreads = clamp_threads(nthreads, total);
     job_t jobs[MAX_THREADS];
     for (int i = 0; i < nthreads; i++) {
         job_t j = {nunits, w, mask, factor, masked, A, T, m, n, width, one, beta, total * i / nthreads,
@@ -256,9 +262,7 @@ static void srste_range(const float *restrict g, const float *restrict w, const 
 int srste_grad(int64_t len, const float *g, const float *w, const uint8_t *keep, float *out, float lam,
                int nthreads) {
     if (len < 0) return -1;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if ((int64_t)nthreads > (len >> 16)) nthreads = len >> 16 > 0 ? (int)(len >> 16) : 1; /* >= 64k per thread */
+    nthreads = clamp_threads(nthreads, len);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1)
 #endif

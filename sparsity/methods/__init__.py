@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +20,8 @@ from torch import nn
 from ..layers import MaskedMixin, SliceSpec, frozen_weight
 from ..recipe import Recipe, RecipeError, Rule
 
-__all__ = ["SparsityMethod", "register_method", "get_method", "METHODS", "fill_missing_slice_params"]
+__all__ = ["SparsityMethod", "register_method", "get_method", "METHODS", "fill_missing_slice_params", "KernelPlan",
+           "slice_param_name"]
 
 METHODS: dict[str, type[SparsityMethod]] = {}
 
@@ -47,6 +49,35 @@ def slice_param_name(base: str, layer: MaskedMixin, spec: SliceSpec) -> str:
     if len(layer.slices) == 1 and spec.start == 0 and spec.stop == layer.weight.shape[0]:
         return base
     return f"{base}_{re.sub(r'[^0-9A-Za-z_]', '_', spec.label)}"
+
+
+class KernelPlan:
+    """A mask step done wholly by prepared native kernel calls, kept so the next steps replay it with no per-layer
+    planning while ``key`` (what the method computes: pattern frame, output kind) and the layers' memory
+    (:meth:`guard`) are unchanged. ``run(arg)`` repeats the kernel calls (False: a kernel refused, plan again);
+    ``copies`` are (out, w) row ranges no pattern covers (dense rows of a forward-weight buffer); ``written(arg)``
+    tells the layers their caches are current again."""
+
+    def __init__(self, key: Any, guard: tuple, run: Callable[[Any], bool], copies: list,
+                 written: Callable[[Any], None]) -> None:
+        self.key, self.guard_at, self.run, self.copies, self.written = key, guard, run, copies, written
+
+    @staticmethod
+    def guard(layers, extra: Callable[[MaskedMixin], tuple] = lambda layer: ()) -> tuple:
+        """Every layer's :meth:`MaskedMixin.memory_key` (plus ``extra(layer)``: a method's own tensors). The plan
+        keeps views of the old tensors alive, so new memory cannot come back at an old address."""
+        return tuple((layer.memory_key(), *extra(layer)) for _, layer in layers)
+
+    def replay(self, key: Any, guard: tuple, arg: Any) -> bool:
+        """Run the plan for ``arg`` (beta, kept-tile counts) if it still applies; False: plan afresh."""
+        if key != self.key or guard != self.guard_at:
+            return False
+        for out, w in self.copies:
+            out.copy_(w)
+        if not self.run(arg):
+            return False
+        self.written(arg)
+        return True
 
 
 def fill_missing_slice_params(module: MaskedMixin, state_dict: dict, prefix: str, names, from_weight) -> list:
@@ -172,6 +203,13 @@ class SparsityMethod:
 
     def set_metric_reference(self, ref: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`metric_reference` returned."""
+
+    @torch.no_grad()
+    def zero_pruned(self) -> None:
+        """Set every masked layer's pruned weights to exactly zero (optimizer momentum and weight decay must not
+        revive them under a fixed mask)."""
+        for _, layer in self.layers:
+            layer.zero_pruned_()
 
     def no_weight_decay_params(self) -> list[nn.Parameter]:
         """Extra parameters (scores, logits) that belong in an optimizer group without weight decay."""

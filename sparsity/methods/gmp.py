@@ -181,23 +181,19 @@ class GMPMethod(WeightChangeReference, SparsityMethod):
         self.current = zeros / total if total else 0.0
         self.last_update = t
 
-    def _zero_pruned(self) -> None:
-        for _, layer in self.layers:
-            layer.zero_pruned_()
-
     @torch.no_grad()
     def step(self, global_step: int) -> None:
         if self._due(global_step):
-            self._zero_pruned()  # first: the ranking must not see what momentum revived since the last step
+            self.zero_pruned()  # first: the ranking must not see what momentum revived since the last step
             self._compute_masks(global_step)
-        self._zero_pruned()  # pruned weights stay exactly zero
+        self.zero_pruned()  # pruned weights stay exactly zero
 
     @torch.no_grad()
     def finalize(self) -> None:
         """Prune to the final sparsity if training stopped before ``end_fraction``; masks stay fixed (the
         controller zeroes the pruned weights)."""
         if self.last_update is None or self.last_update < self.end:
-            self._zero_pruned()
+            self.zero_pruned()
             self._compute_masks(self.end)
 
     def metrics(self) -> dict[str, Any]:

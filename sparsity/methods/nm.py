@@ -24,7 +24,7 @@ from ..layers import MaskedMixin, current_loss_scale, frozen_weight, uncovered_r
 from ..masks import grouped_dim, nm_masks_
 from ..recipe import Recipe, RecipeError
 from ..schedules import DENSE, SPARSE, Phase, ladder_pattern, mdgf_beta, phase_at, sdgf_ladder
-from . import SparsityMethod, register_method
+from . import KernelPlan, SparsityMethod, register_method
 
 __all__ = ["Decay", "NMConfig", "NMMethod", "nm_weight"]
 
@@ -89,7 +89,8 @@ class _NMWeight(torch.autograd.Function):
         if mode == "srste":
             weight, factor = ctx.saved_tensors
             scale = current_loss_scale(grad)  # fp16 AMP: the decay is scaled like the loss gradient
-            return (torch.addcmul(grad, weight if scale is None else weight * scale, 1 - factor, value=ctx.lam),
+            pruned = 1 - factor if scale is None else (1 - factor).mul_(scale)  # in place: no second temporary
+            return (torch.addcmul(grad, weight, pruned, value=ctx.lam),
                     None, None, None, None)
         if mode == "mdgf_exact":
             factor, beta = ctx.saved_tensors
@@ -210,7 +211,7 @@ class NMMethod(SparsityMethod):
         self._workspace: dict = {}  # scratch of the batched mask kernel, reused every step
         self._beta_set: float | None = None  # value last written to the layers' sparse_beta buffers
         self._run_cache: dict[tuple, tuple] = {}  # (fqn, ladder frame) -> (runs of one pattern each, dense rows)
-        self._plan: tuple | None = None  # the last all-native _compute_masks, replayed while nothing moved
+        self._plan: KernelPlan | None = None  # the last all-native _compute_masks, replayed while nothing moved
 
     # ---- per-step logic -------------------------------------------------------------------------------------
     def _mode(self) -> str:
@@ -246,13 +247,8 @@ class NMMethod(SparsityMethod):
         """
         frame = None if phase is None else self._frames(phase)
         key = (frame, precompute)
-        plan = self._plan
-        if plan is not None and plan[0] == key and plan[1] == self._tensor_guard():
-            for out, w in plan[3]:
-                out.copy_(w)
-            if all(batch.run(beta) for batch in plan[2]):
-                self._masks_written(plan[4], beta)
-                return
+        if self._plan is not None and self._plan.replay(key, KernelPlan.guard(self.layers), beta):
+            return
         self._plan = None
         calls: dict[tuple[int, int], tuple[list, list, list, list, list]] = {}
         dense_copies = []  # (out, w) row ranges no pattern covers: they stay dense
@@ -289,12 +285,8 @@ class NMMethod(SparsityMethod):
                              beta=beta) for (n, m), (masks, weights, dims, outs, factors) in calls.items()]
         self._masks_written(kinds, beta)
         if all(batch is not None for batch in batches):
-            self._plan = (key, self._tensor_guard(), batches, dense_copies, kinds)
-
-    def _tensor_guard(self) -> tuple:
-        """What a replayed kernel call relies on: every layer's tensors still in the same memory (the plan keeps
-        views of the old ones alive, so new memory cannot come back at an old address)."""
-        return tuple(layer.memory_key() for _, layer in self.layers)
+            self._plan = KernelPlan(key, KernelPlan.guard(self.layers), lambda b: all(x.run(b) for x in batches),
+                                    dense_copies, lambda b: self._masks_written(kinds, b))
 
     def _masks_written(self, kinds: list[bool], beta: float) -> None:
         for (_, layer), layer_fast in zip(self.layers, kinds):
@@ -333,8 +325,7 @@ class NMMethod(SparsityMethod):
                 self._compute_masks(None, precompute=False)
                 self.frozen = True
                 self.last_update = global_step
-            for _, layer in self.layers:  # optimizer momentum must not revive pruned weights
-                layer.zero_pruned_()
+            self.zero_pruned()  # optimizer momentum must not revive pruned weights
         elif due and self.last_update != global_step:
             self._compute_masks(phase if frame is not None else None, self.beta if mode == "mdgf" else 0.0,
                                 precompute=mode in _FROM_MASKED)

@@ -78,8 +78,7 @@ class OneshotMethod(SparsityMethod):
                                     "(it only runs on a fresh start, before the optimizer exists)", global_step)
             self._compute_masks()
             self.done = True
-        for _, layer in self.layers:  # optimizer momentum and weight decay must not revive pruned weights
-            layer.zero_pruned_()
+        self.zero_pruned()  # optimizer momentum and weight decay must not revive pruned weights
 
     def _permute(self) -> None:
         from ..permute import permute_model_

@@ -36,9 +36,9 @@ from ..layers import MaskedMixin, SliceSpec, frozen_weight, layer_kind, uncovere
 from ..masks import expand_tiles, expand_tiles_, tile_mask, tile_scores, tiles_kept
 from ..recipe import Recipe, RecipeError, Rule
 from ..schedules import DENSE, FINETUNE, linear_ramp, phase_at
-from . import SparsityMethod, fill_missing_slice_params, register_method, slice_param_name
+from . import KernelPlan, SparsityMethod, fill_missing_slice_params, register_method, slice_param_name
 
-__all__ = ["Ramp", "SupermaskConfig", "SupermaskMethod", "supermask_weight", "tile_sum", "layer_kind"]
+__all__ = ["Ramp", "SupermaskConfig", "SupermaskMethod", "supermask_weight", "tile_sum"]
 
 KINDS = ("linear", "conv1x1", "conv")
 
@@ -290,8 +290,8 @@ class SupermaskMethod(SparsityMethod):
         self.phase = DENSE
         self.ramp = 0.0  # fraction of each unit's target sparsity in force
         self._keep_buffers: list[torch.Tensor] | None = None  # the native selection's output, one per unit
-        self._counts: tuple[float, tuple[int, ...]] | None = None  # (fraction, tiles kept per unit)
-        self._plan: tuple | None = None  # the last all-native _compute_masks, replayed while nothing moved
+        self._counts: tuple[float, Any] | None = None  # (fraction, tiles kept per unit as the kernel takes them)
+        self._plan: KernelPlan | None = None  # the last all-native _compute_masks, replayed while nothing moved
 
     def ramp_at(self, global_step: int) -> tuple[str, int, float]:
         """(phase name, steps since the sparse phase began, fraction of the target sparsity in force)."""
@@ -318,15 +318,8 @@ class SupermaskMethod(SparsityMethod):
 
         When the last call ran wholly on the native kernels and the same tensors come back (every step of a run),
         its two prepared kernel calls are replayed: no per-layer planning in the step."""
-        plan = self._plan
-        if plan is not None and plan[0] == self._tensor_guard():
-            _, select, expand, copies, layers = plan
-            if select.run(self._kept_counts(fraction)) and expand.run():
-                for out, w in copies:
-                    out.copy_(w)
-                for layer in layers:
-                    layer.masked_weight_written()
-                return
+        if self._plan is not None and self._plan.replay(None, self._tensor_guard(), self._kept_counts(fraction)):
+            return
         self._plan = None
         select = self._select_call()
         if select is not None and select.run(self._kept_counts(fraction)):
@@ -365,31 +358,34 @@ class SupermaskMethod(SparsityMethod):
                 expand_tiles_(mask[spec.start:spec.stop], keep, spec.tile, factor[spec.start:spec.stop])
             layer.mask_factor_written()
         if select is not None and expand is not None and not plain:
-            self._plan = (self._tensor_guard(), select, expand, copies, [layer for layer, _, _ in fused])
+            layers = [layer for layer, _, _ in fused]
+            self._plan = KernelPlan(None, self._tensor_guard(), lambda counts: select.run(counts) and expand.run(),
+                                    copies, lambda _: [layer.masked_weight_written() for layer in layers])
 
     def _select_call(self) -> native.TileTopk | None:
         """The native tile selection over every unit, writing into keep buffers owned by the method (reused every
         step; the backward saves them, so one run after the next mask step fails loudly), or None where it does
         not apply."""
         scores = [getattr(layer, name).detach() for _, layer in self.layers for name in layer.score_names]
+        if not all(s.dtype == torch.float32 for s in scores) or not native.tile_supports(*scores):
+            return None  # the torch path (GPU, other dtypes): no buffers to allocate
         keeps = self._keep_buffers
         if keeps is None or [(k.shape, k.device) for k in keeps] != [(s.shape, s.device) for s in scores]:
             keeps = self._keep_buffers = [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s in scores]
         return native.TileTopk.create(list(zip(scores, keeps)))
 
-    def _kept_counts(self, fraction: float) -> tuple[int, ...]:
-        """Tiles kept per unit (layers, then slices, in order) at ``fraction`` of each unit's target sparsity."""
+    def _kept_counts(self, fraction: float):
+        """Tiles kept per unit (layers, then slices, in order) at ``fraction`` of each unit's target sparsity, as
+        :meth:`native.TileTopk.run` takes them (built again only when the fraction moves: a ramp)."""
         if self._counts is None or self._counts[0] != fraction:
-            self._counts = (fraction, tuple(tiles_kept(getattr(layer, name).numel(), spec.sparsity * fraction)
-                                            for _, layer in self.layers
-                                            for spec, name in zip(layer.slices, layer.score_names)))
+            self._counts = (fraction, native.counts_array(
+                tiles_kept(getattr(layer, name).numel(), spec.sparsity * fraction)
+                for _, layer in self.layers for spec, name in zip(layer.slices, layer.score_names)))
         return self._counts[1]
 
     def _tensor_guard(self) -> tuple:
-        """What a replayed plan relies on: every layer's tensors and scores still in the same memory (the plan keeps
-        views of the old ones alive, so new memory cannot come back at an old address)."""
-        return tuple((layer.memory_key(), *(getattr(layer, name).data_ptr() for name in layer.score_names))
-                     for _, layer in self.layers)
+        """:meth:`KernelPlan.guard` with the score tensors too."""
+        return KernelPlan.guard(self.layers, lambda lay: tuple(getattr(lay, n).data_ptr() for n in lay.score_names))
 
     @torch.no_grad()
     def step(self, global_step: int) -> None:

@@ -184,8 +184,9 @@ class _USDWeight(torch.autograd.Function):
     def backward(ctx, grad):
         weight, mask, coef, tau = ctx.saved_tensors
         scale = current_loss_scale(grad)  # fp16 AMP: the penalty is scaled like the loss gradient
-        penalty = coef * weight * (weight.abs() < tau)
-        return grad * mask + (penalty if scale is None else penalty * scale), None, None, None
+        if scale is not None:
+            coef = coef * scale  # per row: no weight-sized pass for the scale
+        return grad * mask + coef * weight * (weight.abs() < tau), None, None, None
 
 
 def usd_weight(layer: MaskedMixin) -> torch.Tensor:
@@ -382,8 +383,7 @@ class USDMethod(WeightChangeReference, SparsityMethod):
             self.frozen = True
             self._set_penalty(zero=True)
         if self.frozen:
-            for _, layer in self.layers:  # optimizer momentum must not revive pruned weights
-                layer.zero_pruned_()
+            self.zero_pruned()  # optimizer momentum must not revive pruned weights
 
     def _update(self, t: int) -> None:
         o = self.recipe.options
