@@ -71,7 +71,9 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
                         "change the pattern, exclude the layer, or drop strict"
                     )
                 problems.append(f"{label}: {problem}" if label != "all" else problem)
-                unfit |= spec.n is not None or bool(spec.sparsity)  # not a unit asking for sparsity 0
+                # refused for its shape; a method's policy (supermask at sparsity 0, gumbel's ignore_grouped)
+                # leaves a layer dense on purpose
+                unfit |= problem == method.shape_problem(recipe, cand.module, spec)
                 continue
             specs.append(spec)
         if problems:

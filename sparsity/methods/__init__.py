@@ -158,7 +158,13 @@ class SparsityMethod:
 
     @classmethod
     def layer_problem(cls, recipe: Recipe, module: nn.Module, spec: SliceSpec) -> str | None:
-        """Why this unit cannot take its pattern (None if it can)."""
+        """Why this unit is left dense (None: it takes its pattern). Methods add their own policies (supermask at
+        sparsity 0, gumbel's ignore_grouped) on top of :meth:`shape_problem`."""
+        return cls.shape_problem(recipe, module, spec)
+
+    @classmethod
+    def shape_problem(cls, recipe: Recipe, module: nn.Module, spec: SliceSpec) -> str | None:
+        """Why this unit's shape cannot take its N:M pattern (None if it can, or if the pattern is not N:M)."""
         if spec.n is None:
             return None
         w = module.weight
