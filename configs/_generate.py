@@ -171,7 +171,7 @@ def _quickstart(t: Tree) -> None:
         "Base (not an experiment): the small ViT of vit_digits_2of4.yaml on the embedded digits data, no sparsity.",
     ], {"model": "vit_tiny_patch16_224",
         "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
-        **common, "epochs": 20, "opt": "adamw", "lr": 3.0e-3, "weight_decay": 0.05})
+        **common, "epochs": 20, "opt": "adamw", "lr": 3.0e-3, "weight_decay": 0.05, "clip_grad": 1.0})
     t.base("quickstart/_resnet_digits.yaml", [
         "Base (not an experiment): ResNet-18 of resnet_digits_2of4.yaml on the embedded digits data, no sparsity.",
     ], {"model": "resnet18", **common, "epochs": 10, "opt": "sgd", "lr": 0.1, "momentum": 0.9,
