@@ -136,13 +136,10 @@ def _write(out_dir: str, kind: str, result: dict, rows: list[dict]) -> None:
 
 def _bench_train(args) -> int:
     import timm
-    import torch
 
     from sparsity.bench_train import TrainBenchSettings, bench_train, profile_train_step
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    device = _device(args)
     if not timm.is_model(args.model):
         raise ConfigError(f"--model {args.model!r} is not a timm model name")
     probe = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
@@ -185,17 +182,27 @@ def _bench_train(args) -> int:
     return 0
 
 
-def _bench_masks(args) -> int:
+def _device(args) -> str:
+    """--device, default cuda when one is visible; asking for cuda without one is a clear error."""
     import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def _bench_masks(args) -> int:
 
     from sparsity.bench_train import bench_masks
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     result = bench_masks(args.model, {"num_classes": args.num_classes, **args.model_kwargs}, iters=args.steps,
                          device=device, channels_last=args.channels_last)
     result["settings"]["loadavg"] = _load()
     print(f"{args.model}: N:M masks of every divisible Linear/Conv2d weight, {result['settings']['threads']} threads, "
-          f"load {result['settings']['loadavg']}, native kernel: {result['settings']['native_kernel']}")
+          f"load {result['settings']['loadavg']}, native kernel: {result['settings']['native_kernel']}, other tensors: "
+          f"{result['settings']['rank_kernel']} rank")
     print(_table(result["rows"], [(k, k) for k in result["rows"][0]]))
     _write(args.output, "masks", result, result["rows"])
     return 0
@@ -246,9 +253,7 @@ def _bench_infer(args) -> int:
 
     from sparsity.bench_infer import bench_infer, bench_layers, default_backend, resolve_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    device = _device(args)
     source = _infer_model(args)
     model, _ = resolve_model(source)  # a checkpoint or export is loaded once, for every run below
     # a checkpoint or export with block-sparse layers (supermask, block gmp) runs BSR unless told otherwise

@@ -5,7 +5,9 @@
 #   bash scripts/gpu_session.sh bsr        # the same for BSR at 90 % with 32x32 and 64x64 tiles
 #   bash scripts/gpu_session.sh layers     # the MLP linears alone, 2:4 and BSR tile 64
 #   bash scripts/gpu_session.sh kernels    # 2:4 with the CUTLASS kernel forced (sm8x only: torch builds it for 8.x)
-#   bash scripts/gpu_session.sh train      # ViT-B/16 bf16 batch 128 compiled training steps: dense vs srste/mdgf
+#   bash scripts/gpu_session.sh train      # ViT-B/16 N:M mask step (eager vs compiled rank), then bf16 batch 128
+#                                          # compiled training steps: dense vs srste/mdgf (SPARSITY_COMPILED_MASKS=1
+#                                          # in front: the same steps with the compiled rank)
 #   bash scripts/gpu_session.sh profile    # the same, fewer steps, with a torch.profiler table per variant
 # Each stage leaves one archive, $OUT/<stage>.tar.gz (the device tool brings back at most 8 files), holding JSON/CSV
 # per run and one log per run; the tables are printed too. $OUT defaults to ./gpu_out.
@@ -68,6 +70,8 @@ torch.cuda.get_device_capability(), 'cusparselt', torch.backends.cusparselt.is_a
     run infer_24_all_cutlass "${common[@]}" --targets ff qkv proj --nm 2:4 --torchcompile --semi-kernel cutlass
     ;;
   train)
+    # the mask step alone first (seconds): the eager rank ops against the compiled rank kernel (opt-in)
+    run masks_vitb --bench masks "${model[@]}" --device cuda --steps 20
     run train_vitb --bench train "${model[@]}" --methods srste mdgf --amp --torchcompile -b "${BATCH:-128}" \
       --img-size "${IMG:-224}" --steps "$STEPS" --warmup "$WARMUP"
     ;;

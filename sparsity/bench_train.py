@@ -11,7 +11,9 @@ step). Nothing is extrapolated: the figures are medians of measured steps.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -330,7 +332,9 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
                 (1, 16), (2, 16)), iters: int = 10, device: str = "cpu", channels_last: bool = False) -> dict[str, Any]:
     """Time N:M masks of every Linear/Conv2d weight of a model: per-layer topk + scatter (the previous
     implementation) against :func:`sparsity.masks.nm_masks_` (the native kernel where it runs, else the batched
-    torch rank kernel; ``settings.native_kernel`` says which), interleaved, medians.
+    torch rank kernel; ``settings.native_kernel`` and ``settings.rank_kernel`` say which), interleaved, medians.
+    On CUDA, or with ``SPARSITY_COMPILED_MASKS=1``, the other setting of that switch is timed too
+    (``compiled_rank_ms`` or ``eager_rank_ms``).
 
     Weights are grouped along the input dimension (channels for convs); a layer whose width is not divisible by
     M is left out. ``equal`` checks the kernel against a stable-sort reference (ties to the lower index); topk's
@@ -338,7 +342,7 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
     """
     import timm
 
-    from .masks import grouped_dim, nm_masks_
+    from .masks import COMPILED_MASKS_ENV, grouped_dim, nm_masks_, rank_kernel_status
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, **(model_kwargs or {})).to(device)
@@ -346,6 +350,7 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
         model.to(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     rows = []
+    status = rank_kernel_status()
     for n, m in patterns:
         ws = [mod.weight.detach() for mod in model.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
               and mod.weight.shape[grouped_dim(mod.weight)] % m == 0]
@@ -354,7 +359,16 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
         workspace: dict = {}
         batch = nm_masks_(masks, ws, n, m, dims, workspace=workspace)  # the native call, replayed as a run does
         equal = all(torch.equal(mk, _sorted_nm_mask(w, n, m, d)) for mk, w, d in zip(masks, ws, dims))
-        t_ref, t_new = [], []
+        # on a GPU (or when opted in) the other rank of SPARSITY_COMPILED_MASKS is timed too: the A/B of that switch
+        other = None
+        if status == "compiled" or (status == "eager" and torch.device(device).type == "cuda"):
+            other = ("eager_rank_ms", "0") if status == "compiled" else ("compiled_rank_ms", "1")
+            with _env(COMPILED_MASKS_ENV, other[1]):
+                nm_masks_(masks, ws, n, m, dims, workspace=workspace)  # compiled / scratch allocated before timing
+            equal = equal and all(torch.equal(mk, _sorted_nm_mask(w, n, m, d)) for mk, w, d in zip(masks, ws, dims))
+            if rank_kernel_status() != status:  # compiling failed (the warning says why): nothing to compare
+                other = None
+        times: dict[str, list[float]] = {"topk_ms": [], "rank_ms": [], **({other[0]: []} if other else {})}
         for _ in range(iters):
             sync()
             t0 = time.perf_counter()
@@ -366,14 +380,33 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
                 nm_masks_(masks, ws, n, m, dims, workspace=workspace)
             sync()
             t2 = time.perf_counter()
-            t_ref.append((t1 - t0) * 1e3)
-            t_new.append((t2 - t1) * 1e3)
-        ref_ms, new_ms = statistics.median(t_ref), statistics.median(t_new)
+            times["topk_ms"].append((t1 - t0) * 1e3)
+            times["rank_ms"].append((t2 - t1) * 1e3)
+            if other:
+                with _env(COMPILED_MASKS_ENV, other[1]):
+                    nm_masks_(masks, ws, n, m, dims, workspace=workspace)
+                sync()
+                times[other[0]].append((time.perf_counter() - t2) * 1e3)
+        med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({"pattern": f"{n}:{m}", "layers": len(ws), "weights": sum(w.numel() for w in ws),
-                     "topk_ms": round(ref_ms, 3), "rank_ms": round(new_ms, 3), "speedup": round(ref_ms / new_ms, 2),
-                     "equal": equal})
+                     **{k: round(v, 3) for k, v in med.items()},
+                     "speedup": round(med["topk_ms"] / med["rank_ms"], 2), "equal": equal})
     from . import native
 
     return {"settings": {"model": model_name, "model_kwargs": model_kwargs or {}, "device": device, "iters": iters,
                          "channels_last": channels_last, "threads": torch.get_num_threads(),
-                         "native_kernel": native.status()}, "rows": rows}
+                         "native_kernel": native.status(), "rank_kernel": rank_kernel_status()}, "rows": rows}
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """``os.environ[name] = value`` for the block (the benchmark's A/B of an environment switch)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved

@@ -6,7 +6,10 @@ masks are ``torch.bool``.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import types
 
 import torch
 
@@ -51,6 +54,14 @@ RANK_CHUNK_GPU = 1 << 24
 #: Blocks whose group positions are runs of at least this many elements (3x3 convs: 9) are ranked in place;
 #: shorter runs (Linear, 1x1 convs: 1) are gathered into a planar layout first (measured: docs/performance.md).
 NATURAL_MIN_T = 8
+#: ``SPARSITY_COMPILED_MASKS=1``: rank the tensors the native kernel does not take (all of them on a GPU) by one
+#: compiled kernel per tensor (``torch.compile``: Triton on CUDA), which reads the weight once and writes the mask
+#: and factor, instead of the eager duels' ~4 m weight-sized passes. Off by default: the masks are the same (tested
+#: bit for bit) but its speed is not measured on a GPU yet, and inductor's CPU code for it is 10x slower than the
+#: eager ops (docs/performance.md). ``benchmark.py --bench masks --device cuda`` times both.
+COMPILED_MASKS_ENV = "SPARSITY_COMPILED_MASKS"
+
+_log = logging.getLogger(__name__)
 
 _BITS = {
     torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -175,6 +186,66 @@ def _rank_keep_(units: list[tuple], n: int, m: int, workspace: dict | None) -> N
             mask.view(torch.uint8).copy_(src)  # bool written through uint8: the vectorized path
 
 
+def _rank_store(mask: torch.Tensor, factor: torch.Tensor | None, w: torch.Tensor, n: int, m: int) -> None:
+    """The rule of :func:`_rank_keep_` for one (A, m, T) block, written for the compiler: position ``i`` is kept
+    iff fewer than ``n`` positions beat it (``j < i`` beats it on an equal key, ``j > i`` only on a larger one).
+    The loops unroll at trace time (``m`` is static), so the compiled kernel keeps every count in registers:
+    one read of ``w``, one write of ``mask`` and ``factor``, no scratch."""
+    bits = _BITS.get(w.dtype)
+    keys = torch.bitwise_and(w.view(bits), _SIGN_OFF[bits]) if bits is not None else w.abs()
+    pos = [keys[:, i] for i in range(m)]
+    for i in range(m):
+        beaten = sum(((pos[j] >= pos[i]) if j < i else (pos[j] > pos[i])).to(torch.int32) for j in range(m) if j != i)
+        keep = beaten < n
+        mask[:, i].copy_(keep)
+        if factor is not None:
+            factor[:, i].copy_(keep)
+
+
+_compiled: dict = {}  # per block kind: its compiled _rank_store; "broken": why compiling failed, once it has
+
+
+def _compiled_masks_wanted() -> bool:
+    on = os.environ.get(COMPILED_MASKS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    return on and "broken" not in _compiled
+
+
+def rank_kernel_status() -> str:
+    """How :func:`nm_masks_` ranks the tensors the native kernel does not take: ``compiled``, ``eager``, or
+    ``eager (compiling failed: ...)``."""
+    if "broken" in _compiled:
+        return f"eager (compiling failed: {_compiled['broken']})"
+    return "compiled" if _compiled_masks_wanted() else "eager"
+
+
+def _compiled_rank(kind: tuple):
+    """The compiled :func:`_rank_store` for one kind of block (m, dtype, device, runs of 1 or longer, with or
+    without a factor). Each kind gets a code object of its own: the compiler's recompile limit counts graphs per
+    code object, and one run's kinds (patterns, layouts) must not crowd each other out into a failure."""
+    fn = _compiled.get(kind)
+    if fn is None:
+        code = _rank_store.__code__.replace(co_name=f"_rank_store_{len(_compiled)}")
+        fresh = types.FunctionType(code, _rank_store.__globals__, code.co_name)
+        fn = _compiled[kind] = torch.compile(fresh, dynamic=True, fullgraph=True)
+    return fn
+
+
+def _rank_compiled_(units: list[tuple], n: int, m: int) -> bool:
+    """:func:`_rank_keep_` of ``units`` by one compiled kernel per block; False (and eager ops from then on, with
+    one warning) when this torch cannot compile it, e.g. no Triton for the GPU."""
+    try:
+        with torch.no_grad():  # grad mode is part of what a compiled graph is specialized on
+            for mask, factor, w in units:
+                kind = (m, w.dtype, w.device.type, w.shape[2] == 1, factor is None)
+                _compiled_rank(kind)(mask, factor, w, n, m)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the eager ops give the same masks
+        _compiled["broken"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        _log.warning("N:M masks: the compiled rank kernel failed (%s); using eager ops from now on (unset %s to "
+                     "skip trying)", _compiled["broken"], COMPILED_MASKS_ENV)
+        return False
+    return True
+
+
 def _init_pattern(workspace: dict | None, n: int, m: int, t: int, rows: int, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """(rows, m, t) tensor holding ``n - 1 - i`` at position ``i``: the starting score of the natural layout."""
@@ -232,8 +303,9 @@ def nm_masks_(
 
     For ``m <= RANK_MAX_M`` one rank computation covers every tensor of a dtype and device (in chunks of
     :data:`RANK_CHUNK` elements on CPU, cache-sized, and :data:`RANK_CHUNK_GPU` elsewhere): a fixed handful of
-    elementwise ops per chunk whatever the number of layers, no sort, no host synchronisation. Semantics are
-    those of :func:`nm_mask`.
+    elementwise ops per chunk whatever the number of layers, no sort, no host synchronisation (or, opted in by
+    :data:`COMPILED_MASKS_ENV`, one compiled kernel per tensor). Float32 CPU tensors go to the native kernel.
+    Semantics are those of :func:`nm_mask`.
 
     Args:
         masks: bool tensors shaped like ``weights`` (views such as row slices of a layer's mask are fine).
@@ -310,6 +382,8 @@ def nm_masks_(
             if ob is not None:
                 product.append((ob, wb, mb))
     for (_, device, _), units in batches.items():
+        if _compiled_masks_wanted() and _rank_compiled_(units, n, m):
+            continue
         limit = RANK_CHUNK if device.type == "cpu" else RANK_CHUNK_GPU
         chunk, count = [], 0
         for mask_block, factor_block, w_block in units:

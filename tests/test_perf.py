@@ -4,6 +4,7 @@ timed (timings live in benchmark.py / docs/performance.md)."""
 
 import contextlib
 import json
+import os
 
 import pytest
 import timm
@@ -111,6 +112,122 @@ def test_gpu_mask_step_is_few_large_ops():
     with Launches():
         M.nm_masks_(masks, ws, 2, 4, [1] * 36, workspace=workspace, masked=outs)
     assert 36 < Launches.count < 300, Launches.count  # W * E alone is 72: the ranks add a fixed handful per chunk
+
+
+@pytest.fixture
+def compiled_masks(monkeypatch):
+    """nm_masks_ with SPARSITY_COMPILED_MASKS=1 and no native kernel: the rank as one compiled kernel per tensor
+    (here inductor's C++ instead of a GPU's Triton: the same traced graph)."""
+    from sparsity import native
+
+    monkeypatch.setenv(M.COMPILED_MASKS_ENV, "1")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_status", "disabled for this test")
+    assert "broken" not in M._compiled
+
+
+def _hard_weights(shape, dtype, gen):
+    """Ties, signed twins, zeros of both signs, inf and NaN of both signs: every rule of the ranking at once."""
+    w = torch.randint(-3, 4, shape, generator=gen).to(dtype)
+    flat = w.view(-1)
+    flat[::7], flat[::11], flat[::13] = -0.0, float("inf"), float("nan")
+    flat[5::17] = -float("nan")
+    return w
+
+
+@pytest.mark.parametrize("dtype,layout,patterns", [
+    (torch.float32, "linear", [(2, 4), (1, 4), (3, 4)]),  # n is a traced value: one graph for all three
+    (torch.float32, "linear", [(1, 8), (4, 8)]),
+    (torch.float32, "conv", [(2, 4), (1, 4)]),  # 3x3 taps: runs of 9 (natural layout), channels-last: runs of 1
+    (torch.bfloat16, "linear", [(2, 4)]),
+])
+def test_compiled_rank_equals_the_reference_bit_for_bit(compiled_masks, dtype, layout, patterns):
+    gen = torch.Generator().manual_seed(len(patterns))
+    if layout == "linear":  # the q and k thirds of a fused qkv (row slices), a plain weight, grouped along dim 0
+        qkv = _hard_weights((96, 32), dtype, gen)
+        weights, dims = [qkv[:32], qkv[32:64], _hard_weights((48, 64), dtype, gen), qkv[64:]], [-1, -1, -1, 0]
+    else:
+        weights = [_hard_weights((16, 32, 3, 3), dtype, gen),
+                   _hard_weights((32, 16, 3, 3), dtype, gen).contiguous(memory_format=torch.channels_last)]
+        dims = [1, 1]
+    for n, m in patterns:
+        masks = [torch.zeros(w.shape, dtype=torch.bool) for w in weights]
+        factors = [torch.full_like(w, 7.0) for w in weights]
+        M.nm_masks_(masks, weights, n, m, dims, workspace={}, factors=factors)
+        for w, mask, factor, dim in zip(weights, masks, factors, dims):
+            ref = _reference_nm_mask(w.float(), n, m, dim)
+            assert torch.equal(mask, ref), (n, m, tuple(w.shape), dim)
+            assert torch.equal(factor, ref.to(dtype))
+    assert len(M._compiled) > 0 and "broken" not in M._compiled  # the compiled kernel did it, no eager fallback
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_rank_on_cuda_equals_the_reference(dtype, monkeypatch):
+    monkeypatch.setenv(M.COMPILED_MASKS_ENV, "1")
+    gen = torch.Generator().manual_seed(0)
+    qkv, conv = _hard_weights((96, 64), dtype, gen), _hard_weights((16, 32, 3, 3), dtype, gen)
+    weights, dims = [qkv[:32].cuda(), qkv[32:].cuda(), conv.cuda()], [-1, -1, 1]
+    for n, m in [(2, 4), (1, 8)]:
+        masks = [torch.zeros(w.shape, dtype=torch.bool, device="cuda") for w in weights]
+        factors = [torch.full_like(w, 7.0) for w in weights]
+        M.nm_masks_(masks, weights, n, m, dims, workspace={}, factors=factors)
+        for w, mask, factor, dim in zip(weights, masks, factors, dims):
+            ref = _reference_nm_mask(w.cpu().float(), n, m, dim)
+            assert torch.equal(mask.cpu(), ref) and torch.equal(factor.cpu(), ref.to(dtype))
+    assert M.rank_kernel_status() == "compiled"  # no fallback to the eager ops happened
+
+
+def test_compiled_rank_failure_falls_back_to_the_same_masks_once(compiled_masks, monkeypatch, caplog):
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("Cannot find a working triton installation\nmore details")
+
+    monkeypatch.setattr(M, "_compiled", {})
+    monkeypatch.setattr(M, "_compiled_rank", lambda kind: broken)
+    gen = torch.Generator().manual_seed(0)
+    w = _hard_weights((64, 32), torch.float32, gen)
+    with caplog.at_level("WARNING", logger="sparsity.masks"):
+        first, second = M.nm_mask(w, 2, 4, -1), M.nm_mask(w, 2, 4, -1)
+    assert torch.equal(first, _reference_nm_mask(w, 2, 4, -1)) and torch.equal(second, first)
+    assert len(calls) == 1  # not retried on every step
+    assert M._compiled["broken"] == "RuntimeError: Cannot find a working triton installation"
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "unset SPARSITY_COMPILED_MASKS" in warned[0]
+
+
+def _mdgf_vit_after_steps(steps: int = 3) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model, recipe = _tiny("vit", "mdgf")
+    ctl = sparsity.SparsityController(model, recipe, total_steps=40)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        ctl.step(step)
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    ctl.step(steps)
+    return [(fqn, layer.weight_mask.clone(), layer.sparse_weight().detach().clone()) for fqn, layer in ctl.layers]
+
+
+def test_controller_step_with_the_compiled_rank_equals_the_default_one(monkeypatch):
+    """mdgf on a small ViT: masks and forward weights after a few steps do not depend on which kernel ranked them
+    (the CPU default, native C, against the compiled rank)."""
+    from sparsity import native
+
+    default = _mdgf_vit_after_steps()
+    monkeypatch.setenv(M.COMPILED_MASKS_ENV, "1")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_status", "disabled for this test")
+    compiled = _mdgf_vit_after_steps()
+    assert len(M._compiled) > 0 and "broken" not in M._compiled
+    assert len(default) == len(compiled) > 0
+    for (fqn, mask_a, w_a), (_, mask_b, w_b) in zip(default, compiled):
+        assert torch.equal(mask_a, mask_b), fqn
+        assert torch.equal(w_a, w_b), fqn
 
 
 @contextlib.contextmanager
@@ -396,8 +513,21 @@ def test_bench_masks_reports_which_kernel_and_equal_masks():
     result = bench_masks("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10},
                          patterns=((2, 4), (1, 8)), iters=1)
     assert result["settings"]["native_kernel"] == native.status()
+    assert result["settings"]["rank_kernel"] == "eager"  # CPU default: what the native kernel leaves is eager
     assert [r["pattern"] for r in result["rows"]] == ["2:4", "1:8"]
     assert all(r["equal"] and r["layers"] > 0 and r["rank_ms"] > 0 for r in result["rows"])
+    assert "eager_rank_ms" not in result["rows"][0]
+
+
+def test_bench_masks_times_the_eager_rank_against_the_compiled_one(compiled_masks):
+    from sparsity.bench_train import bench_masks
+
+    result = bench_masks("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10},
+                         patterns=((2, 4),), iters=1)
+    assert result["settings"]["rank_kernel"] == "compiled"
+    row = result["rows"][0]
+    assert row["equal"] and row["rank_ms"] > 0 and row["eager_rank_ms"] > 0
+    assert os.environ[M.COMPILED_MASKS_ENV] == "1"  # the A/B put the switch back
 
 
 def _vit_controller(recipe: dict):
