@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             kwargs = dict(args.model_kwargs or {})
             if args.num_classes:
                 kwargs["num_classes"] = args.num_classes
-            model = sparsity.create_model(args.model, recipe=recipe, checkpoint=path, use_ema=args.use_ema, **kwargs)
+            model = sparsity.create_model(args.model, recipe=recipe, **kwargs)
+            sparsity.checkpoint.load_model_weights(model, path, use_ema=args.use_ema, ckpt=ckpt)  # read once
     model.to(dist.device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -126,9 +126,11 @@ def model_state_from(ckpt: dict, use_ema: bool = False) -> dict:
     return ckpt
 
 
-def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool = False, strict: bool = True) -> dict:
-    """Load weights into ``model``; a mismatch (another architecture) is a :class:`CheckpointError` naming keys."""
-    ckpt = load_checkpoint_file(path)
+def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool = False, strict: bool = True,
+                       ckpt: dict | None = None) -> dict:
+    """Load weights into ``model``; a mismatch (another architecture) is a :class:`CheckpointError` naming keys.
+    ``ckpt``: the file's contents when the caller has already loaded them (read once)."""
+    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
     state = model_state_from(ckpt, use_ema)
     state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
     try:

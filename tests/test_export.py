@@ -563,3 +563,27 @@ def test_accelerate_bsr_matches_masked_model_bf16():
     rows = sparsity.accelerate_(model, backend="bsr", dtype=torch.bfloat16)
     assert [r["fqn"] for r in rows if r["converted"]] == ["blocks.0.mlp.fc1"], rows
     torch.testing.assert_close(_logits(model, x).float(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_validate_bare_state_dict_with_model_and_recipe_reads_the_file_once(vit24, tmp_path, monkeypatch):
+    """A bare state dict (no arch inside) needs --model and, for a sparse one, --config with its recipe; the file
+    is read once, and the masks it holds are the ones validated."""
+    import yaml
+
+    import validate
+
+    weights = tmp_path / "weights.pth"
+    torch.save(vit24.state_dict(), weights)
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump({"sparsity": vit24.sparsity_recipe.to_dict()}))
+    reads = []
+    real = sparsity.checkpoint.load_checkpoint_file
+    monkeypatch.setattr(sparsity.checkpoint, "load_checkpoint_file", lambda p: reads.append(p) or real(p))
+    out = tmp_path / "val.json"
+    assert run_cli(validate.main, ["--checkpoint", str(weights), "--model", VIT, "--model-kwargs", "img_size=32",
+                                   "patch_size=4", "depth=2", "--num-classes", "10", "--config", str(cfg),
+                                   "--dataset", "digits", "--img-size", "32", "--results-file", str(out)]) == 0
+    assert reads == [weights]
+    result = json.loads(out.read_text())
+    assert result["layers"] == 6 and result["layers_conforming"] == 6  # fc1, fc2, qkv of both blocks, at 2:4
+    assert 0.0 <= result["top1"] <= 100.0
