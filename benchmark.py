@@ -193,7 +193,6 @@ def _device(args) -> str:
 
 
 def _bench_masks(args) -> int:
-
     from sparsity.bench_train import bench_masks
 
     device = _device(args)

@@ -358,14 +358,14 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
         masks = [torch.empty_like(w, dtype=torch.bool) for w in ws]
         workspace: dict = {}
         batch = nm_masks_(masks, ws, n, m, dims, workspace=workspace)  # the native call, replayed as a run does
-        equal = all(torch.equal(mk, _sorted_nm_mask(w, n, m, d)) for mk, w, d in zip(masks, ws, dims))
+        equal = _masks_equal(masks, ws, n, m, dims)
         # on a GPU (or when opted in) the other rank of SPARSITY_COMPILED_MASKS is timed too: the A/B of that switch
         other = None
         if status == "compiled" or (status == "eager" and torch.device(device).type == "cuda"):
             other = ("eager_rank_ms", "0") if status == "compiled" else ("compiled_rank_ms", "1")
             with _env(COMPILED_MASKS_ENV, other[1]):
                 nm_masks_(masks, ws, n, m, dims, workspace=workspace)  # compiled / scratch allocated before timing
-            equal = equal and all(torch.equal(mk, _sorted_nm_mask(w, n, m, d)) for mk, w, d in zip(masks, ws, dims))
+            equal = equal and _masks_equal(masks, ws, n, m, dims)
             if rank_kernel_status() != status:  # compiling failed (the warning says why): nothing to compare
                 other = None
         times: dict[str, list[float]] = {"topk_ms": [], "rank_ms": [], **({other[0]: []} if other else {})}
@@ -396,6 +396,10 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
     return {"settings": {"model": model_name, "model_kwargs": model_kwargs or {}, "device": device, "iters": iters,
                          "channels_last": channels_last, "threads": torch.get_num_threads(),
                          "native_kernel": native.status(), "rank_kernel": rank_kernel_status()}, "rows": rows}
+
+
+def _masks_equal(masks, ws, n: int, m: int, dims) -> bool:
+    return all(torch.equal(mk, _sorted_nm_mask(w, n, m, d)) for mk, w, d in zip(masks, ws, dims))
 
 
 @contextlib.contextmanager

@@ -56,9 +56,10 @@ RANK_CHUNK_GPU = 1 << 24
 NATURAL_MIN_T = 8
 #: ``SPARSITY_COMPILED_MASKS=1``: rank the tensors the native kernel does not take (all of them on a GPU) by one
 #: compiled kernel per tensor (``torch.compile``: Triton on CUDA), which reads the weight once and writes the mask
-#: and factor, instead of the eager duels' ~4 m weight-sized passes. Off by default: the masks are the same (tested
-#: bit for bit) but its speed is not measured on a GPU yet, and inductor's CPU code for it is 10x slower than the
-#: eager ops (docs/performance.md). ``benchmark.py --bench masks --device cuda`` times both.
+#: and the factor, instead of the eager duels' memory traffic (about 25 weight-sized passes for 2:4). It takes
+#: what the eager rank would (m <= 16, outputs laid out like the weight). Off by default: the masks are the same
+#: (tested bit for bit) but its speed is not measured on a GPU yet, and inductor's CPU code for it is 10x slower
+#: than the eager ops (docs/performance.md). ``benchmark.py --bench masks --device cuda`` times both.
 COMPILED_MASKS_ENV = "SPARSITY_COMPILED_MASKS"
 
 _log = logging.getLogger(__name__)
@@ -195,7 +196,8 @@ def _rank_store(mask: torch.Tensor, factor: torch.Tensor | None, w: torch.Tensor
     keys = torch.bitwise_and(w.view(bits), _SIGN_OFF[bits]) if bits is not None else w.abs()
     pos = [keys[:, i] for i in range(m)]
     for i in range(m):
-        beaten = sum(((pos[j] >= pos[i]) if j < i else (pos[j] > pos[i])).to(torch.int32) for j in range(m) if j != i)
+        # j < i beats i unless i is strictly larger: every duel has one winner, even for unordered (NaN) abs keys
+        beaten = sum((~(pos[i] > pos[j]) if j < i else (pos[j] > pos[i])).to(torch.int32) for j in range(m) if j != i)
         keep = beaten < n
         mask[:, i].copy_(keep)
         if factor is not None:

@@ -114,6 +114,9 @@ def test_gpu_mask_step_is_few_large_ops():
     assert 36 < Launches.count < 300, Launches.count  # W * E alone is 72: the ranks add a fixed handful per chunk
 
 
+_EAGER_RANK = M._rank_keep_
+
+
 @pytest.fixture
 def compiled_masks(monkeypatch):
     """nm_masks_ with SPARSITY_COMPILED_MASKS=1 and no native kernel: the rank as one compiled kernel per tensor
@@ -124,6 +127,11 @@ def compiled_masks(monkeypatch):
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_status", "disabled for this test")
     assert "broken" not in M._compiled
+
+    def no_eager(*args, **kwargs):
+        raise AssertionError("the eager rank ran: the compiled kernel did not take this tensor")
+
+    monkeypatch.setattr(M, "_rank_keep_", no_eager)
 
 
 def _hard_weights(shape, dtype, gen):
@@ -151,14 +159,14 @@ def test_compiled_rank_equals_the_reference_bit_for_bit(compiled_masks, dtype, l
                    _hard_weights((32, 16, 3, 3), dtype, gen).contiguous(memory_format=torch.channels_last)]
         dims = [1, 1]
     for n, m in patterns:
-        masks = [torch.zeros(w.shape, dtype=torch.bool) for w in weights]
+        masks = [torch.zeros_like(w, dtype=torch.bool) for w in weights]  # laid out like the weight, as a layer's
         factors = [torch.full_like(w, 7.0) for w in weights]
         M.nm_masks_(masks, weights, n, m, dims, workspace={}, factors=factors)
         for w, mask, factor, dim in zip(weights, masks, factors, dims):
             ref = _reference_nm_mask(w.float(), n, m, dim)
             assert torch.equal(mask, ref), (n, m, tuple(w.shape), dim)
             assert torch.equal(factor, ref.to(dtype))
-    assert len(M._compiled) > 0 and "broken" not in M._compiled  # the compiled kernel did it, no eager fallback
+    assert "broken" not in M._compiled  # and the fixture's eager rank never ran
 
 
 @pytest.mark.gpu
@@ -177,9 +185,11 @@ def test_compiled_rank_on_cuda_equals_the_reference(dtype, monkeypatch):
             ref = _reference_nm_mask(w.cpu().float(), n, m, dim)
             assert torch.equal(mask.cpu(), ref) and torch.equal(factor.cpu(), ref.to(dtype))
     assert M.rank_kernel_status() == "compiled"  # no fallback to the eager ops happened
+    assert any(kind != "broken" and kind[2] == "cuda" for kind in M._compiled)  # compiled for the GPU
 
 
 def test_compiled_rank_failure_falls_back_to_the_same_masks_once(compiled_masks, monkeypatch, caplog):
+    monkeypatch.setattr(M, "_rank_keep_", _EAGER_RANK)  # the fallback is what this test checks
     calls = []
 
     def broken(*args):
@@ -222,8 +232,9 @@ def test_controller_step_with_the_compiled_rank_equals_the_default_one(monkeypat
     monkeypatch.setenv(M.COMPILED_MASKS_ENV, "1")
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_status", "disabled for this test")
+    monkeypatch.setattr(M, "_rank_keep_", None)  # the eager rank must not be what runs
     compiled = _mdgf_vit_after_steps()
-    assert len(M._compiled) > 0 and "broken" not in M._compiled
+    assert "broken" not in M._compiled
     assert len(default) == len(compiled) > 0
     for (fqn, mask_a, w_a), (_, mask_b, w_b) in zip(default, compiled):
         assert torch.equal(mask_a, mask_b), fqn
@@ -506,8 +517,10 @@ def test_layers_without_controller_use_loaded_masks():
     assert isinstance(layer, nn.Linear)
 
 
-def test_bench_masks_reports_which_kernel_and_equal_masks():
+def test_bench_masks_reports_which_kernel_and_equal_masks(monkeypatch):
     from sparsity import native
+
+    monkeypatch.delenv(M.COMPILED_MASKS_ENV, raising=False)
     from sparsity.bench_train import bench_masks
 
     result = bench_masks("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10},
@@ -519,8 +532,10 @@ def test_bench_masks_reports_which_kernel_and_equal_masks():
     assert "eager_rank_ms" not in result["rows"][0]
 
 
-def test_bench_masks_times_the_eager_rank_against_the_compiled_one(compiled_masks):
+def test_bench_masks_times_the_eager_rank_against_the_compiled_one(compiled_masks, monkeypatch):
     from sparsity.bench_train import bench_masks
+
+    monkeypatch.setattr(M, "_rank_keep_", _EAGER_RANK)  # the A/B runs it on purpose
 
     result = bench_masks("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10},
                          patterns=((2, 4),), iters=1)
