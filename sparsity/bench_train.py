@@ -342,7 +342,8 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
     """
     import timm
 
-    from .masks import COMPILED_MASKS_ENV, grouped_dim, nm_masks_, rank_kernel_status
+    from .masks import grouped_dim
+    from .nm_batch import COMPILED_MASKS_ENV, nm_masks_, rank_kernel_status
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, **(model_kwargs or {})).to(device)

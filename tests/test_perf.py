@@ -14,6 +14,7 @@ from torch import nn
 
 import sparsity
 from sparsity import masks as M
+from sparsity import nm_batch as NB
 from sparsity.bench_train import TrainBenchSettings, bench_train, builtin_recipe
 
 METHODS = ["ste", "srste", "mdgf", "supermask", "gumbel"]
@@ -74,9 +75,9 @@ def test_batched_masks_match_per_tensor_on_every_layout():
     dims = [-1, -1, 1, 1, 1, 0]
     masks = [torch.zeros_like(w, dtype=torch.bool) for w in weights]
     factors = [torch.full_like(w, 7.0) for w in weights]
-    old = M.RANK_CHUNK
+    old = NB.RANK_CHUNK
     try:
-        M.RANK_CHUNK = 1000  # force every layer to be split over several chunks
+        NB.RANK_CHUNK = 1000  # force every layer to be split over several chunks
         workspace: dict = {}
         for _ in range(2):  # the second call reuses the workspace
             M.nm_masks_(masks, weights, 2, 4, dims, workspace=workspace, factors=factors)
@@ -85,7 +86,7 @@ def test_batched_masks_match_per_tensor_on_every_layout():
                 assert torch.equal(mask, ref)
                 assert torch.equal(factor, ref.float())
     finally:
-        M.RANK_CHUNK = old
+        NB.RANK_CHUNK = old
 
 
 def test_gpu_mask_step_is_few_large_ops():
@@ -114,7 +115,7 @@ def test_gpu_mask_step_is_few_large_ops():
     assert 36 < Launches.count < 300, Launches.count  # W * E alone is 72: the ranks add a fixed handful per chunk
 
 
-_EAGER_RANK = M._rank_keep_
+_EAGER_RANK = NB._rank_keep_
 
 
 @pytest.fixture
@@ -123,15 +124,15 @@ def compiled_masks(monkeypatch):
     (here inductor's C++ instead of a GPU's Triton: the same traced graph)."""
     from sparsity import native
 
-    monkeypatch.setenv(M.COMPILED_MASKS_ENV, "1")
+    monkeypatch.setenv(NB.COMPILED_MASKS_ENV, "1")
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_status", "disabled for this test")
-    assert "broken" not in M._compiled
+    assert "broken" not in NB._compiled
 
     def no_eager(*args, **kwargs):
         raise AssertionError("the eager rank ran: the compiled kernel did not take this tensor")
 
-    monkeypatch.setattr(M, "_rank_keep_", no_eager)
+    monkeypatch.setattr(NB, "_rank_keep_", no_eager)
 
 
 def _hard_weights(shape, dtype, gen):
@@ -166,14 +167,14 @@ def test_compiled_rank_equals_the_reference_bit_for_bit(compiled_masks, dtype, l
             ref = _reference_nm_mask(w.float(), n, m, dim)
             assert torch.equal(mask, ref), (n, m, tuple(w.shape), dim)
             assert torch.equal(factor, ref.to(dtype))
-    assert "broken" not in M._compiled  # and the fixture's eager rank never ran
+    assert "broken" not in NB._compiled  # and the fixture's eager rank never ran
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_rank_on_cuda_equals_the_reference(dtype, monkeypatch):
-    monkeypatch.setenv(M.COMPILED_MASKS_ENV, "1")
+    monkeypatch.setenv(NB.COMPILED_MASKS_ENV, "1")
     gen = torch.Generator().manual_seed(0)
     qkv, conv = _hard_weights((96, 64), dtype, gen), _hard_weights((16, 32, 3, 3), dtype, gen)
     weights, dims = [qkv[:32].cuda(), qkv[32:].cuda(), conv.cuda()], [-1, -1, 1]
@@ -184,27 +185,27 @@ def test_compiled_rank_on_cuda_equals_the_reference(dtype, monkeypatch):
         for w, mask, factor, dim in zip(weights, masks, factors, dims):
             ref = _reference_nm_mask(w.cpu().float(), n, m, dim)
             assert torch.equal(mask.cpu(), ref) and torch.equal(factor.cpu(), ref.to(dtype))
-    assert M.rank_kernel_status() == "compiled"  # no fallback to the eager ops happened
-    assert any(kind != "broken" and kind[2] == "cuda" for kind in M._compiled)  # compiled for the GPU
+    assert NB.rank_kernel_status() == "compiled"  # no fallback to the eager ops happened
+    assert any(kind != "broken" and kind[2] == "cuda" for kind in NB._compiled)  # compiled for the GPU
 
 
 def test_compiled_rank_failure_falls_back_to_the_same_masks_once(compiled_masks, monkeypatch, caplog):
-    monkeypatch.setattr(M, "_rank_keep_", _EAGER_RANK)  # the fallback is what this test checks
+    monkeypatch.setattr(NB, "_rank_keep_", _EAGER_RANK)  # the fallback is what this test checks
     calls = []
 
     def broken(*args):
         calls.append(1)
         raise RuntimeError("Cannot find a working triton installation\nmore details")
 
-    monkeypatch.setattr(M, "_compiled", {})
-    monkeypatch.setattr(M, "_compiled_rank", lambda kind: broken)
+    monkeypatch.setattr(NB, "_compiled", {})
+    monkeypatch.setattr(NB, "_compiled_rank", lambda kind: broken)
     gen = torch.Generator().manual_seed(0)
     w = _hard_weights((64, 32), torch.float32, gen)
-    with caplog.at_level("WARNING", logger="sparsity.masks"):
+    with caplog.at_level("WARNING", logger="sparsity.nm_batch"):
         first, second = M.nm_mask(w, 2, 4, -1), M.nm_mask(w, 2, 4, -1)
     assert torch.equal(first, _reference_nm_mask(w, 2, 4, -1)) and torch.equal(second, first)
     assert len(calls) == 1  # not retried on every step
-    assert M._compiled["broken"] == "RuntimeError: Cannot find a working triton installation"
+    assert NB._compiled["broken"] == "RuntimeError: Cannot find a working triton installation"
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "unset SPARSITY_COMPILED_MASKS" in warned[0]
 
@@ -229,12 +230,12 @@ def test_controller_step_with_the_compiled_rank_equals_the_default_one(monkeypat
     from sparsity import native
 
     default = _mdgf_vit_after_steps()
-    monkeypatch.setenv(M.COMPILED_MASKS_ENV, "1")
+    monkeypatch.setenv(NB.COMPILED_MASKS_ENV, "1")
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_status", "disabled for this test")
-    monkeypatch.setattr(M, "_rank_keep_", None)  # the eager rank must not be what runs
+    monkeypatch.setattr(NB, "_rank_keep_", None)  # the eager rank must not be what runs
     compiled = _mdgf_vit_after_steps()
-    assert "broken" not in M._compiled
+    assert "broken" not in NB._compiled
     assert len(default) == len(compiled) > 0
     for (fqn, mask_a, w_a), (_, mask_b, w_b) in zip(default, compiled):
         assert torch.equal(mask_a, mask_b), fqn
@@ -520,7 +521,7 @@ def test_layers_without_controller_use_loaded_masks():
 def test_bench_masks_reports_which_kernel_and_equal_masks(monkeypatch):
     from sparsity import native
 
-    monkeypatch.delenv(M.COMPILED_MASKS_ENV, raising=False)
+    monkeypatch.delenv(NB.COMPILED_MASKS_ENV, raising=False)
     from sparsity.bench_train import bench_masks
 
     result = bench_masks("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10},
@@ -535,14 +536,14 @@ def test_bench_masks_reports_which_kernel_and_equal_masks(monkeypatch):
 def test_bench_masks_times_the_eager_rank_against_the_compiled_one(compiled_masks, monkeypatch):
     from sparsity.bench_train import bench_masks
 
-    monkeypatch.setattr(M, "_rank_keep_", _EAGER_RANK)  # the A/B runs it on purpose
+    monkeypatch.setattr(NB, "_rank_keep_", _EAGER_RANK)  # the A/B runs it on purpose
 
     result = bench_masks("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10},
                          patterns=((2, 4),), iters=1)
     assert result["settings"]["rank_kernel"] == "compiled"
     row = result["rows"][0]
     assert row["equal"] and row["rank_ms"] > 0 and row["eager_rank_ms"] > 0
-    assert os.environ[M.COMPILED_MASKS_ENV] == "1"  # the A/B put the switch back
+    assert os.environ[NB.COMPILED_MASKS_ENV] == "1"  # the A/B put the switch back
 
 
 def _vit_controller(recipe: dict):
