@@ -320,3 +320,44 @@ def test_cuda_bf16_autocast_step():
             grad = getattr(layer, name).grad
             assert grad is not None and bool(torch.isfinite(grad).all())
     assert ctl.metrics()["mask_flip"] == 0.0
+
+
+def test_logits_learn_a_planted_support_from_uniform_init():
+    """The straight-through estimator carries signal: with the weights frozen (``trainable: mask``), a student whose
+    target is the same weights under a random 2:4 support finds that support in every group from uniform logits."""
+    model, recipe = _single(lambda: nn.Linear(32, 8, bias=False), trainable="mask", finetune_fraction=0.0)
+    layer = model.layer
+    gen = torch.Generator().manual_seed(1)
+    planted = torch.randint(0, 6, (8, 8), generator=gen)  # one of the 6 patterns per group of 4 inputs
+    teacher = layer.weight.detach() * nm_patterns(2, 4)[planted].reshape(8, 32)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=200)
+    opt = torch.optim.Adam([layer.weight_logits], lr=0.1)
+    model.train()
+    for k in range(200):
+        ctl.step(k)
+        x = torch.randn(64, 32, generator=gen)
+        loss = F.mse_loss(model(x), x @ teacher.t())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(layer.weight_logits.argmax(-1), planted)
+    assert ctl.method.metrics()["mask_entropy"] < 0.5 * math.log(6)  # confident, not just a lucky argmax
+
+
+def test_warns_at_the_end_when_logits_stayed_near_uniform(caplog):
+    x = torch.randn(4, 16)
+    for init, warned in (("uniform", True), ("magnitude", False)):
+        model, recipe = _single(lambda: nn.Linear(16, 8), init=init)
+        ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+        opt = _optimizer(model, ctl, lr=1e-4)
+        model.train()
+        for k in range(3):
+            _step(model, ctl, opt, k, x)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sparsity.methods.gumbel"):
+            ctl.on_train_end(None)  # not the process that writes the run: silent
+            assert caplog.records == []
+            ctl.on_train_end("run")
+        messages = [r.getMessage() for r in caplog.records]
+        assert (len(messages) == 1 and "ended near uniform" in messages[0] and "init: magnitude" in messages[0]) \
+            == warned, (init, messages)

@@ -24,6 +24,7 @@ Patterns per group are limited to ``MAX_PATTERNS`` (70 = C(8, 4)); 2:4 has 6, 1:
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,6 +39,8 @@ from ..schedules import DENSE, FINETUNE, SPARSE, linear_ramp, phase_at
 from . import SparsityMethod, fill_missing_slice_params, register_method, slice_param_name
 
 __all__ = ["MAX_PATTERNS", "TauAnneal", "GumbelConfig", "GumbelMethod", "nm_patterns", "gumbel_weight", "tau_at"]
+
+_log = logging.getLogger(__name__)
 
 #: the largest C(M, N) accepted: logits cost K/M floats per weight (70/8 = 8.75x the weight for 4:8).
 MAX_PATTERNS = 70
@@ -389,16 +392,23 @@ class GumbelMethod(SparsityMethod):
             layer.sparse_mode = "frozen"
 
     @torch.no_grad()
-    def metrics(self) -> dict[str, Any]:
-        """``mask_entropy``: mean over all groups of the entropy (nats) of softmax(logits), without tau or noise
-        (log C(M,N) when uniform, 0 when certain); ``mask_flip``: fraction of groups whose argmax pattern changed
-        since the previous call (since the controller was built, on the first call)."""
-        ent_sum, groups = 0.0, 0
+    def _entropy(self) -> tuple[float, float, int]:
+        """(sum over groups of the entropy of softmax(logits), the same sum for uniform logits, groups)."""
+        ent_sum, uniform_sum, groups = 0.0, 0.0, 0
         for _, layer, _, name in self._units():
             lg = getattr(layer, name).float()
             logp = torch.log_softmax(lg, dim=-1)
             ent_sum += float(-(logp.exp() * logp).sum())
+            uniform_sum += lg[..., 0].numel() * math.log(lg.shape[-1])
             groups += lg[..., 0].numel()
+        return ent_sum, uniform_sum, groups
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, Any]:
+        """``mask_entropy``: mean over all groups of the entropy (nats) of softmax(logits), without tau or noise
+        (log C(M,N) when uniform, 0 when certain); ``mask_flip``: fraction of groups whose argmax pattern changed
+        since the previous call (since the controller was built, on the first call)."""
+        ent_sum, _, groups = self._entropy()
         current = self._argmax()
         changed = sum(int((current[k] != prev).sum()) for k, prev in self._last_argmax.items() if k in current)
         self._last_argmax = current
@@ -408,6 +418,18 @@ class GumbelMethod(SparsityMethod):
             "mask_entropy": round(ent_sum / groups, 6) if groups else 0.0,
             "mask_flip": round(changed / groups, 6) if groups else 0.0,
         }
+
+    def on_train_end(self, output_dir: str | None) -> None:
+        """Warn (once, on the process that writes the run) when the logits ended near uniform: their argmax, the
+        final masks, is then close to arbitrary and the model's accuracy with them can collapse."""
+        ent_sum, uniform_sum, _ = self._entropy()
+        if output_dir is None or self.phase == DENSE or not uniform_sum or ent_sum < 0.99 * uniform_sum:
+            return
+        _log.warning(
+            "gumbel: the mask logits ended near uniform (entropy %.1f %% of uniform's): their argmax, the final "
+            "masks, is close to arbitrary. Starting from a dense model, use init: magnitude; otherwise train longer "
+            "or with a larger lr; and keep a fine-tune phase (finetune_fraction) so BatchNorm fits the final masks",
+            100 * ent_sum / uniform_sum)
 
     def metric_reference(self) -> dict[str, torch.Tensor]:
         return {f"{fqn}/{name}": t for (fqn, name), t in self._last_argmax.items()}
