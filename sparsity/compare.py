@@ -204,14 +204,35 @@ def _read_results(path: Path) -> dict | None:
     return data if isinstance(data, dict) and "top1" in data else None
 
 
+def _flag_items(args: list[str]) -> list[str]:
+    """``["--epochs", "2", "-b", "32"]`` -> ``["--epochs 2", "-b 32"]``: each flag with its values (a difference
+    then names the flag, not just the value)."""
+    items: list[list[str]] = []
+    for a in args:
+        if (a.startswith("-") and not _is_number(a)) or not items:  # -1 and -1e-5 are values
+            items.append([a])
+        else:
+            items[-1].append(a)
+    return [" ".join(i) for i in items]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_same_flags(run: Run, flags: list[str]) -> None:
     try:
         saved = json.loads(run.flags_path.read_text())
     except (OSError, ValueError):
         return  # finished before flags were recorded
     if saved != flags:
-        then = " ".join(a for a in saved if a not in flags) or "-"
-        now = " ".join(a for a in flags if a not in saved) or "-"  # both "-": the same flags in another order
+        before, after = _flag_items(saved), _flag_items(flags)
+        then = "; ".join(a for a in before if a not in after) or "-"
+        now = "; ".join(a for a in after if a not in before) or "-"  # both "-": the same flags in another order
         raise CompareError(f"run {run.experiment} finished earlier with other train.py flags (then: {then}; now: "
                            f"{now}): its result would be reported as this one's; use another --output, or delete "
                            f"{run.run_dir} to run it again")

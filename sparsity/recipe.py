@@ -42,9 +42,16 @@ class RecipeError(UserError):
     """A recipe or experiment file is invalid; the message says what to change."""
 
 
+#: names users bring from other trainers (and timm's own long forms) for keys spelled otherwise here
+_ALIASES = {"learning_rate": "lr", "optimizer": "opt", "scheduler": "sched", "wd": "weight_decay",
+            "num_epochs": "epochs", "bs": "batch_size", "model_name": "model", "dataset_dir": "data_dir"}
+
+
 def closest(word: str, options: typing.Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` or an empty string."""
-    match = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
+    options = list(options)
+    alias = _ALIASES.get(str(word))
+    match = [alias] if alias in options else difflib.get_close_matches(str(word), options, n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else ""
 
 

@@ -229,7 +229,13 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         create_kwargs["drop_rate"] = args.drop
     if args.drop_path is not None:
         create_kwargs["drop_path_rate"] = args.drop_path
-    model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, **create_kwargs)
+    # what can be refused from the flags and files alone is refused before the model (and its layer table) is built
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    check_optimizer(args.opt, args.opt_impl)
+    if args.initial_checkpoint and not Path(args.initial_checkpoint).exists():
+        raise CheckpointError(f"initial_checkpoint {args.initial_checkpoint} does not exist: pass --initial-checkpoint "
+                              "PATH, or train the model it names first (a quickstart recipe's comment says how)")
     if args.resume == "auto" and not args.experiment:
         raise UserError("--resume auto needs --experiment NAME: the run folder to continue (without it every run "
                         "gets a new, time-stamped folder, and nothing would ever be resumed)")
@@ -240,19 +246,20 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         resume_path = str(found) if found else None
         if found:
             _logger.info("--resume auto: resuming from %s", found)
+        else:
+            _logger.info("--resume auto: no checkpoint in %s yet; starting a new run there", run_dir)
     resume = load_checkpoint_file(resume_path) if resume_path else None
     if resume is not None:
         if resume.get("arch") != args.model:
             raise CheckpointError(f"--resume {resume_path} is a checkpoint of '{resume.get('arch')}', not "
                                   f"'{args.model}'; resume with the same --model/--config")
         _check_same_run(resume, resume_path, recipe, args)
+    model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, **create_kwargs)
+    if resume is not None:
         try:
             model.load_state_dict(resume["state_dict"], strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"--resume {resume_path} does not fit this model/recipe: {str(e)[:300]}") from None
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    check_optimizer(args.opt, args.opt_impl)
     data_cfg = resolve_data(args, model)
     loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
     steps_per_epoch = len(loader_train)

@@ -179,3 +179,9 @@ def test_dry_run_lists_runs(tmp_path, capsys):
     argv = [str(QUICK / "dense_digits.yaml"), str(plain), "--dry-run", "--output", str(tmp_path / "o"), *TINY]
     assert run_cli(compare.main, argv) == 0
     assert "2 recipes x 1 seeds = 2 runs on digits" in capsys.readouterr().out
+
+
+def test_flag_difference_names_the_flag():
+    assert cmp._flag_items(["--epochs", "2", "-b", "32", "--scale", "0.8", "1.0", "--min-lr", "-1e-5", "--amp"]) \
+        == ["--epochs 2", "-b 32", "--scale 0.8 1.0", "--min-lr -1e-5", "--amp"]
+    assert cmp._flag_items(["--lr", "-1"]) == ["--lr -1"]

@@ -87,3 +87,11 @@ def test_base_inheritance_and_cycles(tmp_path):
     _write(tmp_path, "base: missing.yaml\n", "c.yaml")
     with pytest.raises(RecipeError, match="does not exist"):
         sparsity.load_yaml(tmp_path / "c.yaml")
+
+
+def test_suggestions_know_other_trainers_names_for_our_keys():
+    from sparsity.recipe import closest
+
+    assert closest("learning_rate", ["decay_rate", "lr", "epochs"]) == "; did you mean 'lr'?"  # not the look-alike
+    assert closest("optimizer", ["opt", "sched"]) == "; did you mean 'opt'?"
+    assert closest("methd", ["method", "rules"]) == "; did you mean 'method'?"  # typos still by spelling

@@ -209,6 +209,9 @@ def test_bad_input_table(tmp_path):
         ["--initial-checkpoint", str(tmp_path / "proj.pth.tar")],
         "is sparse: it holds masks for 2 layer(s) this run's recipe leaves dense (blocks.0.attn.proj, "
         "blocks.1.attn.proj); use a recipe that covers them, or export it densified first")
+    cases["initial_missing"] = (["--initial-checkpoint", str(tmp_path / "dense" / "last.pth.tar")],
+                                f"initial_checkpoint {tmp_path / 'dense' / 'last.pth.tar'} does not exist: pass "
+                                "--initial-checkpoint PATH, or train the model it names first")
     cases["initial_run_dir"] = (["--initial-checkpoint", str(run)], f"{run} is a run directory; pass one of its "
                                 f"checkpoints, e.g. {run / 'last.pth.tar'}")
     blocker = tmp_path / "a_file"
@@ -219,6 +222,8 @@ def test_bad_input_table(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, (name, proc.stderr[-1500:])
         assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (name, proc.stderr)
+        if name in ("initial_missing", "other_arch", "truncated_ckpt", "unknown_opt"):  # refused before building
+            assert "sparsify_" not in proc.stdout, (name, proc.stdout)  # the model: no layer table above the error
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before, name
         assert sorted(os.listdir(out)) == ["run"], name
 
