@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     dist = init_distributed(args.device)
     path = Path(args.checkpoint)
+    if args.data_dir and not args.dataset_download and not Path(args.data_dir).exists():  # before the model is built
+        raise DataError(f"--data-dir {args.data_dir} does not exist; point it at the validation data (an ImageFolder "
+                        "root, or a timm data set's folder)")
     recipe = sparsity.recipe_from_dict(blocks["sparsity"], source=args.config) if "sparsity" in blocks else None
     meta: dict = {}
     trained_cfg = None  # the data config the model was trained with, where the file says

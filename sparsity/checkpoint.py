@@ -171,8 +171,8 @@ def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
         raise CheckpointError(f"checkpoint {path} has no 'arch': it is not a train.py checkpoint; pass --model "
                               "and the recipe explicitly")
     recipe = recipe_from_dict(ckpt.get("recipe") or {}, source=f"{path} (recipe)")
+    state = model_state_from(ckpt, use_ema)  # e.g. no EMA weights: refused before the model is built
     model = create_model(ckpt["arch"], recipe=recipe, **dict(ckpt.get("create_kwargs") or {}))
-    state = model_state_from(ckpt, use_ema)
     if ckpt.get("metric_model") == "ema" and not use_ema:
         logging.getLogger(__name__).warning(
             "%s: its metric and the model_best ranking come from the EMA weights (trained with --model-ema); these "

@@ -328,7 +328,7 @@ def test_cli_bad_checkpoint_exit_code_2_one_line(tmp_path, capsys):
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
 
 
-def test_directories_and_formats_mixed_up_get_a_hint(fake_checkpoint, tmp_path, capsys):
+def test_directories_and_formats_mixed_up_get_a_hint(fake_checkpoint, tmp_path, capsys, caplog):
     """An export or run directory where a checkpoint file belongs, a compressed export into load_densified, and
     validate.py flags that a file naming its own model would silently override: one line each, naming the fix."""
     import validate
@@ -346,12 +346,21 @@ def test_directories_and_formats_mixed_up_get_a_hint(fake_checkpoint, tmp_path, 
         (validate.main, ["--checkpoint", str(comp), "--model-kwargs", "depth=3"],
          "--model-kwargs depth=3 (file: 2); drop those flags"),
         (validate.main, ["--checkpoint", str(comp), "--use-ema"], "is an export, which holds one set of weights"),
+        (validate.main, ["--checkpoint", str(fake_checkpoint), "--data-dir", str(tmp_path / "nope")],
+         f"--data-dir {tmp_path / 'nope'} does not exist"),
     ]
+    no_ema = tmp_path / "no_ema.pth.tar"
+    ckpt = torch.load(fake_checkpoint, weights_only=True)
+    sparsity.save_atomic({**ckpt, "state_dict_ema": None}, no_ema)
+    cases.append((validate.main, ["--checkpoint", str(no_ema), "--use-ema"], "the checkpoint holds no EMA weights"))
     for main, argv, msg in cases:
-        assert run_cli(main, argv) == 2, argv
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and msg in err, (argv, err)
+        with caplog.at_level("INFO", logger="sparsity.surgery"):  # the layer table is on (tests quiet it)
+            assert run_cli(main, argv) == 2, argv
+        out, err = capsys.readouterr()  # the CLI's logging writes to stdout
+        assert len(err.strip().splitlines()) == 1 and msg in err, (argv, err)
+        assert "sparsify_" not in out, (argv, out)  # refused before a model (and its layer table) was built
     assert sorted(p.name for p in fake_checkpoint.parent.iterdir()) == ["model_best.pth.tar"]  # nothing written
+    no_ema.unlink()
     with pytest.raises(ExportError, match="holds a compressed export; load it with sparsity.load_compressed"):
         sparsity.load_densified(comp)
     # flags that agree with the file are fine (the file's own values, a tag on the name)
