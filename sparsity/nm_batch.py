@@ -20,6 +20,7 @@ from . import native
 
 __all__ = ["check_nm", "nm_masks_", "rank_kernel_status", "COMPILED_MASKS_ENV", "RANK_MAX_M"]
 
+
 def check_nm(n: int, m: int) -> None:
     """Raise ``ValueError`` unless ``1 <= n <= m`` are ints."""
     for name, v in (("n", n), ("m", m)):
