@@ -30,34 +30,44 @@ from .layers import masked_modules
 from .surgery import densify_
 from .targets import find_candidates
 
-__all__ = ["bench_infer", "bench_layers", "sparse_model", "time_forward", "time_call", "resolve_model",
+__all__ = ["bench_infer", "bench_layers", "sparse_model", "time_forward", "time_call", "time_calls", "resolve_model",
            "default_backend"]
 
 MODES = ("eager", "compiled")
 
 
-def time_call(fn: Callable[[], Any], device: torch.device | str, warmup: int = 10, iters: int = 50) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU), after ``warmup`` untimed calls."""
+def time_calls(fns: Sequence[Callable[[], Any]], device: torch.device | str, warmup: int = 10,
+               iters: int = 50) -> list[float]:
+    """Median milliseconds of each of ``fns()`` (CUDA events on GPU, perf_counter on CPU), timed in turns: round
+    k calls every function once, after ``warmup`` untimed rounds. A change of load on the machine then moves all
+    of them alike instead of one, so their ratio holds (timed one after the other, a stall during the first
+    could make the second look 70x faster)."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+        for fn, out in zip(fns, times):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                out.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def time_call(fn: Callable[[], Any], device: torch.device | str, warmup: int = 10, iters: int = 50) -> float:
+    """Median milliseconds of ``fn()`` after ``warmup`` untimed calls (:func:`time_calls` of one function)."""
+    return time_calls([fn], device, warmup, iters)[0]
 
 
 @torch.no_grad()
@@ -146,17 +156,18 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def _peak_and_time(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> tuple[float, float | None]:
-    """(median ms, peak MiB the forwards allocated beyond what was resident; None off CUDA)."""
-    cuda = x.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(x.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(x.device)
-        base = torch.cuda.memory_allocated(x.device)
-    ms = time_forward(model, x, warmup, iters)
-    extra = (torch.cuda.max_memory_allocated(x.device) - base) / 2**20 if cuda else None
-    return ms, extra
+def _peak_mib(model: nn.Module, x: torch.Tensor) -> float | None:
+    """MiB one forward of ``model(x)`` allocates beyond what is resident (after timing: compiled already); None
+    off CUDA."""
+    if x.device.type != "cuda":
+        return None
+    torch.cuda.synchronize(x.device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(x.device)
+    base = torch.cuda.memory_allocated(x.device)
+    model(x)
+    torch.cuda.synchronize(x.device)
+    return (torch.cuda.max_memory_allocated(x.device) - base) / 2**20
 
 
 def _dense_and_sparse(model: nn.Module, device: str, dtype: torch.dtype, **accel) -> tuple[nn.Module, nn.Module, list]:
@@ -233,8 +244,9 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
             ref = dense(x).float()
             for mode in modes:
                 d, s = runs[mode]
-                dense_ms, dense_extra = _peak_and_time(d, x, warmup, iters)
-                sparse_ms, sparse_extra = _peak_and_time(s, x, warmup, iters)
+                dense_ms, sparse_ms = time_calls([lambda d=d, x=x: d(x), lambda s=s, x=x: s(x)], x.device, warmup,
+                                                 iters)
+                dense_extra, sparse_extra = _peak_mib(d, x), _peak_mib(s, x)
                 row = {
                     "model": name, "backend": backend, "dtype": str(dtype).removeprefix("torch."), "batch_size": bs,
                     "mode": mode, "dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4),
@@ -300,8 +312,8 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
             continue
         lin, fast = dense.get_submodule(fqns[0]), sparse.get_submodule(fqns[0])
         x = torch.randn(*in_shape, generator=gen).to(device=device, dtype=dtype)
-        dense_ms = time_call(lambda x=x, lin=lin: F.linear(x, lin.weight, lin.bias), device, warmup, iters)
-        sparse_ms = time_call(lambda x=x, fast=fast: fast(x), device, warmup, iters)
+        dense_ms, sparse_ms = time_calls([lambda x=x, lin=lin: F.linear(x, lin.weight, lin.bias),
+                                          lambda x=x, fast=fast: fast(x)], device, warmup, iters)
         rows.append({
             "layer": fqns[0], "count": len(fqns), "weight": "x".join(map(str, shape)),
             "rows": int(torch.tensor(in_shape[:-1]).prod()), "converted": table[fqns[0]]["converted"],

@@ -178,3 +178,14 @@ def test_bench_infer_on_gpu_runs_sparse_and_matches_within_bf16():
     assert row["max_abs_diff"] < 0.1 and row["sparse_peak_mib"] > row["sparse_weights_mib"] > 0
     layers = bench_layers(model, batch_size=64, dtype=torch.bfloat16, device="cuda", warmup=2, iters=5)
     assert all(r["converted"] and r["max_abs_diff"] < 0.1 for r in layers["rows"])
+
+
+def test_timings_are_taken_in_turns():
+    """Dense and sparse forwards alternate (warm-up rounds too), so a load change on the machine cannot land on
+    one of them only; the medians are of each function's own calls."""
+    from sparsity.bench_infer import time_calls
+
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    ms = time_calls(fns, "cpu", warmup=2, iters=3)
+    assert calls == ["a", "b"] * 5 and len(ms) == 2 and all(t >= 0 for t in ms)
