@@ -520,10 +520,9 @@ def test_layers_without_controller_use_loaded_masks():
 
 def test_bench_masks_reports_which_kernel_and_equal_masks(monkeypatch):
     from sparsity import native
-
-    monkeypatch.delenv(NB.COMPILED_MASKS_ENV, raising=False)
     from sparsity.bench_train import bench_masks
 
+    monkeypatch.delenv(NB.COMPILED_MASKS_ENV, raising=False)
     result = bench_masks("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10},
                          patterns=((2, 4), (1, 8)), iters=1)
     assert result["settings"]["native_kernel"] == native.status()
@@ -537,7 +536,6 @@ def test_bench_masks_times_the_eager_rank_against_the_compiled_one(compiled_mask
     from sparsity.bench_train import bench_masks
 
     monkeypatch.setattr(NB, "_rank_keep_", _EAGER_RANK)  # the A/B runs it on purpose
-
     result = bench_masks("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10},
                          patterns=((2, 4),), iters=1)
     assert result["settings"]["rank_kernel"] == "compiled"
