@@ -446,9 +446,9 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                 metric = ranked[args.eval_metric]
                 _save_epoch(run_dir, checkpoint_dict, save, state, epoch, metric, args.checkpoint_hist,
                             target_problem(model), lower_is_better=args.eval_metric == "loss")
-                _logger.info("epoch %d done: train loss %.4f | top-1 %.2f | sparsity %.3f %s", epoch,
+                _logger.info("epoch %d done: train loss %.4f | top-1 %.2f | sparsity %.3f%s", epoch,
                              row["train_loss"], row["eval_top1"], row["sparsity"],
-                             f"| {row['pattern']}" if row.get("pattern") else "")
+                             f" | {row['pattern']}" if row.get("pattern") else "")
     except NonFiniteLossError as e:
         good = newest_checkpoint(run_dir)
         raise TrainingError(f"{e}; the last good checkpoint is {good or 'none yet'}. Lower --lr, add --clip-grad, "
