@@ -183,13 +183,9 @@ def _bench_train(args) -> int:
 
 
 def _device(args) -> str:
-    """--device, default cuda when one is visible; asking for cuda without one is a clear error."""
-    import torch
+    from sparsity.distributed import pick_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    return device
+    return pick_device(args.device)
 
 
 def _bench_masks(args) -> int:

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsity.data import (
         DataError,
         build_dataset,
+        check_data_dir,
         num_classes_of,
         resolve_data,
         resolve_dataset,
@@ -97,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     dist = init_distributed(args.device)
     path = Path(args.checkpoint)
-    if args.data_dir and not args.dataset_download and not Path(args.data_dir).exists():  # before the model is built
-        raise DataError(f"--data-dir {args.data_dir} does not exist; point it at the validation data (an ImageFolder "
-                        "root, or a timm data set's folder)")
+    check_data_dir(args.dataset, args.data_dir, args.dataset_download)  # before the model is built
     recipe = sparsity.recipe_from_dict(blocks["sparsity"], source=args.config) if "sparsity" in blocks else None
     meta: dict = {}
     trained_cfg = None  # the data config the model was trained with, where the file says
@@ -127,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             kwargs = dict(args.model_kwargs or {})
             if args.num_classes:
                 kwargs["num_classes"] = args.num_classes
-            model = sparsity.create_model(args.model, recipe=recipe, **kwargs)
-            sparsity.checkpoint.load_model_weights(model, path, use_ema=args.use_ema, ckpt=ckpt)  # read once
+            model = sparsity.create_model(args.model, recipe=recipe, checkpoint=path, use_ema=args.use_ema, ckpt=ckpt,
+                                          **kwargs)
     model.to(dist.device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

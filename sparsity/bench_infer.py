@@ -30,7 +30,7 @@ from .layers import masked_modules
 from .surgery import densify_
 from .targets import find_candidates
 
-__all__ = ["bench_infer", "bench_layers", "sparse_model", "time_forward", "time_call", "time_calls", "resolve_model",
+__all__ = ["bench_infer", "bench_layers", "sparse_model", "time_calls", "resolve_model",
            "default_backend"]
 
 MODES = ("eager", "compiled")
@@ -63,17 +63,6 @@ def time_calls(fns: Sequence[Callable[[], Any]], device: torch.device | str, war
                 fn()
                 out.append((time.perf_counter() - t0) * 1e3)
     return [sorted(t)[len(t) // 2] for t in times]
-
-
-def time_call(fn: Callable[[], Any], device: torch.device | str, warmup: int = 10, iters: int = 50) -> float:
-    """Median milliseconds of ``fn()`` after ``warmup`` untimed calls (:func:`time_calls` of one function)."""
-    return time_calls([fn], device, warmup, iters)[0]
-
-
-@torch.no_grad()
-def time_forward(model: nn.Module, x: torch.Tensor, warmup: int = 10, iters: int = 50) -> float:
-    """Median milliseconds per forward of ``model(x)``."""
-    return time_call(lambda: model(x), x.device, warmup, iters)
 
 
 @torch.no_grad()

@@ -11,13 +11,13 @@ step). Nothing is extrapolated: the figures are medians of measured steps.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -342,6 +342,7 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
     """
     import timm
 
+    from .bench_infer import time_calls
     from .masks import grouped_dim
     from .nm_batch import COMPILED_MASKS_ENV, nm_masks_, rank_kernel_status
 
@@ -349,7 +350,6 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
     model = timm.create_model(model_name, **(model_kwargs or {})).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     rows = []
     status = rank_kernel_status()
     for n, m in patterns:
@@ -364,31 +364,26 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
         other = None
         if status == "compiled" or (status == "eager" and torch.device(device).type == "cuda"):
             other = ("eager_rank_ms", "0") if status == "compiled" else ("compiled_rank_ms", "1")
-            with _env(COMPILED_MASKS_ENV, other[1]):
+            with mock.patch.dict(os.environ, {COMPILED_MASKS_ENV: other[1]}):
                 nm_masks_(masks, ws, n, m, dims, workspace=workspace)  # compiled / scratch allocated before timing
             equal = equal and _masks_equal(masks, ws, n, m, dims)
             if rank_kernel_status() != status:  # compiling failed (the warning says why): nothing to compare
                 other = None
-        times: dict[str, list[float]] = {"topk_ms": [], "rank_ms": [], **({other[0]: []} if other else {})}
-        for _ in range(iters):
-            sync()
-            t0 = time.perf_counter()
+
+        def topk(ws=ws, dims=dims, n=n, m=m) -> None:
             for w, d in zip(ws, dims):
                 _topk_nm_mask(w, n, m, d)
-            sync()
-            t1 = time.perf_counter()
+
+        def rank(ws=ws, dims=dims, masks=masks, workspace=workspace, batch=batch, n=n, m=m) -> None:
             if batch is None or not batch.run():
                 nm_masks_(masks, ws, n, m, dims, workspace=workspace)
-            sync()
-            t2 = time.perf_counter()
-            times["topk_ms"].append((t1 - t0) * 1e3)
-            times["rank_ms"].append((t2 - t1) * 1e3)
-            if other:
-                with _env(COMPILED_MASKS_ENV, other[1]):
-                    nm_masks_(masks, ws, n, m, dims, workspace=workspace)
-                sync()
-                times[other[0]].append((time.perf_counter() - t2) * 1e3)
-        med = {k: statistics.median(v) for k, v in times.items()}
+
+        def other_rank(value=other[1] if other else None) -> None:
+            with mock.patch.dict(os.environ, {COMPILED_MASKS_ENV: value}):
+                rank()
+
+        med = dict(zip(["topk_ms", "rank_ms", *([other[0]] if other else [])],
+                       time_calls([topk, rank, *([other_rank] if other else [])], device, warmup=0, iters=iters)))
         rows.append({"pattern": f"{n}:{m}", "layers": len(ws), "weights": sum(w.numel() for w in ws),
                      **{k: round(v, 3) for k, v in med.items()},
                      "speedup": round(med["topk_ms"] / med["rank_ms"], 2), "equal": equal})
@@ -401,17 +396,3 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
 
 def _masks_equal(masks, ws, n: int, m: int, dims) -> bool:
     return all(torch.equal(mk, _sorted_nm_mask(w, n, m, d)) for mk, w, d in zip(masks, ws, dims))
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """``os.environ[name] = value`` for the block (the benchmark's A/B of an environment switch)."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = saved

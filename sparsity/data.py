@@ -131,10 +131,23 @@ class _NoTimmSkipMessage(logging.Filter):
 _NO_TIMM_SKIP = _NoTimmSkipMessage()
 
 
+def _is_folder(name: str | None) -> bool:
+    return name in (None, "", "folder", "imagefolder") or name.startswith("folder/")
+
+
+def check_data_dir(name: str | None, data_dir: str | None, download: bool = False) -> None:
+    """Refuse a ``--data-dir`` that does not exist where it would be read (``name`` None: not resolved yet, a
+    folder). Digits reads none, and a download creates it. Cheap: CLIs call it before building a model."""
+    if name == "digits" or not data_dir or download or Path(data_dir).exists():
+        return
+    hint = ("point it at an ImageFolder root (one folder per class)" if _is_folder(name)
+            else "add --dataset-download where a network exists")
+    raise DataError(f"--data-dir {data_dir} does not exist; {hint}")
+
+
 def _check_image_folder(root: str, split_dir: str | None) -> None:
     path = Path(root)
-    if not path.exists():
-        raise DataError(f"--data-dir {root} does not exist; point it at an ImageFolder root (one folder per class)")
+    check_data_dir("", root)
     if not path.is_dir():
         raise DataError(f"--data-dir {root} is not a folder")
     for _, _, files in os.walk(root):
@@ -172,7 +185,7 @@ def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool
     if not data_dir:
         raise DataError(f"dataset {name or 'ImageFolder'!r} needs --data-dir (or use --dataset digits, the embedded "
                         "data set)")
-    if name in ("", "folder", "imagefolder") or name.startswith("folder/"):
+    if _is_folder(name):
         from timm.data.dataset_factory import _search_split
 
         _check_image_folder(data_dir, split)
@@ -185,8 +198,7 @@ def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool
                             f"pass {flag} with one of them")
         return CheckedImages(create_dataset("", root=root, split=split, search_split=False, is_training=is_training),
                              on_bad_image)
-    if not download and not Path(data_dir).exists():
-        raise DataError(f"--data-dir {data_dir} does not exist (add --dataset-download where a network exists)")
+    check_data_dir(name, data_dir, download)
     try:
         return create_dataset(name, root=data_dir, split=split, is_training=is_training, download=download)
     except (RuntimeError, FileNotFoundError, ValueError) as e:

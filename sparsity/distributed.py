@@ -11,7 +11,7 @@ from torch import nn
 from .errors import TrainingError, UserError
 from .layers import masked_modules
 
-__all__ = ["DistInfo", "init_distributed", "check_ranks_consistent"]
+__all__ = ["DistInfo", "init_distributed", "pick_device", "check_ranks_consistent"]
 
 
 class DistInfo(SimpleNamespace):
@@ -29,15 +29,20 @@ class DistInfo(SimpleNamespace):
         return self.world_size > 1
 
 
+def pick_device(device_arg: str | None) -> str:
+    """``--device``, default ``cuda`` when a GPU is visible; asking for CUDA without one is a :class:`UserError`."""
+    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {want}: CUDA is not available on this machine; use --device cpu")
+    return want
+
+
 def init_distributed(device_arg: str | None) -> DistInfo:
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {want}: CUDA is not available on this machine; use --device cpu")
-    device = torch.device(want)
+    device = torch.device(pick_device(device_arg))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)

@@ -6,7 +6,7 @@ import os
 
 from torch import nn
 
-from .checkpoint import load_model_weights
+from .checkpoint import load_checkpoint_file, load_model_weights, model_state_from
 from .errors import ModelError
 from .recipe import Recipe, closest
 from .surgery import sparsify_
@@ -19,15 +19,20 @@ def create_model(
     recipe: Recipe | None = None,
     checkpoint: str | os.PathLike | None = None,
     use_ema: bool = False,
+    ckpt: dict | None = None,
     **timm_kwargs,
 ) -> nn.Module:
     """``timm.create_model(model_name, **timm_kwargs)`` -> ``sparsify_(model, recipe)`` -> load ``checkpoint``.
 
     The checkpoint may be ours (``.pth.tar`` with masks), a stock timm/dense state dict (masks then come from the
-    controller's first step), or a densified ``.safetensors`` export.
+    controller's first step), or a densified ``.safetensors`` export. It is read (or ``ckpt``, its contents when
+    the caller has read it) before the model is built: a missing or unreadable file is refused first.
     """
     import timm
 
+    if checkpoint and ckpt is None:
+        ckpt = load_checkpoint_file(checkpoint)
+        model_state_from(ckpt, use_ema)  # e.g. --use-ema on a file without EMA weights: refused now too
     if not timm.is_model(model_name):
         raise ModelError(f"unknown model '{model_name}'{closest(model_name, timm.list_models())} "
                          "(see timm.list_models())")
@@ -38,5 +43,5 @@ def create_model(
     if recipe is not None:
         sparsify_(model, recipe)
     if checkpoint:
-        load_model_weights(model, checkpoint, use_ema=use_ema)
+        load_model_weights(model, checkpoint, use_ema=use_ema, ckpt=ckpt)
     return model

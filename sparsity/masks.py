@@ -96,10 +96,8 @@ def weight_is_nm(w: torch.Tensor, n: int, m: int, sparse_dim: str = "row") -> bo
 
 def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep the ``round((1 - sparsity) * numel)`` largest ``|w|`` over the whole tensor."""
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     numel = w.numel()
-    keep = int(round((1.0 - sparsity) * numel))
+    keep = tiles_kept(numel, sparsity)  # the same count rule, per weight instead of per tile
     mask = torch.zeros(numel, dtype=torch.bool, device=w.device)
     if keep > 0:
         idx = w.detach().abs().flatten().topk(keep, sorted=False).indices
@@ -168,7 +166,7 @@ def tile_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def tiles_kept(num_tiles: int, sparsity: float) -> int:
-    """How many of ``num_tiles`` tiles survive ``sparsity``: ``round((1 - sparsity) * num_tiles)``."""
+    """How many of ``num_tiles`` tiles (or weights) survive ``sparsity``: ``round((1 - sparsity) * num_tiles)``."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     return int(round((1.0 - sparsity) * num_tiles))

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch.autograd.graph import increment_version
 
-__all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "TileExpand", "tile_expand_native",
-           "tile_backward_native", "TileTopk", "counts_array", "tile_topk_native", "srste_grad_native"]
+__all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "TileExpand", "tile_backward_native",
+           "TileTopk", "counts_array", "srste_grad_native"]
 
 _log = logging.getLogger(__name__)
 _SOURCES = (Path(__file__).with_name("csrc") / "nm_rank.c", Path(__file__).with_name("csrc") / "tiles.c")
@@ -228,11 +228,6 @@ class TileExpand(_PreparedCall):
         return self._call("tile_expand")
 
 
-def tile_expand_native(units: list[tuple]) -> bool:
-    """:class:`TileExpand` run once. False if the kernel is unavailable (nothing written)."""
-    return TileExpand(units).run()
-
-
 def tile_backward_native(units: list[tuple]) -> bool:
     """Supermask's backward for ``units`` of (grad, weight, keep, grad_weight or None, grad_scores or None, tile):
     ``grad_weight`` = g * E and ``grad_scores`` = the sum of g * W over every tile, in one pass (float32, contiguous
@@ -276,13 +271,6 @@ class TileTopk(_PreparedCall):
 def counts_array(counts) -> ctypes.Array:
     """Kept-tile counts for :meth:`TileTopk.run`."""
     return _int64s(counts)
-
-
-def tile_topk_native(units: list[tuple]) -> bool:
-    """:class:`TileTopk` run once for ``units`` of (scores, keep, count). False if the kernel is unavailable or does
-    not take them (nothing written then)."""
-    call = TileTopk.create([u[:2] for u in units])
-    return call is not None and call.run(counts_array(u[2] for u in units))
 
 
 def srste_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor | None:

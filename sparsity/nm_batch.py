@@ -93,8 +93,9 @@ def _magnitude_key_(keys: torch.Tensor) -> None:
         keys.abs_()
 
 
-def _magnitude_key(w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """:func:`_magnitude_key_` of ``w`` written to ``out`` (laid out like ``w``: no copy through a temporary)."""
+def _magnitude_key(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`_magnitude_key_` of ``w``, written to ``out`` when given (laid out like ``w``: no copy through a
+    temporary)."""
     bits = _BITS.get(w.dtype)
     if bits is None:
         return torch.abs(w, out=out)
@@ -181,8 +182,7 @@ def _rank_store(mask: torch.Tensor, factor: torch.Tensor | None, w: torch.Tensor
     iff fewer than ``n`` positions beat it (``j < i`` beats it on an equal key, ``j > i`` only on a larger one).
     The loops unroll at trace time (``m`` is static), so the compiled kernel keeps every count in registers:
     one read of ``w``, one write of ``mask`` and ``factor``, no scratch."""
-    bits = _BITS.get(w.dtype)
-    keys = torch.bitwise_and(w.view(bits), _SIGN_OFF[bits]) if bits is not None else w.abs()
+    keys = _magnitude_key(w)
     pos = [keys[:, i] for i in range(m)]
     for i in range(m):
         # j < i beats i unless i is strictly larger: every duel has one winner, even for unordered (NaN) abs keys

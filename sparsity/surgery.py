@@ -62,7 +62,8 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
             if rule.skip:
                 continue
             spec = method.slice_spec(recipe, rule, label, start, stop, cand.module)
-            problem = method.layer_problem(recipe, cand.module, spec)
+            policy = method.layer_problem(recipe, cand.module, spec)  # dense on purpose
+            problem = policy or method.shape_problem(recipe, cand.module, spec)  # its shape refuses the pattern
             if problem:
                 if rule.strict:
                     raise RecipeError(
@@ -71,9 +72,7 @@ def sparsify_(model: nn.Module, recipe: Recipe) -> nn.Module:
                         "change the pattern, exclude the layer, or drop strict"
                     )
                 problems.append(f"{label}: {problem}" if label != "all" else problem)
-                # refused for its shape; a method's policy (supermask at sparsity 0, gumbel's ignore_grouped)
-                # leaves a layer dense on purpose
-                unfit |= problem == method.shape_problem(recipe, cand.module, spec)
+                unfit |= policy is None
                 continue
             specs.append(spec)
         if problems:

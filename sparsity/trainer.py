@@ -158,7 +158,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     (disk full) is one message; ``src`` stays intact."""
     try:
         with open(src, "rb") as f_src:
-            write_atomic(dst, lambda f: shutil.copyfileobj(f_src, f))
+            write_atomic(dst, lambda f: shutil.copyfileobj(f_src, f, 16 << 20))  # 16 MiB reads: few Python rounds
     except OSError as e:
         raise UserError(f"could not copy {src.name} to {dst.name} ({e.strerror or e}); free space or choose another "
                         f"--output. {src.name} is intact") from None

@@ -188,4 +188,4 @@ def test_timings_are_taken_in_turns():
     calls = []
     fns = [lambda: calls.append("a"), lambda: calls.append("b")]
     ms = time_calls(fns, "cpu", warmup=2, iters=3)
-    assert calls == ["a", "b"] * 5 and len(ms) == 2 and all(t >= 0 for t in ms)
+    assert calls == ["a", "b"] * 5 and len(ms) == 2

@@ -359,6 +359,9 @@ def test_directories_and_formats_mixed_up_get_a_hint(fake_checkpoint, tmp_path, 
         out, err = capsys.readouterr()  # the CLI's logging writes to stdout
         assert len(err.strip().splitlines()) == 1 and msg in err, (argv, err)
         assert "sparsify_" not in out, (argv, out)  # refused before a model (and its layer table) was built
+    with caplog.at_level("INFO", logger="sparsity.surgery"):  # the control: a run that builds the model shows it
+        assert run_cli(validate.main, ["--checkpoint", str(fake_checkpoint), "-b", "512"]) == 0
+    assert "sparsify_" in capsys.readouterr().out
     assert sorted(p.name for p in fake_checkpoint.parent.iterdir()) == ["model_best.pth.tar"]  # nothing written
     no_ema.unlink()
     with pytest.raises(ExportError, match="holds a compressed export; load it with sparsity.load_compressed"):
@@ -586,13 +589,19 @@ def test_validate_bare_state_dict_with_model_and_recipe_reads_the_file_once(vit2
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text(yaml.safe_dump({"sparsity": vit24.sparsity_recipe.to_dict()}))
     reads = []
-    real = sparsity.checkpoint.load_checkpoint_file
-    monkeypatch.setattr(sparsity.checkpoint, "load_checkpoint_file", lambda p: reads.append(p) or real(p))
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(Path(f)) or real(f, *a, **k))
     out = tmp_path / "val.json"
+    data = ["--dataset", "digits", "--img-size", "32"]
     assert run_cli(validate.main, ["--checkpoint", str(weights), "--model", VIT, "--model-kwargs", "img_size=32",
-                                   "patch_size=4", "depth=2", "--num-classes", "10", "--config", str(cfg),
-                                   "--dataset", "digits", "--img-size", "32", "--results-file", str(out)]) == 0
+                                   "patch_size=4", "depth=2", "--num-classes", "10", "--config", str(cfg), *data,
+                                   "--results-file", str(out)]) == 0
     assert reads == [weights]
     result = json.loads(out.read_text())
     assert result["layers"] == 6 and result["layers_conforming"] == 6  # fc1, fc2, qkv of both blocks, at 2:4
-    assert 0.0 <= result["top1"] <= 100.0
+    # the same weights as a train.py-style checkpoint (model named inside) score exactly the same
+    named = tmp_path / "named.pth.tar"
+    sparsity.save_atomic({"arch": VIT, "create_kwargs": VIT_KW, "recipe": vit24.sparsity_recipe.to_dict(),
+                          "state_dict": vit24.state_dict()}, named)
+    assert run_cli(validate.main, ["--checkpoint", str(named), *data, "--results-file", str(out)]) == 0
+    assert json.loads(out.read_text())["top1"] == result["top1"]

@@ -22,6 +22,17 @@ def torch_only(monkeypatch):
     monkeypatch.setattr(native, "_status", "disabled for this test")
 
 
+def _expand(units: list[tuple]) -> bool:
+    """Supermask's tile expansion run once for ``units`` of (weight, mask, masked, keep, tile)."""
+    return native.TileExpand(units).run()
+
+
+def _topk(units: list[tuple]) -> bool:
+    """The native tile selection run once for ``units`` of (scores, keep, count); False where it does not apply."""
+    call = native.TileTopk.create([u[:2] for u in units])
+    return call is not None and call.run(native.counts_array(u[2] for u in units))
+
+
 def test_kernel_builds_where_a_compiler_exists():
     if shutil.which("cc") or shutil.which("gcc"):
         assert native.status() == "loaded"
@@ -259,7 +270,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
     def tiles():
         mask, out, gw, gs = (torch.empty(rows, cols, dtype=torch.bool), torch.empty(rows, cols),
                              torch.empty(rows, cols), torch.empty(5, 6))
-        assert native.tile_expand_native([(w2, mask, out, keep, tile)])
+        assert _expand([(w2, mask, out, keep, tile)])
         assert native.tile_backward_native([(g2, w2, keep, gw, gs, tile)])
         return mask, out, gw, gs
 
@@ -270,7 +281,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
 
     def selected():
         keeps = [torch.empty(sc.shape, dtype=torch.bool) for sc in scores]
-        assert native.tile_topk_native([(sc, k, sc.numel() // 3) for sc, k in zip(scores, keeps)])
+        assert _topk([(sc, k, sc.numel() // 3) for sc, k in zip(scores, keeps)])
         return keeps
 
     want_selected = selected()
@@ -291,7 +302,7 @@ def test_tile_kernels_equal_torch_formulas(rows, cols, tile):
     w, g = torch.randn(rows, cols, generator=gen), torch.randn(rows, cols, generator=gen)
     keep = torch.rand(-(-rows // tile), -(-cols // tile), generator=gen) > 0.5
     mask, out = torch.empty(rows, cols, dtype=torch.bool), torch.empty(rows, cols)
-    assert native.tile_expand_native([(w, mask, out, keep, tile)])
+    assert _expand([(w, mask, out, keep, tile)])
     factor = M.expand_tiles(keep, (rows, cols), tile)
     assert torch.equal(mask, factor) and torch.equal(out, w * factor)
     gw, gs = torch.empty(rows, cols), torch.empty(keep.shape)
@@ -317,7 +328,7 @@ def test_tile_kernels_split_by_elements_and_give_the_same_bytes_on_every_thread_
         for w, _g, keep, _t in units:
             expanded.append((torch.ones(w.shape, dtype=torch.bool), torch.full(w.shape, float("nan"))))
             backward.append((torch.full(w.shape, float("nan")), torch.full(keep.shape, float("nan"))))
-        assert native.tile_expand_native([(w, mk, out, keep, t) for (w, _, keep, t), (mk, out) in zip(units, expanded)])
+        assert _expand([(w, mk, out, keep, t) for (w, _, keep, t), (mk, out) in zip(units, expanded)])
         assert native.tile_backward_native([(g, w, keep, gw, gs, t)
                                             for (w, g, keep, t), (gw, gs) in zip(units, backward)])
         return [x for pair in expanded + backward for x in pair]
@@ -360,12 +371,12 @@ def test_tile_selection_kernel_equals_tile_mask_on_every_thread_count():
         for threads in (1, 2, 5):
             torch.set_num_threads(threads)
             keeps = [torch.empty(sc.shape, dtype=torch.bool) for sc, _ in units]
-            assert native.tile_topk_native([(sc, k, M.tiles_kept(sc.numel(), sp)) for (sc, sp), k in zip(units, keeps)])
+            assert _topk([(sc, k, M.tiles_kept(sc.numel(), sp)) for (sc, sp), k in zip(units, keeps)])
             for (sc, sp), got, ref in zip(units, keeps, want):
                 assert torch.equal(got, ref), (tuple(sc.shape), sp, threads)
     finally:
         torch.set_num_threads(before)
-    assert not native.tile_topk_native([(units[0][0].double(), torch.empty(48, 576, dtype=torch.bool), 5)])
+    assert not _topk([(units[0][0].double(), torch.empty(48, 576, dtype=torch.bool), 5)])
 
 
 @needs_kernel

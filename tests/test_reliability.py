@@ -183,7 +183,8 @@ def test_bad_input_table(tmp_path):
     cases["top_level_type"] = (["--config", _cfg(tmp_path, RECIPE, "t.yaml", batch_size="big")],
                                "'batch_size' in")
     cases["unknown_model"] = (["--model", "resnet5O"], "unknown model 'resnet5O'")
-    cases["unknown_opt"] = (["--opt", "adamx"], "unknown optimizer --opt 'adamx'; did you mean 'adamax'?")
+    sparse = ["--config", _cfg(tmp_path, RECIPE, "sparse.yaml")]  # a layer table to print, were the model built
+    cases["unknown_opt"] = ([*sparse, "--opt", "adamx"], "unknown optimizer --opt 'adamx'; did you mean 'adamax'?")
     cases["fused_without_kernel"] = (["--opt", "lamb", "--opt-impl", "fused"],
                                      "--opt-impl fused: torch has no fused kernel for --opt lamb")
     cases["sched_typo"] = (["--config", _cfg(tmp_path, RECIPE, "s.yaml", sched="cosinee")],
@@ -194,13 +195,13 @@ def test_bad_input_table(tmp_path):
     trunc = tmp_path / "trunc.pth.tar"
     torch.save({"state_dict": {"w": torch.ones(1000)}}, trunc)
     trunc.write_bytes(trunc.read_bytes()[:300])
-    cases["truncated_ckpt"] = (["--resume", str(trunc)], "truncated or corrupt")
+    cases["truncated_ckpt"] = ([*sparse, "--resume", str(trunc)], "truncated or corrupt")
     other = tmp_path / "resnet.pth.tar"
     torch.save({"arch": "resnet18", "state_dict": {}}, other)
-    cases["other_arch"] = (["--resume", str(other)], "checkpoint of 'resnet18', not 'vit_tiny_patch16_224'")
+    cases["other_arch"] = ([*sparse, "--resume", str(other)], "checkpoint of 'resnet18', not 'vit_tiny_patch16_224'")
     dense = tmp_path / "dense.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, dense)
-    cases["initial_other_arch"] = (["--initial-checkpoint", str(dense)], "does not fit this model")
+    cases["initial_other_arch"] = ([*sparse, "--initial-checkpoint", str(dense)], "does not fit this model")
     proj = sparsity.create_model(TINY_VIT[1], recipe=sparsity.recipe_from_dict(
         {"method": "ste", "rules": [{"target": "proj", "n": 2, "m": 4}]}), img_size=32, patch_size=8,
         embed_dim=32, depth=2, num_heads=2, num_classes=10)
@@ -209,7 +210,7 @@ def test_bad_input_table(tmp_path):
         ["--initial-checkpoint", str(tmp_path / "proj.pth.tar")],
         "is sparse: it holds masks for 2 layer(s) this run's recipe leaves dense (blocks.0.attn.proj, "
         "blocks.1.attn.proj); use a recipe that covers them, or export it densified first")
-    cases["initial_missing"] = (["--initial-checkpoint", str(tmp_path / "dense" / "last.pth.tar")],
+    cases["initial_missing"] = ([*sparse, "--initial-checkpoint", str(tmp_path / "dense" / "last.pth.tar")],
                                 f"initial_checkpoint {tmp_path / 'dense' / 'last.pth.tar'} does not exist: pass "
                                 "--initial-checkpoint PATH, or train the model it names first")
     cases["initial_run_dir"] = (["--initial-checkpoint", str(run)], f"{run} is a run directory; pass one of its "
@@ -224,6 +225,8 @@ def test_bad_input_table(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (name, proc.stderr)
         if name in ("initial_missing", "other_arch", "truncated_ckpt", "unknown_opt"):  # refused before building
             assert "sparsify_" not in proc.stdout, (name, proc.stdout)  # the model: no layer table above the error
+        if name == "initial_other_arch":  # the control: a mismatch needs the model, so its table is printed
+            assert "sparsify_" in proc.stdout, proc.stdout
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before, name
         assert sorted(os.listdir(out)) == ["run"], name
 

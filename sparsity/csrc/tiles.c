@@ -288,11 +288,11 @@ static uint32_t radix_select(uint32_t *a, int64_t n, int64_t r, int64_t *above) 
     return value;
 }
 
-static int top_unit(const float *scores, uint8_t *keep, int64_t n, int64_t k, uint32_t *scratch) {
+static void top_unit(const float *scores, uint8_t *keep, int64_t n, int64_t k, uint32_t *scratch) {
     const uint32_t *bits = (const uint32_t *)scores;
     if (k <= 0 || k >= n) {
         memset(keep, k > 0, (size_t)n);
-        return 0;
+        return;
     }
     for (int64_t i = 0; i < n; i++) scratch[i] = score_key(bits[i]);
     int64_t above;
@@ -304,7 +304,6 @@ static int top_unit(const float *scores, uint8_t *keep, int64_t n, int64_t k, ui
         ties -= tie;
         keep[i] = (uint8_t)((key > v) | tie);
     }
-    return 0;
 }
 
 int tile_topk(int64_t nunits, void *const *scores, uint8_t *const *keep, const int64_t *len, const int64_t *k,

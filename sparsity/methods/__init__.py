@@ -1,7 +1,7 @@
 """Sparsity methods, registered by name. Adding a method means adding a module here; no caller changes.
 
 A method is a :class:`SparsityMethod` subclass with an optional frozen ``Config`` dataclass for its own recipe
-keys. ``sparsify_`` calls its class hooks while it swaps layers (``slice_spec``, ``layer_problem``,
+keys. ``sparsify_`` calls its class hooks while it swaps layers (``slice_spec``, ``layer_problem``, ``shape_problem``,
 ``prepare_layer``); the :class:`~sparsity.controller.SparsityController` owns one instance and calls ``step``
 once per optimizer step.
 """
@@ -158,9 +158,9 @@ class SparsityMethod:
 
     @classmethod
     def layer_problem(cls, recipe: Recipe, module: nn.Module, spec: SliceSpec) -> str | None:
-        """Why this unit is left dense (None: it takes its pattern). Methods add their own policies (supermask at
-        sparsity 0, gumbel's ignore_grouped) on top of :meth:`shape_problem`."""
-        return cls.shape_problem(recipe, module, spec)
+        """Why the method's policy leaves this unit dense on purpose (supermask at sparsity 0, gumbel's
+        ignore_grouped), or None. ``sparsify_`` then asks :meth:`shape_problem`."""
+        return None
 
     @classmethod
     def shape_problem(cls, recipe: Recipe, module: nn.Module, spec: SliceSpec) -> str | None:

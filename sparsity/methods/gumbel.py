@@ -291,7 +291,7 @@ class GumbelMethod(SparsityMethod):
         if recipe.options.ignore_grouped and isinstance(module, nn.Conv2d) and module.groups > 1:
             kind = "depthwise" if module.groups == module.in_channels else "grouped"
             return f"{kind} conv (groups={module.groups}) kept dense (ignore_grouped: true)"
-        return super().layer_problem(recipe, module, spec)
+        return None
 
     @classmethod
     def prepare_layer(cls, recipe: Recipe, layer: MaskedMixin) -> None:
@@ -422,8 +422,10 @@ class GumbelMethod(SparsityMethod):
     def on_train_end(self, output_dir: str | None) -> None:
         """Warn (once, on the process that writes the run) when the logits ended near uniform: their argmax, the
         final masks, is then close to arbitrary and the model's accuracy with them can collapse."""
+        if output_dir is None or self.phase == DENSE:
+            return
         ent_sum, uniform_sum, _ = self._entropy()
-        if output_dir is None or self.phase == DENSE or not uniform_sum or ent_sum < 0.99 * uniform_sum:
+        if not uniform_sum or ent_sum < 0.99 * uniform_sum:
             return
         _log.warning(
             "gumbel: the mask logits ended near uniform (entropy %.1f %% of uniform's): their argmax, the final "
