@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import tempfile
@@ -15,8 +16,8 @@ from torch import nn
 from .errors import UserError
 
 __all__ = [
-    "CheckpointError", "model_from_checkpoint", "save_atomic", "write_atomic", "load_checkpoint_file",
-    "model_state_from", "load_model_weights",
+    "CheckpointError", "model_from_checkpoint", "save_atomic", "write_atomic", "write_csv_atomic",
+    "load_checkpoint_file", "model_state_from", "load_model_weights",
 ]
 
 
@@ -42,15 +43,17 @@ def fsync_dir(path: Path) -> None:
         pass
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "wb", before_rename=None) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "wb", before_rename=None,
+                 newline: str | None = None) -> None:
     """``write(f)`` into a temp file in the same dir, fsync, then rename: a crash never leaves a partial file
     under ``path`` and the previous version survives until the new one is complete. The file gets the mode a plain
-    ``open()`` would give it. ``before_rename()`` is a test hook (fault injection between write and rename)."""
+    ``open()`` would give it. ``newline`` is ``open``'s (text modes; csv wants ``""``). ``before_rename()`` is a
+    test hook (fault injection between write and rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": newline})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -65,6 +68,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], mode: str
         except OSError:
             pass
         raise
+
+
+def write_csv_atomic(path: str | os.PathLike, fieldnames: list[str], rows, restval: str = "") -> None:
+    """A CSV with ``fieldnames`` as header and ``rows`` (dicts; missing keys get ``restval``), written atomically."""
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=fieldnames, restval=restval, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    write_atomic(path, write, mode="w", newline="")
 
 
 def save_atomic(obj: Any, path: str | os.PathLike, before_rename=None) -> None:

@@ -10,7 +10,6 @@ mean ± std over seeds) and ``comparison.png`` (top-1 against sparsity, one line
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import math
@@ -21,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import write_csv_atomic
 from .errors import UserError
 from .recipe import Recipe, recipe_from_dict
 
@@ -335,13 +335,7 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
-    tmp = Path(path).with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
-    tmp.replace(path)
+    write_csv_atomic(path, CSV_COLUMNS, rows)
 
 
 def _fmt(ms: tuple[float, float | None] | None, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from pathlib import Path
 
+from .checkpoint import write_csv_atomic
 from .report import format_report, overall_sparsity
 
 __all__ = ["append_summary", "truncate_summary", "init_wandb", "write_report", "plots", "final_table"]
@@ -26,11 +26,7 @@ def append_summary(path: Path, row: dict) -> None:
     if header is not None and not set(row) <= set(header):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        fields = header + [k for k in row if k not in header]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows([*rows, row])
+        write_csv_atomic(path, header + [k for k in row if k not in header], [*rows, row])
         return
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=header or list(row))
@@ -47,13 +43,7 @@ def truncate_summary(path: Path, next_epoch: int) -> None:
         rows = list(csv.DictReader(f))
     if not rows:
         return
-    keep = [r for r in rows if int(r["epoch"]) < next_epoch]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(keep)
-    os.replace(tmp, path)
+    write_csv_atomic(path, list(rows[0]), [r for r in rows if int(r["epoch"]) < next_epoch])
 
 
 def init_wandb(args, resolved: dict, run_dir: Path):

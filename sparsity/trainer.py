@@ -530,10 +530,17 @@ def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: 
     if any(e == epoch for _, e in state.extra["hist"]):
         _copy_atomic(last, run_dir / CKPT_RE_EPOCH.format(epoch=epoch))
     for _, e in dropped:
-        (run_dir / CKPT_RE_EPOCH.format(epoch=e)).unlink(missing_ok=True)
+        _remove_stale(run_dir / CKPT_RE_EPOCH.format(epoch=e))
     if new_best:
         _copy_atomic(last, run_dir / "model_best.pth.tar")
-    recovery = run_dir / "recovery.pth.tar"
-    recovery.unlink(missing_ok=True)  # superseded by last.pth.tar
+    _remove_stale(run_dir / "recovery.pth.tar")  # superseded by last.pth.tar
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete a file the run no longer needs; one that cannot be deleted only costs disk space, so the run goes on."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        _logger.warning("could not delete %s (%s); the run goes on, delete it by hand", path, e.strerror or e)
 
 

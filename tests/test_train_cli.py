@@ -339,6 +339,56 @@ def test_summary_keeps_columns_aligned_when_a_resume_adds_one(tmp_path):
     assert [r["sparsity"] for r in rows] == ["0.5"] * 3 and [r["ema_top1"] for r in rows] == ["", "55.0", ""]
 
 
+def test_summary_rewrites_are_atomic_and_truncate_keeps_finished_epochs(tmp_path, monkeypatch):
+    """A rewrite of summary.csv (new column, resume truncation) that fails midway leaves the old file whole."""
+    import os
+
+    from sparsity.run_outputs import append_summary, truncate_summary
+
+    path = tmp_path / "summary.csv"
+    for e in range(3):
+        append_summary(path, {"epoch": e, "eval_top1": 50.0 + e})
+    before = path.read_bytes()
+
+    def no_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", no_disk)
+        with pytest.raises(OSError):
+            append_summary(path, {"epoch": 3, "eval_top1": 53.0, "ema_top1": 52.0})  # rewrite with a new column
+        with pytest.raises(OSError):
+            truncate_summary(path, 1)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+    truncate_summary(path, 2)
+    with open(path, newline="") as f:
+        assert [(r["epoch"], r["eval_top1"]) for r in csv.DictReader(f)] == [("0", "50.0"), ("1", "51.0")]
+    assert b"\r\r" not in path.read_bytes()  # csv's own line ends, not translated twice
+
+
+def test_a_checkpoint_that_cannot_be_deleted_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    from pathlib import Path
+
+    from sparsity import trainer
+
+    (tmp_path / "checkpoint-0.pth.tar").write_bytes(b"old")
+    real_unlink = Path.unlink
+
+    def refuse(self, missing_ok=False):
+        if self.name.startswith("checkpoint-"):
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    state = trainer.TrainState()
+    with caplog.at_level("WARNING", logger="train"):
+        for epoch, metric in enumerate([10.0, 20.0]):  # keep 1: epoch 0's checkpoint is dropped after epoch 1
+            trainer._save_epoch(tmp_path, lambda *a: {"metric": a[2]}, lambda obj, p: p.write_bytes(b"ck"), state,
+                                epoch, metric, keep=1, problem=None, lower_is_better=False)
+    assert (tmp_path / "checkpoint-1.pth.tar").exists() and (tmp_path / "model_best.pth.tar").exists()
+    assert "could not delete" in caplog.text and "checkpoint-0.pth.tar" in caplog.text
+
+
 def test_use_ema_on_a_checkpoint_without_ema_is_one_line(tmp_path, capsys):
     cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
     assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment",
