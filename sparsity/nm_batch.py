@@ -193,19 +193,20 @@ def _rank_store(mask: torch.Tensor, factor: torch.Tensor | None, w: torch.Tensor
             factor[:, i].copy_(keep)
 
 
-_compiled: dict = {}  # per block kind: its compiled _rank_store; "broken": why compiling failed, once it has
+_compiled: dict = {}  # per block kind: its compiled _rank_store
+_compile_failed: str | None = None  # why the compiled rank failed, once it has: eager ops for the rest of the process
 
 
 def _compiled_masks_wanted() -> bool:
     on = os.environ.get(COMPILED_MASKS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-    return on and "broken" not in _compiled
+    return on and _compile_failed is None
 
 
 def rank_kernel_status() -> str:
     """How :func:`nm_masks_` ranks the tensors the native kernel does not take: ``compiled``, ``eager``, or
     ``eager (compiling failed: ...)``."""
-    if "broken" in _compiled:
-        return f"eager (compiling failed: {_compiled['broken']})"
+    if _compile_failed is not None:
+        return f"eager (compiling failed: {_compile_failed})"
     return "compiled" if _compiled_masks_wanted() else "eager"
 
 
@@ -223,16 +224,21 @@ def _compiled_rank(kind: tuple):
 
 def _rank_compiled_(units: list[tuple], n: int, m: int) -> bool:
     """:func:`_rank_keep_` of ``units`` by one compiled kernel per block; False (and eager ops from then on, with
-    one warning) when this torch cannot compile it, e.g. no Triton for the GPU."""
+    one warning) when this torch cannot compile it, e.g. no Triton for the GPU. Running out of memory is not a
+    compiler failure: that step ranks with the eager ops (in chunks, less scratch) and the next one tries again."""
+    global _compile_failed
     try:
         with torch.no_grad():  # grad mode is part of what a compiled graph is specialized on
             for mask, factor, w in units:
                 kind = (m, w.dtype, w.device.type, w.shape[2] == 1, factor is None)
                 _compiled_rank(kind)(mask, factor, w, n, m)
+    except torch.OutOfMemoryError:
+        _log.debug("N:M masks: out of memory in the compiled rank kernel; eager ops for this step")
+        return False
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager ops give the same masks
-        _compiled["broken"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        _compile_failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         _log.warning("N:M masks: the compiled rank kernel failed (%s); using eager ops from now on (unset %s to "
-                     "skip trying)", _compiled["broken"], COMPILED_MASKS_ENV)
+                     "skip trying)", _compile_failed, COMPILED_MASKS_ENV)
         return False
     return True
 

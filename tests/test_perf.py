@@ -127,7 +127,7 @@ def compiled_masks(monkeypatch):
     monkeypatch.setenv(NB.COMPILED_MASKS_ENV, "1")
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_status", "disabled for this test")
-    assert "broken" not in NB._compiled
+    assert NB._compile_failed is None
 
     def no_eager(*args, **kwargs):
         raise AssertionError("the eager rank ran: the compiled kernel did not take this tensor")
@@ -167,7 +167,7 @@ def test_compiled_rank_equals_the_reference_bit_for_bit(compiled_masks, dtype, l
             ref = _reference_nm_mask(w.float(), n, m, dim)
             assert torch.equal(mask, ref), (n, m, tuple(w.shape), dim)
             assert torch.equal(factor, ref.to(dtype))
-    assert "broken" not in NB._compiled  # and the fixture's eager rank never ran
+    assert NB._compile_failed is None  # and the fixture's eager rank never ran
 
 
 @pytest.mark.gpu
@@ -186,7 +186,7 @@ def test_compiled_rank_on_cuda_equals_the_reference(dtype, monkeypatch):
             ref = _reference_nm_mask(w.cpu().float(), n, m, dim)
             assert torch.equal(mask.cpu(), ref) and torch.equal(factor.cpu(), ref.to(dtype))
     assert NB.rank_kernel_status() == "compiled"  # no fallback to the eager ops happened
-    assert any(kind != "broken" and kind[2] == "cuda" for kind in NB._compiled)  # compiled for the GPU
+    assert any(kind[2] == "cuda" for kind in NB._compiled)  # compiled for the GPU
 
 
 def test_compiled_rank_failure_falls_back_to_the_same_masks_once(compiled_masks, monkeypatch, caplog):
@@ -197,7 +197,7 @@ def test_compiled_rank_failure_falls_back_to_the_same_masks_once(compiled_masks,
         calls.append(1)
         raise RuntimeError("Cannot find a working triton installation\nmore details")
 
-    monkeypatch.setattr(NB, "_compiled", {})
+    monkeypatch.setattr(NB, "_compile_failed", None)
     monkeypatch.setattr(NB, "_compiled_rank", lambda kind: broken)
     gen = torch.Generator().manual_seed(0)
     w = _hard_weights((64, 32), torch.float32, gen)
@@ -205,9 +205,29 @@ def test_compiled_rank_failure_falls_back_to_the_same_masks_once(compiled_masks,
         first, second = M.nm_mask(w, 2, 4, -1), M.nm_mask(w, 2, 4, -1)
     assert torch.equal(first, _reference_nm_mask(w, 2, 4, -1)) and torch.equal(second, first)
     assert len(calls) == 1  # not retried on every step
-    assert NB._compiled["broken"] == "RuntimeError: Cannot find a working triton installation"
+    assert NB._compile_failed == "RuntimeError: Cannot find a working triton installation"
+    assert NB.rank_kernel_status() == f"eager (compiling failed: {NB._compile_failed})"
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "unset SPARSITY_COMPILED_MASKS" in warned[0]
+
+
+def test_compiled_rank_out_of_memory_is_not_a_compiler_failure(compiled_masks, monkeypatch, caplog):
+    """An OOM inside the compiled kernel ranks that step with the eager ops and keeps the compiled rank on."""
+    monkeypatch.setattr(NB, "_rank_keep_", _EAGER_RANK)
+    monkeypatch.setattr(NB, "_compile_failed", None)
+    calls = []
+
+    def oom(*args):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(NB, "_compiled_rank", lambda kind: oom)
+    w = _hard_weights((64, 32), torch.float32, torch.Generator().manual_seed(1))
+    with caplog.at_level("WARNING", logger="sparsity.nm_batch"):
+        first, second = M.nm_mask(w, 2, 4, -1), M.nm_mask(w, 2, 4, -1)
+    assert torch.equal(first, _reference_nm_mask(w, 2, 4, -1)) and torch.equal(second, first)
+    assert len(calls) == 2 and NB._compile_failed is None and NB.rank_kernel_status() == "compiled"
+    assert not caplog.records
 
 
 def _mdgf_vit_after_steps(steps: int = 3) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -235,7 +255,7 @@ def test_controller_step_with_the_compiled_rank_equals_the_default_one(monkeypat
     monkeypatch.setattr(native, "_status", "disabled for this test")
     monkeypatch.setattr(NB, "_rank_keep_", None)  # the eager rank must not be what runs
     compiled = _mdgf_vit_after_steps()
-    assert "broken" not in NB._compiled
+    assert NB._compile_failed is None
     assert len(default) == len(compiled) > 0
     for (fqn, mask_a, w_a), (_, mask_b, w_b) in zip(default, compiled):
         assert torch.equal(mask_a, mask_b), fqn
