@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .layers import MaskedMixin, masked_modules
-from .masks import weight_is_nm
+from .masks import tile_scores, tiles_kept, weight_is_nm
 
 __all__ = ["sparsity_report", "format_report", "overall_sparsity", "accel_eligibility", "target_problem"]
 
@@ -36,6 +36,9 @@ def _conforms(layer: MaskedMixin, w: torch.Tensor) -> bool | None:
         part = w[s.start:s.stop]
         if s.n is not None:
             ok = weight_is_nm(part, s.n, s.m, s.sparse_dim)
+        elif s.sparsity is not None and s.tile:  # whole tiles: no more tiles hold a nonzero than the method keeps
+            used = tile_scores((part != 0).float(), s.tile) > 0  # any nonzero (NaN too) uses its tile
+            ok = int(used.sum()) <= tiles_kept(used.numel(), s.sparsity)
         elif s.sparsity is not None:
             nz = float((part != 0).float().mean())
             ok = nz <= 1.0 - s.sparsity + 1.0 / max(math.sqrt(part.numel()), 1.0)

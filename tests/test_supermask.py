@@ -141,6 +141,41 @@ def test_sparsity_exact_per_tile_grid_and_tiles_whole(kind):
     assert all(r["conforms"] for r in sparsity.sparsity_report(model) if r["method"] == "supermask")
 
 
+def test_conformance_counts_tiles_as_the_mask_rounds_them():
+    """ViT-B's fc1 at 90 % with 64x64 tiles keeps round(0.1 * 576) = 58 tiles, density 0.10069: above 0.1 by more
+    than a per-weight tolerance allows, yet exactly what the method keeps, so it must conform (and rank for
+    model_best); one more tile holding a nonzero must not."""
+    from sparsity.report import target_problem
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(768, 3072))
+    recipe = _recipe([{"target": "linear"}], sparsity_linear=0.9, tile_linear=64)
+    sparsity.sparsify_(model, recipe)
+    sparsity.SparsityController(model, recipe, total_steps=10).step(9)
+    layer = model[0]
+    assert _tiles_whole(layer.weight_mask, 64) == 58
+    assert int(layer.weight_mask.sum()) == 58 * 64 * 64  # density 58 / 576 = 0.10069
+    assert [r["conforms"] for r in sparsity.sparsity_report(model)] == [True] and target_problem(model) is None
+    pruned = (~layer.weight_mask).nonzero()[0]
+    layer.weight_mask[tuple(pruned)] = True  # one weight of a 59th tile reaches the forward
+    assert [r["conforms"] for r in sparsity.sparsity_report(model)] == [False]
+    assert target_problem(model).startswith("0 is not at 90% tile 64 yet")
+
+
+def test_a_small_layer_keeps_its_best_tile():
+    """4 tiles at 90 %: round(0.4) = 0 would silence the layer for good; the best tile stays, as DESIGN.md's
+    quantile rule keeps it (the highest score is always at or above the quantile)."""
+    model = _linear_model(64, 64)
+    with torch.no_grad():
+        model.fc.weight[32:, :32] *= 10  # the bottom-left tile has the largest mean |w|
+    recipe = _recipe([{"target": "linear"}], sparsity_linear=0.9, tile_linear=32)
+    sparsity.sparsify_(model, recipe)
+    sparsity.SparsityController(model, recipe, total_steps=10).step(9)
+    mask = model.fc.weight_mask
+    assert _tiles_whole(mask, 32) == 1 and bool(mask[32:, :32].all())
+    assert [r["conforms"] for r in sparsity.sparsity_report(model)] == [True]
+
+
 def test_rule_overrides_config_and_skip_first_block_last_layer():
     model = tiny_model("vit")
     recipe = _recipe(
