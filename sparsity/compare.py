@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .checkpoint import write_csv_atomic
 from .errors import UserError
-from .recipe import Recipe, recipe_from_dict
+from .recipe import Recipe, plain, recipe_from_dict
 
 __all__ = [
     "CompareError", "RecipeInfo", "Run", "expand_recipes", "recipe_labels", "recipe_info", "method_label",
@@ -51,6 +51,7 @@ class RecipeInfo:
     pattern: str
     published: float | None
     dataset: str
+    config: dict | None = None  # train.py's resolved config (recipe and flags, ``base:`` files merged), JSON types
 
 
 @dataclass(frozen=True)
@@ -171,11 +172,14 @@ def describe_pattern(recipe: Recipe) -> str:
     return " ".join(parts) if parts else "dense"
 
 
-def recipe_info(path: Path, label: str, sparsity_block: dict | None, dataset: str) -> RecipeInfo:
-    """Validate the ``sparsity:`` block and describe the recipe for the tables."""
+def recipe_info(path: Path, label: str, sparsity_block: dict | None, dataset: str, config: dict | None = None
+                ) -> RecipeInfo:
+    """Validate the ``sparsity:`` block and describe the recipe for the tables. ``config`` is what train.py will
+    run (a finished run is reused only if it ran the same)."""
     recipe = recipe_from_dict(sparsity_block or {}, source=str(path))
     return RecipeInfo(path=path, label=label, method=method_label(recipe), pattern=describe_pattern(recipe),
-                      published=published_top1(path), dataset=dataset)
+                      published=published_top1(path), dataset=dataset,
+                      config=None if config is None else json.loads(json.dumps(plain(config))))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -224,18 +228,43 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _check_same_flags(run: Run, flags: list[str]) -> None:
+def _check_same_run(run: Run, flags: list[str]) -> None:
+    """A finished run is reused only if it was started with the same train.py flags and the same resolved recipe
+    (an edited recipe file, or one of its ``base:`` files, would otherwise report the old run under the new
+    recipe's name)."""
     try:
         saved = json.loads(run.flags_path.read_text())
     except (OSError, ValueError):
         return  # finished before flags were recorded
-    if saved != flags:
-        before, after = _flag_items(saved), _flag_items(flags)
-        then = "; ".join(a for a in before if a not in after) or "-"
-        now = "; ".join(a for a in after if a not in before) or "-"  # both "-": the same flags in another order
-        raise CompareError(f"run {run.experiment} finished earlier with other train.py flags (then: {then}; now: "
-                           f"{now}): its result would be reported as this one's; use another --output, or delete "
-                           f"{run.run_dir} to run it again")
+    saved_flags, saved_config = (saved, None) if isinstance(saved, list) else (saved.get("flags"), saved.get("config"))
+    if saved_flags != flags:
+        before, after = _flag_items(saved_flags or []), _flag_items(flags)
+        gone = [a for a in before if a not in after]
+        new = [a for a in after if a not in before]
+        what = "; ".join(([f"then {', '.join(gone)}"] if gone else []) + ([f"now {', '.join(new)}"] if new else [])) \
+            or "the same flags in another order"
+        _refuse_reuse(run, f"other train.py flags ({what})")
+    if saved_config is not None and run.info.config is not None and saved_config != run.info.config:
+        diffs = _config_diff(saved_config, run.info.config)
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        _refuse_reuse(run, f"another recipe ({shown})")
+
+
+def _refuse_reuse(run: Run, why: str) -> None:
+    raise CompareError(f"run {run.experiment} finished earlier with {why}: its result would be reported as this "
+                       f"one's; use another --output, or delete {run.run_dir} to run it again")
+
+
+def _config_diff(then: dict, now: dict, prefix: str = "") -> list[str]:
+    """``["sparsity.rules: [...] -> [...]", "lr: 0.001 -> 0.002"]`` for the keys whose values differ."""
+    out = []
+    for key in list(then) + [k for k in now if k not in then]:
+        a, b = then.get(key, "(unset)"), now.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
 
 
 def _log_tail(path: Path, lines: int = 8) -> str:
@@ -275,12 +304,12 @@ def run_all(runs: Sequence[Run], command: Callable[[Run], list[str]], progress: 
         cmd = command(run)
         flags = cmd[2:]  # after the interpreter and the script
         if result is not None:
-            _check_same_flags(run, flags)
+            _check_same_run(run, flags)
             progress(f"{tag}: skipping, finished earlier (top-1 {result['top1']:.2f} %)")
             rows.append(_row(run, "done", result))
         else:
             run.log_path.parent.mkdir(parents=True, exist_ok=True)
-            run.flags_path.write_text(json.dumps(flags))
+            run.flags_path.write_text(json.dumps({"flags": flags, "config": run.info.config}))
             progress(f"{tag}: running (log: {run.log_path})")
             with open(run.log_path, "w") as log:
                 rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -109,13 +109,42 @@ def test_run_all_resumes_and_reports_failures(tmp_path):
     md = (tmp_path / "c.md").read_text()
     assert "| a-r | srste | ff=2:4 | 2 | 60.50 ± 0.71 |" in md and "1 (1 failed)" in md and "| 70.5 |" in md
     # a finished run is not reused for other train.py flags: its result would be reported as theirs
-    with pytest.raises(cmp.CompareError, match=r"a-r-s0 finished earlier with other train.py flags \(then: -; now: "
-                                               r"--epochs 2\)"):
+    with pytest.raises(cmp.CompareError, match=r"a-r-s0 finished earlier with other train.py flags \(now --epochs "
+                                               r"2\)"):
         cmp.run_all(runs[:1], lambda r: fake + cmp.train_command(r, Path("train.py"), ["--epochs", "2"])[2:])
     # a run that rejects its input (exit code 2) stops the comparison with its error line
     bad = _fake_train(tmp_path, 0.0, rc=2)
     with pytest.raises(cmp.CompareError, match="bad data dir"):
         cmp.run_all(runs[3:], lambda r: bad + cmp.train_command(r, Path("train.py"))[2:])
+
+
+def test_a_finished_run_is_not_reused_after_its_recipe_changed(tmp_path):
+    """Same file, same flags, other content (here through its ``base:``): the old run's figures would be reported
+    under the new recipe's method and pattern, so compare refuses and names what changed."""
+    import compare
+
+    base = tmp_path / "_base.yaml"
+    base.write_text((ROOT / "configs/quickstart/ste_digits_2of4.yaml").read_text().replace(
+        "base: _vit_digits.yaml", f"base: {ROOT / 'configs/quickstart/_vit_digits.yaml'}"))
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("base: _base.yaml\nepochs: 1\n")
+
+    def info():
+        targs, block = compare._check_recipe(recipe, [])
+        config = {k: v for k, v in vars(targs).items() if k not in ("config", "print_config")}
+        return cmp.recipe_info(recipe, "mine", block, "digits", {**config, "sparsity": block})
+
+    fake = _fake_train(tmp_path, 60.0)
+    run = cmp.plan_runs([info()], [0], tmp_path / "runs")[0]
+    assert [r["status"] for r in cmp.run_all([run], lambda r: fake + cmp.train_command(r, Path("train.py"))[2:])] \
+        == ["done"]
+    assert cmp.run_all([cmp.plan_runs([info()], [0], tmp_path / "runs")[0]],  # unchanged: read back
+                       lambda r: fake + cmp.train_command(r, Path("train.py"))[2:])[0]["top1"] == 60.0
+    base.write_text(base.read_text().replace("n: 2, m: 4", "n: 1, m: 8"))  # the recipe now means 1:8
+    run = cmp.plan_runs([info()], [0], tmp_path / "runs")[0]
+    assert run.info.pattern.startswith("ff=1:8")
+    with pytest.raises(cmp.CompareError, match=r"mine-s0 finished earlier with another recipe \(sparsity\.rules: "):
+        cmp.run_all([run], lambda r: fake + cmp.train_command(r, Path("train.py"))[2:])
 
 
 def test_labels_methods_and_patterns(tmp_path):
