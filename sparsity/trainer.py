@@ -42,6 +42,15 @@ CKPT_RE_EPOCH = "checkpoint-{epoch}.pth.tar"
 # ---------------------------------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------------------------------
+def _resume_rng(resume: dict, dist) -> dict | None:
+    """The generator states this rank had at a mid-epoch checkpoint (the world size is the saved one: a resume
+    with another refuses). Checkpoints from before per-rank states hold rank 0's only."""
+    ranks = resume.get("rng_ranks")
+    if ranks and len(ranks) == dist.world_size:
+        return ranks[dist.rank]
+    return resume.get("rng")
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -49,9 +58,12 @@ def _seed_all(seed: int) -> None:
 
 
 def _rng_state() -> dict:
+    """This process's generators: torch's CPU one, the current CUDA device's (dropout, drop-path on a GPU), Python's
+    and numpy's (augmentations)."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "python": plain(random.getstate()),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
@@ -60,6 +72,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
@@ -390,8 +404,15 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         if fault_matches("diverge_mask", st.global_step, dist.rank):
             layer = masked_modules(model)[0][1]
             layer.weight_mask.view(-1)[0] ^= True
-        if args.recovery_interval and st.global_step % args.recovery_interval == 0 and dist.is_main:
-            save(checkpoint_dict(st.epoch, batch_idx + 1, None), run_dir / "recovery.pth.tar")
+        if args.recovery_interval and st.global_step % args.recovery_interval == 0:
+            # every rank's generators: each draws its own augmentations, and a resume must give each its own back
+            ranks_rng = None
+            if dist.distributed:
+                ranks_rng = [None] * dist.world_size
+                torch.distributed.all_gather_object(ranks_rng, _rng_state())
+            if dist.is_main:
+                save({**checkpoint_dict(st.epoch, batch_idx + 1, None), "rng_ranks": ranks_rng},
+                     run_dir / "recovery.pth.tar")
         inject_fault("after_step", st.global_step, dist.rank, run_dir)
         if args.mask_check_interval and dist.distributed and st.global_step % args.mask_check_interval == 0:
             check_ranks_consistent(model, dist)
@@ -410,7 +431,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             _seed_all(args.seed + 1000 * (epoch + 1) + dist.rank)
             if dist.distributed and hasattr(loader_train.sampler, "set_epoch"):
                 loader_train.sampler.set_epoch(epoch)
-            rng_at_resume = resume.get("rng") if (skip and resume is not None) else None
+            rng_at_resume = _resume_rng(resume, dist) if (skip and resume is not None) else None
             train_metrics = train_one_epoch(
                 train_model, loader_train, optimizer, train_loss_fn, state, controller=ctl, device=dist.device,
                 lr_scheduler=lr_scheduler, amp_dtype=amp_dtype, scaler=scaler, model_ema=model_ema,
