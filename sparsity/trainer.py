@@ -152,16 +152,26 @@ def _check_same_run(resume: dict, path: str, recipe: Recipe, args) -> None:
                               f"{epochs}, or start a new run from it with --initial-checkpoint")
 
 
+def _checkpoint_files(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, whatever their state: recovery, last, checkpoint-<epoch> and model_best (temp files
+    of a killed write start with a dot and are not among them)."""
+    names = ["recovery.pth.tar", "last.pth.tar", "model_best.pth.tar"]
+    return [run_dir / n for n in names if (run_dir / n).exists()] + sorted(run_dir.glob("checkpoint-*.pth.tar"))
+
+
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (recovery or epoch) in ``run_dir``; temp files of a killed write are ignored."""
+    """The newest readable checkpoint in ``run_dir``. ``recovery``/``last`` are the newest when intact; when they are
+    damaged an older ``checkpoint-<epoch>`` or ``model_best`` is still a resume point, and far better than starting
+    over in a folder whose files a new run would then overwrite."""
+    rank = {"last.pth.tar": 3, "recovery.pth.tar": 2, "model_best.pth.tar": 0}  # ties: the epoch checkpoint first
     best, best_key = None, None
-    for p in list(run_dir.glob("recovery.pth.tar")) + list(run_dir.glob("last.pth.tar")):
+    for p in _checkpoint_files(run_dir):
         try:
             ck = load_checkpoint_file(p)
         except CheckpointError:
             _logger.warning("ignoring unreadable checkpoint %s", p)
             continue
-        key = (int(ck.get("global_step", -1)), p.name == "last.pth.tar")  # ties: the epoch checkpoint
+        key = (int(ck.get("global_step", -1)), rank.get(p.name, 1))
         if best_key is None or key > best_key:
             best, best_key = p, key
     return best
@@ -260,6 +270,11 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         resume_path = str(found) if found else None
         if found:
             _logger.info("--resume auto: resuming from %s", found)
+        elif run_dir.exists() and _checkpoint_files(run_dir):
+            names = ", ".join(p.name for p in _checkpoint_files(run_dir))
+            raise CheckpointError(f"--resume auto: no checkpoint in {run_dir} can be read ({names}); a new run there "
+                                  "would overwrite them: move them away (or delete them) to start over, or use "
+                                  "another --experiment")
         else:
             _logger.info("--resume auto: no checkpoint in %s yet; starting a new run there", run_dir)
     resume = load_checkpoint_file(resume_path) if resume_path else None
@@ -364,8 +379,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         if resume is not None and args_file.exists():  # keep the run's own config; record what the resume used
             args_file = run_dir / f"args-resumed-step{state.global_step}.yaml"
         args_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        if resume is not None:
-            truncate_summary(summary_path, next_epoch)
+        truncate_summary(summary_path, next_epoch)  # a new run in an old folder (--resume auto) starts it empty
     wandb_run = init_wandb(args, resolved, run_dir) if (args.log_wandb and dist.is_main) else None
 
     def reduce(t: torch.Tensor) -> torch.Tensor:

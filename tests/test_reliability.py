@@ -178,6 +178,24 @@ BAD_RECIPES = {
 }
 
 
+def test_resume_auto_falls_back_to_the_newest_readable_checkpoint(tmp_path):
+    """recovery and last damaged: the newest intact epoch checkpoint is the resume point (a new run would overwrite
+    it); model_best, a copy of one of them, is taken only when nothing newer is readable."""
+    from sparsity.trainer import newest_checkpoint
+
+    for name, step in [("checkpoint-0.pth.tar", 10), ("model_best.pth.tar", 10), ("checkpoint-1.pth.tar", 20)]:
+        torch.save({"global_step": step, "state_dict": {}}, tmp_path / name)
+    for name in ("recovery.pth.tar", "last.pth.tar"):
+        (tmp_path / name).write_bytes(b"truncated")
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-1.pth.tar"
+    (tmp_path / "checkpoint-1.pth.tar").unlink()
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-0.pth.tar"  # ties: the epoch checkpoint
+    (tmp_path / "checkpoint-0.pth.tar").unlink()
+    assert newest_checkpoint(tmp_path) == tmp_path / "model_best.pth.tar"
+    torch.save({"global_step": 25, "state_dict": {}}, tmp_path / "recovery.pth.tar")
+    assert newest_checkpoint(tmp_path) == tmp_path / "recovery.pth.tar"
+
+
 def test_bad_input_table(tmp_path):
     out = tmp_path / "out"
     run = out / "run"
@@ -222,6 +240,8 @@ def test_bad_input_table(tmp_path):
                                 "--initial-checkpoint PATH, or train the model it names first")
     cases["initial_run_dir"] = (["--initial-checkpoint", str(run)], f"{run} is a run directory; pass one of its "
                                 f"checkpoints, e.g. {run / 'last.pth.tar'}")
+    cases["auto_nothing_readable"] = ([*sparse, "--resume", "auto"], f"--resume auto: no checkpoint in {run} can be "
+                                      "read (last.pth.tar); a new run there would overwrite them")
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     cases["unwritable_output"] = (["--output", str(blocker / "sub")], "is not writable")
