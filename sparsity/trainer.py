@@ -145,11 +145,30 @@ def _check_same_run(resume: dict, path: str, recipe: Recipe, args) -> None:
         raise CheckpointError(f"--resume {path} was trained with another sparsity recipe (differs in: "
                               f"{', '.join(keys)}); resume with the config the run started with (its args.yaml), or "
                               "start a new run from it with --initial-checkpoint")
-    epochs = (resume.get("args") or {}).get("epochs")
-    if recipe.method != "dense" and epochs is not None and epochs != args.epochs:
-        raise CheckpointError(f"--resume {path} is from a {epochs}-epoch run, this one asks for {args.epochs}: the "
-                              "sparsity schedule is laid out over the whole run; resume with --epochs "
-                              f"{epochs}, or start a new run from it with --initial-checkpoint")
+    saved_args = resume.get("args") or {}
+    epochs = saved_args.get("epochs")
+    if recipe.method != "dense" and epochs is not None:
+        if "run_epochs" in resume:
+            then, cooldown = resume["run_epochs"], saved_args.get("cooldown_epochs", 0)
+        else:  # written before the cooldown was trained: the run was exactly --epochs long
+            then, cooldown = epochs, 0
+        now = run_epochs(args)
+        if then != now:
+            raise CheckpointError(f"--resume {path} is from a {then}-epoch run, this one would train {now}: the "
+                                  "sparsity schedule is laid out over the whole run; resume with --epochs "
+                                  f"{epochs} --cooldown-epochs {cooldown}, or start a new run from it with "
+                                  "--initial-checkpoint")
+
+
+def run_epochs(args) -> int:
+    """How many epochs the run trains: as in timm's train.py, the length of the lr schedule timm builds from
+    ``--epochs``, i.e. plus ``--cooldown-epochs`` (and the extra cycles of ``--sched-cycle-limit``, the warm-up of
+    ``--warmup-prefix``). The sparsity schedule is laid out over all of it."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    _, n = create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
+    return max(int(n), args.epochs)
 
 
 def _checkpoint_files(run_dir: Path) -> list[Path]:
@@ -304,7 +323,12 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     model.to(dist.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    total_steps = args.epochs * steps_per_epoch
+    n_epochs = run_epochs(args)
+    if n_epochs != args.epochs and dist.is_main:
+        _logger.info("training %d epochs, the length of the lr schedule timm builds from --epochs %d (with "
+                     "--cooldown-epochs %d, cycles, warm-up prefix), as timm's train.py does; --cooldown-epochs 0 "
+                     "trains exactly --epochs", n_epochs, args.epochs, args.cooldown_epochs)
+    total_steps = n_epochs * steps_per_epoch
     ctl = SparsityController(model, recipe, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     ctl.method.output_dir = str(run_dir) if dist.is_main else None
     state = TrainState()
@@ -398,7 +422,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             "scheduler": plain(lr_scheduler.state_dict()) if lr_scheduler is not None else None,
             "controller": ctl.state_dict(), "epoch": next_ep - 1, "next_epoch": next_ep, "skip_batches": skip,
             "global_step": state.global_step, "skipped_nonfinite": state.skipped_nonfinite, "metric": metric,
-            "args": resolved, "rng": _rng_state(), "version": 1,
+            "args": resolved, "rng": _rng_state(), "version": 1, "run_epochs": n_epochs,
             "best": state.extra.get("best"), "hist": state.extra.get("hist", []),
             "metric_model": "ema" if model_ema is not None else "model",  # which weights `metric` evaluated
             "loss_sum": float(running) if (mid_epoch and running is not None) else 0.0,
@@ -435,9 +459,9 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     t_start = time.perf_counter()
     if dist.is_main:
         _logger.info("run dir: %s | %s, %s, %d epochs x %d steps | method %s", run_dir, args.model,
-                     args.dataset or args.data_dir, args.epochs, steps_per_epoch, recipe.method)
+                     args.dataset or args.data_dir, n_epochs, steps_per_epoch, recipe.method)
     try:
-        for epoch in range(next_epoch, args.epochs):
+        for epoch in range(next_epoch, n_epochs):
             state.epoch = epoch
             skip = skip_batches if epoch == next_epoch else 0
             # Every epoch starts from its own seed, so its loader order does not depend on earlier epochs; a
@@ -503,8 +527,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         final_metric = final_ranked[args.eval_metric]
         problem = target_problem(model)
         # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
-        final_best = _claim_best(state, final_metric, args.epochs, problem, args.eval_metric == "loss")
-        save(dict(checkpoint_dict(args.epochs, 0, final_metric), final=final), run_dir / "last.pth.tar")
+        final_best = _claim_best(state, final_metric, n_epochs, problem, args.eval_metric == "loss")
+        save(dict(checkpoint_dict(n_epochs, 0, final_metric), final=final), run_dir / "last.pth.tar")
         if final_best:
             _copy_atomic(run_dir / "last.pth.tar", run_dir / "model_best.pth.tar")
         elif state.extra.get("best") is None:

@@ -75,6 +75,27 @@ def test_train_then_validate(tmp_path, name, capsys):
     assert val["layers_conforming"] == val["layers"] == result["layers"]
 
 
+def test_cooldown_epochs_are_trained_as_in_timm(tmp_path, capsys):
+    """timm's train.py trains the length of its lr schedule: --epochs plus --cooldown-epochs. The sparsity schedule
+    spans all of it (mdgf's decay and fine-tune fraction over 2 epochs), and a resume that would change the length
+    is refused."""
+    cfg = _recipe(tmp_path, "mdgf", RECIPES["mdgf"])
+    args = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "run", "--sched", "cosine"]
+    assert run_cli(train.main, [*args, "--cooldown-epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "training 2 epochs, the length of the lr schedule timm builds from --epochs 1 (with --cooldown-epochs 1" \
+        in out
+    with open(tmp_path / "run" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [5, 10]
+    assert [r["phase"] for r in rows] == ["sparse", "finetune"]  # fine-tune = the last 20 % of 10 steps
+    ck = torch.load(tmp_path / "run" / "checkpoint-0.pth.tar", weights_only=True)
+    assert ck["run_epochs"] == 2 and ck["next_epoch"] == 1
+    assert run_cli(train.main, [*args, "--resume", str(tmp_path / "run" / "checkpoint-0.pth.tar")]) == 2
+    err = capsys.readouterr().err
+    assert "is from a 2-epoch run, this one would train 1" in err and "--epochs 1 --cooldown-epochs 1" in err
+
+
 @pytest.mark.parametrize("scores,best", [([90.0, 80.0, 70.0, 60.0], [80.0, 1]), ([90.0, 80.0, 70.0, 95.0], [95.0, 3])])
 def test_model_best_only_ranks_epochs_at_the_target(tmp_path, monkeypatch, scores, best):
     """Fine-tuning from a pretrained model, the early, denser epochs often score highest; model_best (what users
