@@ -19,12 +19,14 @@ class ConfigError(UserError):
 
 
 class ParseKwargs(argparse.Action):
-    """``--model-kwargs a=1 b=x`` -> {'a': 1, 'b': 'x'} (values parsed as YAML scalars)."""
+    """``--model-kwargs a=1 b=x`` -> {'a': 1, 'b': 'x'} (values parsed as YAML scalars), merged key by key into the
+    mapping the config file gave (``--model-kwargs depth=2`` on a recipe with ``img_size: 32, patch_size: 4``
+    keeps both): the command line wins per key, as it does for every other setting."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         import yaml
 
-        kw = {}
+        kw = dict(getattr(namespace, self.dest, None) or {})
         for item in values:
             key, sep, value = item.partition("=")
             if not sep:

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="output/compare", help="comparison folder (runs go to OUTPUT/runs)")
     p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
     p.add_argument("--model-kwargs", nargs="+", default=None, metavar="KEY=VALUE",
-                   help="override every recipe's model_kwargs (replaces the recipe's mapping)")
+                   help="set keys of every recipe's model_kwargs (merged into its mapping, key by key)")
     p.add_argument("--dataset", default=None, help="override every recipe's data set (e.g. digits, torch/cifar100)")
     p.add_argument("--data-dir", default=None, help="override every recipe's data dir")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")

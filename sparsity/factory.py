@@ -40,6 +40,11 @@ def create_model(
         model = timm.create_model(model_name, **timm_kwargs)
     except TypeError as e:
         raise ModelError(f"model '{model_name}' does not accept these arguments ({e}); check model_kwargs") from None
+    except (AssertionError, ValueError, ZeroDivisionError, RuntimeError) as e:  # timm's own checks of the values
+        shown = ", ".join(f"{k}={v}" for k, v in timm_kwargs.items()) or "no arguments"
+        raise ModelError(f"model '{model_name}' cannot be built with {shown} ({type(e).__name__}"
+                         f"{': ' + str(e).strip().splitlines()[0] if str(e).strip() else ''}); check model_kwargs "
+                         "(e.g. embed_dim divisible by num_heads, patch_size dividing img_size)") from None
     if recipe is not None:
         sparsify_(model, recipe)
     if checkpoint:

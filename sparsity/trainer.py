@@ -125,6 +125,25 @@ def _run_dir(args, resume_path: str | None) -> Path:
     return out
 
 
+@torch.no_grad()
+def _check_input_size(model: nn.Module, input_size, args, device: torch.device) -> None:
+    """One eval forward of a single blank image at the loader's size: a model built for another size (a ViT made
+    for 224 fed 32 px digits) fails here with one line, not in the first training step with timm's traceback.
+    Eval mode and no grad: no statistics, generator or mask state changes."""
+    was = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, *input_size, device=device)
+        model(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        c, h, w = input_size
+        raise UserError(f"model '{args.model}' cannot take the data's {c}x{h}x{w} inputs ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0]}); build it for that size (--model-kwargs "
+                        f"img_size={h}) or feed it its own (--img-size)") from None
+    finally:
+        model.train(was)
+
+
 def _check_writable(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -318,11 +337,12 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         raise CheckpointError(f"--resume {resume_path} was written with {resume['steps_per_epoch']} steps per epoch, "
                               f"this run has {steps_per_epoch} (another -b or number of processes): the schedules "
                               "would jump; resume with the run's batch size and process count")
-    if dist.is_main:
-        _check_writable(run_dir)
     model.to(dist.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    _check_input_size(model, data_cfg["input_size"], args, dist.device)
+    if dist.is_main:
+        _check_writable(run_dir)
     n_epochs = run_epochs(args)
     if n_epochs != args.epochs and dist.is_main:
         _logger.info("training %d epochs, the length of the lr schedule timm builds from --epochs %d (with "

@@ -240,6 +240,12 @@ def test_bad_input_table(tmp_path):
                                 "--initial-checkpoint PATH, or train the model it names first")
     cases["initial_run_dir"] = (["--initial-checkpoint", str(run)], f"{run} is a run directory; pass one of its "
                                 f"checkpoints, e.g. {run / 'last.pth.tar'}")
+    cases["model_kwargs_values"] = ([*sparse, "--model-kwargs", "embed_dim=33"],  # merged: num_heads=2 stays
+                                    "model 'vit_tiny_patch16_224' cannot be built with img_size=32, patch_size=8, "
+                                    "embed_dim=33, depth=2, num_heads=2")
+    cases["model_for_another_size"] = ([*sparse, "--model-kwargs", "img_size=64"],
+                                       "cannot take the data's 3x32x32 inputs (AssertionError: Input height (32) "
+                                       "doesn't match model (64).); build it for that size")
     cases["auto_nothing_readable"] = ([*sparse, "--resume", "auto"], f"--resume auto: no checkpoint in {run} can be "
                                       "read (last.pth.tar); a new run there would overwrite them")
     blocker = tmp_path / "a_file"

@@ -75,6 +75,21 @@ def test_train_then_validate(tmp_path, name, capsys):
     assert val["layers_conforming"] == val["layers"] == result["layers"]
 
 
+def test_model_kwargs_on_the_command_line_merge_into_the_recipes(tmp_path):
+    """``--model-kwargs depth=2`` on a recipe that builds a 32 px ViT keeps its img_size and patch_size (timm
+    replaces the whole mapping, which silently built a 224 px model with 16 px patches)."""
+    from cli_common import parse_with_config
+
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model: vit_tiny_patch16_224\nmodel_kwargs: {img_size: 32, patch_size: 4, depth: 12}\n")
+    args, _ = parse_with_config(train.build_parser(), ["--config", str(cfg), "--model-kwargs", "depth=2",
+                                                       "embed_dim=64"])
+    assert args.model_kwargs == {"img_size": 32, "patch_size": 4, "depth": 2, "embed_dim": 64}
+    args, _ = parse_with_config(train.build_parser(), ["--model-kwargs", "depth=2", "--model-kwargs", "depth=3"])
+    assert args.model_kwargs == {"depth": 3}
+    assert train.build_parser().get_default("model_kwargs") == {}  # the shared default is never written to
+
+
 def test_cooldown_epochs_are_trained_as_in_timm(tmp_path, capsys):
     """timm's train.py trains the length of its lr schedule: --epochs plus --cooldown-epochs. The sparsity schedule
     spans all of it (mdgf's decay and fine-tune fraction over 2 epochs), and a resume that would change the length
