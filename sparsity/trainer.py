@@ -442,7 +442,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             "scheduler": plain(lr_scheduler.state_dict()) if lr_scheduler is not None else None,
             "controller": ctl.state_dict(), "epoch": next_ep - 1, "next_epoch": next_ep, "skip_batches": skip,
             "global_step": state.global_step, "skipped_nonfinite": state.skipped_nonfinite, "metric": metric,
-            "args": resolved, "rng": _rng_state(), "version": 1, "run_epochs": n_epochs,
+            "args": resolved, "rng": _rng_state(), "version": 1, "run_epochs": n_epochs, "wall_time_s": elapsed(),
             "best": state.extra.get("best"), "hist": state.extra.get("hist", []),
             "metric_model": "ema" if model_ema is not None else "model",  # which weights `metric` evaluated
             "loss_sum": float(running) if (mid_epoch and running is not None) else 0.0,
@@ -477,6 +477,12 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
 
     eval_metrics: dict = {}
     t_start = time.perf_counter()
+    prior_seconds = float(resume.get("wall_time_s", 0.0)) if resume is not None else 0.0
+
+    def elapsed() -> float:
+        """Training wall time of the whole run, the part before a resume included."""
+        return prior_seconds + time.perf_counter() - t_start
+
     if dist.is_main:
         _logger.info("run dir: %s | %s, %s, %d epochs x %d steps | method %s", run_dir, args.model,
                      args.dataset or args.data_dir, n_epochs, steps_per_epoch, recipe.method)
@@ -547,16 +553,18 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         final_metric = final_ranked[args.eval_metric]
         problem = target_problem(model)
         # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
+        seconds = elapsed()
         final_best = _claim_best(state, final_metric, n_epochs, problem, args.eval_metric == "loss")
-        save(dict(checkpoint_dict(n_epochs, 0, final_metric), final=final), run_dir / "last.pth.tar")
+        save(dict(checkpoint_dict(n_epochs, 0, final_metric), final=final, wall_time_s=seconds),
+             run_dir / "last.pth.tar")
         if final_best:
             _copy_atomic(run_dir / "last.pth.tar", run_dir / "model_best.pth.tar")
         elif state.extra.get("best") is None:
             _logger.warning("no model_best.pth.tar: the model never reached its recipe's target (%s); "
                             "last.pth.tar holds the final model", problem)
-        write_report(run_dir, rows, final, model, args, recipe, time.perf_counter() - t_start)
+        write_report(run_dir, rows, final, model, args, recipe, seconds)
         plots(run_dir, summary_path, rows)
-        print(final_table(args, recipe, final, rows, model, run_dir, time.perf_counter() - t_start))
+        print(final_table(args, recipe, final, rows, model, run_dir, seconds))
     if wandb_run is not None:
         wandb_run.finish()
     if dist.distributed:

@@ -90,6 +90,19 @@ def test_model_kwargs_on_the_command_line_merge_into_the_recipes(tmp_path):
     assert train.build_parser().get_default("model_kwargs") == {}  # the shared default is never written to
 
 
+def test_wall_time_counts_the_whole_run_across_a_resume(tmp_path, capsys):
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    args = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "run", "--resume", "auto"]
+    assert run_cli(train.main, args) == 0
+    first = json.loads((tmp_path / "run" / "results.json").read_text())["wall_time_s"]
+    out = capsys.readouterr().out
+    assert f"wall time   {first:.1f} s" in out  # the table and results.json report the same figure
+    saved = torch.load(tmp_path / "run" / "last.pth.tar", weights_only=True)["wall_time_s"]
+    assert saved == pytest.approx(first, abs=0.006)
+    assert run_cli(train.main, args) == 0  # resumes the finished run: evaluates and reports again
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["wall_time_s"] >= first
+
+
 def test_cooldown_epochs_are_trained_as_in_timm(tmp_path, capsys):
     """timm's train.py trains the length of its lr schedule: --epochs plus --cooldown-epochs. The sparsity schedule
     spans all of it (mdgf's decay and fine-tune fraction over 2 epochs), and a resume that would change the length
