@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = export_checkpoint(args.checkpoint, args.format, args.output, use_ema=args.use_ema, force=args.force)
     except OSError as e:  # disk full, permissions: bad input from where we stand
-        raise ExportError(f"cannot write the export: {e}") from None
+        where = f" to {args.output}" if args.output else " next to the checkpoint"
+        raise ExportError(f"cannot write the export{where} ({e.strerror or e}); free space or choose another "
+                          "--output (nothing was written there)") from None
     mib = 2**20
     print(f"wrote {args.format} export of {args.checkpoint} to {info['output_dir']}")
     for name, size in sorted(info["files"].items()):

@@ -11,8 +11,8 @@ them as CSV or JSON. Exit code 1 when ``--require-conformance`` and a layer does
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import os
 from pathlib import Path
 
 from cli_common import ParseKwargs, parse_with_config, run_cli, setup_logging
@@ -76,6 +76,17 @@ def _check_same_model(args, path: Path, arch: str, create_kwargs: dict) -> None:
                         "the config's keys) or pass the checkpoint you meant")
 
 
+def _check_results_file(out: Path, error: type[Exception]) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"--results-file {out}: cannot create {out.parent} ({e.strerror or e}); choose another path") \
+            from None
+    why = "a directory" if out.is_dir() else None if os.access(out.parent, os.W_OK) else f"{out.parent} is read-only"
+    if why:
+        raise error(f"--results-file {out} cannot be written ({why}); choose another path")
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -96,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     # a training recipe is a valid --config here too: its training-only keys are ignored
     args, blocks = parse_with_config(build_parser(), argv, ignore=_ignored_training_keys())
     setup_logging()
+    if args.results_file:  # refused now, not after the whole evaluation has run
+        _check_results_file(Path(args.results_file), UserError)
     dist = init_distributed(args.device)
     path = Path(args.checkpoint)
     check_data_dir(args.dataset, args.data_dir, args.dataset_download)  # before the model is built
@@ -158,15 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sparsity {result['sparsity_selected']:.1%} of selected layers, {result['sparsity_all']:.1%} of all "
           f"Linear/Conv weights; {result['layers_conforming']}/{result['layers']} layers conform")
     if args.results_file:
+        from sparsity.checkpoint import write_atomic, write_csv_atomic
+
         out = Path(args.results_file)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".json":
-            out.write_text(json.dumps(result, indent=2))
-        else:
-            with open(out, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(result))
-                w.writeheader()
-                w.writerow({**result, "nonconforming": " ".join(bad)})
+        try:
+            if out.suffix == ".json":
+                write_atomic(out, lambda f: f.write(json.dumps(result, indent=2)), mode="w")
+            else:
+                write_csv_atomic(out, list(result), [{**result, "nonconforming": " ".join(bad)}])
+        except OSError as e:
+            raise UserError(f"could not write --results-file {out} ({e.strerror or e}); the results are printed "
+                            "above; free space or choose another path") from None
     if args.require_conformance and bad:
         print(f"error: {len(bad)} layers do not conform to their pattern: {', '.join(bad[:5])}")
         return 1

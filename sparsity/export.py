@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, model_from_checkpoint
+from .checkpoint import CheckpointError, _umask, model_from_checkpoint
 from .codec import decode_weight, encode_weight
 from .errors import UserError
 from .layers import MaskedConv2d, MaskedLinear, SliceSpec, frozen_weight, masked_modules
@@ -233,6 +233,8 @@ def _write(build: dict[str, Any], output_dir: str | os.PathLike, fmt: str, force
                       build["slices"], {"methods": build["methods"], "skipped": build["skipped"], **sizes,
                                         **(extra or {})})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        for p in tmp.iterdir():  # the mode a plain open() gives (the weights writer makes its files 0600)
+            os.chmod(p, 0o666 & ~_umask())
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
         _publish(tmp, out, force)
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -312,6 +314,19 @@ def test_cli_refuses_to_overwrite_without_force(fake_checkpoint, tmp_path, capsy
                             "--force"]) == 0
     assert (out / COMPRESSED_FILE).is_file() and not (out / DENSIFIED_FILE).exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp dirs left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (COMPRESSED_FILE, CONFIG_FILE):  # readable as any file the user writes (not 0600)
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_cli_unwritable_output_is_one_line_that_names_the_flag(fake_checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert _cli(["--checkpoint", str(fake_checkpoint), "--format", "densified", "--output", str(blocker / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: cannot write the export to {blocker / 'd'} (")
+    assert "choose another --output" in err and blocker.read_text() == "x"
 
 
 def test_cli_bad_checkpoint_exit_code_2_one_line(tmp_path, capsys):

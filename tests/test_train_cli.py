@@ -310,6 +310,20 @@ def test_image_folder_data_dir(tmp_path, capsys):
                                    str(out)]) == 0
     res = json.loads(out.read_text())
     assert 0.0 <= res["top1"] <= 100.0 and res["loss"] > 0
+    # a --results-file that cannot be written is refused before the evaluation, in one line
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    capsys.readouterr()
+    assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "folder" / "last.pth.tar"), "--results-file",
+                                   str(blocker / "v.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: --results-file {blocker / 'v.json'}: cannot create {blocker}")
+    assert "top-1" not in captured.out  # nothing was evaluated
+    csv_out = tmp_path / "v.csv"
+    assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "folder" / "last.pth.tar"), "--results-file",
+                                   str(csv_out)]) == 0
+    with open(csv_out, newline="") as f:
+        assert float(next(csv.DictReader(f))["top1"]) == pytest.approx(res["top1"])
     assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "folder" / "last.pth.tar"), "--dataset",
                                    "digits"]) == 2
     assert "the digits validation split has 10 classes, the model predicts 3" in capsys.readouterr().err
