@@ -196,6 +196,9 @@ def _parse_rule(raw: Any, i: int, source: str | None) -> Rule:
         raise RecipeError(f"{_where(source, path)} must be a mapping like {{target: ff, n: 2, m: 4}}, got {raw!r}")
     raw = dict(raw)
     if "target" not in raw:
+        typo = next((k for k in raw if closest(str(k), ["target"])), None)
+        if typo is not None:
+            raise RecipeError(f"unknown key {_where(source, f'{path}.{typo}')}; did you mean 'target'?")
         raise RecipeError(f"{_where(source, path)} needs a 'target' (one of {', '.join(TARGETS)} or 're:<regex>')")
     target = raw["target"]
     if isinstance(target, str):
