@@ -348,6 +348,10 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         _logger.info("training %d epochs, the length of the lr schedule timm builds from --epochs %d (with "
                      "--cooldown-epochs %d, cycles, warm-up prefix), as timm's train.py does; --cooldown-epochs 0 "
                      "trains exactly --epochs", n_epochs, args.epochs, args.cooldown_epochs)
+    if args.warmup_epochs >= n_epochs and dist.is_main:
+        _logger.warning("--warmup-epochs %d covers the whole %d-epoch run: the lr never leaves its warm-up ramp (from "
+                        "--warmup-lr %g); lower --warmup-epochs for a short run", args.warmup_epochs, n_epochs,
+                        args.warmup_lr)
     total_steps = n_epochs * steps_per_epoch
     ctl = SparsityController(model, recipe, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     ctl.method.output_dir = str(run_dir) if dist.is_main else None

@@ -103,6 +103,17 @@ def test_wall_time_counts_the_whole_run_across_a_resume(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["wall_time_s"] >= first
 
 
+def test_a_run_that_is_all_warm_up_is_warned_about(tmp_path, capsys):
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--warmup-epochs", "1", "--warmup-lr", "0",
+                                "--output", str(tmp_path), "--experiment", "run"]) == 0
+    out = capsys.readouterr().out
+    assert "--warmup-epochs 1 covers the whole 1-epoch run: the lr never leaves its warm-up ramp (from --warmup-lr " \
+           "0)" in out
+    with open(tmp_path / "run" / "summary.csv") as f:
+        assert float(next(csv.DictReader(f))["lr"]) == 0.0  # what the warning is about
+
+
 def test_cooldown_epochs_are_trained_as_in_timm(tmp_path, capsys):
     """timm's train.py trains the length of its lr schedule: --epochs plus --cooldown-epochs. The sparsity schedule
     spans all of it (mdgf's decay and fine-tune fraction over 2 epochs), and a resume that would change the length
