@@ -231,6 +231,30 @@ def resolve_dataset(args, saved: dict | None = None) -> None:
         args.val_split = "validation"
 
 
+def class_to_idx_of(ds) -> dict[str, int] | None:
+    """The folder-name -> label mapping of an ImageFolder built by :func:`build_dataset` (None for other kinds)."""
+    reader = getattr(getattr(ds, "dataset", ds), "reader", None)
+    mapping = getattr(reader, "class_to_idx", None)
+    return dict(mapping) if mapping else None
+
+
+def check_same_classes(train_ds, val_ds, data_dir: str | None) -> None:
+    """An ImageFolder labels each class by its sorted position among the split's own folders: splits with other
+    class folders would score the validation images against the wrong labels, silently."""
+    train, val = class_to_idx_of(train_ds), class_to_idx_of(val_ds)
+    if train is None or val is None or train == val:
+        return
+    only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+
+    def names(xs: list[str]) -> str:
+        return ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "") if xs else "none"
+
+    raise DataError(f"the training and validation folders of --data-dir {data_dir} hold different classes (only in "
+                    f"training: {names(only_train)}; only in validation: {names(only_val)}); labels are the classes' "
+                    "positions among each split's folders, so give both splits the same class folders, each with at "
+                    "least one image")
+
+
 def num_classes_of(ds) -> int | None:
     """Classes of a data set built by :func:`build_dataset` (None where it does not say)."""
     if hasattr(ds, "classes"):

@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic, write_atomic
 from .controller import SparsityController
-from .data import build_dataset, num_classes_of, resolve_data, resolve_dataset
+from .data import build_dataset, check_same_classes, num_classes_of, resolve_data, resolve_dataset
 from .distributed import DistInfo, check_ranks_consistent, init_distributed
 from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from .errors import TrainingError, UserError
@@ -91,6 +91,7 @@ def build_datasets(args):
                            args.on_bad_image)
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise UserError(f"data set {args.dataset or args.data_dir} has an empty split; check --data-dir and splits")
+    check_same_classes(train_ds, val_ds, args.data_dir)
     return train_ds, val_ds
 
 

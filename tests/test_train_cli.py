@@ -490,6 +490,25 @@ def test_missing_split_folder_is_an_error_not_the_whole_root(tmp_path):
         build_dataset("", str(tmp_path), "holdout", False)
 
 
+def test_splits_with_other_class_folders_are_refused(tmp_path, capsys):
+    """train/{a,b,c,d} and validation/{a,d}: timm labels validation's d as 1 and training's as 3, and the run would
+    score every d image against the wrong class without a word."""
+    from PIL import Image
+
+    for split, classes in (("train", "abcd"), ("validation", "ad")):
+        for c in classes:
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8)).save(d / f"{i}.png")
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--dataset", "", "--data-dir",
+                                str(tmp_path / "data"), "-b", "2", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "hold different classes (only in training: b, c; only in validation: none)" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     from sparsity.checkpoint import _umask, save_atomic
     from sparsity.trainer import _copy_atomic
