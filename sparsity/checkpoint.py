@@ -162,6 +162,10 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
         raise CheckpointError(
             f"checkpoint {path} does not fit this model (another architecture or num_classes?): {detail}"
         ) from None
+    n_masks = sum(k.endswith("weight_mask") for k in state)
+    logging.getLogger(__name__).info(
+        "loaded %d tensors from %s%s: %s", len(state), path, " (EMA weights)" if use_ema else "",
+        f"masks of {n_masks} layer(s) included" if n_masks else "no masks (the recipe computes them at the first step)")
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "checkpoint": ckpt}
 
 

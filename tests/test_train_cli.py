@@ -490,6 +490,26 @@ def test_missing_split_folder_is_an_error_not_the_whole_root(tmp_path):
         build_dataset("", str(tmp_path), "holdout", False)
 
 
+def test_initial_checkpoint_from_stock_timm_loads_and_says_so(tmp_path, caplog, capsys):
+    import timm
+
+    torch.manual_seed(0)
+    stock = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=10)
+    torch.save(stock.state_dict(), tmp_path / "stock.pth")
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    with caplog.at_level("INFO", logger="sparsity.checkpoint"):  # the CLI's handler prints it to stdout
+        assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--lr", "0", "--initial-checkpoint",
+                                    str(tmp_path / "stock.pth"), "--output", str(tmp_path), "--experiment", "run"]) == 0
+    n = len(stock.state_dict())
+    assert f"loaded {n} tensors from {tmp_path / 'stock.pth'}: no masks (the recipe computes them at the first " \
+           "step)" in capsys.readouterr().out
+    state = torch.load(tmp_path / "run" / "last.pth.tar", weights_only=True)["state_dict"]
+    assert torch.equal(state["patch_embed.proj.weight"], stock.state_dict()["patch_embed.proj.weight"])  # lr 0
+    fc1, mask = state["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc1.weight_mask"]
+    assert torch.equal(fc1, stock.state_dict()["blocks.0.mlp.fc1.weight"] * mask)  # pruned from the stock weights
+
+
 def test_splits_with_other_class_folders_are_refused(tmp_path, capsys):
     """train/{a,b,c,d} and validation/{a,d}: timm labels validation's d as 1 and training's as 3, and the run would
     score every d image against the wrong class without a word."""
