@@ -256,9 +256,12 @@ def _refuse_reuse(run: Run, why: str) -> None:
 
 
 def _config_diff(then: dict, now: dict, prefix: str = "") -> list[str]:
-    """``["sparsity.rules: [...] -> [...]", "lr: 0.001 -> 0.002"]`` for the keys whose values differ."""
+    """``["sparsity.rules: [...] -> [...]", "lr: 0.001 -> 0.002"]`` for the keys whose values differ. At the top
+    level only the settings both know are compared: a train.py flag added or removed by an upgrade is not a change
+    of the recipe."""
     out = []
-    for key in list(then) + [k for k in now if k not in then]:
+    keys = [k for k in then if k in now] if not prefix else list(then) + [k for k in now if k not in then]
+    for key in keys:
         a, b = then.get(key, "(unset)"), now.get(key, "(unset)")
         if isinstance(a, dict) and isinstance(b, dict):
             out += _config_diff(a, b, f"{prefix}{key}.")

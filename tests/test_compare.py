@@ -140,6 +140,11 @@ def test_a_finished_run_is_not_reused_after_its_recipe_changed(tmp_path):
         == ["done"]
     assert cmp.run_all([cmp.plan_runs([info()], [0], tmp_path / "runs")[0]],  # unchanged: read back
                        lambda r: fake + cmp.train_command(r, Path("train.py"))[2:])[0]["top1"] == 60.0
+    saved = json.loads(run.flags_path.read_text())
+    del saved["config"]["clip_grad"]  # a flag the train.py of that run did not have yet: not a recipe change
+    run.flags_path.write_text(json.dumps(saved))
+    assert cmp.run_all([cmp.plan_runs([info()], [0], tmp_path / "runs")[0]],
+                       lambda r: fake + cmp.train_command(r, Path("train.py"))[2:])[0]["status"] == "done"
     base.write_text(base.read_text().replace("n: 2, m: 4", "n: 1, m: 8"))  # the recipe now means 1:8
     run = cmp.plan_runs([info()], [0], tmp_path / "runs")[0]
     assert run.info.pattern.startswith("ff=1:8")
