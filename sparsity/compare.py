@@ -244,8 +244,8 @@ def _check_same_run(run: Run, flags: list[str]) -> None:
         what = "; ".join(([f"then {', '.join(gone)}"] if gone else []) + ([f"now {', '.join(new)}"] if new else [])) \
             or "the same flags in another order"
         _refuse_reuse(run, f"other train.py flags ({what})")
-    if saved_config is not None and run.info.config is not None and saved_config != run.info.config:
-        diffs = _config_diff(saved_config, run.info.config)
+    diffs = _config_diff(saved_config, run.info.config) if saved_config and run.info.config else []
+    if diffs:
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         _refuse_reuse(run, f"another recipe ({shown})")
 
