@@ -274,7 +274,7 @@ def test_run_shape_errors_before_anything_is_written(tmp_path, capsys):
     assert "was trained with another sparsity recipe (differs in: method, rules)" in capsys.readouterr().err
     assert run_cli(train.main, ["--config", first, *base, "--experiment", "r3", "--resume", ckpt,
                                 "--epochs", "3"]) == 2
-    assert "is from a 1-epoch run, this one asks for 3" in capsys.readouterr().err
+    assert "is from a 1-epoch run, this one would train 3" in capsys.readouterr().err
     assert not (tmp_path / "out" / "r2").exists() and not (tmp_path / "out" / "r3").exists()
 
 
