@@ -181,7 +181,7 @@ BAD_RECIPES = {
 def test_resume_auto_falls_back_to_the_newest_readable_checkpoint(tmp_path):
     """recovery and last damaged: the newest intact epoch checkpoint is the resume point (a new run would overwrite
     it); model_best, a copy of one of them, is taken only when nothing newer is readable."""
-    from sparsity.trainer import newest_checkpoint
+    from sparsity.run_files import newest_checkpoint
 
     for name, step in [("checkpoint-0.pth.tar", 10), ("model_best.pth.tar", 10), ("checkpoint-1.pth.tar", 20)]:
         torch.save({"global_step": step, "state_dict": {}}, tmp_path / name)

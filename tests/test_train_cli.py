@@ -443,7 +443,8 @@ def test_summary_rewrites_are_atomic_and_truncate_keeps_finished_epochs(tmp_path
 def test_a_checkpoint_that_cannot_be_deleted_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
     from pathlib import Path
 
-    from sparsity import trainer
+    from sparsity import run_files
+    from sparsity.engine import TrainState
 
     (tmp_path / "checkpoint-0.pth.tar").write_bytes(b"old")
     real_unlink = Path.unlink
@@ -454,10 +455,10 @@ def test_a_checkpoint_that_cannot_be_deleted_does_not_stop_the_run(tmp_path, mon
         return real_unlink(self, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", refuse)
-    state = trainer.TrainState()
+    state = TrainState()
     with caplog.at_level("WARNING", logger="train"):
         for epoch, metric in enumerate([10.0, 20.0]):  # keep 1: epoch 0's checkpoint is dropped after epoch 1
-            trainer._save_epoch(tmp_path, lambda *a: {"metric": a[2]}, lambda obj, p: p.write_bytes(b"ck"), state,
+            run_files._save_epoch(tmp_path, lambda *a: {"metric": a[2]}, lambda obj, p: p.write_bytes(b"ck"), state,
                                 epoch, metric, keep=1, problem=None, lower_is_better=False)
     assert (tmp_path / "checkpoint-1.pth.tar").exists() and (tmp_path / "model_best.pth.tar").exists()
     assert "could not delete" in caplog.text and "checkpoint-0.pth.tar" in caplog.text
@@ -531,7 +532,7 @@ def test_splits_with_other_class_folders_are_refused(tmp_path, capsys):
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     from sparsity.checkpoint import _umask, save_atomic
-    from sparsity.trainer import _copy_atomic
+    from sparsity.run_files import _copy_atomic
 
     save_atomic({"a": torch.zeros(2)}, tmp_path / "last.pth.tar")
     _copy_atomic(tmp_path / "last.pth.tar", tmp_path / "model_best.pth.tar")

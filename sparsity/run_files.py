@@ -1,0 +1,213 @@
+"""The files of a training run: its folder, the checkpoints written into it, which one a resume picks and what it
+must match, and the generator states that make a resume exact. :mod:`sparsity.trainer` wires these into the run."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint_file, write_atomic
+from .engine import TrainState
+from .errors import UserError
+from .recipe import Recipe, plain
+
+_logger = logging.getLogger("train")
+
+CKPT_RE_EPOCH = "checkpoint-{epoch}.pth.tar"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generator states (exact resume)
+# ---------------------------------------------------------------------------------------------------------------------
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    """This process's generators: torch's CPU one, the current CUDA device's (dropout, drop-path on a GPU), Python's
+    and numpy's (augmentations)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "python": plain(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+
+
+def _resume_rng(resume: dict, dist) -> dict | None:
+    """The generator states this rank had at a mid-epoch checkpoint (the world size is the saved one: a resume
+    with another refuses). Checkpoints from before per-rank states hold rank 0's only."""
+    ranks = resume.get("rng_ranks")
+    if ranks and len(ranks) == dist.world_size:
+        return ranks[dist.rank]
+    return resume.get("rng")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run folder and what may resume in it
+# ---------------------------------------------------------------------------------------------------------------------
+def _run_dir(args, resume_path: str | None) -> Path:
+    name = args.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}"
+    base = Path(args.output) / name
+    if args.resume == "auto" or (resume_path and Path(resume_path).resolve().parent == base.resolve()):
+        return base
+    out, i = base, 1
+    while out.exists() and any(out.iterdir()):  # never write into a finished run: timm's -1, -2 suffixes
+        out = Path(f"{base}-{i}")
+        i += 1
+    return out
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output dir {path} is not writable ({e.strerror}); choose another --output") from None
+
+
+def run_epochs(args) -> int:
+    """How many epochs the run trains: as in timm's train.py, the length of the lr schedule timm builds from
+    ``--epochs``, i.e. plus ``--cooldown-epochs`` (and the extra cycles of ``--sched-cycle-limit``, the warm-up of
+    ``--warmup-prefix``). The sparsity schedule is laid out over all of it."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    _, n = create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
+    return max(int(n), args.epochs)
+
+
+def _check_same_run(resume: dict, path: str, recipe: Recipe, args) -> None:
+    """A resume continues one run: the same sparsity recipe and, for sparse recipes, the same length (phases,
+    ramps and decays are fractions of the whole run, so another --epochs would move them mid-run)."""
+    saved, now = resume.get("recipe"), recipe.to_dict()
+    if saved is not None and plain(saved) != now:
+        saved = plain(saved)
+        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise CheckpointError(f"--resume {path} was trained with another sparsity recipe (differs in: "
+                              f"{', '.join(keys)}); resume with the config the run started with (its args.yaml), or "
+                              "start a new run from it with --initial-checkpoint")
+    saved_args = resume.get("args") or {}
+    epochs = saved_args.get("epochs")
+    if recipe.method != "dense" and epochs is not None:
+        if "run_epochs" in resume:
+            then, cooldown = resume["run_epochs"], saved_args.get("cooldown_epochs", 0)
+        else:  # written before the cooldown was trained: the run was exactly --epochs long
+            then, cooldown = epochs, 0
+        now = run_epochs(args)
+        if then != now:
+            raise CheckpointError(f"--resume {path} is from a {then}-epoch run, this one would train {now}: the "
+                                  "sparsity schedule is laid out over the whole run; resume with --epochs "
+                                  f"{epochs} --cooldown-epochs {cooldown}, or start a new run from it with "
+                                  "--initial-checkpoint")
+
+
+def _checkpoint_files(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, whatever their state: recovery, last, checkpoint-<epoch> and model_best (temp files
+    of a killed write start with a dot and are not among them)."""
+    names = ["recovery.pth.tar", "last.pth.tar", "model_best.pth.tar"]
+    return [run_dir / n for n in names if (run_dir / n).exists()] + sorted(run_dir.glob("checkpoint-*.pth.tar"))
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest readable checkpoint in ``run_dir``. ``recovery``/``last`` are the newest when intact; when they are
+    damaged an older ``checkpoint-<epoch>`` or ``model_best`` is still a resume point, and far better than starting
+    over in a folder whose files a new run would then overwrite."""
+    rank = {"last.pth.tar": 3, "recovery.pth.tar": 2, "model_best.pth.tar": 0}  # ties: the epoch checkpoint first
+    best, best_key = None, None
+    for p in _checkpoint_files(run_dir):
+        try:
+            ck = load_checkpoint_file(p)
+        except CheckpointError:
+            _logger.warning("ignoring unreadable checkpoint %s", p)
+            continue
+        key = (int(ck.get("global_step", -1)), rank.get(p.name, 1))
+        if best_key is None or key > best_key:
+            best, best_key = p, key
+    return best
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoints written at the end of an epoch
+# ---------------------------------------------------------------------------------------------------------------------
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy with :func:`write_atomic`: a crash never leaves a partial model_best/checkpoint-N, and a failed copy
+    (disk full) is one message; ``src`` stays intact."""
+    try:
+        with open(src, "rb") as f_src:
+            write_atomic(dst, lambda f: shutil.copyfileobj(f_src, f, 16 << 20))  # 16 MiB reads: few Python rounds
+    except OSError as e:
+        raise UserError(f"could not copy {src.name} to {dst.name} ({e.strerror or e}); free space or choose another "
+                        f"--output. {src.name} is intact") from None
+
+
+def _better(a: float, b: float, lower_is_better: bool) -> bool:
+    return a < b if lower_is_better else a > b
+
+
+def _claim_best(state: TrainState, metric: float, epoch: int, problem: str | None, lower_is_better: bool) -> bool:
+    """Make ``[metric, epoch]`` the run's best if it beats the best so far and the model is at the recipe's target
+    (``problem`` None); True if it did."""
+    best = state.extra.get("best")
+    beats = best is None or _better(metric, best[0], lower_is_better)
+    if beats and problem is not None:
+        _logger.info("epoch %d (eval metric %.4g) is not a model_best candidate: %s", epoch, metric, problem)
+    if beats and problem is None:
+        state.extra["best"] = [metric, epoch]
+        return True
+    return False
+
+
+def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: int, metric: float,
+                keep: int, problem: str | None, lower_is_better: bool) -> None:
+    """last.pth.tar every epoch; checkpoint-<epoch> for the ``keep`` best epochs; model_best for the best epoch
+    at the recipe's target.
+
+    ``problem`` (:func:`~sparsity.report.target_problem`) says why this epoch's model is not yet the sparse model
+    the recipe asks for (dense warm-up, GMP ramp, an SDGF step above the final N:M, MDGF's beta > 0). Such an
+    epoch is kept as last/checkpoint-<epoch> (resume needs them) but never becomes model_best: fine-tuning from a
+    pretrained model, its top-1 is often the run's highest, and model_best is what users export.
+    """
+    last = run_dir / "last.pth.tar"
+    new_best = _claim_best(state, metric, epoch, problem, lower_is_better)
+    hist = [list(h) for h in state.extra.get("hist") or []]
+    hist.append([metric, epoch])
+    hist.sort(key=lambda h: (h[0] if lower_is_better else -h[0], -h[1]))  # best first; ties: the later epoch
+    dropped = hist[keep:] if keep >= 0 else []
+    state.extra["hist"] = hist[:keep] if keep >= 0 else hist
+    save(checkpoint_dict(epoch + 1, 0, metric), last)
+    if any(e == epoch for _, e in state.extra["hist"]):
+        _copy_atomic(last, run_dir / CKPT_RE_EPOCH.format(epoch=epoch))
+    for _, e in dropped:
+        _remove_stale(run_dir / CKPT_RE_EPOCH.format(epoch=e))
+    if new_best:
+        _copy_atomic(last, run_dir / "model_best.pth.tar")
+    _remove_stale(run_dir / "recovery.pth.tar")  # superseded by last.pth.tar
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete a file the run no longer needs; one that cannot be deleted only costs disk space, so the run goes on."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        _logger.warning("could not delete %s (%s); the run goes on, delete it by hand", path, e.strerror or e)
