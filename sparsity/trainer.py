@@ -85,19 +85,33 @@ def build_loaders(args, data_cfg: dict, train_ds, val_ds, dist: DistInfo):
 def _check_input_size(model: nn.Module, input_size, args, device: torch.device) -> None:
     """One eval forward of a single blank image at the loader's size: a model built for another size (a ViT made
     for 224 fed 32 px digits) fails here with one line, not in the first training step with timm's traceback.
-    Eval mode and no grad: no statistics, generator or mask state changes."""
+    With ``-b 1`` it also finds BatchNorm layers that would see one value per channel (a 1x1 feature map), which
+    cannot train. Eval mode and no grad: no statistics, generator or mask state changes."""
     was = model.training
+    single: list[str] = []  # BatchNorm layers whose input holds one value per channel at batch 1
+
+    def watch(name: str):
+        return lambda mod, inp, out: single.append(name) if inp[0].numel() == inp[0].shape[1] else None
+
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks = [m.register_forward_hook(watch(n)) for n, m in bns] if args.batch_size == 1 else []
     model.eval()
+    c, h, w = input_size
     try:
-        x = torch.zeros(1, *input_size, device=device)
+        x = torch.zeros(1, c, h, w, device=device)
         model(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x)
     except (AssertionError, RuntimeError, ValueError) as e:
-        c, h, w = input_size
         raise UserError(f"model '{args.model}' cannot take the data's {c}x{h}x{w} inputs ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0]}); build it for that size (--model-kwargs "
                         f"img_size={h}) or feed it its own (--img-size)") from None
     finally:
         model.train(was)
+        for hook in hooks:
+            hook.remove()
+    if single:
+        more = f" (and {len(single) - 1} more)" if len(single) > 1 else ""
+        raise UserError(f"-b 1: BatchNorm layer {single[0]}{more} would see one value per channel at {h}x{w} inputs, "
+                        "which it cannot train on; use -b 2 or more per process")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

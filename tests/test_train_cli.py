@@ -511,6 +511,17 @@ def test_initial_checkpoint_from_stock_timm_loads_and_says_so(tmp_path, caplog, 
     assert torch.equal(fc1, stock.state_dict()["blocks.0.mlp.fc1.weight"] * mask)  # pruned from the stock weights
 
 
+def test_batch_of_one_on_batchnorm_with_1x1_maps_is_refused_up_front(tmp_path, capsys):
+    """ResNet at 32 px sees 1x1 maps in its last stage: with -b 1 BatchNorm gets one value per channel and the
+    first training step would die in a traceback, after the run folder was written."""
+    args = ["--model", "resnet10t", "--dataset", "digits", "--epochs", "1", "--workers", "0", "--output",
+            str(tmp_path / "out")]
+    assert run_cli(train.main, [*args, "-b", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: -b 1: BatchNorm layer layer4.0.bn1 (and ") and "use -b 2 or more" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_splits_with_other_class_folders_are_refused(tmp_path, capsys):
     """train/{a,b,c,d} and validation/{a,d}: timm labels validation's d as 1 and training's as 3, and the run would
     score every d image against the wrong class without a word."""
