@@ -148,6 +148,11 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
     try:
         result = model.load_state_dict(state, strict=strict)
     except RuntimeError as e:
+        arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None
+        mine = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if arch and mine and arch != mine:  # the plain reason first: the masks below would be a red herring
+            raise CheckpointError(f"checkpoint {path} is a checkpoint of '{arch}', not '{mine}'; pass one of "
+                                  f"'{mine}' (or train it first)") from None
         own = model.state_dict()
         masked = [k.removesuffix(".weight_mask") for k in state if k.endswith(".weight_mask") and k not in own]
         if masked:

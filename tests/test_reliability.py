@@ -235,6 +235,10 @@ def test_bad_input_table(tmp_path):
         ["--initial-checkpoint", str(tmp_path / "proj.pth.tar")],
         "is sparse: it holds masks for 2 layer(s) this run's recipe leaves dense (blocks.0.attn.proj, "
         "blocks.1.attn.proj); use a recipe that covers them, or export it densified first")
+    torch.save({"arch": "resnet10t", "state_dict": proj.state_dict()}, tmp_path / "other_sparse.pth.tar")
+    cases["initial_other_arch_sparse"] = (  # the architecture, not the masks, is what is wrong
+        ["--initial-checkpoint", str(tmp_path / "other_sparse.pth.tar")],
+        "is a checkpoint of 'resnet10t', not 'vit_tiny_patch16_224'")
     cases["initial_missing"] = ([*sparse, "--initial-checkpoint", str(tmp_path / "dense" / "last.pth.tar")],
                                 f"initial_checkpoint {tmp_path / 'dense' / 'last.pth.tar'} does not exist: pass "
                                 "--initial-checkpoint PATH, or train the model it names first")
