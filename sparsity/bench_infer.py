@@ -308,6 +308,7 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
             "rows": int(torch.tensor(in_shape[:-1]).prod()), "converted": table[fqns[0]]["converted"],
             "dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4), "speedup": round(dense_ms / sparse_ms, 4),
             "max_abs_diff": float((fast(x).float() - F.linear(x, lin.weight, lin.bias).float()).abs().max()),
+            "reason": table[fqns[0]]["reason"],  # why it runs sparse or not (accelerate_'s plan)
         })
     dense_total = sum(r["count"] * r["dense_ms"] for r in rows)
     sparse_total = sum(r["count"] * r["sparse_ms"] for r in rows)
