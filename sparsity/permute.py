@@ -155,7 +155,9 @@ def search_permutation(
 
     Returns:
         ``(perm, info)``: ``perm`` (LongTensor, new channel k is old channel ``perm[k]``) and ``info`` with
-        ``kept_before``, ``kept_after``, ``total`` (sum of |w|), ``swaps``, ``rounds``, ``seconds``.
+        ``kept_before``, ``kept_after``, ``total`` (sum of |w|), ``swaps``, ``rounds``, ``seconds`` and
+        ``hit_limit``: the search ran into ``time_limit`` (its result then depends on the machine's speed and load)
+        instead of stopping where no swap helps any more.
     """
     t0 = time.monotonic()
     x = _rows(w)
@@ -168,7 +170,7 @@ def search_permutation(
     identity = torch.arange(c, device=x.device)
     before = float(_kept_rows(x.double(), n, m).sum())
     info = {"kept_before": before, "kept_after": before, "total": float(x.double().sum()), "swaps": 0, "rounds": 0,
-            "seconds": 0.0}
+            "seconds": 0.0, "hit_limit": False}
     if n == m or c == m:
         return identity, info
     window = max(2 * m, (min(window, c) // m) * m)
@@ -199,7 +201,7 @@ def search_permutation(
     after = float(_kept_rows(x[:, perm].double(), n, m).sum())
     if after < before:  # rounding in the incremental gains: never hand back something worse than the identity
         perm, after = identity, before
-    info.update(kept_after=after, rounds=rnd, seconds=time.monotonic() - t0)
+    info.update(kept_after=after, rounds=rnd, seconds=time.monotonic() - t0, hit_limit=time.monotonic() >= deadline)
     return perm, info
 
 
@@ -368,14 +370,15 @@ def permute_model_(
 
     Returns one row per pair: ``producer``, ``consumer``, ``pattern``, ``kept_before``, ``kept_after``, ``total``,
     ``recovered`` (share of the magnitude lost to N:M that the permutation won back), ``swaps``, ``seconds``,
-    ``status`` (``permuted``, ``unchanged`` or ``skipped: <reason>``).
+    ``hit_limit`` (the search was cut by ``time_limit``; a warning names such layers), ``status`` (``permuted``,
+    ``unchanged`` or ``skipped: <reason>``).
     """
     rows = []
     for pair in find_pairs(model):
         if only is not None and pair.consumer not in only:
             continue
         row = {"producer": pair.producer, "consumer": pair.consumer, "pattern": "", "kept_before": None,
-               "kept_after": None, "total": None, "recovered": 0.0, "swaps": 0, "seconds": 0.0}
+               "kept_after": None, "total": None, "recovered": 0.0, "swaps": 0, "seconds": 0.0, "hit_limit": False}
         cons = model.get_submodule(pair.consumer)
         nm = _consumer_nm(cons, n, m)
         problem = pair.problem
@@ -391,6 +394,7 @@ def permute_model_(
         lost = info["total"] - info["kept_before"]
         row.update(pattern=f"{nm[0]}:{nm[1]}", kept_before=info["kept_before"], kept_after=info["kept_after"],
                    total=info["total"], swaps=info["swaps"], seconds=round(info["seconds"], 3),
+                   hit_limit=info["hit_limit"],
                    recovered=(info["kept_after"] - info["kept_before"]) / lost if lost > 0 else 0.0)
         if info["kept_after"] > info["kept_before"]:
             apply_permutation_(model, pair, perm)
@@ -399,6 +403,13 @@ def permute_model_(
             row["status"] = "unchanged"
         rows.append(row)
     for r in rows:
-        _logger.info("permute %s -> %s %s: %s (recovered %.2f%% of lost magnitude)", r["producer"], r["consumer"],
-                     r["pattern"], r["status"], 100 * r["recovered"])
+        _logger.info("permute %s -> %s %s: %s (recovered %.2f%% of lost magnitude%s)", r["producer"], r["consumer"],
+                     r["pattern"], r["status"], 100 * r["recovered"],
+                     f"; stopped at the {time_limit:g} s limit" if r.get("hit_limit") else "")
+    cut = [r["consumer"] for r in rows if r.get("hit_limit")]
+    if cut:
+        _logger.warning("permutation search stopped at its %g s time limit for %d layer(s) (%s%s) before it "
+                        "converged: how far it got, and so the masks, depend on this machine's speed and load; raise "
+                        "permute_time_limit for a search that ends on its own and repeats exactly", time_limit,
+                        len(cut), ", ".join(cut[:3]), ", ..." if len(cut) > 3 else "")
     return rows

@@ -52,6 +52,27 @@ def test_search_recovers_lost_magnitude_on_random_weights():
     assert mean > 0.0
 
 
+def test_a_search_cut_by_its_time_limit_says_so(caplog):
+    """A search that converges repeats exactly; one cut by the clock depends on the machine's load, so it is
+    flagged per layer and warned about."""
+    from sparsity.permute import permute_model_
+
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(3))
+    perm_a, done = search_permutation(w, 1, 8, time_limit=60.0, window=64)
+    perm_b, again = search_permutation(w, 1, 8, time_limit=60.0, window=64)
+    assert not done["hit_limit"] and torch.equal(perm_a, perm_b) and done["seconds"] < 60.0
+    _, cut = search_permutation(w, 1, 8, time_limit=0.0, window=64)
+    assert cut["hit_limit"] and cut["kept_after"] <= done["kept_after"]
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2)
+    with caplog.at_level("INFO", logger="sparsity.permute"):
+        rows = permute_model_(model, 1, 8, time_limit=0.0, window=64, only={"blocks.0.mlp.fc2"})
+    assert [(r["consumer"], r["hit_limit"]) for r in rows] == [("blocks.0.mlp.fc2", True)]
+    assert "stopped at the 0 s limit" in caplog.text
+    assert ("permutation search stopped at its 0 s time limit for 1 layer(s) (blocks.0.mlp.fc2) before it converged"
+            in caplog.text)
+
+
 def test_search_conv_groups_along_input_channels():
     w = torch.randn(8, 16, 3, 3, generator=torch.Generator().manual_seed(2))
     perm, info = search_permutation(w, 1, 4, time_limit=5.0)
