@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("-b", "--batch-size", type=int, nargs="+", default=[64],
                    help="images per step (train: one value; infer: one or more)")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: 224 for train, the model's "
-                                                                "own for infer)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own, e.g. 32 for "
+                                                                "a ViT built with img_size=32; 224 for CNNs)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (train) or forwards (infer) per variant")
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "conv of a CNN; supermask: the same density in 8x8 tiles)")
     g.add_argument("--nm", default="2:4", help="N:M of the built-in recipes (infer: of --targets)")
     g.add_argument("--block", type=int, default=1, help="consecutive steps of one variant before switching")
+    g.add_argument("--at", type=float, default=0.5, metavar="FRACTION",
+                   help="where in a 100-epoch run the timed steps sit (default mid-run): recipes with a dense "
+                        "warm-up, an SDGF ladder, a GMP ramp or a fine-tune phase are timed in the state they have "
+                        "there; the table's phase/pattern columns say which")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None,
@@ -144,14 +148,15 @@ def _bench_train(args) -> int:
         raise ConfigError(f"--model {args.model!r} is not a timm model name")
     probe = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
     recipes = _recipes(args, probe)
-    del probe
     if len(args.batch_size) != 1:
         raise ConfigError(f"--bench {args.bench} takes one --batch-size, got {args.batch_size}")
+    if not 0.0 <= args.at < 1.0:
+        raise ConfigError(f"--at must be in [0, 1) (a fraction of the run), got {args.at}")
     settings = TrainBenchSettings(
-        batch_size=args.batch_size[0], img_size=args.img_size or 224, num_classes=args.num_classes, steps=args.steps,
-        warmup=args.warmup, block=args.block, device=device, amp=args.amp, channels_last=args.channels_last,
-        torchcompile=args.torchcompile, opt=args.opt, opt_impl=args.opt_impl, lr=args.lr,
-        model_kwargs=dict(args.model_kwargs),
+        batch_size=args.batch_size[0], img_size=args.img_size, num_classes=args.num_classes,
+        steps=args.steps, at=args.at, warmup=args.warmup, block=args.block, device=device, amp=args.amp,
+        channels_last=args.channels_last, torchcompile=args.torchcompile, opt=args.opt, opt_impl=args.opt_impl,
+        lr=args.lr, model_kwargs=dict(args.model_kwargs),
     )
     load_before = _load()
 
@@ -159,6 +164,7 @@ def _bench_train(args) -> int:
         if sys.stderr.isatty():
             print(f"\rround {r}/{rounds}", end="" if r < rounds else "\n", file=sys.stderr, flush=True)
 
+    del probe
     result = bench_train(args.model, recipes, settings, on_progress=progress)
     result["settings"]["loadavg_before"], result["settings"]["loadavg_after"] = load_before, _load()
     rows = result["rows"]
@@ -170,7 +176,8 @@ def _bench_train(args) -> int:
     peak = "peak step MB" if device.startswith("cuda") else "peak step MB (CUDA only)"
     cols = [("variant", "variant"), ("step_ms", "step ms"), ("ratio", "ratio"), ("ratio_paired", "paired ratio"),
             ("ratio_mean", "mean ratio"), ("mask_ms", "mask ms"), ("forward_ms", "fwd ms"), ("backward_ms", "bwd ms"),
-            ("optimizer_ms", "opt ms"), ("peak_step_mb", peak), ("state_mb", "state MB")]
+            ("optimizer_ms", "opt ms"), ("peak_step_mb", peak), ("state_mb", "state MB"), ("phase", "phase"),
+            ("pattern", "timed pattern"), ("forward_sparsity", "fwd sparsity")]
     print(_table(rows, cols))
     _write(args.output, "train", result, rows)
     if args.profile and args.output:
@@ -189,9 +196,13 @@ def _device(args) -> str:
 
 
 def _bench_masks(args) -> int:
+    import timm
+
     from sparsity.bench_train import bench_masks
 
     device = _device(args)
+    if not timm.is_model(args.model):
+        raise ConfigError(f"--bench masks takes a timm model name, got --model {args.model!r}")
     result = bench_masks(args.model, {"num_classes": args.num_classes, **args.model_kwargs}, iters=args.steps,
                          device=device, channels_last=args.channels_last)
     result["settings"]["loadavg"] = _load()
@@ -312,12 +323,26 @@ def _write_layer_table(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def _check_counts(args) -> None:
+    """Counts and sizes that would time nothing or divide by zero: one line naming the flag."""
+    checks = (("--steps", [args.steps], 1), ("--warmup", [args.warmup], 0), ("--block", [args.block], 1),
+              ("--batch-size", args.batch_size, 1), ("--img-size", [args.img_size or 1], 1),
+              ("--threads", [args.threads or 1], 1))
+    for flag, values, low in checks:
+        bad = [v for v in values if v < low]
+        if bad:
+            raise ConfigError(f"{flag} must be at least {low}, got {bad[0]}")
+    if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {args.device}: benchmark.py runs on cpu or cuda")
+
+
 def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     import logging
 
     logging.getLogger("sparsity").setLevel(logging.WARNING)  # sparsify_ tables would drown the results
+    _check_counts(args)
     if args.threads:
         import torch
 

@@ -116,7 +116,7 @@ def default_backend(model: nn.Module) -> str:
     return "bsr" if any(layer_backend(layer) == "bsr" for _, layer in masked_modules(model)) else "semi_structured"
 
 
-def _default_img_size(model: nn.Module) -> int:
+def default_img_size(model: nn.Module) -> int:
     return fixed_img_size(model) or int((getattr(model, "pretrained_cfg", None) or {}).get("input_size",
                                                                                           (3, 224, 224))[-1])
 
@@ -211,7 +211,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
         raise ValueError(f"modes must be among {', '.join(MODES)}, got {bad}")
     model, name = resolve_model(model_or_name, create_kwargs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    img_size = img_size or _default_img_size(model)
+    img_size = img_size or default_img_size(model)
     gen = torch.Generator().manual_seed(0)
     inputs = {bs: torch.randn(bs, 3, img_size, img_size, generator=gen) for bs in batch_sizes}
     rows: list[dict[str, Any]] = []
@@ -274,7 +274,7 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
     """
     model, name = resolve_model(model_or_name, create_kwargs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    img_size = img_size or _default_img_size(model)
+    img_size = img_size or default_img_size(model)
     dense, sparse, plan = _dense_and_sparse(model, device, dtype, backend=backend, blocksize=blocksize,
                                             semi_kernel=semi_kernel)
     chosen = [c.fqn for c in find_candidates(dense) if isinstance(c.module, nn.Linear) and c.tags & set(tags)]

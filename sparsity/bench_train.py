@@ -12,6 +12,7 @@ step). Nothing is extrapolated: the figures are medians of measured steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import statistics
 import time
@@ -26,6 +27,7 @@ from .controller import SparsityController
 from .engine import _autocast
 from .optim import create_optimizer
 from .recipe import Recipe, recipe_from_dict
+from .report import overall_sparsity
 from .surgery import sparsify_
 
 __all__ = ["BUILTIN_METHODS", "PHASES", "TrainBenchSettings", "builtin_recipe", "bench_train", "profile_train_step",
@@ -42,7 +44,7 @@ class TrainBenchSettings:
     """How the steps are run and timed."""
 
     batch_size: int = 64
-    img_size: int = 224
+    img_size: int | None = None  # input side; None: the model's own (32 for a ViT built with img_size=32)
     num_classes: int = 10
     steps: int = 30  # timed steps per variant
     warmup: int = 5  # untimed steps per variant first (allocator, caches, compilation)
@@ -56,7 +58,8 @@ class TrainBenchSettings:
     lr: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
-    total_steps: int = 100_000  # the controller's run length (phases/decays are fractions of it)
+    total_steps: int = 100_000  # the controller's run length (phases/decays are fractions of it), 100 epochs
+    at: float = 0.5  # where in that run the timed steps sit: mid-run, past a dense warm-up, before a fine-tune
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,9 +99,10 @@ class _Variant:
             model.to(memory_format=torch.channels_last)
         model.train()
         self.model = model
-        self.ctl = SparsityController(model, recipe, total_steps=s.total_steps, steps_per_epoch=s.total_steps)
-        self.global_step = 0
-        self.ctl.step(0)
+        self.ctl = SparsityController(model, recipe, total_steps=s.total_steps,
+                                      steps_per_epoch=max(1, s.total_steps // 100))
+        self.global_step = int(round(s.at * s.total_steps))
+        self.ctl.step(self.global_step)
         self.optimizer, self.opt_impl = create_optimizer(self.ctl.param_groups(s.weight_decay), impl=s.opt_impl,
                                                          opt=s.opt, lr=s.lr, weight_decay=s.weight_decay)
         self.train_model = torch.compile(model, backend=s.torchcompile) if s.torchcompile else model
@@ -158,6 +162,15 @@ class _Variant:
         return {"params": params, "buffers": buffers, "grads": grads, "optimizer": opt, "sparse_caches": caches}
 
 
+def _with_img_size(s: TrainBenchSettings, model: nn.Module) -> TrainBenchSettings:
+    """``s`` with ``img_size`` filled in from ``model`` (the size a fixed-size ViT was built for) when None."""
+    if s.img_size is not None:
+        return s
+    from .bench_infer import default_img_size
+
+    return dataclasses.replace(s, img_size=default_img_size(model))
+
+
 def _median(v: list[float]) -> float | None:
     return statistics.median(v) if v else None
 
@@ -170,7 +183,9 @@ def bench_train(model_name: str, recipes: dict[str, Recipe], settings: TrainBenc
         model_name: a timm model name (built with ``settings.model_kwargs`` and ``settings.num_classes``).
         recipes: variant name -> recipe. A ``dense`` baseline is added when missing; it is the reference of every
             ratio.
-        settings: batch, input size, steps, device, AMP, channels-last, compile, optimizer.
+        settings: batch, input size, steps, device, AMP, channels-last, compile, optimizer, and where in a
+            ``total_steps`` run the timed steps sit (``at``: recipes with phases, ladders or ramps are timed in the
+            state they have there; each row's ``phase`` and ``pattern`` say which).
         on_progress: optional callable ``(round, rounds)`` (the CLI's progress line).
 
     Returns:
@@ -188,6 +203,7 @@ def bench_train(model_name: str, recipes: dict[str, Recipe], settings: TrainBenc
         recipes = {"dense": recipe_from_dict({"method": "dense"}, source="builtin:dense"), **recipes}
     torch.manual_seed(s.seed)
     base = timm.create_model(model_name, num_classes=s.num_classes, **s.model_kwargs)
+    s = _with_img_size(s, base)
     device = torch.device(s.device)
     gen = torch.Generator().manual_seed(s.seed)
     x = torch.randn(s.batch_size, 3, s.img_size, s.img_size, generator=gen).to(device)
@@ -244,6 +260,12 @@ def bench_train(model_name: str, recipes: dict[str, Recipe], settings: TrainBenc
         row["state_mb"] = round(sum(state.values()) / 2**20, 2)
         row["sparse_caches_mb"] = round(state["sparse_caches"] / 2**20, 2)
         row["steps"] = len(v.times["step"])
+        timed = v.ctl.metrics()  # what the timed steps ran: an SDGF frame, a GMP ramp, a phase
+        row["timed_step"] = v.global_step - 1
+        row["phase"] = timed.get("phase", "")
+        row["pattern"] = timed.get("pattern", "")
+        with torch.no_grad():  # zeros in the selected layers' forward weights where the timed steps ran
+            row["forward_sparsity"] = round(overall_sparsity(v.model), 4) if v.ctl.layers else 0.0
         rows.append(row)
     out_settings = {k: getattr(s, k) for k in s.__dataclass_fields__}
     out_settings.update({
@@ -291,6 +313,7 @@ def profile_train_step(model_name: str, recipe: Recipe, settings: TrainBenchSett
     s = settings or TrainBenchSettings()
     torch.manual_seed(s.seed)
     base = timm.create_model(model_name, num_classes=s.num_classes, **s.model_kwargs)
+    s = _with_img_size(s, base)
     device = torch.device(s.device)
     x = torch.randn(s.batch_size, 3, s.img_size, s.img_size, device=device)
     y = torch.randint(0, s.num_classes, (s.batch_size,), device=device)

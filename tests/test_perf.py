@@ -517,6 +517,50 @@ def test_benchmark_cli_bad_input_is_one_line(capsys):
 
     assert benchmark.main(["--bench", "train", "--model", "resnet18", "--methods", "nosuch"]) == 2
     assert "nosuch" in capsys.readouterr().err
+    for flags, message in ((["--steps", "0"], "--steps must be at least 1, got 0"),
+                           (["--block", "0"], "--block must be at least 1, got 0"),
+                           (["-b", "0"], "--batch-size must be at least 1, got 0"),
+                           (["--device", "xpu"], "--device xpu: benchmark.py runs on cpu or cuda"),
+                           (["--at", "1.0"], "--at must be in [0, 1)")):
+        assert benchmark.main(["--bench", "train", "--model", "resnet18", "--methods", "ste", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, (flags, err)
+    assert benchmark.main(["--bench", "masks", "--model", "some/checkpoint.pth.tar"]) == 2
+    assert "--bench masks takes a timm model name" in capsys.readouterr().err
+
+
+def test_bench_train_times_recipes_where_the_run_is_at_and_says_what_ran():
+    """At step 0 an SDGF ladder runs its first frame (8:64 on the way to 1:8) and a GMP run is still dense: the
+    timed steps sit at ``at`` of the run instead, and each row names the phase and pattern that ran. The ViT's
+    input size defaults to the one it was built for."""
+    sdgf = sparsity.recipe_from_dict({"method": "srste", "structure_decay": "fine", "finetune_fraction": 0.1,
+                                      "rules": [{"target": "ff", "n": 1, "m": 8}]})
+    gmp = sparsity.recipe_from_dict({"method": "gmp", "final_sparsity": 0.75, "start_fraction": 0.1,
+                                     "end_fraction": 0.6, "rules": [{"target": "ff"}]})
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 1}
+    rows = {}
+    for at in (0.0, 0.85):
+        res = bench_train("vit_tiny_patch16_224", {"sdgf": sdgf, "gmp": gmp},
+                          TrainBenchSettings(img_size=32, batch_size=2, steps=1, warmup=1, at=at, model_kwargs=kwargs))
+        rows[at] = {r["variant"]: r for r in res["rows"]}
+    assert rows[0.0]["sdgf"]["pattern"] == "ff=8:64" and rows[0.85]["sdgf"]["pattern"] == "ff=1:8"
+    assert rows[0.0]["sdgf"]["phase"] == rows[0.85]["sdgf"]["phase"] == "sparse"
+    assert rows[0.85]["sdgf"]["timed_step"] == 85_000 + 1  # one warm-up, one timed step after step 85 000
+    assert rows[0.0]["gmp"]["forward_sparsity"] == 0.0  # at step 0 gmp has not started pruning
+    assert rows[0.85]["gmp"]["forward_sparsity"] == pytest.approx(0.75, abs=1e-3)  # past its ramp: at 75 %
+    res = bench_train("vit_tiny_patch16_224", {"gmp": gmp},
+                      TrainBenchSettings(batch_size=2, steps=1, warmup=1, at=0.0, model_kwargs=kwargs))
+    assert res["settings"]["img_size"] == 32  # the size the ViT was built for (timm's own default: 224)
+
+
+def test_benchmark_cli_train_defaults_to_the_models_input_size(tmp_path):
+    import benchmark
+
+    rc = benchmark.main(["--bench", "train", "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32",
+                         "patch_size=8", "depth=1", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                         "--methods", "ste", "--output", str(tmp_path)])
+    assert rc == 0  # timm's ViT built for 32 px would refuse 224 px inputs
+    assert json.loads((tmp_path / "bench_train.json").read_text())["settings"]["img_size"] == 32
 
 
 def test_unknown_layout_falls_back_exactly():
