@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
 from .layers import layer_kind, masked_modules
 from .methods import get_method
 from .recipe import Recipe
@@ -34,6 +35,10 @@ class SparsityController:
         self.total_steps = int(total_steps)
         self.steps_per_epoch = int(steps_per_epoch)
         self.method = get_method(recipe.method)(recipe.method, model, recipe, total_steps, steps_per_epoch)
+        if recipe.method != "dense" and not self.method.layers:
+            raise UserError(f"SparsityController: the model has no layers sparsified for method '{recipe.method}'; "
+                            "pass it through sparsify_(model, recipe) first (or build it with sparsity.create_model("
+                            "name, recipe=recipe)), else it would train dense")
         self.global_step = 0
         self._last_masks: dict[str, torch.Tensor] | None = None
 

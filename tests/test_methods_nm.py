@@ -274,3 +274,17 @@ def test_srste_decay_is_scaled_with_the_loss_under_a_grad_scaler(precomputed):
     _, g = _expected(w, x, e.float(), fc.bias.detach())
     assert torch.allclose(fc.weight.grad, g + 0.1 * (~e).float() * w, atol=1e-5)
     assert sparsity.layers.current_loss_scale(w) is None  # reset on exit
+
+
+def test_controller_on_a_model_never_sparsified_is_refused():
+    """Forgetting sparsify_ used to train a dense model without a word."""
+    from sparsity.errors import UserError
+
+    model = nn.Sequential(nn.Linear(16, 8))
+    recipe = sparsity.recipe_from_dict({"method": "srste", "rules": [{"target": "linear", "n": 2, "m": 4}]})
+    with pytest.raises(UserError, match=r"no layers sparsified for method 'srste'; pass it through "
+                                                 r"sparsify_\(model, recipe\) first"):
+        sparsity.SparsityController(model, recipe, total_steps=10)
+    sparsity.sparsify_(model, recipe)
+    assert len(sparsity.SparsityController(model, recipe, total_steps=10).layers) == 1
+
