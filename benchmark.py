@@ -301,8 +301,8 @@ def _bench_infer(args) -> int:
         print(f"  {dtype}: {converted} of {len(plan)} Linear/Conv2d layers run sparse")
         if not converted:
             reasons = Counter(r["reason"].split(";")[0] for r in plan)
-            print(f"    nothing runs sparse: {reasons.most_common(1)[0][0]} (every layer's reason: --output's "
-                  "infer_layers_plan.csv)")
+            where = Path(args.output) / "infer_layers_plan.csv" if args.output else "pass --output DIR for them"
+            print(f"    nothing runs sparse: {reasons.most_common(1)[0][0]} (every layer's reason: {where})")
     cols = [("dtype", "dtype"), ("batch_size", "batch"), ("mode", "mode"), ("dense_ms", "dense ms"),
             ("sparse_ms", "sparse ms"), ("speedup", "speedup"), ("dense_img_s", "dense img/s"),
             ("sparse_img_s", "sparse img/s"), ("dense_peak_mib", "dense peak MiB"),

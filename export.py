@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weights: compressed {info['compressed_bytes']:,d} bytes ({info['compressed_bytes'] / mib:.2f} MiB) vs "
           f"densified {info['densified_bytes']:,d} bytes ({info['densified_bytes'] / mib:.2f} MiB): "
           f"ratio {info['ratio']:.3f}")
-    print(f"  {info['layers']} sparse layers: {info['nm_segments']} N:M segments, {info['bsr_segments']} BSR segments")
+    print(f"  {info['layers']} sparse layers: {info['nm_segments']} N:M segments, {info['bsr_segments']} BSR segments, "
+          f"{info['bitmap_segments']} bitmap segments (unstructured)")
     return 0
 
 

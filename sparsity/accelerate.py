@@ -170,8 +170,14 @@ def layer_backend(layer: MaskedMixin) -> str:
     return "bsr" if any(s.tile for s in layer.slices) else "semi_structured"
 
 
+@torch.no_grad()
 def _pattern(mod: nn.Module) -> str:
-    return mod.pattern_label() if isinstance(mod, MaskedMixin) else "dense"
+    """The mask's pattern, or for a plain layer (a densified export) what its zeros show: 2:4 or dense."""
+    if isinstance(mod, MaskedMixin):
+        return mod.pattern_label()
+    if isinstance(mod, nn.Linear) and mod.in_features % 4 == 0 and is_nm(mod.weight != 0, 2, 4, dim=1):
+        return "2:4 (from its zeros)"
+    return "dense"
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from torch import nn
 
 from .accelerate import SparseLinear, accelerate_, layer_backend, semi_structured_class
 from .data import fixed_img_size
+from .errors import UserError
 from .layers import masked_modules
 from .surgery import densify_
 from .targets import find_candidates
@@ -168,9 +169,11 @@ def _dense_and_sparse(model: nn.Module, device: str, dtype: torch.dtype, **accel
     return dense, densify_(sparse), table
 
 
-def _kernel_name(backend: str, semi_kernel: str) -> str | None:
-    """The 2:4 kernel that ran (``cusparselt``/``cutlass``), None for BSR."""
-    return semi_structured_class(semi_kernel).BACKEND if backend == "semi_structured" else None
+def _kernel_name(backend: str, semi_kernel: str, plan: list[dict]) -> str | None:
+    """The 2:4 kernel that ran (``cusparselt``/``cutlass``); None for BSR or when no layer was converted."""
+    if backend != "semi_structured" or not any(r["converted"] for r in plan):
+        return None
+    return semi_structured_class(semi_kernel).BACKEND
 
 
 def _compile(model: nn.Module, backend: str, mode: str | None) -> nn.Module:
@@ -255,7 +258,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
         "model": name, "backend": backend, "img_size": img_size, "warmup": warmup, "iters": iters,
         "device": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu",
         "torch": torch.__version__, "compile_backend": compile_backend if "compiled" in modes else None,
-        "compile_mode": compile_mode, "semi_kernel": _kernel_name(backend, semi_kernel),
+        "compile_mode": compile_mode, "semi_kernel": _kernel_name(backend, semi_kernel, layers),
     }
     return {"settings": settings, "rows": rows, "layers": layers}
 
@@ -278,6 +281,8 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
     dense, sparse, plan = _dense_and_sparse(model, device, dtype, backend=backend, blocksize=blocksize,
                                             semi_kernel=semi_kernel)
     chosen = [c.fqn for c in find_candidates(dense) if isinstance(c.module, nn.Linear) and c.tags & set(tags)]
+    if not chosen:
+        raise UserError(f"--layers times a transformer's {'/'.join(tags)} linears; {name} has none")
     in_shapes: dict[str, tuple[int, ...]] = {}
 
     def record(fqn: str) -> Callable:
@@ -318,5 +323,5 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
     settings = {"model": name, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
                 "batch_size": batch_size, "img_size": img_size, "tags": list(tags), "warmup": warmup, "iters": iters,
                 "device": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu",
-                "torch": torch.__version__, "semi_kernel": _kernel_name(backend, semi_kernel)}
+                "torch": torch.__version__, "semi_kernel": _kernel_name(backend, semi_kernel, plan)}
     return {"settings": settings, "rows": rows, "total": total}

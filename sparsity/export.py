@@ -240,10 +240,10 @@ def _write(build: dict[str, Any], output_dir: str | os.PathLike, fmt: str, force
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = sizes["compressed_bytes"] / sizes["densified_bytes"]
-    nm = sum(s["format"] == "nm" for e in build["layout"].values() for s in e["segments"])
-    bsr = sum(s["format"] == "bsr" for e in build["layout"].values() for s in e["segments"])
+    formats = [s["format"] for e in build["layout"].values() for s in e["segments"]]
     return {"format": fmt, "output_dir": str(out), "files": files, **sizes, "ratio": ratio,
-            "layers": len(build["layout"]), "nm_segments": nm, "bsr_segments": bsr}
+            "layers": len(build["layout"]), "nm_segments": formats.count("nm"), "bsr_segments": formats.count("bsr"),
+            "bitmap_segments": formats.count("bitmap")}
 
 
 def export_densified(model: nn.Module, output_dir: str | os.PathLike, *, arch: str | None = None,

@@ -8,7 +8,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint_file, load_model_weights, model_state_from
 from .errors import ModelError
-from .recipe import Recipe, closest
+from .recipe import Recipe, closest, load_recipe
 from .surgery import sparsify_
 
 __all__ = ["create_model"]
@@ -16,7 +16,7 @@ __all__ = ["create_model"]
 
 def create_model(
     model_name: str,
-    recipe: Recipe | None = None,
+    recipe: Recipe | str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     use_ema: bool = False,
     ckpt: dict | None = None,
@@ -24,12 +24,17 @@ def create_model(
 ) -> nn.Module:
     """``timm.create_model(model_name, **timm_kwargs)`` -> ``sparsify_(model, recipe)`` -> load ``checkpoint``.
 
+    ``recipe`` is a :class:`~sparsity.recipe.Recipe` or the path of a recipe file (its ``sparsity:`` block; the
+    file's model and training keys are not applied: pass them as arguments).
+
     The checkpoint may be ours (``.pth.tar`` with masks), a stock timm/dense state dict (masks then come from the
     controller's first step), or a densified ``.safetensors`` export. It is read (or ``ckpt``, its contents when
     the caller has read it) before the model is built: a missing or unreadable file is refused first.
     """
     import timm
 
+    if isinstance(recipe, (str, os.PathLike)):  # a recipe file (its sparsity: block)
+        recipe = load_recipe(recipe)
     if checkpoint and ckpt is None:
         ckpt = load_checkpoint_file(checkpoint)
         model_state_from(ckpt, use_ema)  # e.g. --use-ema on a file without EMA weights: refused now too

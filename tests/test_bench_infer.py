@@ -106,6 +106,13 @@ def test_bench_layers_times_each_mlp_shape_once_with_the_model_input_sizes(vit_f
 
 
 @pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+def test_bench_layers_on_a_model_without_mlp_linears_says_so():
+    from sparsity.errors import UserError
+
+    with pytest.raises(UserError, match="--layers times a transformer's ff linears; resnet18 has none"):
+        bench_layers("resnet18", batch_size=1, dtype=torch.float32, device="cpu", warmup=0, iters=1)
+
+
 def test_weight_bytes_counts_bsr_components():
     torch.manual_seed(0)
     w = torch.randn(64, 128)
@@ -129,6 +136,8 @@ def test_benchmark_cli_infer_writes_files(tmp_path, capsys):
     data = json.loads((out / "bench_infer.json").read_text())
     assert [r["batch_size"] for r in data["rows"]] == [2, 4]
     assert data["settings"]["model"] == VIT and data["settings"]["backend"] == "semi_structured"  # not the class
+    if not torch.cuda.is_available():  # nothing converted: no 2:4 kernel ran, so none is recorded
+        assert data["settings"]["semi_kernel"] is None
     plan = (out / "infer_layers_plan.csv").read_text().splitlines()
     assert plan[0] == "dtype,fqn,shape,pattern,eligible,converted,reason" and len(plan) == 11
     assert sum("q=2:4 k=2:4 v=2:4" in line for line in plan) == 2 and sum("attn.proj" in line for line in plan) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import stat
@@ -205,7 +206,8 @@ def test_unstructured_slices_store_a_bitmap(x32, tmp_path):
     layer.weight_fn = frozen_masked_weight
     layer.weight_mask.copy_(sparsity.unstructured_mask(layer.weight, 0.8))
     set_submodule(model, "blocks.1.mlp.fc2", layer)
-    sparsity.export_compressed(model, tmp_path / "c", arch=VIT, create_kwargs=VIT_KW)
+    info = sparsity.export_compressed(model, tmp_path / "c", arch=VIT, create_kwargs=VIT_KW)
+    assert (info["layers"], info["bitmap_segments"], info["nm_segments"], info["bsr_segments"]) == (1, 1, 0, 0)
     f = load_file(str(tmp_path / "c" / COMPRESSED_FILE))
     layer_bytes = sum(_nbytes(t) for k, t in f.items() if k.startswith("blocks.1.mlp.fc2.weight@"))
     assert layer_bytes == round(0.2 * 192 * 768) * 4 + 192 * 768 // 8  # 0.231 of dense
@@ -434,6 +436,18 @@ def test_accelerate_on_cpu_changes_nothing_and_says_why(backend, x32):
         assert "otherwise eligible" in by_fqn["blocks.1.mlp.fc1"]["reason"]
         assert "10% of tiles" in by_fqn["blocks.1.mlp.fc1"]["reason"]
         assert "no block pattern" in by_fqn["blocks.0.mlp.fc1"]["reason"]
+
+
+def test_plan_of_a_densified_model_names_the_pattern_its_zeros_show(vit24):
+    """A densified export is plain timm: no masks, but 2:4 zeros that the 2:4 kernel can run; the row's pattern
+    says so instead of 'dense' next to 'otherwise eligible'."""
+    from sparsity.accelerate import plan_acceleration
+
+    plain = sparsity.densify_(copy.deepcopy(vit24))
+    rows = {r["fqn"]: r for r in plan_acceleration(plain)}
+    fc1 = rows["blocks.0.mlp.fc1"]
+    assert fc1["pattern"] == "2:4 (from its zeros)" and (fc1["eligible"] or "otherwise eligible" in fc1["reason"])
+    assert rows["head"]["pattern"] == "dense"
 
 
 @pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")

@@ -165,3 +165,13 @@ def test_swinv2_qkv_mask_applies():
         model(x)
     assert calls == [1, 1]  # Swin-V2 attention now calls the module instead of F.linear(qkv.weight)
     assert (outs[0] - outs[1]).abs().max() > 1e-4  # and the 1:4 mask changes what attention computes
+
+
+def test_create_model_takes_a_recipe_file():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "vit_digits_2of4.yaml"
+    model = sparsity.create_model("vit_tiny_patch16_224", recipe=path,
+                                  img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10)
+    assert model.sparsity_recipe.method == "srste" and len(sparsity.masked_modules(model)) == 12
+
