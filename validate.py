@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsity.distributed import init_distributed
     from sparsity.engine import evaluate
     from sparsity.errors import UserError
+    from sparsity.factory import check_input_size
     from sparsity.trainer import build_loaders
 
     # a training recipe is a valid --config here too: its training-only keys are ignored
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         model.to(memory_format=torch.channels_last)
     resolve_dataset(args, trained_args)
     data_cfg = resolve_data(args, model, trained_cfg)
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or args.model or str(path)
+    check_input_size(model, data_cfg["input_size"], name, dist.device, args.channels_last,
+                     hint="drop --img-size (a trained model takes the size it was trained at)")
     val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.dataset_download,
                            data_cfg["input_size"][-1])
     classes, outputs = num_classes_of(val_ds), getattr(model, "num_classes", None)

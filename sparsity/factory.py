@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint_file, load_model_weights, model_state_from
@@ -11,7 +12,7 @@ from .errors import ModelError
 from .recipe import Recipe, closest, load_recipe
 from .surgery import sparsify_
 
-__all__ = ["create_model"]
+__all__ = ["create_model", "check_input_size"]
 
 
 def create_model(
@@ -55,3 +56,38 @@ def create_model(
     if checkpoint:
         load_model_weights(model, checkpoint, use_ema=use_ema, ckpt=ckpt)
     return model
+
+
+@torch.no_grad()
+def check_input_size(model: nn.Module, input_size, name: str, device: torch.device | str = "cpu",
+                     channels_last: bool = False, train_batch: int | None = None, hint: str | None = None) -> None:
+    """One eval forward of a single blank image at the loader's ``input_size`` (C, H, W): a model built for another
+    size (a ViT made for 224 fed 32 px digits) is refused here in one line, not in timm's traceback mid-run. With
+    ``train_batch`` 1 it also finds BatchNorm layers that would see one value per channel (a 1x1 feature map),
+    which cannot train. ``hint`` replaces the advice (a trained model cannot be rebuilt for another size). Eval
+    mode and no grad: no statistics, generator or mask state changes."""
+    was = model.training
+    single: list[str] = []  # BatchNorm layers whose input holds one value per channel at batch 1
+
+    def watch(bn_name: str):
+        return lambda mod, inp, out: single.append(bn_name) if inp[0].numel() == inp[0].shape[1] else None
+
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks = [m.register_forward_hook(watch(n)) for n, m in bns] if train_batch == 1 else []
+    model.eval()
+    c, h, w = input_size
+    try:
+        x = torch.zeros(1, c, h, w, device=device)
+        model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        advice = hint or f"build it for that size (--model-kwargs img_size={h}) or feed it its own (--img-size)"
+        raise ModelError(f"model '{name}' cannot take the data's {c}x{h}x{w} inputs ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0]}); {advice}") from None
+    finally:
+        model.train(was)
+        for hook in hooks:
+            hook.remove()
+    if single:
+        more = f" (and {len(single) - 1} more)" if len(single) > 1 else ""
+        raise ModelError(f"-b 1: BatchNorm layer {single[0]}{more} would see one value per channel at {h}x{w} "
+                         "inputs, which it cannot train on; use -b 2 or more per process")

@@ -22,7 +22,7 @@ from .data import build_dataset, check_same_classes, num_classes_of, resolve_dat
 from .distributed import DistInfo, check_ranks_consistent, init_distributed
 from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from .errors import TrainingError, UserError
-from .factory import create_model
+from .factory import check_input_size, create_model
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules
 from .optim import check_optimizer, create_optimizer
@@ -79,39 +79,6 @@ def build_loaders(args, data_cfg: dict, train_ds, val_ds, dist: DistInfo):
     val = create_loader(val_ds, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
                         crop_pct=data_cfg["crop_pct"], **common)
     return train, val
-
-
-@torch.no_grad()
-def _check_input_size(model: nn.Module, input_size, args, device: torch.device) -> None:
-    """One eval forward of a single blank image at the loader's size: a model built for another size (a ViT made
-    for 224 fed 32 px digits) fails here with one line, not in the first training step with timm's traceback.
-    With ``-b 1`` it also finds BatchNorm layers that would see one value per channel (a 1x1 feature map), which
-    cannot train. Eval mode and no grad: no statistics, generator or mask state changes."""
-    was = model.training
-    single: list[str] = []  # BatchNorm layers whose input holds one value per channel at batch 1
-
-    def watch(name: str):
-        return lambda mod, inp, out: single.append(name) if inp[0].numel() == inp[0].shape[1] else None
-
-    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    hooks = [m.register_forward_hook(watch(n)) for n, m in bns] if args.batch_size == 1 else []
-    model.eval()
-    c, h, w = input_size
-    try:
-        x = torch.zeros(1, c, h, w, device=device)
-        model(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x)
-    except (AssertionError, RuntimeError, ValueError) as e:
-        raise UserError(f"model '{args.model}' cannot take the data's {c}x{h}x{w} inputs ({type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or [''])[0]}); build it for that size (--model-kwargs "
-                        f"img_size={h}) or feed it its own (--img-size)") from None
-    finally:
-        model.train(was)
-        for hook in hooks:
-            hook.remove()
-    if single:
-        more = f" (and {len(single) - 1} more)" if len(single) > 1 else ""
-        raise UserError(f"-b 1: BatchNorm layer {single[0]}{more} would see one value per channel at {h}x{w} inputs, "
-                        "which it cannot train on; use -b 2 or more per process")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -228,7 +195,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     model.to(dist.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    _check_input_size(model, data_cfg["input_size"], args, dist.device)
+    check_input_size(model, data_cfg["input_size"], args.model, dist.device, args.channels_last, args.batch_size)
     if dist.is_main:
         _check_writable(run_dir)
     n_epochs = run_epochs(args)

@@ -73,6 +73,11 @@ def test_train_then_validate(tmp_path, name, capsys):
     val = json.loads(res_file.read_text())
     assert val["top1"] == pytest.approx(result["top1"], abs=1e-3)  # same model, same data: same top-1
     assert val["layers_conforming"] == val["layers"] == result["layers"]
+    if name == "ste":  # another input size than the model was trained at: one line, no evaluation
+        capsys.readouterr()
+        assert run_cli(validate.main, ["--checkpoint", str(run / "last.pth.tar"), "--img-size", "64"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot take the data's 3x64x64 inputs" in err and "drop --img-size" in err
 
 
 def test_model_kwargs_on_the_command_line_merge_into_the_recipes(tmp_path):
