@@ -105,7 +105,6 @@ def test_bench_layers_times_each_mlp_shape_once_with_the_model_input_sizes(vit_f
     assert total["sparse_ms"] == pytest.approx(sum(2 * r["sparse_ms"] for r in rows), abs=1e-3)
 
 
-@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
 def test_bench_layers_on_a_model_without_mlp_linears_says_so():
     from sparsity.errors import UserError
 
@@ -113,6 +112,7 @@ def test_bench_layers_on_a_model_without_mlp_linears_says_so():
         bench_layers("resnet18", batch_size=1, dtype=torch.float32, device="cpu", warmup=0, iters=1)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
 def test_weight_bytes_counts_bsr_components():
     torch.manual_seed(0)
     w = torch.randn(64, 128)
