@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -100,6 +101,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return int(main(argv) or 0)
     except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
+        _report_to_launcher(_one_line(e))
         return USER_ERROR_EXIT
     except TrainingError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -107,6 +109,18 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _report_to_launcher(message: str) -> None:
+    """Under distributed_train.sh the bad-input line also goes to SPARSITY_ERROR_FILE, so the launcher can end with
+    it and exit code 2 (torchrun itself reports any failed worker as 1). Best effort."""
+    path = os.environ.get("SPARSITY_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(message + "\n")
+        except OSError:
+            pass
 
 
 def _one_line(e: Exception) -> str:

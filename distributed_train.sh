@@ -18,4 +18,24 @@ fi
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-exec "$PY" -m torch.distributed.run --standalone --nproc-per-node="$NUM_PROC" "${TORCHRUN_ARGS[@]}" train.py "$@"
+# Bad input (a recipe typo, a missing --data-dir) makes every worker exit with code 2 and one "error:" line, but
+# torchrun reports any failed worker as exit code 1 under its own summary. The workers also write that line to
+# SPARSITY_ERROR_FILE; after torchrun this script repeats it as the last line and exits with 2, as train.py does.
+ERROR_FILE=$(mktemp "${TMPDIR:-/tmp}/sparsity-error.XXXXXX")
+trap 'rm -f "$ERROR_FILE"' EXIT
+set +e
+SPARSITY_ERROR_FILE="$ERROR_FILE" "$PY" -m torch.distributed.run --standalone --nproc-per-node="$NUM_PROC" \
+  "${TORCHRUN_ARGS[@]}" train.py "$@" &
+child=$!
+trap 'kill -INT "$child" 2>/dev/null' INT
+trap 'kill -TERM "$child" 2>/dev/null' TERM
+while :; do
+  wait "$child"
+  rc=$?
+  kill -0 "$child" 2>/dev/null || break  # a trapped signal ends wait early: wait again until torchrun is done
+done
+if [ "$rc" -ne 0 ] && [ -s "$ERROR_FILE" ]; then
+  echo "error: $(head -n 1 "$ERROR_FILE")" >&2
+  exit 2
+fi
+exit "$rc"

@@ -405,6 +405,23 @@ def test_torchrun_two_processes_identical_masks_and_weights(tmp_path):
     assert ck["global_step"] == 2  # 719 images per rank / 256 per batch
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_torchrun_bad_input_ends_with_the_error_line_and_exit_code_2(tmp_path):
+    """torchrun reports a failed worker as exit code 1 under its own summary; the launcher ends with the workers'
+    one-line error and exit code 2, as train.py does on one process."""
+    cfg = _recipe(tmp_path, "typo", {"method": "srste", "rules": [{"target": "ff", "n": 2, "mm": 4}]})
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = run_group(["bash", "distributed_train.sh", "2", "--config", cfg, *TINY_VIT, *FAST, "--output",
+                      str(tmp_path / "out")], cwd=ROOT, timeout=300,
+                     env={**os.environ, "PYTHON": sys.executable, "TMPDIR": str(scratch)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown key 'sparsity.rules[0].mm'") and "did you mean 'm'" in last
+    assert not (tmp_path / "out").exists()
+    assert not list(scratch.glob("sparsity-error.*"))  # the launcher's error file is removed on exit
+
+
 def test_summary_keeps_columns_aligned_when_a_resume_adds_one(tmp_path):
     from sparsity.run_outputs import append_summary
 
