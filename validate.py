@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from cli_common import ParseKwargs, parse_with_config, run_cli, setup_logging
@@ -76,17 +75,6 @@ def _check_same_model(args, path: Path, arch: str, create_kwargs: dict) -> None:
                         "the config's keys) or pass the checkpoint you meant")
 
 
-def _check_results_file(out: Path, error: type[Exception]) -> None:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise error(f"--results-file {out}: cannot create {out.parent} ({e.strerror or e}); choose another path") \
-            from None
-    why = "a directory" if out.is_dir() else None if os.access(out.parent, os.W_OK) else f"{out.parent} is read-only"
-    if why:
-        raise error(f"--results-file {out} cannot be written ({why}); choose another path")
-
-
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -103,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     from sparsity.engine import evaluate
     from sparsity.errors import UserError
     from sparsity.factory import check_input_size
+    from sparsity.run_files import check_writable
     from sparsity.trainer import build_loaders
 
     # a training recipe is a valid --config here too: its training-only keys are ignored
     args, blocks = parse_with_config(build_parser(), argv, ignore=_ignored_training_keys())
     setup_logging()
     if args.results_file:  # refused now, not after the whole evaluation has run
-        _check_results_file(Path(args.results_file), UserError)
+        out = Path(args.results_file)
+        if out.is_dir():
+            raise UserError(f"--results-file {out} is a directory; name a .json or .csv file")
+        check_writable(out.parent, "--results-file", f"--results-file {out}: its folder")
     dist = init_distributed(args.device)
     path = Path(args.checkpoint)
     check_data_dir(args.dataset, args.data_dir, args.dataset_download)  # before the model is built

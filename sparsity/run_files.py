@@ -77,14 +77,16 @@ def _run_dir(args, resume_path: str | None) -> Path:
     return out
 
 
-def _check_writable(path: Path) -> None:
+def check_writable(path: Path, flag: str = "--output", what: str = "output dir") -> None:
+    """Create the folder ``path`` if needed and write a probe file into it (a permission check alone would pass a
+    read-only file system for root): one message naming ``flag`` when that fails."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"output dir {path} is not writable ({e.strerror}); choose another --output") from None
+        raise UserError(f"{what} {path} is not writable ({e.strerror or e}); choose another {flag}") from None
 
 
 def run_epochs(args) -> int:
@@ -98,9 +100,10 @@ def run_epochs(args) -> int:
     return max(int(n), args.epochs)
 
 
-def _check_same_run(resume: dict, path: str, recipe: Recipe, args) -> None:
-    """A resume continues one run: the same sparsity recipe and, for sparse recipes, the same length (phases,
-    ramps and decays are fractions of the whole run, so another --epochs would move them mid-run)."""
+def _check_same_run(resume: dict, path: str, recipe: Recipe, args, n_epochs: int) -> None:
+    """A resume continues one run: the same sparsity recipe and, for sparse recipes, the same length ``n_epochs``
+    (:func:`run_epochs`; phases, ramps and decays are fractions of the whole run, so another length would move them
+    mid-run)."""
     saved, now = resume.get("recipe"), recipe.to_dict()
     if saved is not None and plain(saved) != now:
         saved = plain(saved)
@@ -115,9 +118,8 @@ def _check_same_run(resume: dict, path: str, recipe: Recipe, args) -> None:
             then, cooldown = resume["run_epochs"], saved_args.get("cooldown_epochs", 0)
         else:  # written before the cooldown was trained: the run was exactly --epochs long
             then, cooldown = epochs, 0
-        now = run_epochs(args)
-        if then != now:
-            raise CheckpointError(f"--resume {path} is from a {then}-epoch run, this one would train {now}: the "
+        if then != n_epochs:
+            raise CheckpointError(f"--resume {path} is from a {then}-epoch run, this one would train {n_epochs}: the "
                                   "sparsity schedule is laid out over the whole run; resume with --epochs "
                                   f"{epochs} --cooldown-epochs {cooldown}, or start a new run from it with "
                                   "--initial-checkpoint")

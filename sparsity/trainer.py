@@ -30,7 +30,6 @@ from .recipe import Recipe, plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_files import (
     _check_same_run,
-    _check_writable,
     _checkpoint_files,
     _claim_best,
     _copy_atomic,
@@ -40,6 +39,7 @@ from .run_files import (
     _save_epoch,
     _seed_all,
     _set_rng_state,
+    check_writable,
     newest_checkpoint,
     run_epochs,
 )
@@ -156,6 +156,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if args.resume == "auto" and not args.experiment:
         raise UserError("--resume auto needs --experiment NAME: the run folder to continue (without it every run "
                         "gets a new, time-stamped folder, and nothing would ever be resumed)")
+    n_epochs = run_epochs(args)
     resume_path = args.resume if args.resume and args.resume != "auto" else None
     run_dir = _run_dir(args, resume_path)
     if args.resume == "auto":
@@ -163,8 +164,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         resume_path = str(found) if found else None
         if found:
             _logger.info("--resume auto: resuming from %s", found)
-        elif run_dir.exists() and _checkpoint_files(run_dir):
-            names = ", ".join(p.name for p in _checkpoint_files(run_dir))
+        elif run_dir.exists() and (unreadable := _checkpoint_files(run_dir)):
+            names = ", ".join(p.name for p in unreadable)
             raise CheckpointError(f"--resume auto: no checkpoint in {run_dir} can be read ({names}); a new run there "
                                   "would overwrite them: move them away (or delete them) to start over, or use "
                                   "another --experiment")
@@ -175,7 +176,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         if resume.get("arch") != args.model:
             raise CheckpointError(f"--resume {resume_path} is a checkpoint of '{resume.get('arch')}', not "
                                   f"'{args.model}'; resume with the same --model/--config")
-        _check_same_run(resume, resume_path, recipe, args)
+        _check_same_run(resume, resume_path, recipe, args, n_epochs)
     model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, **create_kwargs)
     if resume is not None:
         try:
@@ -197,8 +198,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         model.to(memory_format=torch.channels_last)
     check_input_size(model, data_cfg["input_size"], args.model, dist.device, args.channels_last, args.batch_size)
     if dist.is_main:
-        _check_writable(run_dir)
-    n_epochs = run_epochs(args)
+        check_writable(run_dir)
     if n_epochs != args.epochs and dist.is_main:
         _logger.info("training %d epochs, the length of the lr schedule timm builds from --epochs %d (with "
                      "--cooldown-epochs %d, cycles, warm-up prefix), as timm's train.py does; --cooldown-epochs 0 "

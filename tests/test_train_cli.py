@@ -333,7 +333,7 @@ def test_image_folder_data_dir(tmp_path, capsys):
     assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "folder" / "last.pth.tar"), "--results-file",
                                    str(blocker / "v.json")]) == 2
     captured = capsys.readouterr()
-    assert captured.err.startswith(f"error: --results-file {blocker / 'v.json'}: cannot create {blocker}")
+    assert captured.err.startswith(f"error: --results-file {blocker / 'v.json'}: its folder {blocker} is not writable")
     assert "top-1" not in captured.out  # nothing was evaluated
     csv_out = tmp_path / "v.csv"
     assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "folder" / "last.pth.tar"), "--results-file",
