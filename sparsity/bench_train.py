@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
@@ -367,7 +365,7 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
 
     from .bench_infer import time_calls
     from .masks import grouped_dim
-    from .nm_batch import COMPILED_MASKS_ENV, nm_masks_, rank_kernel_status
+    from .nm_batch import nm_masks_, rank_kernel_status
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, **(model_kwargs or {})).to(device)
@@ -383,12 +381,12 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
         workspace: dict = {}
         batch = nm_masks_(masks, ws, n, m, dims, workspace=workspace)  # the native call, replayed as a run does
         equal = _masks_equal(masks, ws, n, m, dims)
-        # on a GPU (or when opted in) the other rank of SPARSITY_COMPILED_MASKS is timed too: the A/B of that switch
+        # On a GPU (or when opted in) the other setting of SPARSITY_COMPILED_MASKS is timed too: the A/B of that
+        # switch. Not when one native call took every tensor (float32 on CPU): the switch changes nothing there.
         other = None
-        if status == "compiled" or (status == "eager" and torch.device(device).type == "cuda"):
-            other = ("eager_rank_ms", "0") if status == "compiled" else ("compiled_rank_ms", "1")
-            with mock.patch.dict(os.environ, {COMPILED_MASKS_ENV: other[1]}):
-                nm_masks_(masks, ws, n, m, dims, workspace=workspace)  # compiled / scratch allocated before timing
+        if batch is None and (status == "compiled" or (status == "eager" and torch.device(device).type == "cuda")):
+            other = ("eager_rank_ms", False) if status == "compiled" else ("compiled_rank_ms", True)
+            nm_masks_(masks, ws, n, m, dims, workspace=workspace, compiled=other[1])  # compiled before timing
             equal = equal and _masks_equal(masks, ws, n, m, dims)
             if rank_kernel_status() != status:  # compiling failed (the warning says why): nothing to compare
                 other = None
@@ -397,13 +395,12 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
             for w, d in zip(ws, dims):
                 _topk_nm_mask(w, n, m, d)
 
-        def rank(ws=ws, dims=dims, masks=masks, workspace=workspace, batch=batch, n=n, m=m) -> None:
+        def rank(ws=ws, dims=dims, masks=masks, workspace=workspace, batch=batch, n=n, m=m, compiled=None) -> None:
             if batch is None or not batch.run():
-                nm_masks_(masks, ws, n, m, dims, workspace=workspace)
+                nm_masks_(masks, ws, n, m, dims, workspace=workspace, compiled=compiled)
 
-        def other_rank(value=other[1] if other else None) -> None:
-            with mock.patch.dict(os.environ, {COMPILED_MASKS_ENV: value}):
-                rank()
+        def other_rank(compiled=other[1] if other else None) -> None:
+            rank(compiled=compiled)
 
         med = dict(zip(["topk_ms", "rank_ms", *([other[0]] if other else [])],
                        time_calls([topk, rank, *([other_rank] if other else [])], device, warmup=0, iters=iters)))

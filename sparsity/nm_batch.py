@@ -197,9 +197,11 @@ _compiled: dict = {}  # per block kind: its compiled _rank_store
 _compile_failed: str | None = None  # why the compiled rank failed, once it has: eager ops for the rest of the process
 
 
-def _compiled_masks_wanted() -> bool:
-    on = os.environ.get(COMPILED_MASKS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-    return on and _compile_failed is None
+def _compiled_masks_wanted(compiled: bool | None = None) -> bool:
+    """``compiled`` as given, or (None) what :data:`COMPILED_MASKS_ENV` says; never after compiling failed."""
+    if compiled is None:
+        compiled = os.environ.get(COMPILED_MASKS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    return compiled and _compile_failed is None
 
 
 def rank_kernel_status() -> str:
@@ -295,6 +297,7 @@ def nm_masks_(
     factors: list[torch.Tensor | None] | None = None,
     masked: list[torch.Tensor | None] | None = None,
     beta: float = 0.0,
+    compiled: bool | None = None,
 ) -> native.NativeBatch | None:
     """In place, for every i: ``masks[i] = nm_mask(weights[i], n, m, dims[i])``, batched over all tensors.
 
@@ -317,6 +320,8 @@ def nm_masks_(
             otherwise. Float32 on CPU with m in {2, 4, 8} they come out of the same pass as the mask
             (:mod:`sparsity.native`).
         beta: the factor of the pruned weights in ``masked``.
+        compiled: rank what the native kernel does not take with the compiled kernel (True) or the eager ops
+            (False); None: as :data:`COMPILED_MASKS_ENV` says.
 
     Returns:
         The :class:`~sparsity.native.NativeBatch` that computed everything when one native kernel call did (its
@@ -378,8 +383,9 @@ def nm_masks_(
             batches.setdefault((wb.dtype, wb.device, run), []).append((mb, fb, wb))
             if ob is not None:
                 product.append((ob, wb, mb))
+    want_compiled = _compiled_masks_wanted(compiled)
     for (_, device, _), units in batches.items():
-        if _compiled_masks_wanted() and _rank_compiled_(units, n, m):
+        if want_compiled and _rank_compiled_(units, n, m):
             continue
         limit = RANK_CHUNK if device.type == "cpu" else RANK_CHUNK_GPU
         chunk, count = [], 0

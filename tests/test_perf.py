@@ -605,7 +605,24 @@ def test_bench_masks_times_the_eager_rank_against_the_compiled_one(compiled_mask
     assert result["settings"]["rank_kernel"] == "compiled"
     row = result["rows"][0]
     assert row["equal"] and row["rank_ms"] > 0 and row["eager_rank_ms"] > 0
-    assert os.environ[NB.COMPILED_MASKS_ENV] == "1"  # the A/B put the switch back
+    assert os.environ[NB.COMPILED_MASKS_ENV] == "1"  # the A/B leaves the switch alone
+
+
+def test_bench_masks_has_no_compiled_column_when_the_native_kernel_takes_everything(monkeypatch):
+    """Float32 on CPU one native call ranks every tensor: the compiled/eager switch changes nothing, so there is
+    nothing to A/B (the column used to time the same native call twice)."""
+    from sparsity import native
+    from sparsity.bench_train import bench_masks
+
+    if native.kernel() is None:
+        pytest.skip(f"no native kernel here: {native.status()}")
+    monkeypatch.setenv(NB.COMPILED_MASKS_ENV, "1")
+    monkeypatch.setattr(NB, "_compiled", {})  # the process-wide cache, empty for this test
+    result = bench_masks("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10},
+                         patterns=((2, 4),), iters=1)
+    row = result["rows"][0]
+    assert row["equal"] and "eager_rank_ms" not in row and "compiled_rank_ms" not in row
+    assert not NB._compiled  # nothing was compiled
 
 
 def _vit_controller(recipe: dict):
