@@ -35,8 +35,8 @@ class SparsityController:
         self.total_steps = int(total_steps)
         self.steps_per_epoch = int(steps_per_epoch)
         self.method = get_method(recipe.method)(recipe.method, model, recipe, total_steps, steps_per_epoch)
-        if recipe.method != "dense" and not self.method.layers:
-            raise UserError(f"SparsityController: the model has no layers sparsified for method '{recipe.method}'; "
+        if type(self.method).swaps_layers and getattr(model, "sparsity_recipe", None) is None:
+            raise UserError(f"SparsityController: the model was never sparsified for method '{recipe.method}'; "
                             "pass it through sparsify_(model, recipe) first (or build it with sparsity.create_model("
                             "name, recipe=recipe)), else it would train dense")
         self.global_step = 0

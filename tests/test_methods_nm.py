@@ -282,9 +282,14 @@ def test_controller_on_a_model_never_sparsified_is_refused():
 
     model = nn.Sequential(nn.Linear(16, 8))
     recipe = sparsity.recipe_from_dict({"method": "srste", "rules": [{"target": "linear", "n": 2, "m": 4}]})
-    with pytest.raises(UserError, match=r"no layers sparsified for method 'srste'; pass it through "
-                                                 r"sparsify_\(model, recipe\) first"):
+    with pytest.raises(UserError, match=r"never sparsified for method 'srste'; pass it through "
+                                        r"sparsify_\(model, recipe\) first"):
         sparsity.SparsityController(model, recipe, total_steps=10)
     sparsity.sparsify_(model, recipe)
     assert len(sparsity.SparsityController(model, recipe, total_steps=10).layers) == 1
+    # sparsified, with every selected layer dense on purpose (supermask at sparsity 0): that is not the mistake
+    model = nn.Sequential(nn.Linear(16, 8))
+    recipe = sparsity.recipe_from_dict({"method": "supermask", "rules": [{"target": "linear", "sparsity": 0.0}]})
+    sparsity.sparsify_(model, recipe)
+    assert sparsity.SparsityController(model, recipe, total_steps=10).layers == []
 
