@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         targs, block = _check_recipe(path, train_args)
         dataset = targs.dataset or "ImageFolder"
         datasets.add(dataset)
-        config = {k: v for k, v in vars(targs).items() if k not in ("config", "print_config")}
-        infos.append(cmp.recipe_info(path, labels[path], block, dataset, {**config, "sparsity": block}))
+        infos.append(cmp.recipe_info(path, labels[path], block, dataset, targs))
     if len(datasets) > 1:
         raise ConfigError(f"the recipes use different data sets ({', '.join(sorted(datasets))}); a comparison runs "
                           "on one: pass --dataset (and --data-dir)")

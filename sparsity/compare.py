@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .checkpoint import write_csv_atomic
 from .errors import UserError
-from .recipe import Recipe, plain, recipe_from_dict
+from .recipe import Recipe, recipe_from_dict
+from .run_files import resolved_config
 
 __all__ = [
     "CompareError", "RecipeInfo", "Run", "expand_recipes", "recipe_labels", "recipe_info", "method_label",
@@ -51,7 +52,7 @@ class RecipeInfo:
     pattern: str
     published: float | None
     dataset: str
-    config: dict | None = None  # train.py's resolved config (recipe and flags, ``base:`` files merged), JSON types
+    config: dict | None = None  # what train.py will run (run_files.resolved_config: flags, ``base:`` merged)
 
 
 @dataclass(frozen=True)
@@ -172,14 +173,14 @@ def describe_pattern(recipe: Recipe) -> str:
     return " ".join(parts) if parts else "dense"
 
 
-def recipe_info(path: Path, label: str, sparsity_block: dict | None, dataset: str, config: dict | None = None
-                ) -> RecipeInfo:
-    """Validate the ``sparsity:`` block and describe the recipe for the tables. ``config`` is what train.py will
-    run (a finished run is reused only if it ran the same)."""
+def recipe_info(path: Path, label: str, sparsity_block: dict | None, dataset: str, train_args=None) -> RecipeInfo:
+    """Validate the ``sparsity:`` block and describe the recipe for the tables. ``train_args`` (train.py's parsed
+    flags for it) give the config train.py will run, as its ``args.yaml`` records it: a finished run is reused
+    only if it ran the same."""
     recipe = recipe_from_dict(sparsity_block or {}, source=str(path))
     return RecipeInfo(path=path, label=label, method=method_label(recipe), pattern=describe_pattern(recipe),
                       published=published_top1(path), dataset=dataset,
-                      config=None if config is None else json.loads(json.dumps(plain(config))))
+                      config=None if train_args is None else resolved_config(train_args, recipe))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -77,6 +77,13 @@ def _run_dir(args, resume_path: str | None) -> Path:
     return out
 
 
+def resolved_config(args, recipe: Recipe) -> dict:
+    """What a run's ``args.yaml`` holds: train.py's settings with the recipe normalized (plain types)."""
+    cfg = {k: v for k, v in vars(args).items() if k not in ("config", "print_config")}
+    cfg["sparsity"] = recipe.to_dict()
+    return plain(cfg)
+
+
 def check_writable(path: Path, flag: str = "--output", what: str = "output dir") -> None:
     """Create the folder ``path`` if needed and write a probe file into it (a permission check alone would pass a
     read-only file system for root): one message naming ``flag`` when that fails."""

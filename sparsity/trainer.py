@@ -26,7 +26,7 @@ from .factory import check_input_size, create_model
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules
 from .optim import check_optimizer, create_optimizer
-from .recipe import Recipe, plain, recipe_from_dict
+from .recipe import plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_files import (
     _check_same_run,
@@ -41,6 +41,7 @@ from .run_files import (
     _set_rng_state,
     check_writable,
     newest_checkpoint,
+    resolved_config,
     run_epochs,
 )
 from .run_outputs import append_summary, final_table, init_wandb, plots, truncate_summary, write_report
@@ -84,12 +85,6 @@ def build_loaders(args, data_cfg: dict, train_ds, val_ds, dist: DistInfo):
 # ---------------------------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------------------------
-def resolved_config(args, recipe: Recipe) -> dict:
-    cfg = {k: v for k, v in vars(args).items() if k not in ("config", "print_config")}
-    cfg["sparsity"] = recipe.to_dict()
-    return plain(cfg)
-
-
 def _loss_fns(args, mixup_active: bool):
     from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 

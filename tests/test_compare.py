@@ -131,8 +131,7 @@ def test_a_finished_run_is_not_reused_after_its_recipe_changed(tmp_path):
 
     def info():
         targs, block = compare._check_recipe(recipe, [])
-        config = {k: v for k, v in vars(targs).items() if k not in ("config", "print_config")}
-        return cmp.recipe_info(recipe, "mine", block, "digits", {**config, "sparsity": block})
+        return cmp.recipe_info(recipe, "mine", block, "digits", targs)
 
     fake = _fake_train(tmp_path, 60.0)
     run = cmp.plan_runs([info()], [0], tmp_path / "runs")[0]
