@@ -139,22 +139,34 @@ def _checkpoint_files(run_dir: Path) -> list[Path]:
     return [run_dir / n for n in names if (run_dir / n).exists()] + sorted(run_dir.glob("checkpoint-*.pth.tar"))
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest readable checkpoint in ``run_dir``. ``recovery``/``last`` are the newest when intact; when they are
-    damaged an older ``checkpoint-<epoch>`` or ``model_best`` is still a resume point, and far better than starting
-    over in a folder whose files a new run would then overwrite."""
+def load_newest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint in ``run_dir`` and its contents (read once). ``recovery``/``last`` are the
+    newest when intact, and the older files are not read then; when both are damaged an older ``checkpoint-<epoch>``
+    or ``model_best`` is still a resume point, far better than starting over in a folder whose files a new run
+    would then overwrite."""
     rank = {"last.pth.tar": 3, "recovery.pth.tar": 2, "model_best.pth.tar": 0}  # ties: the epoch checkpoint first
-    best, best_key = None, None
-    for p in _checkpoint_files(run_dir):
-        try:
-            ck = load_checkpoint_file(p)
-        except CheckpointError:
-            _logger.warning("ignoring unreadable checkpoint %s", p)
-            continue
-        key = (int(ck.get("global_step", -1)), rank.get(p.name, 1))
-        if best_key is None or key > best_key:
-            best, best_key = p, key
-    return best
+    files = _checkpoint_files(run_dir)
+    latest = [p for p in files if p.name in ("recovery.pth.tar", "last.pth.tar")]
+    for tier in (latest, [p for p in files if p not in latest]):
+        best, best_key = None, None
+        for p in tier:
+            try:
+                ck = load_checkpoint_file(p)
+            except CheckpointError:
+                _logger.warning("ignoring unreadable checkpoint %s", p)
+                continue
+            key = (int(ck.get("global_step", -1)), rank.get(p.name, 1))
+            if best_key is None or key > best_key:
+                best, best_key = (p, ck), key
+        if best is not None:
+            return best
+    return None
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The path of :func:`load_newest_checkpoint`."""
+    found = load_newest_checkpoint(run_dir)
+    return found[0] if found else None
 
 # ---------------------------------------------------------------------------------------------------------------------
 # checkpoints written at the end of an epoch

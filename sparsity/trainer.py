@@ -40,6 +40,7 @@ from .run_files import (
     _seed_all,
     _set_rng_state,
     check_writable,
+    load_newest_checkpoint,
     newest_checkpoint,
     resolved_config,
     run_epochs,
@@ -154,11 +155,12 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     n_epochs = run_epochs(args)
     resume_path = args.resume if args.resume and args.resume != "auto" else None
     run_dir = _run_dir(args, resume_path)
+    resume = load_checkpoint_file(resume_path) if resume_path else None
     if args.resume == "auto":
-        found = newest_checkpoint(run_dir) if run_dir.exists() else None
-        resume_path = str(found) if found else None
+        found = load_newest_checkpoint(run_dir) if run_dir.exists() else None
         if found:
-            _logger.info("--resume auto: resuming from %s", found)
+            resume_path, resume = str(found[0]), found[1]
+            _logger.info("--resume auto: resuming from %s", resume_path)
         elif run_dir.exists() and (unreadable := _checkpoint_files(run_dir)):
             names = ", ".join(p.name for p in unreadable)
             raise CheckpointError(f"--resume auto: no checkpoint in {run_dir} can be read ({names}); a new run there "
@@ -166,7 +168,6 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                                   "another --experiment")
         else:
             _logger.info("--resume auto: no checkpoint in %s yet; starting a new run there", run_dir)
-    resume = load_checkpoint_file(resume_path) if resume_path else None
     if resume is not None:
         if resume.get("arch") != args.model:
             raise CheckpointError(f"--resume {resume_path} is a checkpoint of '{resume.get('arch')}', not "

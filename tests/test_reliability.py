@@ -178,7 +178,7 @@ BAD_RECIPES = {
 }
 
 
-def test_resume_auto_falls_back_to_the_newest_readable_checkpoint(tmp_path):
+def test_resume_auto_falls_back_to_the_newest_readable_checkpoint(tmp_path, monkeypatch):
     """recovery and last damaged: the newest intact epoch checkpoint is the resume point (a new run would overwrite
     it); model_best, a copy of one of them, is taken only when nothing newer is readable."""
     from sparsity.run_files import newest_checkpoint
@@ -194,6 +194,15 @@ def test_resume_auto_falls_back_to_the_newest_readable_checkpoint(tmp_path):
     assert newest_checkpoint(tmp_path) == tmp_path / "model_best.pth.tar"
     torch.save({"global_step": 25, "state_dict": {}}, tmp_path / "recovery.pth.tar")
     assert newest_checkpoint(tmp_path) == tmp_path / "recovery.pth.tar"
+    # an intact recovery/last is the newest by construction: the older files are not read at all
+    from sparsity import run_files
+
+    read = []
+    real = run_files.load_checkpoint_file
+    monkeypatch.setattr(run_files, "load_checkpoint_file", lambda p: read.append(p.name) or real(p))
+    path, ck = run_files.load_newest_checkpoint(tmp_path)
+    assert path.name == "recovery.pth.tar" and ck["global_step"] == 25 and sorted(read) == ["last.pth.tar",
+                                                                                             "recovery.pth.tar"]
 
 
 def test_bad_input_table(tmp_path):
