@@ -26,6 +26,7 @@ from torch import nn
 
 from .accelerate import SparseLinear, accelerate_, layer_backend, semi_structured_class
 from .data import fixed_img_size
+from .distributed import pick_device
 from .errors import UserError
 from .layers import masked_modules
 from .surgery import densify_
@@ -213,7 +214,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
     if bad:
         raise ValueError(f"modes must be among {', '.join(MODES)}, got {bad}")
     model, name = resolve_model(model_or_name, create_kwargs)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     img_size = img_size or default_img_size(model)
     gen = torch.Generator().manual_seed(0)
     inputs = {bs: torch.randn(bs, 3, img_size, img_size, generator=gen) for bs in batch_sizes}
@@ -276,7 +277,7 @@ def bench_layers(model_or_name: nn.Module | str | os.PathLike, backend: str = "s
     count x time over every layer, which is the time those layers take in one forward.
     """
     model, name = resolve_model(model_or_name, create_kwargs)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     img_size = img_size or default_img_size(model)
     dense, sparse, plan = _dense_and_sparse(model, device, dtype, backend=backend, blocksize=blocksize,
                                             semi_kernel=semi_kernel)
