@@ -125,6 +125,9 @@ class SparsityController:
             k, t = by_kind[kind]
             out[f"sparsity_{kind}"] = round(1.0 - k / t, 6)
         out.update(self.method.metrics())
+        if (out.get("phase") == "finetune" and self.global_step >= self.total_steps
+                and self.method.finetune_start() >= self.total_steps):
+            out["phase"] = "end"  # the evaluation after the last step of a run without a fine-tune phase
         return out
 
     def no_weight_decay_params(self) -> list[nn.Parameter]:

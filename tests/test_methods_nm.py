@@ -206,6 +206,20 @@ def test_dense_phase_has_no_mask():
     assert not torch.allclose(model(x), dense)
 
 
+@pytest.mark.parametrize("finetune, last", [(0.0, "end"), (0.2, "finetune")])
+def test_phase_after_the_last_step(finetune, last):
+    """The evaluation after a run's last step reads ``phase`` "end" unless the run had a fine-tune phase (it
+    read "finetune" in every run: step ``total_steps`` is past the sparse window)."""
+    model, recipe = _layer("mdgf", finetune_fraction=finetune)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    ctl.step(7)
+    assert ctl.metrics()["phase"] == "sparse"
+    ctl.step(9)
+    assert ctl.metrics()["phase"] == ("sparse" if finetune == 0 else "finetune")
+    ctl.step(10)
+    assert ctl.metrics()["phase"] == last
+
+
 def test_controller_state_roundtrip():
     model, recipe = _layer("ste", structure_decay=[[3, 4], [2, 4]], finetune_fraction=0.2)
     ctl = sparsity.SparsityController(model, recipe, total_steps=10)

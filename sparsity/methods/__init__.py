@@ -195,6 +195,13 @@ class SparsityMethod:
         """Copy non-persistent per-layer state from the live model's layer to another copy (e.g. EMA)."""
         dst.weight_mask.copy_(src.weight_mask)
 
+    def finetune_start(self) -> int:
+        """First step of the fine-tune phase: ``total_steps`` when the run has none."""
+        from ..schedules import phase_at
+
+        r = self.recipe
+        return phase_at(0, self.total_steps, r.dense_fraction, r.finetune_fraction).finetune_start
+
     def finalize(self) -> None:
         """End of training: leave every layer with a fixed binary mask."""
 

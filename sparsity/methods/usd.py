@@ -500,6 +500,9 @@ class USDMethod(WeightChangeReference, SparsityMethod):
             self._stop(self.last_update or 0, "training ended during the search")
         self.step(self.stop_step or 0)
 
+    def finetune_start(self) -> int:
+        return self.search_end
+
     def metrics(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for k in self.n:
