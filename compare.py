@@ -4,7 +4,9 @@
 Each (recipe, seed) runs ``python train.py --config R --seed S --output OUT/runs --experiment <recipe>-s<seed>``;
 flags after ``--`` go to every train.py run unchanged. Writes OUT/comparison.csv (one row per run),
 OUT/comparison.md (mean ± std per recipe) and OUT/comparison.png (top-1 against sparsity, one line per method).
-Run it again to resume: finished runs (results.json present) are skipped.
+Run it again to resume: finished runs (results.json present) are skipped. The tables also keep the finished runs of
+earlier comparisons into the same --output that this invocation does not name (add a recipe, or rerun a subset,
+without losing the others).
 """
 
 from __future__ import annotations
@@ -107,12 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"Seeds: {' '.join(map(str, args.seeds))}.",
              f"train.py flags for every run: `{' '.join(train_args)}`." if train_args else "No flag overrides."]
 
+    earlier, left = cmp.earlier_rows(out / "comparison.csv", runs, dataset)
+    if earlier:
+        names = ", ".join(Path(r["run_dir"]).name for r in earlier)
+        print(f"compare: the tables keep {len(earlier)} finished runs of earlier comparisons in {out} not named this "
+              f"time: {names}")
+        notes.append(f"Also listed: {len(earlier)} runs of earlier comparisons into this folder ({names}); each run's "
+                     "train.py flags are in runs/<run>.flags.json.")
+    if left:
+        print(f"compare: left out of the tables (another data set, failed or unfinished, not named this time; their "
+              f"folders stay in {out / 'runs'}): {', '.join(left)}")
+
     def tables(rows):
+        rows = earlier + rows
         cmp.write_csv(rows, out / "comparison.csv")
         cmp.write_markdown(cmp.summarize(rows), out / "comparison.md", title, notes)
 
-    rows = cmp.run_all(runs, lambda run: cmp.train_command(run, ROOT / "train.py", train_args), progress=_progress,
-                       on_row=tables)
+    rows = earlier + cmp.run_all(runs, lambda run: cmp.train_command(run, ROOT / "train.py", train_args),
+                                 progress=_progress, on_row=tables)
     summary = cmp.summarize(rows)
     plotted = cmp.write_plot(summary, out / "comparison.png", title)
     failed = sum(r["status"] == "failed" for r in rows)

@@ -5,11 +5,13 @@ to a callback). A run is finished when its ``results.json`` exists, so an interr
 runs are read back, a run cut short resumes from its newest checkpoint (``--resume auto``).
 
 Outputs in the comparison folder: ``comparison.csv`` (one row per run), ``comparison.md`` (one row per recipe:
-mean ± std over seeds) and ``comparison.png`` (top-1 against sparsity, one line per method).
+mean ± std over seeds) and ``comparison.png`` (top-1 against sparsity, one line per method). The tables keep the
+finished runs of earlier invocations into the same folder that this one does not name (:func:`earlier_rows`).
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import math
@@ -27,7 +29,8 @@ from .run_files import resolved_config
 
 __all__ = [
     "CompareError", "RecipeInfo", "Run", "expand_recipes", "recipe_labels", "recipe_info", "method_label",
-    "describe_pattern", "published_top1", "plan_runs", "train_command", "run_all", "summarize", "write_csv",
+    "describe_pattern", "published_top1", "plan_runs", "train_command", "run_all", "earlier_rows", "summarize",
+    "write_csv",
     "write_markdown", "write_plot", "CSV_COLUMNS",
 ]
 
@@ -332,6 +335,31 @@ def run_all(runs: Sequence[Run], command: Callable[[Run], list[str]], progress: 
         if on_row is not None:
             on_row(rows)
     return rows
+
+
+def earlier_rows(path: Path, runs: Sequence[Run], dataset: str) -> tuple[list[dict], list[str]]:
+    """Rows of a previous ``comparison.csv`` at ``path`` for runs this invocation does not name, so that comparing a
+    subset of the recipes (or adding one) does not drop the others from the tables. A row is kept when its run
+    finished (its ``results.json`` is read back) on the same data set. Returns the rows kept and the names of the
+    runs left out (another data set, failed, or no longer finished); their folders are not touched."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return [], []
+    planned = {str(r.run_dir) for r in runs}
+    kept: list[dict] = []
+    left: list[str] = []
+    for row in rows:
+        run_dir = row.get("run_dir") or ""
+        if run_dir in planned:
+            continue
+        result = _read_results(Path(run_dir) / "results.json") if run_dir else None
+        if row.get("status") != "done" or result is None or row.get("dataset") != dataset:
+            left.append(Path(run_dir).name or str(row.get("recipe")))
+            continue
+        kept.append({**row, **{key: result.get(key, "") for key in RESULT_KEYS}})
+    return kept, left
 
 
 # ---------------------------------------------------------------------------------------------------------------------

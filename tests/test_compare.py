@@ -214,6 +214,37 @@ def test_dry_run_lists_runs(tmp_path, capsys):
     assert "2 recipes x 1 seeds = 2 runs on digits" in capsys.readouterr().out
 
 
+def test_a_subset_rerun_keeps_the_other_runs_in_the_tables(tmp_path, capsys, monkeypatch):
+    """Comparing a subset of the recipes (or adding one) into a folder keeps the finished runs it does not name in
+    comparison.csv/.md (the tables were rewritten with the subset alone); a run no longer finished is left out,
+    named, and its folder is not touched."""
+    fake = _fake_train(tmp_path, 60.0)
+    real = cmp.train_command
+    monkeypatch.setattr(cmp, "train_command", lambda run, script, args=(), **kw: fake + real(run, script, args)[2:])
+    out = tmp_path / "cmp"
+    dense, srste = str(QUICK / "dense_digits.yaml"), str(QUICK / "srste_digits_2of4.yaml")
+
+    def table():
+        with open(out / "comparison.csv", newline="") as f:
+            return [(r["recipe"], int(r["seed"]), float(r["top1"])) for r in csv.DictReader(f)]
+
+    assert run_cli(compare.main, [dense, srste, "--seeds", "0", "--output", str(out), *TINY]) == 0
+    assert table() == [("dense_digits", 0, 60.0), ("srste_digits_2of4", 0, 60.0)]
+    capsys.readouterr()
+    assert run_cli(compare.main, [srste, "--seeds", "0", "1", "--output", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "the tables keep 1 finished runs of earlier comparisons" in text and "dense_digits-s0" in text
+    assert table() == [("dense_digits", 0, 60.0), ("srste_digits_2of4", 0, 60.0), ("srste_digits_2of4", 1, 61.0)]
+    md = (out / "comparison.md").read_text()
+    assert "| srste_digits_2of4 | srste | ff=2:4 q,k,v=2:4 | 2 | 60.50 ± 0.71 |" in md
+    assert "| dense_digits | dense | dense | 1 | 60.00 |" in md and "Also listed: 1 runs" in md
+    (out / "runs" / "dense_digits-s0" / "results.json").unlink()
+    assert run_cli(compare.main, [srste, "--seeds", "0", "1", "--output", str(out), *TINY]) == 0
+    assert "left out of the tables" in capsys.readouterr().out
+    assert table() == [("srste_digits_2of4", 0, 60.0), ("srste_digits_2of4", 1, 61.0)]
+    assert (out / "runs" / "dense_digits-s0").is_dir()
+
+
 def test_flag_difference_names_the_flag():
     assert cmp._flag_items(["--epochs", "2", "-b", "32", "--scale", "0.8", "1.0", "--min-lr", "-1e-5", "--amp"]) \
         == ["--epochs 2", "-b 32", "--scale 0.8 1.0", "--min-lr -1e-5", "--amp"]
