@@ -62,6 +62,10 @@ def _check_recipe(path: Path, train_args: list[str]):
     from sparsity.data import resolve_dataset
 
     resolve_dataset(targs)  # train.py's defaults: digits, or an ImageFolder with only --data-dir
+    from sparsity.recipe import recipe_from_dict
+    from sparsity.run_files import run_epochs
+
+    run_epochs(targs, recipe_from_dict(blocks.get("sparsity") or {}, source=str(path)))  # as train.py refuses it
     return targs, blocks.get("sparsity")
 
 

@@ -96,15 +96,21 @@ def check_writable(path: Path, flag: str = "--output", what: str = "output dir")
         raise UserError(f"{what} {path} is not writable ({e.strerror or e}); choose another {flag}") from None
 
 
-def run_epochs(args) -> int:
+def run_epochs(args, recipe: Recipe | None = None) -> int:
     """How many epochs the run trains: as in timm's train.py, the length of the lr schedule timm builds from
     ``--epochs``, i.e. plus ``--cooldown-epochs`` (and the extra cycles of ``--sched-cycle-limit``, the warm-up of
-    ``--warmup-prefix``). The sparsity schedule is laid out over all of it."""
+    ``--warmup-prefix``). The sparsity schedule is laid out over all of it. With ``recipe``, a recipe that cannot
+    run that long (USD's fine-tune epochs covering the whole run) is refused."""
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     _, n = create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
-    return max(int(n), args.epochs)
+    n = max(int(n), args.epochs)
+    if recipe is not None:
+        from .methods import get_method
+
+        get_method(recipe.method).check_run_length(recipe, n)
+    return n
 
 
 def _check_same_run(resume: dict, path: str, recipe: Recipe, args, n_epochs: int) -> None:

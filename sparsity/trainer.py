@@ -152,7 +152,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if args.resume == "auto" and not args.experiment:
         raise UserError("--resume auto needs --experiment NAME: the run folder to continue (without it every run "
                         "gets a new, time-stamped folder, and nothing would ever be resumed)")
-    n_epochs = run_epochs(args)
+    n_epochs = run_epochs(args, recipe)
     resume_path = args.resume if args.resume and args.resume != "auto" else None
     run_dir = _run_dir(args, resume_path)
     resume = load_checkpoint_file(resume_path) if resume_path else None

@@ -179,6 +179,8 @@ def test_labels_methods_and_patterns(tmp_path):
     (["configs/quickstart/dense_digits.yaml", "--", "--seed", "3"], "--seed after '--'"),
     (["configs/quickstart/dense_digits.yaml", "configs/imagenet/resnet50/dense.yaml"], "different data sets"),
     (["configs/quickstart/dense_digits.yaml", "--epochs", "0"], "--epochs must be >= 1"),
+    # refused by train.py only once the run starts (no search epoch left): --dry-run says so up front
+    (["configs/quickstart/usd_digits_75.yaml", "--epochs", "5", "--dry-run"], "finetune_epochs=5 leaves no epoch"),
 ])
 def test_bad_input_exit_code_2(argv, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)

@@ -137,6 +137,10 @@ class SparsityMethod:
                 )
 
     @classmethod
+    def check_run_length(cls, recipe: Recipe, epochs: int) -> None:
+        """Refuse a recipe that cannot run in ``epochs`` epochs (checked before anything is built or written)."""
+
+    @classmethod
     def slice_spec(cls, recipe: Recipe, rule: Rule, label: str, start: int, stop: int, module: nn.Module) -> SliceSpec:
         label = label if label != "all" else rule.describe()
         return SliceSpec(label, start, stop, rule.n, rule.m, rule.sparse_dim or recipe.sparse_dim, rule.sparsity,

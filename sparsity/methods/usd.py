@@ -236,6 +236,14 @@ class USDMethod(WeightChangeReference, SparsityMethod):
 
     # ---- recipe and surgery hooks ------------------------------------------------------------------------------
     @classmethod
+    def check_run_length(cls, recipe: Recipe, epochs: int) -> None:
+        o = recipe.options
+        if o.scheme is None and o.finetune_epochs >= epochs:
+            raise RecipeError(
+                f"usd: finetune_epochs={o.finetune_epochs} leaves no epoch for the search in a {epochs}-epoch run; "
+                "lower 'sparsity.finetune_epochs' or train longer (--epochs)")
+
+    @classmethod
     def validate(cls, recipe: Recipe) -> None:
         o = recipe.options
         where = recipe.source or "the recipe"
