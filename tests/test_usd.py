@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import yaml
@@ -140,13 +142,15 @@ def test_penalty_is_scaled_with_the_loss_under_a_grad_scaler():
     assert bool((want != 0).any()) and torch.allclose(layer.weight.grad, want, atol=1e-6)
 
 
-def test_search_reaches_target_and_scheme_round_trips(tmp_path):
+def test_search_reaches_target_and_scheme_round_trips(tmp_path, caplog):
     model, _, ctl = _build(SEARCH)
     ctl.method.output_dir = str(tmp_path)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    _train(model, ctl, opt, 0, TOTAL)
-    ctl.finalize()
-    ctl.on_train_end(str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="sparsity"):
+        _train(model, ctl, opt, 0, TOTAL)
+        ctl.finalize()
+        ctl.on_train_end(str(tmp_path))
+    assert caplog.text.count("usd: scheme written to") == 1  # when the search stopped; not again at the end
     method = ctl.method
     assert method.done and method.stop_reason == "target reached"
     assert method.stop_step < TOTAL - PER_EPOCH  # stopped inside the search window

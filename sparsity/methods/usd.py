@@ -535,7 +535,9 @@ class USDMethod(WeightChangeReference, SparsityMethod):
         return path
 
     def on_train_end(self, output_dir: str | None) -> None:
-        if output_dir:
+        """Write the scheme unless this process already wrote it there when the search stopped (it has not
+        changed since)."""
+        if output_dir and self.scheme_file != str(Path(output_dir) / "scheme.yaml"):
             self.write_scheme(output_dir)
 
     def state_dict(self) -> dict[str, Any]:
