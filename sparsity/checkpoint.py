@@ -202,6 +202,7 @@ def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not match its own arch/recipe: {str(e)[:400]}") from None
+    _note_mid_run(path, ckpt, recipe)
     from .data import trained_data_config
 
     trained = trained_data_config(ckpt.get("args"), model)
@@ -209,3 +210,15 @@ def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
         model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", {}) or {}),
                                 **{k: trained[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")}}
     return model, ckpt
+
+
+def _note_mid_run(path, ckpt: dict, recipe) -> None:
+    """Warn when the rebuilt model is not the one the run evaluated at the checkpoint's step (MDGF's decay)."""
+    from .methods import get_method
+
+    steps, epochs = ckpt.get("steps_per_epoch"), ckpt.get("run_epochs") or (ckpt.get("args") or {}).get("epochs")
+    if ckpt.get("global_step") is None or not steps or not epochs:
+        return
+    note = get_method(recipe.method).checkpoint_note(recipe, int(ckpt["global_step"]), int(steps) * int(epochs))
+    if note:
+        logging.getLogger(__name__).warning("%s: %s", path, note)

@@ -135,6 +135,13 @@ def test_cooldown_epochs_are_trained_as_in_timm(tmp_path, capsys):
     assert [r["phase"] for r in rows] == ["sparse", "finetune"]  # fine-tune = the last 20 % of 10 steps
     ck = torch.load(tmp_path / "run" / "checkpoint-0.pth.tar", weights_only=True)
     assert ck["run_epochs"] == 2 and ck["next_epoch"] == 1
+    # validate/export rebuild a mid-run mdgf checkpoint without its decayed weights: they say so (beta = e^-2.5)
+    capsys.readouterr()
+    assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "run" / "checkpoint-0.pth.tar")]) == 0
+    out = capsys.readouterr().out
+    assert "saved mid-run by mdgf at step 5 of 10" in out and "beta 0.0821" in out
+    assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "run" / "last.pth.tar")]) == 0
+    assert "mid-run" not in capsys.readouterr().out
     assert run_cli(train.main, [*args, "--resume", str(tmp_path / "run" / "checkpoint-0.pth.tar")]) == 2
     err = capsys.readouterr().err
     assert "is from a 2-epoch run, this one would train 1" in err and "--epochs 1 --cooldown-epochs 1" in err

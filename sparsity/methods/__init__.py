@@ -137,6 +137,12 @@ class SparsityMethod:
                 )
 
     @classmethod
+    def checkpoint_note(cls, recipe: Recipe, global_step: int, total_steps: int) -> str | None:
+        """How the model a checkpoint saved at ``global_step`` rebuilds (weights and masks alone) differs from the
+        forward the run evaluated at that step, or None when it does not."""
+        return None
+
+    @classmethod
     def check_run_length(cls, recipe: Recipe, epochs: int) -> None:
         """Refuse a recipe that cannot run in ``epochs`` epochs (checked before anything is built or written)."""
 

@@ -174,6 +174,20 @@ class NMMethod(SparsityMethod):
                 )
 
     @classmethod
+    def checkpoint_note(cls, recipe: Recipe, global_step: int, total_steps: int) -> str | None:
+        if recipe.method != "mdgf":
+            return None
+        phase = phase_at(global_step, max(total_steps, 1), recipe.dense_fraction, recipe.finetune_fraction)
+        if phase.name != SPARSE:
+            return None
+        beta = mdgf_beta(phase.t, recipe.options.decay.type, recipe.options.decay.coef)
+        if beta <= 0.0:
+            return None
+        return (f"saved mid-run by mdgf at step {global_step} of {total_steps}, where the forward still weighted the "
+                f"pruned weights by beta {beta:.3g}; this model has them removed (beta 0, as at the end of the run and "
+                "in an export), so its top-1 differs from that epoch's summary.csv row")
+
+    @classmethod
     def ladder(cls, recipe: Recipe, n: int, m: int) -> list[tuple[int, int]]:
         return sdgf_ladder(n, m, recipe.options.structure_decay)
 
