@@ -49,6 +49,8 @@ class SparsityController:
     def step(self, global_step: int) -> None:
         self.global_step = int(global_step)
         self.method.step(self.global_step)
+        if self._last_masks is None and self.global_step == 0:  # a new run: the first flip rate compares with these
+            self._last_masks = {fqn: layer.weight_mask.clone() for fqn, layer in self.layers}
 
     @torch.no_grad()
     def finalize(self, *copies: nn.Module) -> None:
@@ -72,7 +74,9 @@ class SparsityController:
 
     @torch.no_grad()
     def flip_rate(self) -> float:
-        """Fraction of mask entries that changed since the last call (0.0 on the first call)."""
+        """Fraction of mask entries that changed since the last call (the first call of a new run compares with the
+        masks of its first step; 0.0 on the first call when there is no reference, e.g. a controller that never
+        stepped at step 0)."""
         current = {fqn: layer.weight_mask.clone() for fqn, layer in self.layers}
         if self._last_masks is None:
             self._last_masks = current

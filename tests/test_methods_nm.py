@@ -220,6 +220,24 @@ def test_phase_after_the_last_step(finetune, last):
     assert ctl.metrics()["phase"] == last
 
 
+def test_first_flip_rate_compares_with_the_first_step():
+    """The first epoch's mask flip rate counts the mask entries that changed since the run's first step (it read
+    0.0 for every run); a controller that did not start at step 0 has no reference and still reports 0.0."""
+    model, recipe = _layer("ste")
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    ctl.step(0)
+    first = model.fc.weight_mask.clone()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.arange(32, dtype=torch.float32).view(4, 8).flip(1))  # every group reverses
+    ctl.step(1)
+    changed = (model.fc.weight_mask != first).float().mean().item()
+    assert changed > 0 and ctl.flip_rate() == pytest.approx(changed)
+    assert ctl.flip_rate() == 0.0  # nothing changed since the previous call
+    late = sparsity.SparsityController(model, recipe, total_steps=10)
+    late.step(5)
+    assert late.flip_rate() == 0.0
+
+
 def test_controller_state_roundtrip():
     model, recipe = _layer("ste", structure_decay=[[3, 4], [2, 4]], finetune_fraction=0.2)
     ctl = sparsity.SparsityController(model, recipe, total_steps=10)
