@@ -249,7 +249,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if lr_scheduler is not None:
         if resume is not None and resume.get("scheduler") and not args.no_resume_opt:
             lr_scheduler.load_state_dict(resume["scheduler"])  # plateau's best / bad-epoch count live there
-        lr_scheduler.step(next_epoch)
+        if next_epoch > 0:  # as timm's train.py: a fresh run keeps the LR the scheduler set up (plateau's step(0)
+            lr_scheduler.step(next_epoch)  # without warm-up would drop it to --warmup-lr for the whole run)
         if resume is not None:  # per-update schedules: the LR of the step the run continues at (a no-op otherwise)
             lr_scheduler.step_update(num_updates=state.global_step)
 

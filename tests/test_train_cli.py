@@ -119,6 +119,17 @@ def test_a_run_that_is_all_warm_up_is_warned_about(tmp_path, capsys):
         assert float(next(csv.DictReader(f))["lr"]) == 0.0  # what the warning is about
 
 
+def test_plateau_schedule_without_warmup_keeps_the_lr(tmp_path):
+    """``--sched plateau --warmup-epochs 0`` trains at --lr, as in timm's train.py (a step(0) at the start set the
+    plateau scheduler's warm-up LR, 1e-5 here, for the whole run)."""
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    args = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "run", "--sched", "plateau",
+            "--epochs", "2", "--warmup-lr", "1e-5"]
+    assert run_cli(train.main, args) == 0
+    with open(tmp_path / "run" / "summary.csv") as f:
+        assert [float(r["lr"]) for r in csv.DictReader(f)] == [1e-3, 1e-3]
+
+
 def test_cooldown_epochs_are_trained_as_in_timm(tmp_path, capsys):
     """timm's train.py trains the length of its lr schedule: --epochs plus --cooldown-epochs. The sparsity schedule
     spans all of it (mdgf's decay and fine-tune fraction over 2 epochs), and a resume that would change the length
