@@ -138,12 +138,15 @@ class SparsityController:
         return self.method.no_weight_decay_params()
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """timm's weight-decay parameter groups for the model: no decay on biases/norms (timm's rule) and on the
-        method's extra parameters (scores, logits). What train.py and the training benchmark optimize."""
+        """timm's weight-decay parameter groups for the model, as ``create_optimizer_v2(model)`` builds them: no
+        decay on biases/norms, on what the model's ``no_weight_decay()`` names (a ViT's position embedding and class
+        token, Swin's relative position tables) and on the method's extra parameters (scores, logits). What
+        train.py and the training benchmark optimize."""
         from timm.optim import param_groups_weight_decay
 
         extra = {id(p) for p in self.no_weight_decay_params()}
         names = [n for n, p in self.model.named_parameters() if id(p) in extra]
+        names += list(getattr(self.model, "no_weight_decay", lambda: set())())
         return param_groups_weight_decay(self.model, weight_decay, no_weight_decay_list=names)
 
     def state_dict(self) -> dict[str, Any]:

@@ -97,3 +97,34 @@ def test_fused_trains_like_the_loop(opt):
     moved = (finals["loop"] - torch.cat([p.detach().flatten() for p in _model().parameters()])).abs().max()
     assert moved > 1e-2  # the runs really trained
     assert (finals["fused"] - finals["loop"]).abs().max() <= 1e-5 * moved
+
+
+@pytest.mark.parametrize("name, kwargs, exempt", [
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+     {"pos_embed", "cls_token"}),
+    ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=4, patch_size=2, embed_dim=16, depths=(1, 1),
+                                          num_heads=(1, 2)), {"relative_position_bias_table"}),
+])
+def test_weight_decay_groups_match_timm(name, kwargs, exempt):
+    """The controller's parameter groups decay what timm's create_optimizer_v2(model) decays (they decayed the
+    ViT's position embedding and class token and Swin's relative position tables), and never the method's scores."""
+    import timm
+    from timm.optim import create_optimizer_v2
+
+    import sparsity
+
+    def no_decay(groups, model):
+        ids = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+        return {n for n, p in model.named_parameters() if id(p) in ids}
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    stock = no_decay(create_optimizer_v2(model, "adamw", weight_decay=0.05).param_groups, model)
+    recipe = sparsity.recipe_from_dict({"method": "supermask", "rules": [{"target": "ff", "sparsity": 0.5,
+                                                                            "tile": 4}]})
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    ours = no_decay(ctl.param_groups(0.05), model)
+    scores = {n for n in ours if n.endswith("_scores")}
+    assert scores and ours - scores == stock
+    assert any(any(e in n for e in exempt) for n in stock)
