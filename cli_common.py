@@ -39,7 +39,7 @@ class ParseKwargs(argparse.Action):
 def _check_value(action: argparse.Action, key: str, value, path: str) -> None:
     if value is None:
         return
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ConfigError(f"'{key}' in {path} must be true or false, got {value!r}")
         return

@@ -2,7 +2,8 @@
 """Sparsity-aware training on timm: ``python train.py --config configs/quickstart/vit_digits_2of4.yaml``.
 
 Flags keep timm's names; an experiment YAML holds flat training keys plus one ``sparsity:`` block.
-Precedence: defaults < YAML < command line. Multi-process: ``./distributed_train.sh NUM_PROC --config ...``.
+Precedence: defaults < YAML < command line (a true/false key set in the YAML is turned off with ``--no-<flag>``,
+e.g. ``--no-amp``). Multi-process: ``./distributed_train.sh NUM_PROC --config ...``.
 """
 
 from __future__ import annotations
@@ -31,16 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "else digits)")
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="validation")
-    g.add_argument("--dataset-download", action="store_true", help="let timm/torchvision download the data set")
+    g.add_argument("--dataset-download", action=argparse.BooleanOptionalAction, default=False, help="let timm/torchvision download the data set")
     g.add_argument("--img-size", type=int, default=None, help="input image size")
     g.add_argument("--crop-pct", type=float, default=None)
     g.add_argument("--mean", type=float, nargs="+", default=None)
     g.add_argument("--std", type=float, nargs="+", default=None)
-    g.add_argument("--interpolation", default="", type=str)
+    g.add_argument("--interpolation", default="", type=str, help="eval resize interpolation (default: the model's)")
+    g.add_argument("--train-interpolation", default="random", type=str,
+                   help="training crop interpolation, as timm's train.py (random: bilinear or bicubic per image)")
     g.add_argument("-b", "--batch-size", type=int, default=64)
     g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
     g.add_argument("-j", "--workers", type=int, default=2)
-    g.add_argument("--pin-mem", action="store_true")
+    g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--on-bad-image", default="fail", choices=["fail", "skip"], help="corrupt image in the data")
     g = p.add_argument_group("augmentation")
     g.add_argument("--no-aug", action="store_true")
@@ -50,14 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vflip", type=float, default=0.0)
     g.add_argument("--color-jitter", type=float, default=0.4)
     g.add_argument("--aa", type=str, default=None, help="AutoAugment policy, e.g. rand-m9-mstd0.5-inc1")
-    g.add_argument("--reprob", type=float, default=0.0)
+    g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    g.add_argument("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"],
+                   help="random erasing fill: per-pixel noise (timm's train.py), per-channel noise, or zeros")
+    g.add_argument("--recount", type=int, default=1, help="random erasing count")
+    g.add_argument("--resplit", action=argparse.BooleanOptionalAction, default=False,
+                   help="do not erase the first augmentation split")
     g.add_argument("--mixup", type=float, default=0.0)
     g.add_argument("--cutmix", type=float, default=0.0)
     g.add_argument("--mixup-prob", type=float, default=1.0)
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", type=str, default="batch")
     g.add_argument("--smoothing", type=float, default=0.1)
-    g.add_argument("--bce-loss", action="store_true")
+    g.add_argument("--bce-loss", action=argparse.BooleanOptionalAction, default=False)
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--opt", default="sgd", type=str)
     g.add_argument("--opt-eps", default=None, type=float)
@@ -72,26 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sched", type=str, default="cosine",
                    choices=("cosine", "tanh", "step", "multistep", "plateau", "poly", "none"),
                    help="timm's LR schedulers; none: constant LR (no warm-up)")
-    g.add_argument("--sched-on-updates", action="store_true")
+    g.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--warmup-lr", type=float, default=1e-5)
     g.add_argument("--warmup-epochs", type=int, default=0)
-    g.add_argument("--warmup-prefix", action="store_true")
+    g.add_argument("--warmup-prefix", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--cooldown-epochs", type=int, default=0)
     g.add_argument("--decay-epochs", type=float, default=90)
     g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
     g.add_argument("--decay-rate", type=float, default=0.1)
     g.add_argument("--epochs", type=int, default=10)
     g = p.add_argument_group("training")
-    g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, --amp-dtype on GPU)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision (bf16 on CPU, --amp-dtype on GPU)")
     g.add_argument("--amp-dtype", default="bfloat16", choices=["float16", "bfloat16"])
-    g.add_argument("--model-ema", action="store_true")
+    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor")
     g.add_argument("--device", default=None, type=str, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="torch.use_deterministic_algorithms(True)")
     g.add_argument("--skip-nonfinite", type=int, default=0, help="skip up to N steps with a non-finite loss")
     g = p.add_argument_group("output and resume")
     g.add_argument("--output", default="output", type=str, help="parent folder of the run folder")
@@ -103,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
                    help="ranks epochs for model_best/checkpoint-N (loss: lower is better)")
     g.add_argument("--log-interval", type=int, default=50)
-    g.add_argument("--log-wandb", action="store_true")
+    g.add_argument("--log-wandb", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--mask-check-interval", type=int, default=0, help="DDP: compare mask checksums every K steps")
     return p
 

@@ -18,12 +18,42 @@ from torch import nn
 from .errors import UserError
 
 __all__ = ["DigitsDataset", "DIGITS_MEAN", "DIGITS_STD", "build_dataset", "DataError", "resolve_data",
-           "trained_data_config", "fixed_img_size"]
+           "trained_data_config", "fixed_img_size", "timm_pillow_compat"]
 
 _log = logging.getLogger(__name__)
 DIGITS_MEAN = (0.3057, 0.3057, 0.3057)
 DIGITS_STD = (0.3235, 0.3235, 0.3235)
 _IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's ``posterize`` augmentation for any Pillow. RandAugment's posterize levels ask for 0 bits at the top
+    magnitude (``rand-m9-mstd0.5-inc1``: about 0.15 % of images), which Pillow up to 12 turns into a black image and
+    Pillow 13 refuses with a ValueError, ending the run mid-epoch."""
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)  # keep no bit: what ImageOps.posterize(img, 0) returned before Pillow 13
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+_timm_posterize = None
+
+
+def timm_pillow_compat() -> None:
+    """Route timm's posterize ops through :func:`_posterize` when this Pillow refuses 0 bits (once; call it before
+    the transforms are built: timm's ops take the function when they are created)."""
+    global _timm_posterize
+    if _timm_posterize is not None:
+        return
+    from PIL import ImageOps
+    from timm.data import auto_augment
+
+    _timm_posterize = auto_augment.posterize
+    try:
+        ImageOps.posterize(Image.new("L", (1, 1)), 0)
+    except ValueError:
+        for name, op in list(auto_augment.NAME_TO_OP.items()):
+            if op is _timm_posterize:
+                auto_augment.NAME_TO_OP[name] = _posterize
 
 
 class DataError(UserError):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic
 from .controller import SparsityController
-from .data import build_dataset, check_same_classes, num_classes_of, resolve_data, resolve_dataset
+from .data import build_dataset, check_same_classes, num_classes_of, resolve_data, resolve_dataset, timm_pillow_compat
 from .distributed import DistInfo, check_ranks_consistent, init_distributed
 from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from .errors import TrainingError, UserError
@@ -70,14 +70,20 @@ def build_datasets(args):
 def build_loaders(args, data_cfg: dict, train_ds, val_ds, dist: DistInfo):
     from timm.data import create_loader
 
+    timm_pillow_compat()
+
     common = dict(input_size=data_cfg["input_size"], interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
                   std=data_cfg["std"], num_workers=args.workers, distributed=dist.distributed,
                   pin_memory=args.pin_mem, device=dist.device, use_prefetcher=False, persistent_workers=False)
     train = None
     if train_ds is not None:
+        # as timm's train.py: the training crop's own interpolation (random by default), timm's erasing flags
+        interp = data_cfg["interpolation"] if args.no_aug or not args.train_interpolation else args.train_interpolation
         train = create_loader(train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
-                              re_prob=args.reprob, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-                              vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa, **common)
+                              re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                              re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+                              vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+                              **{**common, "interpolation": interp})
     val = create_loader(val_ds, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
                         crop_pct=data_cfg["crop_pct"], **common)
     return train, val

@@ -15,6 +15,7 @@ import yaml
 import sparsity
 import train
 import validate
+import cli_common
 from cli_common import run_cli
 from tests.conftest import run_group
 
@@ -590,3 +591,34 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     want = 0o666 & ~_umask()
     assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("last.pth.tar", "model_best.pth.tar")] == [want, want]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth.tar", "model_best.pth.tar"]  # no temp left
+
+
+def test_timm_augmentation_flags_reach_the_loader(tmp_path):
+    """--train-interpolation (timm's default: random), --remode/--recount (timm's default: pixel noise, not zeros)
+    reach timm's training transform; a YAML true is turned off with --no-<flag>; RandAugment's 0-bit posterize
+    runs on any Pillow (Pillow 13 refuses 0 bits, which timm's rand-m9-mstd0.5-inc1 asks for)."""
+    from PIL import Image
+
+    from sparsity.data import timm_pillow_compat
+    from sparsity.distributed import DistInfo
+    from sparsity.trainer import build_loaders
+
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("reprob: 0.25\namp: true\n")
+    args, _ = cli_common.parse_with_config(train.build_parser(), ["--config", str(cfg), "--no-amp", "--recount", "2"])
+    assert args.amp is False and args.reprob == 0.25 and args.remode == "pixel" and args.train_interpolation == "random"
+    ds = sparsity.data.build_dataset("digits", None, "train", True, img_size=32)
+    args.validation_batch_size, args.aa = None, "rand-m9-mstd0.5-inc1"
+    data_cfg = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                "crop_pct": 1.0}
+    val = sparsity.data.build_dataset("digits", None, "validation", False, img_size=32)
+    train_loader, _ = build_loaders(args, data_cfg, ds, val, DistInfo(rank=0, world_size=1, local_rank=0,
+                                                                 device=torch.device("cpu")))
+    text = repr(train_loader.dataset.transform)
+    assert "RandomErasing(p=0.25, mode=pixel, count=(1, 2))" in text
+    assert "interpolation=bilinear bicubic)" in text  # random: one of the two per image
+    from timm.data import auto_augment
+
+    timm_pillow_compat()
+    black = auto_augment.NAME_TO_OP["PosterizeIncreasing"](Image.new("RGB", (4, 4), (200, 100, 50)), 0)
+    assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
