@@ -13,6 +13,9 @@ import argparse
 from cli_common import ParseKwargs, parse_with_config, run_cli
 from sparsity.optim import OPT_IMPLS
 
+# a true/false setting a recipe may turn on and the command line off again (--amp / --no-amp)
+SWITCH = dict(action=argparse.BooleanOptionalAction, default=False)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -32,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else digits)")
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="validation")
-    g.add_argument("--dataset-download", action=argparse.BooleanOptionalAction, default=False, help="let timm/torchvision download the data set")
+    g.add_argument("--dataset-download", **SWITCH, help="let timm/torchvision download the data set")
     g.add_argument("--img-size", type=int, default=None, help="input image size")
     g.add_argument("--crop-pct", type=float, default=None)
     g.add_argument("--mean", type=float, nargs="+", default=None)
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-b", "--batch-size", type=int, default=64)
     g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
     g.add_argument("-j", "--workers", type=int, default=2)
-    g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--pin-mem", **SWITCH)
     g.add_argument("--on-bad-image", default="fail", choices=["fail", "skip"], help="corrupt image in the data")
     g = p.add_argument_group("augmentation")
     g.add_argument("--no-aug", action="store_true")
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"],
                    help="random erasing fill: per-pixel noise (timm's train.py), per-channel noise, or zeros")
     g.add_argument("--recount", type=int, default=1, help="random erasing count")
-    g.add_argument("--resplit", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--resplit", **SWITCH,
                    help="do not erase the first augmentation split")
     g.add_argument("--mixup", type=float, default=0.0)
     g.add_argument("--cutmix", type=float, default=0.0)
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", type=str, default="batch")
     g.add_argument("--smoothing", type=float, default=0.1)
-    g.add_argument("--bce-loss", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--bce-loss", **SWITCH)
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--opt", default="sgd", type=str)
     g.add_argument("--opt-eps", default=None, type=float)
@@ -80,26 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sched", type=str, default="cosine",
                    choices=("cosine", "tanh", "step", "multistep", "plateau", "poly", "none"),
                    help="timm's LR schedulers; none: constant LR (no warm-up)")
-    g.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--sched-on-updates", **SWITCH)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--warmup-lr", type=float, default=1e-5)
     g.add_argument("--warmup-epochs", type=int, default=0)
-    g.add_argument("--warmup-prefix", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--warmup-prefix", **SWITCH)
     g.add_argument("--cooldown-epochs", type=int, default=0)
     g.add_argument("--decay-epochs", type=float, default=90)
     g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
     g.add_argument("--decay-rate", type=float, default=0.1)
     g.add_argument("--epochs", type=int, default=10)
     g = p.add_argument_group("training")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision (bf16 on CPU, --amp-dtype on GPU)")
+    g.add_argument("--amp", **SWITCH, help="mixed precision (bf16 on CPU, --amp-dtype on GPU)")
     g.add_argument("--amp-dtype", default="bfloat16", choices=["float16", "bfloat16"])
-    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--model-ema", **SWITCH)
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--channels-last", **SWITCH)
     g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor")
     g.add_argument("--device", default=None, type=str, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="torch.use_deterministic_algorithms(True)")
+    g.add_argument("--deterministic", **SWITCH, help="torch.use_deterministic_algorithms(True)")
     g.add_argument("--skip-nonfinite", type=int, default=0, help="skip up to N steps with a non-finite loss")
     g = p.add_argument_group("output and resume")
     g.add_argument("--output", default="output", type=str, help="parent folder of the run folder")
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
                    help="ranks epochs for model_best/checkpoint-N (loss: lower is better)")
     g.add_argument("--log-interval", type=int, default=50)
-    g.add_argument("--log-wandb", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--log-wandb", **SWITCH)
     g.add_argument("--mask-check-interval", type=int, default=0, help="DDP: compare mask checksums every K steps")
     return p
 

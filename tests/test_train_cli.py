@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
+import cli_common
 import sparsity
 import train
 import validate
-import cli_common
 from cli_common import run_cli
 from tests.conftest import run_group
 
