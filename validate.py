@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a train.py checkpoint, or a bare state dict (.pth, .safetensors) with --model
         ckpt = sparsity.checkpoint.load_checkpoint_file(path)
         if "arch" in ckpt:
-            _check_same_model(args, path, ckpt["arch"], dict(ckpt.get("create_kwargs") or {}))
+            _check_same_model(args, path, ckpt["arch"], sparsity.checkpoint.checkpoint_create_kwargs(ckpt))
             model, _ = sparsity.model_from_checkpoint(path, use_ema=args.use_ema, ckpt=ckpt)
             trained_args = ckpt.get("args")
             # model_from_checkpoint put the run's data config (from its args) into pretrained_cfg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import logging
 import os
@@ -17,7 +18,7 @@ from .errors import UserError
 
 __all__ = [
     "CheckpointError", "model_from_checkpoint", "save_atomic", "write_atomic", "write_csv_atomic",
-    "load_checkpoint_file", "model_state_from", "load_model_weights",
+    "load_checkpoint_file", "model_state_from", "load_model_weights", "checkpoint_create_kwargs",
 ]
 
 
@@ -99,7 +100,9 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
         except Exception as e:  # noqa: BLE001 - any parse failure means the file is unusable
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({e}); re-export it") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's train.py stores its argparse.Namespace as "args": allowed, as timm's own loader does
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         msg = str(e)
         if "This file can still be loaded" in msg or "Unsupported global" in msg:
@@ -111,7 +114,23 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
                               "checkpoint (e.g. the previous checkpoint-*.pth.tar)") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of tensors")
+    if isinstance(obj.get("args"), argparse.Namespace):
+        obj["args"] = vars(obj["args"])
     return obj
+
+
+def checkpoint_create_kwargs(ckpt: dict) -> dict:
+    """What ``timm.create_model`` took besides the name for the model in ``ckpt``: our ``create_kwargs``, or for a
+    checkpoint of timm's train.py (which stores none) what that script passes: ``--model-kwargs``,
+    ``--num-classes``, ``--in-chans`` and ``--gp`` from its ``args``."""
+    if ckpt.get("create_kwargs") is not None:
+        return dict(ckpt["create_kwargs"])
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    out = dict(args.get("model_kwargs") or {})
+    for key, name in (("num_classes", "num_classes"), ("in_chans", "in_chans"), ("gp", "global_pool")):
+        if args.get(key) is not None:
+            out[name] = args[key]
+    return out
 
 
 def _directory_hint(path: Path) -> str:
@@ -193,7 +212,7 @@ def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
                               "and the recipe explicitly")
     recipe = recipe_from_dict(ckpt.get("recipe") or {}, source=f"{path} (recipe)")
     state = model_state_from(ckpt, use_ema)  # e.g. no EMA weights: refused before the model is built
-    model = create_model(ckpt["arch"], recipe=recipe, **dict(ckpt.get("create_kwargs") or {}))
+    model = create_model(ckpt["arch"], recipe=recipe, **checkpoint_create_kwargs(ckpt))
     if ckpt.get("metric_model") == "ema" and not use_ema:
         logging.getLogger(__name__).warning(
             "%s: its metric and the model_best ranking come from the EMA weights (trained with --model-ema); these "

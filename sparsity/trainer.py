@@ -175,11 +175,19 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         else:
             _logger.info("--resume auto: no checkpoint in %s yet; starting a new run there", run_dir)
     if resume is not None:
+        if "controller" not in resume or "next_epoch" not in resume:
+            raise CheckpointError(f"--resume {resume_path} is not a checkpoint of this train.py (no sparsity or epoch "
+                                  "state: a timm train.py checkpoint or bare weights?); start a run from its weights "
+                                  f"with --initial-checkpoint {resume_path}")
         if resume.get("arch") != args.model:
             raise CheckpointError(f"--resume {resume_path} is a checkpoint of '{resume.get('arch')}', not "
                                   f"'{args.model}'; resume with the same --model/--config")
         _check_same_run(resume, resume_path, recipe, args, n_epochs)
-    model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, **create_kwargs)
+    initial = load_checkpoint_file(args.initial_checkpoint) if args.initial_checkpoint else None
+    # as timm's train.py (load_checkpoint's use_ema=True): the EMA weights when the file holds them
+    initial_ema = initial is not None and any(isinstance(initial.get(k), dict) for k in ("state_dict_ema", "model_ema"))
+    model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, use_ema=initial_ema,
+                         ckpt=initial, **create_kwargs)
     if resume is not None:
         try:
             model.load_state_dict(resume["state_dict"], strict=True)
@@ -304,7 +312,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             "scheduler": plain(lr_scheduler.state_dict()) if lr_scheduler is not None else None,
             "controller": ctl.state_dict(), "epoch": next_ep - 1, "next_epoch": next_ep, "skip_batches": skip,
             "global_step": state.global_step, "skipped_nonfinite": state.skipped_nonfinite, "metric": metric,
-            "args": resolved, "rng": _rng_state(), "version": 1, "run_epochs": n_epochs, "wall_time_s": elapsed(),
+            # version 2 as timm's CheckpointSaver: "epoch" is the last finished one (timm resumes at epoch + 1)
+            "args": resolved, "rng": _rng_state(), "version": 2, "run_epochs": n_epochs, "wall_time_s": elapsed(),
             "best": state.extra.get("best"), "hist": state.extra.get("hist", []),
             "metric_model": "ema" if model_ema is not None else "model",  # which weights `metric` evaluated
             "loss_sum": float(running) if (mid_epoch and running is not None) else 0.0,

@@ -552,6 +552,47 @@ def test_initial_checkpoint_from_stock_timm_loads_and_says_so(tmp_path, caplog, 
     assert torch.equal(fc1, stock.state_dict()["blocks.0.mlp.fc1.weight"] * mask)  # pruned from the stock weights
 
 
+def test_checkpoints_of_timms_train_py(tmp_path, capsys, caplog):
+    """A checkpoint as timm's train.py writes it (CheckpointSaver: its argparse.Namespace as ``args``, version 2,
+    EMA weights): validate.py rebuilds the model from its args (here a 10-class head), --initial-checkpoint takes
+    the EMA weights as timm's train.py does, and --resume says to use --initial-checkpoint (all were refused as
+    needing arbitrary pickled code)."""
+    import argparse
+
+    import timm
+
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    live = timm.create_model("vit_tiny_patch16_224", num_classes=10, **kwargs)
+    ema = timm.create_model("vit_tiny_patch16_224", num_classes=10, **kwargs)
+    targs = argparse.Namespace(model="vit_tiny_patch16_224", num_classes=10, model_kwargs=kwargs, in_chans=None,
+                               gp=None, img_size=None, input_size=None, crop_pct=None, mean=None, std=None,
+                               interpolation="", dataset="", data_dir=None, epochs=300)
+    path = tmp_path / "timm.pth.tar"
+    torch.save({"epoch": 3, "arch": "vit_tiny_patch16_224", "state_dict": live.state_dict(),
+                "state_dict_ema": ema.state_dict(), "optimizer": {}, "version": 2, "args": targs, "metric": 1.0},
+               path)
+    model, _ = sparsity.model_from_checkpoint(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), live.eval()(x))
+    assert run_cli(validate.main, ["--checkpoint", str(path), "--dataset", "digits"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    base = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path)]
+    with caplog.at_level("INFO", logger="sparsity.checkpoint"):  # the CLI's handler prints it to stdout
+        assert run_cli(train.main, [*base, "--lr", "0", "--initial-checkpoint", str(path), "--experiment",
+                                    "init"]) == 0
+    assert f"from {path} (EMA weights)" in capsys.readouterr().out
+    state = torch.load(tmp_path / "init" / "last.pth.tar", weights_only=True)
+    assert torch.equal(state["state_dict"]["patch_embed.proj.weight"], ema.state_dict()["patch_embed.proj.weight"])
+    assert state["version"] == 2 and state["epoch"] == 0  # timm's meaning: the last finished epoch
+    assert run_cli(train.main, [*base, "--resume", str(path), "--experiment", "res"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a checkpoint of this train.py" in err and f"--initial-checkpoint {path}" in err
+    assert not (tmp_path / "res").exists()
+
+
 def test_batch_of_one_on_batchnorm_with_1x1_maps_is_refused_up_front(tmp_path, capsys):
     """ResNet at 32 px sees 1x1 maps in its last stage: with -b 1 BatchNorm gets one value per channel and the
     first training step would die in a traceback, after the run folder was written."""
