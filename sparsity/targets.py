@@ -44,9 +44,8 @@ def _classifier_names(model: nn.Module) -> set[str]:
         head = get()
     except Exception:  # noqa: BLE001 - a model without a usable classifier simply has no head target
         return set()
-    if not isinstance(head, nn.Module):
-        return set()
-    ids = {id(m) for m in head.modules()}
+    heads = head if isinstance(head, (tuple, list)) else (head,)  # distilled DeiT: (head, head_dist)
+    ids = {id(m) for h in heads if isinstance(h, nn.Module) for m in h.modules()}
     return {name for name, mod in model.named_modules() if id(mod) in ids}
 
 

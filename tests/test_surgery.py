@@ -111,6 +111,11 @@ def test_targets_stem_head_first_block_last_layer_proj():
     rtags = {c.fqn: c.tags for c in find_candidates(tiny_model("resnet"))}
     assert "stem" in rtags["conv1"] and "head" in rtags["fc"] and "conv1x1" in rtags["layer2.0.downsample.0"]
     assert "conv_kxk" in rtags["layer1.0.conv1"] and "first_block" in rtags["layer1.0.conv2"]
+    import timm  # a distilled DeiT has two classifiers (get_classifier() returns both): both are the head
+
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10)
+    dtags = {c.fqn: c.tags for c in find_candidates(deit)}
+    assert "head" in dtags["head"] and "head" in dtags["head_dist"] and "ff" not in dtags["head_dist"]
 
 
 def test_non_divisible_layer_skipped_or_strict_error():
