@@ -86,6 +86,12 @@ def _config(model: nn.Module, arch: str, create_kwargs: dict, recipe: dict | Non
     from timm.models._pretrained import filter_pretrained_cfg
 
     pcfg = filter_pretrained_cfg(dict(getattr(model, "pretrained_cfg", {}) or {}), remove_source=True)
+    try:
+        from timm.models import get_pretrained_cfg
+
+        stock_input = get_pretrained_cfg(arch).input_size
+    except Exception:  # noqa: BLE001 - an architecture without a registered config: no stock size to compare
+        stock_input = None
     for k in ("custom_load", "tag"):
         pcfg.pop(k, None)
     pcfg["architecture"] = arch
@@ -95,6 +101,12 @@ def _config(model: nn.Module, arch: str, create_kwargs: dict, recipe: dict | Non
     if isinstance(img, int) or (isinstance(img, (list, tuple)) and len(img) == 2):
         size = (img, img) if isinstance(img, int) else tuple(img)
         pcfg["input_size"] = (pcfg.get("input_size", (3,))[0], *size)
+    # the stock weights' test-time size and crop (ConvNeXt: 288 px, crop 1.0), which timm's validate.py prefers,
+    # are not how this model was evaluated; nor does the stock pool size hold at another input size
+    for key in ("test_input_size", "test_crop_pct"):
+        pcfg.pop(key, None)
+    if "pool_size" in pcfg and tuple(pcfg.get("input_size") or ()) != tuple(stock_input or ()):
+        pcfg.pop("pool_size")
     cfg = {
         "architecture": arch,
         "num_classes": num_classes,

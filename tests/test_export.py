@@ -111,6 +111,23 @@ def test_densified_loads_strict_into_stock_timm(vit24, x32, tmp_path):
     torch.testing.assert_close(_logits(local, x32), _logits(vit24, x32), rtol=0, atol=1e-6)
 
 
+def test_densified_config_drops_the_stock_test_size(tmp_path):
+    """A ConvNeXt trained at 32 px: its export's config.json keeps no stock test-time size (288 px, crop 1.0) or
+    pool size, which timm's validate.py (use_test_size) would otherwise evaluate at."""
+    from timm.data import resolve_data_config
+
+    model = timm.create_model("convnext_atto", num_classes=10)
+    sparsity.sparsify_(model, sparsity.recipe_from_dict({"method": "ste", "rules": [{"target": "ff", "n": 2,
+                                                                                     "m": 4}]}))
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 0.9}  # the run's
+    sparsity.export_densified(model, tmp_path / "d", arch="convnext_atto", create_kwargs={"num_classes": 10})
+    pcfg = json.loads((tmp_path / "d" / CONFIG_FILE).read_text())["pretrained_cfg"]
+    assert not {"test_input_size", "test_crop_pct", "pool_size"} & set(pcfg)
+    local = timm.create_model(f"local-dir:{tmp_path / 'd'}", pretrained=True)
+    cfg = resolve_data_config({}, model=local, use_test_size=True)
+    assert tuple(cfg["input_size"]) == (3, 32, 32) and cfg["crop_pct"] == 0.9
+
+
 # ---- compressed ----------------------------------------------------------------------------------------------------
 def _assert_bit_exact(src: torch.nn.Module, loaded: torch.nn.Module) -> None:
     src_masked = dict(sparsity.masked_modules(src))
