@@ -144,10 +144,13 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     num_classes = _num_classes(args, train_ds)
     create_kwargs = dict(args.model_kwargs or {})
     create_kwargs["num_classes"] = num_classes
-    if args.drop:
-        create_kwargs["drop_rate"] = args.drop
-    if args.drop_path is not None:
-        create_kwargs["drop_path_rate"] = args.drop_path
+    for flag, key, value in (("--drop", "drop_rate", args.drop or None), ("--drop-path", "drop_path_rate",
+                                                                           args.drop_path)):
+        if value is None:
+            continue
+        if key in create_kwargs and create_kwargs[key] != value:  # timm's create_model would refuse the pair too
+            raise UserError(f"{flag} {value} and model_kwargs {key}={create_kwargs[key]} disagree; set one of them")
+        create_kwargs[key] = value
     # what can be refused from the flags and files alone is refused before the model (and its layer table) is built
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
@@ -175,13 +178,13 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         else:
             _logger.info("--resume auto: no checkpoint in %s yet; starting a new run there", run_dir)
     if resume is not None:
+        if resume.get("arch") != args.model:
+            raise CheckpointError(f"--resume {resume_path} is a checkpoint of '{resume.get('arch')}', not "
+                                  f"'{args.model}'; resume with the same --model/--config")
         if "controller" not in resume or "next_epoch" not in resume:
             raise CheckpointError(f"--resume {resume_path} is not a checkpoint of this train.py (no sparsity or epoch "
                                   "state: a timm train.py checkpoint or bare weights?); start a run from its weights "
                                   f"with --initial-checkpoint {resume_path}")
-        if resume.get("arch") != args.model:
-            raise CheckpointError(f"--resume {resume_path} is a checkpoint of '{resume.get('arch')}', not "
-                                  f"'{args.model}'; resume with the same --model/--config")
         _check_same_run(resume, resume_path, recipe, args, n_epochs)
     initial = load_checkpoint_file(args.initial_checkpoint) if args.initial_checkpoint else None
     # as timm's train.py (load_checkpoint's use_ema=True): the EMA weights when the file holds them
@@ -380,9 +383,11 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             ctl.step(state.global_step)
             eval_metrics = evaluate(train_model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype,
                                     channels_last=args.channels_last, reduce=reduce)
-            row = {"epoch": epoch, "step": state.global_step, "train_loss": round(train_metrics["loss"], 6),
+            # timm's summary.csv columns first, in timm's order (epoch, train_loss, eval_*, lr), then ours
+            row = {"epoch": epoch, "train_loss": round(train_metrics["loss"], 6),
                    "eval_loss": round(eval_metrics["loss"], 6), "eval_top1": round(eval_metrics["top1"], 4),
-                   "eval_top5": round(eval_metrics["top5"], 4), "lr": optimizer.param_groups[0]["lr"]}
+                   "eval_top5": round(eval_metrics["top5"], 4), "lr": optimizer.param_groups[0]["lr"],
+                   "step": state.global_step}
             if model_ema is not None:
                 ctl.sync(model_ema.module)
                 ema_metrics = evaluate(model_ema.module, loader_val, val_loss_fn, device=dist.device,

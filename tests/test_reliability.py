@@ -320,7 +320,11 @@ def test_pickled_code_checkpoint_is_refused(tmp_path):
 
     from sparsity.checkpoint import CheckpointError, load_checkpoint_file
 
+    import fractions
+
     p = tmp_path / "code.pth"
-    torch.save({"args": argparse.Namespace(lr=0.1)}, p)  # as old timm checkpoints did: needs a pickled class
+    torch.save({"args": fractions.Fraction(1, 3)}, p)  # any class outside torch's allowlist
     with pytest.raises(CheckpointError, match="needs arbitrary pickled code"):
         load_checkpoint_file(p)
+    torch.save({"args": argparse.Namespace(lr=0.1)}, p)  # timm's train.py stores its argparse namespace: allowed
+    assert load_checkpoint_file(p)["args"] == {"lr": 0.1}

@@ -282,6 +282,8 @@ def test_run_shape_errors_before_anything_is_written(tmp_path, capsys):
         (["--epochs", "0", "--experiment", "a"], "--epochs must be at least 1, got 0"),
         (["-b", "4096", "--experiment", "b"], "batch size 4096 x 1 process(es) exceeds the training set (1437 images"),
         (["--resume", "auto"], "--resume auto needs --experiment NAME"),
+        (["--drop-path", "0.1", "--model-kwargs", "drop_path_rate=0.2", "--experiment", "c"],
+         "--drop-path 0.1 and model_kwargs drop_path_rate=0.2 disagree; set one of them"),
     ]
     for extra, message in cases:
         assert run_cli(train.main, [*base, *extra]) == 2, extra
