@@ -430,8 +430,9 @@ class GumbelMethod(SparsityMethod):
         _log.warning(
             "gumbel: the mask logits ended near uniform (entropy %.1f %% of uniform's): their argmax, the final "
             "masks, is close to arbitrary. Starting from a dense model, use init: magnitude; otherwise train longer "
-            "or with a larger lr; and keep a fine-tune phase (finetune_fraction) so BatchNorm fits the final masks",
-            100 * ent_sum / uniform_sum)
+            "or with a larger lr; and keep a fine-tune phase (finetune_fraction) so the %s fit the final masks",
+            100 * ent_sum / uniform_sum, "BatchNorm statistics and other weights" if any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()) else "other weights")
 
     def metric_reference(self) -> dict[str, torch.Tensor]:
         return {f"{fqn}/{name}": t for (fqn, name), t in self._last_argmax.items()}
