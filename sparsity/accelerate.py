@@ -185,6 +185,9 @@ def pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize:
                     semi_kernel: str = "auto") -> tuple[str | None, str]:
     """(why the pattern/shape/dtype cannot run on ``backend`` or None, a note for the table)."""
     if not isinstance(mod, nn.Linear):
+        if tuple(mod.weight.shape[2:]) == (1, 1):
+            return ("1x1 Conv2d: a matmul over channels, but accelerate_ converts Linear layers only (it would need "
+                    "the activations permuted to channels-last rows around the sparse matmul)"), ""
         return "Conv2d: no commodity sparse conv kernel (would need im2col)", ""
     masked = isinstance(mod, MaskedMixin)
     out_f, in_f = mod.weight.shape

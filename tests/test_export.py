@@ -455,6 +455,14 @@ def test_accelerate_on_cpu_changes_nothing_and_says_why(backend, x32):
         assert "no block pattern" in by_fqn["blocks.0.mlp.fc1"]["reason"]
 
 
+def test_plan_tells_1x1_convs_from_kxk_convs():
+    """A 1x1 conv is a matmul over channels (ConvNeXt-V2's MLP): its row says what is missing, not im2col."""
+    model = timm.create_model("resnet10t", num_classes=10)
+    rows = {r["fqn"]: r["reason"] for r in sparsity.accelerate_(model, backend="semi_structured")}
+    assert "1x1 Conv2d: a matmul over channels" in rows["layer2.0.downsample.1"]
+    assert "would need im2col" in rows["layer1.0.conv1"]
+
+
 def test_plan_of_a_densified_model_names_the_pattern_its_zeros_show(vit24):
     """A densified export is plain timm: no masks, but 2:4 zeros that the 2:4 kernel can run; the row's pattern
     says so instead of 'dense' next to 'otherwise eligible'."""
