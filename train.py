@@ -79,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=2e-5)
     g.add_argument("--clip-grad", type=float, default=None)
-    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: --lr-base scaled to the global batch, as timm's train.py)")
+    g.add_argument("--lr-base", type=float, default=0.1, help="lr for a global batch of --lr-base-size")
+    g.add_argument("--lr-base-size", type=int, default=256)
+    g.add_argument("--lr-base-scale", type=str, default="", choices=["", "linear", "sqrt"],
+                   help="how --lr-base scales with the batch (default: sqrt for ada*/lamb optimizers, else linear)")
     g.add_argument("--sched", type=str, default="cosine",
                    choices=("cosine", "tanh", "step", "multistep", "plateau", "poly", "none"),
                    help="timm's LR schedulers; none: constant LR (no warm-up)")

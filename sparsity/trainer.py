@@ -106,6 +106,20 @@ def _loss_fns(args, mixup_active: bool):
     return train, nn.CrossEntropyLoss()
 
 
+def resolve_lr(args, world_size: int, log: bool = True) -> None:
+    """As timm's train.py: without ``--lr``, the lr is ``--lr-base`` scaled by the global batch over
+    ``--lr-base-size``, linearly (square root for the ada*/lamb optimizers, or as ``--lr-base-scale`` says)."""
+    if args.lr is not None:
+        return
+    global_batch = args.batch_size * world_size
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
+    args.lr = args.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
+    if log:
+        _logger.info("lr %g: --lr-base %g for a batch of %d, %s-scaled to the global batch of %d (pass --lr to set "
+                     "it)", args.lr, args.lr_base, args.lr_base_size, scale, global_batch)
+
+
 def _optimizer(args, ctl: SparsityController, is_main: bool):
     from timm.optim import optimizer_kwargs
 
@@ -131,6 +145,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     setup_logging(dist.is_main)
     recipe = recipe_from_dict(sparsity_block or {}, source=config_path or "the command line")
     resolve_dataset(args)
+    resolve_lr(args, dist.world_size, dist.is_main and not args.print_config)
     if args.print_config:
         print(yaml.safe_dump(resolved_config(args, recipe), sort_keys=False))
         return 0

@@ -131,6 +131,18 @@ def test_plateau_schedule_without_warmup_keeps_the_lr(tmp_path):
         assert [float(r["lr"]) for r in csv.DictReader(f)] == [1e-3, 1e-3]
 
 
+@pytest.mark.parametrize("opt, flags, lr", [
+    ("sgd", [], 0.025), ("adamw", [], 0.05), ("sgd", ["--lr", "0.3"], 0.3),
+    ("adamw", ["--lr-base-scale", "linear", "--lr-base", "0.004", "--lr-base-size", "4096"], 0.0000625),
+])
+def test_lr_from_lr_base_as_in_timm(opt, flags, lr, capsys):
+    """Without --lr the lr is --lr-base scaled to the global batch (here 64 on one process) over --lr-base-size:
+    linearly, by the square root for ada*/lamb optimizers, as timm's train.py computes it."""
+    assert run_cli(train.main, ["--opt", opt, "-b", "64", *flags, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lr"] == pytest.approx(lr)
+
+
 def test_cooldown_epochs_are_trained_as_in_timm(tmp_path, capsys):
     """timm's train.py trains the length of its lr schedule: --epochs plus --cooldown-epochs. The sparsity schedule
     spans all of it (mdgf's decay and fine-tune fraction over 2 epochs), and a resume that would change the length
