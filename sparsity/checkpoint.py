@@ -157,13 +157,35 @@ def model_state_from(ckpt: dict, use_ema: bool = False) -> dict:
     return ckpt
 
 
+def _keep_fresh_head(model: nn.Module, state: dict, path) -> dict:
+    """A checkpoint whose classifier has another number of classes (ImageNet weights for a CIFAR-100 run): the
+    model's classifier keeps its fresh initialisation, as timm does when it loads pretrained weights for another
+    ``num_classes``. Every other tensor must still fit."""
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    own = model.state_dict()
+    swapped = [k for k, v in state.items() if k in own and own[k].shape != v.shape
+               and any(k.startswith(h + ".") for h in heads)]
+    if not swapped:
+        return state
+    first = next((k for k in swapped if k.endswith(".weight")), swapped[0])
+    logging.getLogger(__name__).warning(
+        "%s: its classifier (%s) predicts %d classes, this model %d: the classifier keeps its fresh initialisation "
+        "(as timm does for pretrained weights); every other tensor is loaded", path, ", ".join(heads),
+        state[first].shape[0], own[first].shape[0])
+    return {**state, **{k: own[k] for k in swapped}}
+
+
 def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool = False, strict: bool = True,
-                       ckpt: dict | None = None) -> dict:
+                       ckpt: dict | None = None, fresh_head: bool = False) -> dict:
     """Load weights into ``model``; a mismatch (another architecture) is a :class:`CheckpointError` naming keys.
-    ``ckpt``: the file's contents when the caller has already loaded them (read once)."""
+    ``ckpt``: the file's contents when the caller has already loaded them (read once). ``fresh_head``: a
+    classifier for another number of classes is left as initialised (fine-tuning onto another data set)."""
     ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
     state = model_state_from(ckpt, use_ema)
     state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    if fresh_head:
+        state = _keep_fresh_head(model, state, path)
     try:
         result = model.load_state_dict(state, strict=strict)
     except RuntimeError as e:

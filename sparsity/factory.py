@@ -21,6 +21,7 @@ def create_model(
     checkpoint: str | os.PathLike | None = None,
     use_ema: bool = False,
     ckpt: dict | None = None,
+    fresh_head: bool = False,
     **timm_kwargs,
 ) -> nn.Module:
     """``timm.create_model(model_name, **timm_kwargs)`` -> ``sparsify_(model, recipe)`` -> load ``checkpoint``.
@@ -31,6 +32,8 @@ def create_model(
     The checkpoint may be ours (``.pth.tar`` with masks), a stock timm/dense state dict (masks then come from the
     controller's first step), or a densified ``.safetensors`` export. It is read (or ``ckpt``, its contents when
     the caller has read it) before the model is built: a missing or unreadable file is refused first.
+    ``fresh_head``: a classifier for another number of classes keeps its initialisation (train.py's
+    ``--initial-checkpoint``, as timm's pretrained loading does).
     """
     import timm
 
@@ -54,7 +57,7 @@ def create_model(
     if recipe is not None:
         sparsify_(model, recipe)
     if checkpoint:
-        load_model_weights(model, checkpoint, use_ema=use_ema, ckpt=ckpt)
+        load_model_weights(model, checkpoint, use_ema=use_ema, ckpt=ckpt, fresh_head=fresh_head)
     return model
 
 

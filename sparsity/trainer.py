@@ -205,7 +205,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     # as timm's train.py (load_checkpoint's use_ema=True): the EMA weights when the file holds them
     initial_ema = initial is not None and any(isinstance(initial.get(k), dict) for k in ("state_dict_ema", "model_ema"))
     model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, use_ema=initial_ema,
-                         ckpt=initial, **create_kwargs)
+                         ckpt=initial, fresh_head=True, **create_kwargs)
     if resume is not None:
         try:
             model.load_state_dict(resume["state_dict"], strict=True)

@@ -607,6 +607,24 @@ def test_checkpoints_of_timms_train_py(tmp_path, capsys, caplog):
     assert not (tmp_path / "res").exists()
 
 
+def test_initial_checkpoint_with_another_number_of_classes_keeps_a_fresh_head(tmp_path, capsys):
+    """ImageNet-style weights (1000 classes) for a 10-class run: everything but the classifier loads, the
+    classifier keeps its initialisation and the log says so (the load was refused on the head's shape)."""
+    import timm
+
+    torch.manual_seed(0)
+    stock = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    torch.save(stock.state_dict(), tmp_path / "in1k.pth")
+    cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--lr", "0", "--initial-checkpoint",
+                                str(tmp_path / "in1k.pth"), "--output", str(tmp_path), "--experiment", "run"]) == 0
+    assert "its classifier (head) predicts 1000 classes, this model 10: the classifier keeps its fresh " \
+           "initialisation" in capsys.readouterr().out
+    state = torch.load(tmp_path / "run" / "last.pth.tar", weights_only=True)["state_dict"]
+    assert torch.equal(state["patch_embed.proj.weight"], stock.state_dict()["patch_embed.proj.weight"])
+    assert state["head.weight"].shape == (10, 32)
+
+
 def test_batch_of_one_on_batchnorm_with_1x1_maps_is_refused_up_front(tmp_path, capsys):
     """ResNet at 32 px sees 1x1 maps in its last stage: with -b 1 BatchNorm gets one value per channel and the
     first training step would die in a traceback, after the run folder was written."""
