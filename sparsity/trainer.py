@@ -40,6 +40,8 @@ from .run_files import (
     _seed_all,
     _set_rng_state,
     check_writable,
+    claim_run_dir,
+    finish_epoch_files,
     load_newest_checkpoint,
     newest_checkpoint,
     resolved_config,
@@ -179,6 +181,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     n_epochs = run_epochs(args, recipe)
     resume_path = args.resume if args.resume and args.resume != "auto" else None
     run_dir = _run_dir(args, resume_path)
+    # a resume continues in the run's own folder; anything else is a new run in a folder of its own
+    in_place = args.resume == "auto" or bool(resume_path and Path(resume_path).resolve().parent == run_dir.resolve())
     resume = load_checkpoint_file(resume_path) if resume_path else None
     if args.resume == "auto":
         found = load_newest_checkpoint(run_dir) if run_dir.exists() else None
@@ -227,6 +231,14 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     check_input_size(model, data_cfg["input_size"], args.model, dist.device, args.channels_last, args.batch_size)
     if dist.is_main:
         check_writable(run_dir)
+        if not in_place:
+            run_dir = claim_run_dir(run_dir, args)
+        elif resume is not None:
+            finish_epoch_files(run_dir, resume_path, resume)
+    if dist.distributed and not in_place:  # every rank names the folder rank 0 claimed
+        shared = [str(run_dir)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
     if n_epochs != args.epochs and dist.is_main:
         _logger.info("training %d epochs, the length of the lr schedule timm builds from --epochs %d (with "
                      "--cooldown-epochs %d, cycles, warm-up prefix), as timm's train.py does; --cooldown-epochs 0 "
@@ -308,7 +320,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     summary_path = run_dir / "summary.csv"
     if dist.is_main:
         args_file = run_dir / "args.yaml"
-        if resume is not None and args_file.exists():  # keep the run's own config; record what the resume used
+        if in_place and resume is not None and args_file.exists():  # keep the run's config; record the resume's
             args_file = run_dir / f"args-resumed-step{state.global_step}.yaml"
         args_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
         truncate_summary(summary_path, next_epoch)  # a new run in an old folder (--resume auto) starts it empty
@@ -446,8 +458,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
         seconds = elapsed()
         final_best = _claim_best(state, final_metric, n_epochs, problem, args.eval_metric == "loss")
-        save(dict(checkpoint_dict(n_epochs, 0, final_metric), final=final, wall_time_s=seconds),
-             run_dir / "last.pth.tar")
+        save(dict(checkpoint_dict(n_epochs, 0, final_metric), final=final, wall_time_s=seconds,
+                  copies=["model_best.pth.tar"] if final_best else []), run_dir / "last.pth.tar")
         if final_best:
             _copy_atomic(run_dir / "last.pth.tar", run_dir / "model_best.pth.tar")
         elif state.extra.get("best") is None:

@@ -74,6 +74,57 @@ def test_sigkill_then_resume_auto_is_bit_exact(tmp_path, fault):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "--resume auto: resuming from" in resumed.stdout
     _assert_same(_final(tmp_path / "ref"), _final(run))
+    assert not list(run.glob(".*.tmp"))  # the resume removed the interrupted write's temp file
+
+
+def test_two_runs_started_at_once_get_their_own_folders(tmp_path):
+    """Both found output/same free before either wrote into it; the second to claim it takes same-1 (they shared
+    one folder: duplicated summary rows, one run's args.yaml beside the other's checkpoints)."""
+    from types import SimpleNamespace
+
+    from sparsity.run_files import _run_dir, claim_run_dir
+
+    args = SimpleNamespace(output=str(tmp_path), experiment="same", resume="", model="m")
+    first, second = _run_dir(args, None), _run_dir(args, None)
+    assert first == second == tmp_path / "same"
+    assert claim_run_dir(first, args) == tmp_path / "same"
+    assert claim_run_dir(second, args) == tmp_path / "same-1"
+    assert (tmp_path / "same" / "args.yaml").exists() and (tmp_path / "same-1" / "args.yaml").exists()
+
+
+def test_a_crash_before_the_epoch_copies_loses_no_model_best(tmp_path, monkeypatch):
+    """Killed after last.pth.tar was written but before its copy to model_best/checkpoint-<epoch>: the resumed run
+    makes the copies (it took the best as already claimed, and the run ended without model_best.pth.tar)."""
+    import sparsity.run_files as rf
+
+    cfg = _cfg(tmp_path, {"method": "ste", "rules": [{"target": "ff", "n": 2, "m": 4}]}, epochs=2)
+    common = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--checkpoint-hist", "1"]
+    real = rf._copy_atomic
+    best_copies = []
+    monkeypatch.setattr(rf, "_copy_atomic", lambda src, dst: (best_copies.append(dst.name == "model_best.pth.tar"),
+                                                               real(src, dst)))
+    assert run_cli(train.main, [*common, "--experiment", "ref"]) == 0
+    last_best = sum(best_copies)  # the run's last model_best copy: no later epoch claims the best again
+
+    def crash(src, dst):
+        if dst.name == "model_best.pth.tar":
+            crash.n += 1
+            if crash.n == last_best:
+                raise KeyboardInterrupt  # the process dies here, as under SIGKILL
+        real(src, dst)
+    crash.n = 0
+    monkeypatch.setattr(rf, "_copy_atomic", crash)
+    assert run_cli(train.main, [*common, "--experiment", "run", "--resume", "auto"]) != 0
+    run = tmp_path / "run"
+    monkeypatch.setattr(rf, "_copy_atomic", real)
+    assert run_cli(train.main, [*common, "--experiment", "run", "--resume", "auto"]) == 0
+    names = sorted(p.name for p in run.glob("*.pth.tar"))
+    assert names == sorted(p.name for p in (tmp_path / "ref").glob("*.pth.tar"))
+    for name in names:
+        a = torch.load(run / name, weights_only=True)
+        b = torch.load(tmp_path / "ref" / name, weights_only=True)
+        assert a["epoch"] == b["epoch"] and all(torch.equal(v, b["state_dict"][k]) for k, v in
+                                                a["state_dict"].items()), name
 
 
 @pytest.mark.parametrize("block, column", [
@@ -317,10 +368,9 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
 
 def test_pickled_code_checkpoint_is_refused(tmp_path):
     import argparse
+    import fractions
 
     from sparsity.checkpoint import CheckpointError, load_checkpoint_file
-
-    import fractions
 
     p = tmp_path / "code.pth"
     torch.save({"args": fractions.Fraction(1, 3)}, p)  # any class outside torch's allowlist
