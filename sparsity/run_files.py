@@ -238,9 +238,9 @@ def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: 
 def finish_epoch_files(run_dir: Path, path: str | Path, ck: dict) -> None:
     """Resuming in the run's folder: delete the temporary files of interrupted writes; from its ``last.pth.tar``,
     also redo what a crash may have cut short after it was written (its ``copies``, i.e. checkpoint-<epoch> and
-    model_best; deleting the epoch checkpoints it no longer keeps and the recovery file it superseded). Without this, a crash
-    between writing last.pth.tar and copying it lost that model_best for good: the resumed run saw the best as
-    already claimed."""
+    model_best; deleting the epoch checkpoints it no longer keeps and the recovery file it superseded). Without
+    this, a crash between writing last.pth.tar and copying it lost that model_best for good: the resumed run saw
+    the best as already claimed."""
     for tmp in run_dir.glob(".*.tmp"):  # write_atomic's temporaries of writes a crash cut short
         _remove_stale(tmp)
     last = run_dir / "last.pth.tar"
