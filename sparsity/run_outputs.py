@@ -6,12 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import write_csv_atomic
+from .checkpoint import write_atomic, write_csv_atomic
+from .errors import UserError
 from .report import format_report, overall_sparsity
 
-__all__ = ["append_summary", "truncate_summary", "init_wandb", "write_report", "plots", "final_table"]
+__all__ = ["append_summary", "truncate_summary", "init_wandb", "write_report", "plots", "final_table",
+           "explain_write_errors"]
 
 _logger = logging.getLogger("train")
 
@@ -55,12 +58,20 @@ def init_wandb(args, resolved: dict, run_dir: Path):
     return wandb.init(project=args.experiment or "sparsity", config=resolved, dir=str(run_dir))
 
 
+@contextmanager
+def explain_write_errors(run_dir: Path):
+    """A full disk (or a folder gone read-only) while writing the run's tables, config or plots: one message and
+    exit code 2, as for checkpoints, instead of a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"could not write into {run_dir} ({e.strerror or e}); free space or choose another --output. "
+                        "The checkpoints written so far are intact: rerun with --resume auto to finish") from None
+
+
 def write_report(run_dir: Path, rows, final, model, args, recipe, seconds: float) -> None:
-    with open(run_dir / "sparsity_report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["fqn"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
+    write_csv_atomic(run_dir / "sparsity_report.csv", list(rows[0]) if rows else ["fqn"],
+                     [{**r, "shape": "x".join(map(str, r["shape"]))} for r in rows])
     conform = [r["conforms"] for r in rows if r["conforms"] is not None]
     result = {
         "model": args.model, "method": recipe.method, "top1": final["top1"], "top5": final["top5"],
@@ -69,7 +80,7 @@ def write_report(run_dir: Path, rows, final, model, args, recipe, seconds: float
         "layers_conforming": sum(bool(c) for c in conform), "wall_time_s": round(seconds, 2),
     }
     result.update({k: final[k] for k in ("ema_top1", "ema_top5", "ema_loss") if k in final})  # --model-ema
-    (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+    write_atomic(run_dir / "results.json", lambda f: f.write(json.dumps(result, indent=2)), mode="w")
 
 
 def plots(run_dir: Path, summary_path: Path, rows) -> None:

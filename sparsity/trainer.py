@@ -47,7 +47,15 @@ from .run_files import (
     resolved_config,
     run_epochs,
 )
-from .run_outputs import append_summary, final_table, init_wandb, plots, truncate_summary, write_report
+from .run_outputs import (
+    append_summary,
+    explain_write_errors,
+    final_table,
+    init_wandb,
+    plots,
+    truncate_summary,
+    write_report,
+)
 
 __all__ = ["run_training", "build_loaders", "resolve_data"]
 
@@ -322,8 +330,9 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         args_file = run_dir / "args.yaml"
         if in_place and resume is not None and args_file.exists():  # keep the run's config; record the resume's
             args_file = run_dir / f"args-resumed-step{state.global_step}.yaml"
-        args_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        truncate_summary(summary_path, next_epoch)  # a new run in an old folder (--resume auto) starts it empty
+        with explain_write_errors(run_dir):
+            args_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            truncate_summary(summary_path, next_epoch)  # a new run in an old folder (--resume auto) starts it empty
     wandb_run = init_wandb(args, resolved, run_dir) if (args.log_wandb and dist.is_main) else None
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
@@ -428,7 +437,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, ranked[args.eval_metric])
             if dist.is_main:
-                append_summary(summary_path, row)
+                with explain_write_errors(run_dir):
+                    append_summary(summary_path, row)
                 if wandb_run is not None:
                     wandb_run.log(row, step=state.global_step)
                 metric = ranked[args.eval_metric]
@@ -465,8 +475,9 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         elif state.extra.get("best") is None:
             _logger.warning("no model_best.pth.tar: the model never reached its recipe's target (%s); "
                             "last.pth.tar holds the final model", problem)
-        write_report(run_dir, rows, final, model, args, recipe, seconds)
-        plots(run_dir, summary_path, rows)
+        with explain_write_errors(run_dir):
+            write_report(run_dir, rows, final, model, args, recipe, seconds)
+            plots(run_dir, summary_path, rows)
         print(final_table(args, recipe, final, rows, model, run_dir, seconds))
     if wandb_run is not None:
         wandb_run.finish()

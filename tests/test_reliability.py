@@ -366,6 +366,27 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
     assert not list((tmp_path / "full").glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("target", ["append_summary", "write_report", "plots"])
+def test_disk_full_on_the_run_tables_is_one_message(tmp_path, monkeypatch, capsys, target):
+    """summary.csv, the report files and the plots hit a full disk: exit 2 with one line (they ended in a
+    traceback); the checkpoints written so far are intact and --resume auto finishes the run."""
+    import sparsity.trainer as trainer_mod
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real = getattr(trainer_mod, target)
+    monkeypatch.setattr(trainer_mod, target, full)
+    args = ["--config", _cfg(tmp_path, epochs=1), *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "r"]
+    assert run_cli(train.main, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "--resume auto" in err[0]
+    if target != "append_summary":  # the epoch's row is written before its checkpoint
+        assert torch.load(tmp_path / "r" / "last.pth.tar", weights_only=True)["next_epoch"] == 1
+    monkeypatch.setattr(trainer_mod, target, real)
+    assert run_cli(train.main, [*args, "--resume", "auto"]) == 0
+    assert (tmp_path / "r" / "results.json").exists()
+
+
 def test_pickled_code_checkpoint_is_refused(tmp_path):
     import argparse
     import fractions
