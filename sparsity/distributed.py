@@ -32,6 +32,10 @@ class DistInfo(SimpleNamespace):
 def pick_device(device_arg: str | None) -> str:
     """``--device``, default ``cuda`` when a GPU is visible; asking for CUDA without one is a :class:`UserError`."""
     want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(want)
+    except RuntimeError:
+        raise UserError(f"--device {want}: not a device torch knows; use cpu, cuda or cuda:N") from None
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {want}: CUDA is not available on this machine; use --device cpu")
     return want

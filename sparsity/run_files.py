@@ -72,6 +72,8 @@ def _run_dir(args, resume_path: str | None) -> Path:
     base = Path(args.output) / name
     if args.resume == "auto" or (resume_path and Path(resume_path).resolve().parent == base.resolve()):
         return base
+    if base.exists() and not base.is_dir():
+        raise UserError(f"{base} is a file, not a run folder; choose another --experiment or --output")
     out, i = base, 1
     while out.exists() and any(out.iterdir()):  # never write into a finished run: timm's -1, -2 suffixes
         out = Path(f"{base}-{i}")
@@ -106,7 +108,12 @@ def run_epochs(args, recipe: Recipe | None = None) -> int:
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    _, n = create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
+    try:
+        _, n = create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
+    except (AssertionError, ValueError, ZeroDivisionError) as e:  # timm's checks, e.g. plateau per update
+        raise UserError(f"timm cannot build the lr schedule --sched {args.sched} from these settings "
+                        f"({type(e).__name__}: {str(e).strip() or 'rejected'}); check --sched-on-updates (plateau "
+                        "steps per epoch only), --decay-epochs/--decay-milestones and the warm-up flags") from None
     n = max(int(n), args.epochs)
     if recipe is not None:
         from .methods import get_method

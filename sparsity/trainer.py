@@ -89,11 +89,16 @@ def build_loaders(args, data_cfg: dict, train_ds, val_ds, dist: DistInfo):
     if train_ds is not None:
         # as timm's train.py: the training crop's own interpolation (random by default), timm's erasing flags
         interp = data_cfg["interpolation"] if args.no_aug or not args.train_interpolation else args.train_interpolation
-        train = create_loader(train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
-                              re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-                              re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-                              vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-                              **{**common, "interpolation": interp})
+        try:
+            train = create_loader(train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
+                                  re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                                  re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+                                  vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+                                  **{**common, "interpolation": interp})
+        except (AssertionError, KeyError, ValueError) as e:  # timm's own checks of the augmentation settings
+            raise UserError(f"timm cannot build the training transform from these settings ({type(e).__name__}: "
+                            f"{str(e).strip() or 'rejected'}); check --aa {args.aa!r}, --reprob/--remode, --scale, "
+                            "--ratio, --hflip/--vflip and --color-jitter") from None
     val = create_loader(val_ds, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
                         crop_pct=data_cfg["crop_pct"], **common)
     return train, val
@@ -142,10 +147,57 @@ def _optimizer(args, ctl: SparsityController, is_main: bool):
 
 
 def _num_classes(args, train_ds) -> int:
-    n = args.num_classes or num_classes_of(train_ds)
+    found = num_classes_of(train_ds)
+    n = args.num_classes or found
     if not n:
         raise UserError("cannot infer the number of classes from the data set; pass --num-classes")
+    if found and n < found:
+        raise UserError(f"--num-classes {n} is fewer than the {found} classes of the training data; drop it (the "
+                        "data's count is the default) or pass at least that many")
     return n
+
+
+_INTERPOLATIONS = ("", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def check_args(args) -> None:
+    """Values timm/torch would only refuse mid-run, in a traceback (or accept and train on nonsense): refused
+    here, before anything is built or written, naming the flag."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    need(args.batch_size >= 1, f"-b must be at least 1, got {args.batch_size}")
+    need(args.validation_batch_size is None or args.validation_batch_size >= 1,
+         f"-vb must be at least 1, got {args.validation_batch_size}")
+    need(args.workers >= 0, f"-j/--workers must be 0 or more, got {args.workers}")
+    need(args.lr is None or args.lr >= 0, f"--lr must be 0 or more, got {args.lr}")
+    need(args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}")
+    need(args.log_interval >= 1, f"--log-interval must be at least 1, got {args.log_interval}")
+    need(0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}")
+    need(0 <= (args.drop or 0) < 1, f"--drop must be in [0, 1), got {args.drop}")
+    need(args.drop_path is None or 0 <= args.drop_path < 1, f"--drop-path must be in [0, 1), got {args.drop_path}")
+    need(0 <= args.model_ema_decay <= 1, f"--model-ema-decay must be in [0, 1], got {args.model_ema_decay}")
+    for flag in ("warmup_epochs", "cooldown_epochs", "recovery_interval", "skip_nonfinite", "mask_check_interval"):
+        need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+    need(args.color_jitter >= 0, f"--color-jitter must be 0 or more, got {args.color_jitter}")
+    need(0 < args.scale[0] <= args.scale[1] <= 1, f"--scale must be 0 < min <= max <= 1, got {args.scale}")
+    need(0 < args.ratio[0] <= args.ratio[1], f"--ratio must be 0 < min <= max, got {args.ratio}")
+    for flag in ("mean", "std"):
+        v = getattr(args, flag)
+        need(v is None or len(v) in (1, 3), f"--{flag} takes 1 or 3 values (one per channel), got {v}")
+    need(args.std is None or all(x > 0 for x in args.std), f"--std values must be above 0, got {args.std}")
+    need(args.opt_betas is None or len(args.opt_betas) == 2, f"--opt-betas takes 2 values, got {args.opt_betas}")
+    need(args.sched != "step" or args.decay_epochs > 0, f"--decay-epochs must be above 0, got {args.decay_epochs}")
+    need(args.interpolation in _INTERPOLATIONS,
+         f"--interpolation must be one of {', '.join(_INTERPOLATIONS[1:])}, got {args.interpolation!r}")
+    need(args.train_interpolation in (*_INTERPOLATIONS, "random"),
+         f"--train-interpolation must be random or one of {', '.join(_INTERPOLATIONS[1:])}, got "
+         f"{args.train_interpolation!r}")
+    if args.torchcompile:
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        need(args.torchcompile in backends,
+             f"--torchcompile {args.torchcompile}: not a torch.compile backend; use one of {', '.join(backends)}")
 
 
 def run_training(args, sparsity_block: dict | None, config_path: str | None = None) -> int:
@@ -156,6 +208,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     recipe = recipe_from_dict(sparsity_block or {}, source=config_path or "the command line")
     resolve_dataset(args)
     resolve_lr(args, dist.world_size, dist.is_main and not args.print_config)
+    check_args(args)
     if args.print_config:
         print(yaml.safe_dump(resolved_config(args, recipe), sort_keys=False))
         return 0
@@ -292,7 +345,16 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     lr_scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=steps_per_epoch)
     if resume is not None:
         if not args.no_resume_opt:
-            optimizer.load_state_dict(resume["optimizer"])
+            saved_opt = (resume.get("args") or {}).get("opt")
+            if saved_opt not in (None, args.opt):  # torch loads another optimizer's state and fails at its step
+                raise CheckpointError(f"--resume {resume_path} was trained with --opt {saved_opt}, not {args.opt}; "
+                                      "resume with the run's optimizer, or pass --no-resume-opt to start a fresh one")
+            try:
+                optimizer.load_state_dict(resume["optimizer"])
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"--resume {resume_path}: its optimizer state does not fit --opt {args.opt} "
+                                      f"({type(e).__name__}: {str(e)[:120]}); resume with the run's optimizer, or "
+                                      "pass --no-resume-opt to start a fresh one") from None
             if scaler is not None and resume.get("scaler"):
                 scaler.load_state_dict(resume["scaler"])
         if model_ema is not None and resume.get("state_dict_ema") is not None:

@@ -387,6 +387,50 @@ def test_disk_full_on_the_run_tables_is_one_message(tmp_path, monkeypatch, capsy
     assert (tmp_path / "r" / "results.json").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["-b", "0"], "-b must be at least 1, got 0"),
+    (["--lr", "-1"], "--lr must be 0 or more"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
+    (["--log-interval", "0"], "--log-interval must be at least 1"),
+    (["--num-classes", "3"], "--num-classes 3 is fewer than the 10 classes"),
+    (["--drop-path", "1.5"], "--drop-path must be in [0, 1)"),
+    (["--sched", "step", "--decay-epochs", "0"], "--decay-epochs must be above 0"),
+    (["--sched", "plateau", "--sched-on-updates"], "timm cannot build the lr schedule --sched plateau"),
+    (["--ratio", "0", "0"], "--ratio must be 0 < min <= max"),
+    (["--std", "0", "0", "0"], "--std values must be above 0"),
+    (["--mean", "0.5", "0.5"], "--mean takes 1 or 3 values"),
+    (["--aa", "bogus"], "timm cannot build the training transform"),
+    (["--interpolation", "bogus"], "--interpolation must be one of"),
+    (["--smoothing", "1.5"], "--smoothing must be in [0, 1)"),
+    (["--opt-betas", "0.9"], "--opt-betas takes 2 values"),
+    (["-j", "-1"], "-j/--workers must be 0 or more"),
+    (["--model-ema-decay", "5"], "--model-ema-decay must be in [0, 1]"),
+    (["--warmup-epochs", "-2"], "--warmup-epochs must be 0 or more"),
+    (["--device", "tpu"], "--device tpu: not a device torch knows"),
+    (["--torchcompile", "bogus"], "--torchcompile bogus: not a torch.compile backend"),
+])
+def test_nonsense_values_are_one_message(tmp_path, capsys, flags, message):
+    """Values timm or torch refused mid-run in a traceback (or accepted: a negative warm-up, an EMA decay of 5)."""
+    args = ["--config", _cfg(tmp_path, epochs=1), *TINY_VIT, *FAST, "--output", str(tmp_path / "out"), *flags]
+    assert run_cli(train.main, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_folder_that_is_a_file_and_resume_with_another_optimizer(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    base = ["--config", _cfg(tmp_path, epochs=2), *TINY_VIT, *FAST, "--output", str(tmp_path)]
+    assert run_cli(train.main, [*base, "--experiment", "taken"]) == 2
+    assert "taken is a file, not a run folder" in capsys.readouterr().err
+    assert run_cli(train.main, [*base, "--experiment", "r", "--checkpoint-hist", "2"]) == 0
+    capsys.readouterr()
+    ckpt = str(tmp_path / "r" / "checkpoint-0.pth.tar")
+    assert run_cli(train.main, [*base, "--experiment", "r", "--resume", ckpt, "--opt", "sgd"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with --opt adamw, not sgd" in err and "--no-resume-opt" in err
+
+
 def test_pickled_code_checkpoint_is_refused(tmp_path):
     import argparse
     import fractions
