@@ -284,9 +284,9 @@ def recipe_from_dict(block: dict | None, source: str | None = None) -> Recipe:
     """Validate a ``sparsity:`` mapping into a :class:`Recipe`."""
     from .methods import METHODS, get_method
 
+    if not isinstance(block or {}, dict):
+        raise RecipeError(f"{_where(source, 'sparsity')} must be a mapping (method:, rules:, ...), got {block!r}")
     block = dict(block or {})
-    if not isinstance(block, dict):
-        raise RecipeError(f"{_where(source, 'sparsity')} must be a mapping, got {block!r}")
     method_name = block.get("method", "dense")
     if not isinstance(method_name, str) or method_name not in METHODS:
         raise RecipeError(
@@ -320,6 +320,16 @@ def recipe_from_dict(block: dict | None, source: str | None = None) -> Recipe:
         )
     recipe = dataclasses.replace(recipe, method=method_name, rules=rules, options=opts, source=source)
     method_cls.validate(recipe)
+    active = [r for r in rules if not r.skip]
+    if method_cls.swaps_layers and not active:  # would train dense while named a sparse run
+        raise RecipeError(
+            f"{_where(source, 'sparsity.rules')}: method '{method_name}' has no rule that selects layers "
+            f"({'no rules given' if not rules else 'every rule is skip: true'}), so the model would train dense; add "
+            "one, e.g. - {target: ff, n: 2, m: 4}")
+    if not method_cls.swaps_layers and active:
+        raise RecipeError(
+            f"{_where(source, 'sparsity.rules')}: method '{method_name}' trains no sparsity, so its {len(active)} "
+            "rule(s) would be ignored; drop them, or choose a sparse method (ste, srste, mdgf, ...)")
     return recipe
 
 

@@ -226,6 +226,13 @@ BAD_RECIPES = {
                     "selects 4 layer(s) but none can take its pattern (e.g. blocks.0.mlp.fc1: "),
     "strict": ({"method": "ste", "rules": [{"target": "stem", "n": 2, "m": 4, "strict": True}]},
                "patch_embed.proj cannot take 2:4 (rules[0], strict: true"),
+    # sparse runs that would train dense, and blocks of the wrong type (they trained dense / raised a TypeError)
+    "no_rules": ({"method": "ste"}, "method 'ste' has no rule that selects layers (no rules given)"),
+    "only_skips": ({"method": "ste", "rules": [{"target": "ff", "skip": True}]}, "every rule is skip: true"),
+    "dense_rules": ({"method": "dense", "rules": [{"target": "ff", "n": 2, "m": 4}]}, "would be ignored"),
+    "not_a_mapping": ([1, 2], "must be a mapping (method:, rules:, ...), got [1, 2]"),
+    "huge_tile": ({"method": "supermask", "rules": [{"target": "ff", "sparsity": 0.5, "tile": 1000}]},
+                  "blocks.0.mlp.fc1: tile 1000 cuts the 128x32 weight into 1 tile(s), all of which sparsity 0.5 keeps"),
 }
 
 

@@ -264,6 +264,19 @@ class SupermaskMethod(SparsityMethod):
         return None
 
     @classmethod
+    def shape_problem(cls, recipe: Recipe, module: nn.Module, spec: SliceSpec) -> str | None:
+        """A unit too small for its tiles at its sparsity (tile 1000 on a 384x96 weight: one tile, which any
+        sparsity below 1 keeps) would train dense while its report said it conforms."""
+        if not spec.tile or not spec.sparsity:
+            return None
+        rows, cols = spec.stop - spec.start, math.prod(module.weight.shape[1:])
+        n_tiles = math.ceil(rows / spec.tile) * math.ceil(cols / spec.tile)
+        if tiles_kept(n_tiles, spec.sparsity) >= n_tiles:
+            return (f"tile {spec.tile} cuts the {rows}x{cols} weight into {n_tiles} tile(s), all of which sparsity "
+                    f"{spec.sparsity:g} keeps; use a smaller tile")
+        return None
+
+    @classmethod
     def prepare_layer(cls, recipe: Recipe, layer: MaskedMixin) -> None:
         opts = recipe.options
         names = []
