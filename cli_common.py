@@ -38,6 +38,9 @@ class ParseKwargs(argparse.Action):
 
 def _check_value(action: argparse.Action, key: str, value, path: str) -> None:
     if value is None:
+        if action.default is not None and not isinstance(action, ParseKwargs):  # null would reach the run as None
+            raise ConfigError(f"'{key}' in {path} is null; give it a value (default: {action.default!r}) or drop "
+                              "the key")
         return
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):

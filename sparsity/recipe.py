@@ -344,6 +344,22 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last one: a
+    recipe saying ``method: ste`` and later ``method: mdgf`` silently trained mdgf)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict:
     """Read an experiment YAML, resolving ``base: <relative path>`` inheritance (cycles are errors)."""
     path = Path(path)
@@ -352,9 +368,12 @@ def load_yaml(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict:
         chain = " -> ".join(_seen + (key,))
         raise RecipeError(f"recipe inheritance cycle: {chain}; remove one of the 'base:' keys")
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist" + (f" (named as base: in {_seen[-1]})" if _seen else ""))
+        what = "is a directory, not a recipe file" if path.is_dir() else "does not exist"
+        raise RecipeError(f"recipe file {path} {what}" + (f" (named as base: in {_seen[-1]})" if _seen else ""))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -438,6 +438,20 @@ def test_run_folder_that_is_a_file_and_resume_with_another_optimizer(tmp_path, c
     assert "was trained with --opt adamw, not sgd" in err and "--no-resume-opt" in err
 
 
+def test_recipe_files_with_null_values_repeated_keys_or_other_encodings(tmp_path, capsys):
+    """A null training key (it reached the run as None: a traceback), a key given twice (PyYAML kept the last one
+    without a word), a file that is not UTF-8 (UnicodeDecodeError) and a base: naming a directory."""
+    cases = {"null.yaml": (b"epochs: null\n", "'epochs' in"), "twice.yaml": (
+        b"sparsity:\n  method: ste\n  method: mdgf\n", "key 'method' appears twice in one mapping (line 3)"),
+        "latin1.yaml": (b"epochs: 1\n# caf\xe9\n", "is not UTF-8 text"),
+        "dirbase.yaml": (b"base: .\n", "is a directory, not a recipe file")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_bytes(text)
+        assert run_cli(train.main, ["--config", str(tmp_path / name), "--print-config"]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (name, err)
+
+
 def test_pickled_code_checkpoint_is_refused(tmp_path):
     import argparse
     import fractions
