@@ -7,6 +7,7 @@ import csv
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -99,6 +100,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any parse failure means the file is unusable
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({e}); re-export it") from None
+    _check_zip_crc(path)
     try:
         # timm's train.py stores its argparse.Namespace as "args": allowed, as timm's own loader does
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -131,6 +133,21 @@ def checkpoint_create_kwargs(ckpt: dict) -> dict:
         if args.get(key) is not None:
             out[name] = args[key]
     return out
+
+
+def _check_zip_crc(path: Path) -> None:
+    """torch.load does not check the CRC32 its zip format stores: flipped bits inside a tensor (a failing disk, a
+    bad copy) loaded as if they were weights. The check reads the file once more (about a second per GB)."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format, or not a zip at all: torch.load says what is wrong
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # a damaged directory: torch.load reports it as truncated or corrupt
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt (its stored checksum does not match {bad}); use another "
+                              "checkpoint (e.g. the previous checkpoint-*.pth.tar)")
 
 
 def _directory_hint(path: Path) -> str:

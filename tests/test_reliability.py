@@ -452,6 +452,22 @@ def test_recipe_files_with_null_values_repeated_keys_or_other_encodings(tmp_path
         assert len(err) == 1 and message in err[0], (name, err)
 
 
+def test_flipped_bytes_inside_a_checkpoint_are_caught(tmp_path):
+    """torch.load does not check the zip's CRC32: zeroed bytes inside a tensor loaded as weights (validate exit 0).
+    They are now refused like a truncated file, and --resume auto passes over such a file."""
+    from sparsity.checkpoint import CheckpointError, load_checkpoint_file
+    from sparsity.run_files import newest_checkpoint
+
+    torch.save({"global_step": 5, "state_dict": {"w": torch.randn(100_000)}}, tmp_path / "checkpoint-0.pth.tar")
+    torch.save({"global_step": 9, "state_dict": {"w": torch.randn(100_000)}}, tmp_path / "last.pth.tar")
+    data = bytearray((tmp_path / "last.pth.tar").read_bytes())
+    data[200_000:200_008] = bytes(8)
+    (tmp_path / "last.pth.tar").write_bytes(data)
+    with pytest.raises(CheckpointError, match="is corrupt \\(its stored checksum does not match"):
+        load_checkpoint_file(tmp_path / "last.pth.tar")
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-0.pth.tar"
+
+
 def test_pickled_code_checkpoint_is_refused(tmp_path):
     import argparse
     import fractions
