@@ -120,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         trained_cfg = meta.get("pretrained_cfg")
     else:  # a train.py checkpoint, or a bare state dict (.pth, .safetensors) with --model
         ckpt = sparsity.checkpoint.load_checkpoint_file(path)
+        sparsity.checkpoint.check_fields(path, ckpt)
+        if "arch" in ckpt and ckpt.get("create_kwargs") is None and not ckpt.get("args"):
+            # a name and weights only (no record of how the model was built): built like a bare state dict, from
+            # --model/--num-classes/--model-kwargs, defaulting to the name it holds
+            args.model = args.model or ckpt["arch"]
+            ckpt = {k: v for k, v in ckpt.items() if k != "arch"}
         if "arch" in ckpt:
             _check_same_model(args, path, ckpt["arch"], sparsity.checkpoint.checkpoint_create_kwargs(ckpt))
             model, _ = sparsity.model_from_checkpoint(path, use_ema=args.use_ema, ckpt=ckpt)

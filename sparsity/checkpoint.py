@@ -19,7 +19,7 @@ from .errors import UserError
 
 __all__ = [
     "CheckpointError", "model_from_checkpoint", "save_atomic", "write_atomic", "write_csv_atomic",
-    "load_checkpoint_file", "model_state_from", "load_model_weights", "checkpoint_create_kwargs",
+    "load_checkpoint_file", "model_state_from", "load_model_weights", "checkpoint_create_kwargs", "check_fields",
 ]
 
 
@@ -119,6 +119,15 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     if isinstance(obj.get("args"), argparse.Namespace):
         obj["args"] = vars(obj["args"])
     return obj
+
+
+def check_fields(path, ckpt: dict) -> None:
+    """The fields a model is rebuilt from have their types (a damaged or foreign file: one message, not a
+    traceback deep in timm)."""
+    for key, kind in (("arch", str), ("create_kwargs", dict), ("recipe", dict), ("args", dict)):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], kind):
+            raise CheckpointError(f"checkpoint {path}: its '{key}' is a {type(ckpt[key]).__name__}, not a "
+                                  f"{kind.__name__}; the file is damaged or not a train.py checkpoint")
 
 
 def checkpoint_create_kwargs(ckpt: dict) -> dict:
@@ -249,6 +258,7 @@ def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
     if "arch" not in ckpt:
         raise CheckpointError(f"checkpoint {path} has no 'arch': it is not a train.py checkpoint; pass --model "
                               "and the recipe explicitly")
+    check_fields(path, ckpt)
     recipe = recipe_from_dict(ckpt.get("recipe") or {}, source=f"{path} (recipe)")
     state = model_state_from(ckpt, use_ema)  # e.g. no EMA weights: refused before the model is built
     model = create_model(ckpt["arch"], recipe=recipe, **checkpoint_create_kwargs(ckpt))

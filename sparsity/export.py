@@ -217,6 +217,9 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
 def _refuse_existing(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a directory; choose another --output")
+    if out.is_dir() and any(out.glob("*.pth.tar")):  # its config.json would make the run look like an export
+        raise ExportError(f"output {out} is a training run folder; export into a folder of its own (the default is "
+                          "one beside the checkpoint), not --force")
     clash = [n for n in (DENSIFIED_FILE, COMPRESSED_FILE, CONFIG_FILE) if (out / n).exists()]
     if clash and not force:
         raise ExportError(f"{out} already holds {', '.join(clash)}; pass --force (force=True) to replace them, "
@@ -332,6 +335,10 @@ def _read_config(path: str | os.PathLike) -> tuple[Path, dict]:
         raise ExportError(f"{cfg_file} is not readable JSON ({e}); re-export the model") from None
     if "architecture" not in cfg:
         raise ExportError(f"{cfg_file} has no 'architecture'; re-export the model")
+    version = (cfg.get("sparsity") or {}).get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ExportError(f"{cfg_file} says format_version {version!r}; this version reads up to {FORMAT_VERSION}: "
+                          "upgrade sparsity-timm, or re-export the model with this one")
     return folder, cfg
 
 

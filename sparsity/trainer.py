@@ -233,7 +233,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     check_optimizer(args.opt, args.opt_impl)
-    if args.initial_checkpoint and not Path(args.initial_checkpoint).exists():
+    if args.initial_checkpoint and not args.resume and not Path(args.initial_checkpoint).exists():
         raise CheckpointError(f"initial_checkpoint {args.initial_checkpoint} does not exist: pass --initial-checkpoint "
                               "PATH, or train the model it names first (a quickstart recipe's comment says how)")
     if args.resume == "auto" and not args.experiment:
@@ -266,11 +266,14 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                                   "state: a timm train.py checkpoint or bare weights?); start a run from its weights "
                                   f"with --initial-checkpoint {resume_path}")
         _check_same_run(resume, resume_path, recipe, args, n_epochs)
-    initial = load_checkpoint_file(args.initial_checkpoint) if args.initial_checkpoint else None
+    if resume is not None and args.initial_checkpoint:  # recipes that fine-tune name one: a resume does not need it
+        _logger.info("resuming: --initial-checkpoint %s is not read (the resumed checkpoint holds the weights)",
+                     args.initial_checkpoint)
+    initial = load_checkpoint_file(args.initial_checkpoint) if (args.initial_checkpoint and resume is None) else None
     # as timm's train.py (load_checkpoint's use_ema=True): the EMA weights when the file holds them
     initial_ema = initial is not None and any(isinstance(initial.get(k), dict) for k in ("state_dict_ema", "model_ema"))
-    model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint or None, use_ema=initial_ema,
-                         ckpt=initial, fresh_head=True, **create_kwargs)
+    model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint if initial else None,
+                         use_ema=initial_ema, ckpt=initial, fresh_head=True, **create_kwargs)
     if resume is not None:
         try:
             model.load_state_dict(resume["state_dict"], strict=True)

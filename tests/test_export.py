@@ -382,7 +382,16 @@ def test_directories_and_formats_mixed_up_get_a_hint(fake_checkpoint, tmp_path, 
         (validate.main, ["--checkpoint", str(comp), "--use-ema"], "is an export, which holds one set of weights"),
         (validate.main, ["--checkpoint", str(fake_checkpoint), "--data-dir", str(tmp_path / "nope")],
          f"--data-dir {tmp_path / 'nope'} does not exist"),
+        # its config.json would make the training run folder look like an export
+        (export_cli.main, ["--checkpoint", str(fake_checkpoint), "--format", "densified", "--output",
+                           str(fake_checkpoint.parent), "--force"], "is a training run folder; export into a folder"),
     ]
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    cfg = json.loads((comp / CONFIG_FILE).read_text())
+    cfg["sparsity"]["format_version"] = 99
+    (newer / CONFIG_FILE).write_text(json.dumps(cfg))
+    cases.append((validate.main, ["--checkpoint", str(newer)], "says format_version 99; this version reads up to 1"))
     no_ema = tmp_path / "no_ema.pth.tar"
     ckpt = torch.load(fake_checkpoint, weights_only=True)
     sparsity.save_atomic({**ckpt, "state_dict_ema": None}, no_ema)

@@ -231,6 +231,9 @@ BAD_RECIPES = {
     "only_skips": ({"method": "ste", "rules": [{"target": "ff", "skip": True}]}, "every rule is skip: true"),
     "dense_rules": ({"method": "dense", "rules": [{"target": "ff", "n": 2, "m": 4}]}, "would be ignored"),
     "not_a_mapping": ([1, 2], "must be a mapping (method:, rules:, ...), got [1, 2]"),
+    "decay_coef": ({"method": "mdgf", "decay": {"type": "exp", "coef": -1}, "rules": [{"target": "ff", "n": 2,
+                                                                                         "m": 4}]},
+                   "decay_coef.yaml must be a finite number above 0, got -1.0"),
     "huge_tile": ({"method": "supermask", "rules": [{"target": "ff", "sparsity": 0.5, "tile": 1000}]},
                   "blocks.0.mlp.fc1: tile 1000 cuts the 128x32 weight into 1 tile(s), all of which sparsity 0.5 keeps"),
 }
@@ -466,6 +469,25 @@ def test_flipped_bytes_inside_a_checkpoint_are_caught(tmp_path):
     with pytest.raises(CheckpointError, match="is corrupt \\(its stored checksum does not match"):
         load_checkpoint_file(tmp_path / "last.pth.tar")
     assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-0.pth.tar"
+
+
+def test_checkpoints_with_damaged_fields_or_a_name_only(tmp_path, capsys):
+    """Fields of the wrong type (an int arch, a string recipe) are one message, not a traceback; a file with a
+    model name and weights but no record of how the model was built takes --num-classes like a bare state dict."""
+    import timm
+
+    import validate
+
+    model = timm.create_model("resnet10t", num_classes=10)
+    for key, value in (("arch", 7), ("recipe", "ste"), ("create_kwargs", [1])):
+        ck = {"arch": "resnet10t", "state_dict": model.state_dict(), key: value}
+        torch.save(ck, tmp_path / "bad.pth.tar")
+        assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "bad.pth.tar")]) == 2
+        err = capsys.readouterr().err
+        assert f"its '{key}' is a" in err and "damaged or not a train.py checkpoint" in err, err
+    torch.save({"arch": "resnet10t", "state_dict": model.state_dict()}, tmp_path / "named.pth.tar")
+    assert run_cli(validate.main, ["--checkpoint", str(tmp_path / "named.pth.tar"), "--num-classes", "10",
+                                   "--dataset", "digits"]) == 0
 
 
 def test_pickled_code_checkpoint_is_refused(tmp_path):

@@ -14,6 +14,7 @@ frozen   W * E                         g * E   (fine-tune with ``finetune_mask: 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +35,8 @@ class Decay:
     """MDGF decay of the pruned weights' factor beta_t: ``step`` (0), ``linear`` or ``exp`` with ``coef``."""
 
     type: Literal["step", "linear", "exp"] = "exp"
-    coef: float = 2e-4
+    coef: float = field(default=2e-4, metadata={"check": lambda v: None if math.isfinite(v) and v > 0 else
+                                                 f"must be a finite number above 0, got {v}"})
 
 
 def _check_structure_decay(v: Any) -> str | None:
