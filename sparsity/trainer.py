@@ -28,6 +28,7 @@ from .layers import masked_modules
 from .optim import check_optimizer, create_optimizer
 from .recipe import plain, recipe_from_dict
 from .report import sparsity_report, target_problem
+from .run_args import check_args, resolve_lr
 from .run_files import (
     _check_same_run,
     _checkpoint_files,
@@ -121,20 +122,6 @@ def _loss_fns(args, mixup_active: bool):
     return train, nn.CrossEntropyLoss()
 
 
-def resolve_lr(args, world_size: int, log: bool = True) -> None:
-    """As timm's train.py: without ``--lr``, the lr is ``--lr-base`` scaled by the global batch over
-    ``--lr-base-size``, linearly (square root for the ada*/lamb optimizers, or as ``--lr-base-scale`` says)."""
-    if args.lr is not None:
-        return
-    global_batch = args.batch_size * world_size
-    ratio = global_batch / args.lr_base_size
-    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
-    args.lr = args.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
-    if log:
-        _logger.info("lr %g: --lr-base %g for a batch of %d, %s-scaled to the global batch of %d (pass --lr to set "
-                     "it)", args.lr, args.lr_base, args.lr_base_size, scale, global_batch)
-
-
 def _optimizer(args, ctl: SparsityController, is_main: bool):
     from timm.optim import optimizer_kwargs
 
@@ -155,49 +142,6 @@ def _num_classes(args, train_ds) -> int:
         raise UserError(f"--num-classes {n} is fewer than the {found} classes of the training data; drop it (the "
                         "data's count is the default) or pass at least that many")
     return n
-
-
-_INTERPOLATIONS = ("", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-
-
-def check_args(args) -> None:
-    """Values timm/torch would only refuse mid-run, in a traceback (or accept and train on nonsense): refused
-    here, before anything is built or written, naming the flag."""
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(message)
-
-    need(args.batch_size >= 1, f"-b must be at least 1, got {args.batch_size}")
-    need(args.validation_batch_size is None or args.validation_batch_size >= 1,
-         f"-vb must be at least 1, got {args.validation_batch_size}")
-    need(args.workers >= 0, f"-j/--workers must be 0 or more, got {args.workers}")
-    need(args.lr is None or args.lr >= 0, f"--lr must be 0 or more, got {args.lr}")
-    need(args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}")
-    need(args.log_interval >= 1, f"--log-interval must be at least 1, got {args.log_interval}")
-    need(0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}")
-    need(0 <= (args.drop or 0) < 1, f"--drop must be in [0, 1), got {args.drop}")
-    need(args.drop_path is None or 0 <= args.drop_path < 1, f"--drop-path must be in [0, 1), got {args.drop_path}")
-    need(0 <= args.model_ema_decay <= 1, f"--model-ema-decay must be in [0, 1], got {args.model_ema_decay}")
-    for flag in ("warmup_epochs", "cooldown_epochs", "recovery_interval", "skip_nonfinite", "mask_check_interval"):
-        need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
-    need(args.color_jitter >= 0, f"--color-jitter must be 0 or more, got {args.color_jitter}")
-    need(0 < args.scale[0] <= args.scale[1] <= 1, f"--scale must be 0 < min <= max <= 1, got {args.scale}")
-    need(0 < args.ratio[0] <= args.ratio[1], f"--ratio must be 0 < min <= max, got {args.ratio}")
-    for flag in ("mean", "std"):
-        v = getattr(args, flag)
-        need(v is None or len(v) in (1, 3), f"--{flag} takes 1 or 3 values (one per channel), got {v}")
-    need(args.std is None or all(x > 0 for x in args.std), f"--std values must be above 0, got {args.std}")
-    need(args.opt_betas is None or len(args.opt_betas) == 2, f"--opt-betas takes 2 values, got {args.opt_betas}")
-    need(args.sched != "step" or args.decay_epochs > 0, f"--decay-epochs must be above 0, got {args.decay_epochs}")
-    need(args.interpolation in _INTERPOLATIONS,
-         f"--interpolation must be one of {', '.join(_INTERPOLATIONS[1:])}, got {args.interpolation!r}")
-    need(args.train_interpolation in (*_INTERPOLATIONS, "random"),
-         f"--train-interpolation must be random or one of {', '.join(_INTERPOLATIONS[1:])}, got "
-         f"{args.train_interpolation!r}")
-    if args.torchcompile:
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        need(args.torchcompile in backends,
-             f"--torchcompile {args.torchcompile}: not a torch.compile backend; use one of {', '.join(backends)}")
 
 
 def run_training(args, sparsity_block: dict | None, config_path: str | None = None) -> int:
