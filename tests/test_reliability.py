@@ -453,6 +453,12 @@ def test_recipe_files_with_null_values_repeated_keys_or_other_encodings(tmp_path
         assert run_cli(train.main, ["--config", str(tmp_path / name), "--print-config"]) == 2, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (name, err)
+    # YAML merge keys still work: an explicit key may override a merged one
+    (tmp_path / "merge.yaml").write_text("x: &opt {lr: 0.5, epochs: 3}\nsparsity:\n  <<: {method: ste}\n"
+                                         "  rules: [{target: ff, n: 2, m: 4}]\n")
+    from sparsity.recipe import load_yaml
+
+    assert load_yaml(tmp_path / "merge.yaml")["sparsity"]["method"] == "ste"
 
 
 def test_flipped_bytes_inside_a_checkpoint_are_caught(tmp_path):
