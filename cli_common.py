@@ -19,6 +19,10 @@ class ConfigError(UserError):
     """A bad command line or experiment file; the message says what to change."""
 
 
+# a true/false setting a config may turn on and the command line off again (--amp / --no-amp)
+SWITCH = dict(action=argparse.BooleanOptionalAction, default=False)
+
+
 class ParseKwargs(argparse.Action):
     """``--model-kwargs a=1 b=x`` -> {'a': 1, 'b': 'x'} (values parsed as YAML scalars), merged key by key into the
     mapping the config file gave (``--model-kwargs depth=2`` on a recipe with ``img_size: 32, patch_size: 4``

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from cli_common import ParseKwargs, parse_with_config, run_cli
+from cli_common import SWITCH, ParseKwargs, parse_with_config, run_cli
 from sparsity.optim import OPT_IMPLS
-
-# a true/false setting a recipe may turn on and the command line off again (--amp / --no-amp)
-SWITCH = dict(action=argparse.BooleanOptionalAction, default=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

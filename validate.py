@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cli_common import ParseKwargs, parse_with_config, run_cli, setup_logging
+from cli_common import SWITCH, ParseKwargs, parse_with_config, run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,13 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
                    help="timm model kwargs (only for checkpoints without a model name)")
     p.add_argument("--num-classes", type=int, default=None, help="only for checkpoints without a model name")
-    p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
+    p.add_argument("--use-ema", **SWITCH, help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--dataset", default=None,
                    help="default: the training run's (from the checkpoint), '' (ImageFolder) with --data-dir, else "
                         "digits")
     p.add_argument("--val-split", default=None, help="default: the training run's, else validation")
-    p.add_argument("--dataset-download", action="store_true")
+    p.add_argument("--dataset-download", **SWITCH)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--crop-pct", type=float, default=None)
     p.add_argument("--mean", type=float, nargs="+", default=None)
@@ -39,13 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation", default="", type=str)
     p.add_argument("-b", "--batch-size", type=int, default=128)
     p.add_argument("-j", "--workers", type=int, default=0)
-    p.add_argument("--pin-mem", action="store_true")
-    p.add_argument("--amp", action="store_true")
+    p.add_argument("--pin-mem", **SWITCH)
+    p.add_argument("--amp", **SWITCH)
     p.add_argument("--amp-dtype", default="bfloat16", choices=["float16", "bfloat16"])
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", **SWITCH)
     p.add_argument("--device", default=None)
     p.add_argument("--results-file", default="", help="write results to this .csv or .json")
-    p.add_argument("--require-conformance", action="store_true", help="exit 1 if a layer breaks its pattern")
+    p.add_argument("--require-conformance", **SWITCH, help="exit 1 if a layer breaks its pattern")
     return p
 
 

@@ -347,18 +347,20 @@ def earlier_rows(path: Path, runs: Sequence[Run], dataset: str) -> tuple[list[di
             rows = list(csv.DictReader(f))
     except (OSError, csv.Error, UnicodeDecodeError):
         return [], []
-    planned = {str(r.run_dir) for r in runs}
+    # a run is its folder's name under <comparison>/runs: the stored path may be relative to another directory
+    planned = {r.experiment for r in runs}
+    runs_dir = Path(path).parent / "runs"
     kept: list[dict] = []
     left: list[str] = []
     for row in rows:
-        run_dir = row.get("run_dir") or ""
-        if run_dir in planned:
+        name = Path(row.get("run_dir") or "").name
+        if name in planned:
             continue
-        result = _read_results(Path(run_dir) / "results.json") if run_dir else None
+        result = _read_results(runs_dir / name / "results.json") if name else None
         if row.get("status") != "done" or result is None or row.get("dataset") != dataset:
-            left.append(Path(run_dir).name or str(row.get("recipe")))
+            left.append(name or str(row.get("recipe")))
             continue
-        kept.append({**row, **{key: result.get(key, "") for key in RESULT_KEYS}})
+        kept.append({**row, "run_dir": str(runs_dir / name), **{key: result.get(key, "") for key in RESULT_KEYS}})
     return kept, left
 
 

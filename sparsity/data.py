@@ -32,7 +32,11 @@ def _posterize(img, bits_to_keep, **kwargs):
     Pillow 13 refuses with a ValueError, ending the run mid-epoch."""
     if bits_to_keep <= 0:
         return img.point(lambda _: 0)  # keep no bit: what ImageOps.posterize(img, 0) returned before Pillow 13
-    return _timm_posterize(img, bits_to_keep, **kwargs)
+    if bits_to_keep >= 8:
+        return img
+    from PIL import ImageOps  # self-contained: DataLoader workers started with spawn re-import this module
+
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 _timm_posterize = None

@@ -59,7 +59,8 @@ def check_args(args) -> None:
         v = getattr(args, flag)
         need(v is None or len(v) in (1, 3), f"--{flag} takes 1 or 3 values (one per channel), got {v}")
     need(args.std is None or all(x > 0 for x in args.std), f"--std values must be above 0, got {args.std}")
-    need(args.opt_betas is None or len(args.opt_betas) == 2, f"--opt-betas takes 2 values, got {args.opt_betas}")
+    need(args.opt_betas is None or len(args.opt_betas) >= 2,
+         f"--opt-betas takes 2 values (3 for adan), got {args.opt_betas}")
     need(args.sched != "step" or args.decay_epochs > 0, f"--decay-epochs must be above 0, got {args.decay_epochs}")
     need(args.interpolation in _INTERPOLATIONS,
          f"--interpolation must be one of {', '.join(_INTERPOLATIONS[1:])}, got {args.interpolation!r}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -233,21 +232,24 @@ def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: 
     state.extra["hist"] = hist[:keep] if keep >= 0 else hist
     copies = [CKPT_RE_EPOCH.format(epoch=epoch)] if any(e == epoch for _, e in state.extra["hist"]) else []
     copies += ["model_best.pth.tar"] if new_best else []
-    # last.pth.tar names the copies it owes: a crash before they are made is mended on resume (finish_epoch_files)
-    save({**checkpoint_dict(epoch + 1, 0, metric), "copies": copies}, last)
+    drops = [CKPT_RE_EPOCH.format(epoch=e) for _, e in dropped]
+    # last.pth.tar names the copies it owes and the files it drops: a crash before they are done is mended on
+    # resume (finish_epoch_files)
+    save({**checkpoint_dict(epoch + 1, 0, metric), "copies": copies, "drops": drops}, last)
     for name in copies:
         _copy_atomic(last, run_dir / name)
-    for _, e in dropped:
-        _remove_stale(run_dir / CKPT_RE_EPOCH.format(epoch=e))
+    for name in drops:
+        _remove_stale(run_dir / name)
     _remove_stale(run_dir / "recovery.pth.tar")  # superseded by last.pth.tar
 
 
-def finish_epoch_files(run_dir: Path, path: str | Path, ck: dict) -> None:
+def finish_epoch_files(run_dir: Path, path: str | Path, ck: dict, newest: bool = True) -> None:
     """Resuming in the run's folder: delete the temporary files of interrupted writes; from its ``last.pth.tar``,
-    also redo what a crash may have cut short after it was written (its ``copies``, i.e. checkpoint-<epoch> and
-    model_best; deleting the epoch checkpoints it no longer keeps and the recovery file it superseded). Without
-    this, a crash between writing last.pth.tar and copying it lost that model_best for good: the resumed run saw
-    the best as already claimed."""
+    also redo what a crash may have cut short after it was written: its ``copies`` (checkpoint-<epoch>,
+    model_best) and ``drops`` (epoch checkpoints ``--checkpoint-hist`` no longer keeps), and the deletion of the
+    recovery file it superseded (``newest``: the resume took the newest checkpoint, as ``--resume auto`` does;
+    otherwise only a recovery file older than last.pth.tar goes). Without this, a crash between writing
+    last.pth.tar and copying it lost that model_best for good: the resumed run saw the best as already claimed."""
     for tmp in run_dir.glob(".*.tmp"):  # write_atomic's temporaries of writes a crash cut short
         _remove_stale(tmp)
     last = run_dir / "last.pth.tar"
@@ -255,20 +257,18 @@ def finish_epoch_files(run_dir: Path, path: str | Path, ck: dict) -> None:
         return
     for name in ck.get("copies") or []:
         _copy_atomic(last, run_dir / name)
-    kept = {int(e) for _, e in ck.get("hist") or []}
-    for p in run_dir.glob("checkpoint-*.pth.tar"):
-        m = re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", p.name)
-        if m and int(m.group(1)) < int(ck.get("next_epoch", 0)) and int(m.group(1)) not in kept:
-            _remove_stale(p)
-    _remove_stale(run_dir / "recovery.pth.tar")  # older than last.pth.tar, or the resume would have taken it
+    for name in ck.get("drops") or []:
+        _remove_stale(run_dir / name)
+    recovery = run_dir / "recovery.pth.tar"
+    if recovery.exists() and (newest or recovery.stat().st_mtime <= last.stat().st_mtime):
+        _remove_stale(recovery)
 
 
 def claim_run_dir(run_dir: Path, args) -> Path:
     """Claim the folder of a new run by creating its ``args.yaml`` exclusively (rewritten with the config later):
     two runs started at once with one ``--experiment`` took the same folder, both having found it free. A folder
     claimed in between makes this run take the next free name. Returns the folder claimed."""
-    base = Path(args.output) / (args.experiment or run_dir.name)
-    i = 1
+    base, i = (Path(args.output) / args.experiment) if args.experiment else run_dir, 1
     while True:
         check_writable(run_dir)
         try:

@@ -239,14 +239,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     check_input_size(model, data_cfg["input_size"], args.model, dist.device, args.channels_last, args.batch_size)
     if dist.is_main:
         check_writable(run_dir)
-        if not in_place:
-            run_dir = claim_run_dir(run_dir, args)
-        elif resume is not None:
-            finish_epoch_files(run_dir, resume_path, resume)
-    if dist.distributed and not in_place:  # every rank names the folder rank 0 claimed
-        shared = [str(run_dir)]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        run_dir = Path(shared[0])
+        if in_place and resume is not None:
+            finish_epoch_files(run_dir, resume_path, resume, newest=args.resume == "auto")
     if n_epochs != args.epochs and dist.is_main:
         _logger.info("training %d epochs, the length of the lr schedule timm builds from --epochs %d (with "
                      "--cooldown-epochs %d, cycles, warm-up prefix), as timm's train.py does; --cooldown-epochs 0 "
@@ -333,6 +327,14 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     train_loss_fn, val_loss_fn = _loss_fns(args, mixup_fn is not None)
     train_loss_fn = fault_loss(train_loss_fn, state)
 
+    if not in_place:  # claimed now, not earlier: a refusal above leaves the folder empty, free for the retry
+        if dist.is_main:
+            run_dir = claim_run_dir(run_dir, args)
+        if dist.distributed:  # every rank names the folder rank 0 claimed
+            shared = [str(run_dir)]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            run_dir = Path(shared[0])
+        ctl.method.output_dir = str(run_dir) if dist.is_main else None
     resolved = resolved_config(args, recipe)
     summary_path = run_dir / "summary.csv"
     if dist.is_main:

@@ -240,6 +240,10 @@ def test_a_subset_rerun_keeps_the_other_runs_in_the_tables(tmp_path, capsys, mon
     md = (out / "comparison.md").read_text()
     assert "| srste_digits_2of4 | srste | ff=2:4 q,k,v=2:4 | 2 | 60.50 ± 0.71 |" in md
     assert "| dense_digits | dense | dense | 1 | 60.00 |" in md and "Also listed: 1 runs" in md
+    monkeypatch.chdir(tmp_path)  # the same folder spelled relative: the same runs, not new ones
+    assert run_cli(compare.main, [srste, "--seeds", "0", "1", "--output", "cmp", *TINY]) == 0
+    assert "left out" not in capsys.readouterr().out
+    assert table() == [("dense_digits", 0, 60.0), ("srste_digits_2of4", 0, 60.0), ("srste_digits_2of4", 1, 61.0)]
     (out / "runs" / "dense_digits-s0" / "results.json").unlink()
     assert run_cli(compare.main, [srste, "--seeds", "0", "1", "--output", str(out), *TINY]) == 0
     assert "left out of the tables" in capsys.readouterr().out

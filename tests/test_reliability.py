@@ -496,6 +496,21 @@ def test_checkpoints_with_damaged_fields_or_a_name_only(tmp_path, capsys):
                                    "--dataset", "digits"]) == 0
 
 
+def test_a_refused_run_leaves_its_folder_free_for_the_retry(tmp_path, capsys):
+    """A refusal once the model is built (a usd scheme naming no layer of this model) leaves the run folder empty:
+    the retry takes the same name (a claim made before the refusal sent it to NAME-1). And three --opt-betas
+    values (adan) are not refused."""
+    scheme = tmp_path / "scheme.yaml"
+    scheme.write_text("layers:\n  foo: {n: 4, m: 16}\n")
+    cfg = _cfg(tmp_path, {"method": "usd", "scheme": str(scheme), "rules": [{"target": "ff"}]}, epochs=1)
+    args = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path / "out"), "--experiment", "x"]
+    assert run_cli(train.main, args) == 2
+    assert "not in the scheme" in capsys.readouterr().err
+    assert not any((tmp_path / "out" / "x").iterdir())
+    assert run_cli(train.main, [*args, "--opt", "adan", "--opt-betas", "0.98", "0.92", "0.99",
+                                "--print-config"]) == 0
+
+
 def test_pickled_code_checkpoint_is_refused(tmp_path):
     import argparse
     import fractions

@@ -695,3 +695,7 @@ def test_timm_augmentation_flags_reach_the_loader(tmp_path):
     timm_pillow_compat()
     black = auto_augment.NAME_TO_OP["PosterizeIncreasing"](Image.new("RGB", (4, 4), (200, 100, 50)), 0)
     assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
+    # the wrapper needs no state from the main process (DataLoader workers started with spawn re-import it)
+    from sparsity.data import _posterize
+
+    assert _posterize(Image.new("L", (2, 2), 200), 3).getextrema() == (192, 192)
