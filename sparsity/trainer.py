@@ -477,7 +477,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         final_metric = final_ranked[args.eval_metric]
         problem = target_problem(model)
         # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
-        seconds = elapsed()
+        seconds = round(elapsed(), 2)  # one figure for last.pth.tar, results.json and the table (no double rounding)
         final_best = _claim_best(state, final_metric, n_epochs, problem, args.eval_metric == "loss")
         save(dict(checkpoint_dict(n_epochs, 0, final_metric), final=final, wall_time_s=seconds,
                   copies=["model_best.pth.tar"] if final_best else []), run_dir / "last.pth.tar")
