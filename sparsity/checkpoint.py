@@ -197,8 +197,9 @@ def _keep_fresh_head(model: nn.Module, state: dict, path) -> dict:
     """A checkpoint whose classifier has another number of classes (ImageNet weights for a CIFAR-100 run): the
     model's classifier keeps its fresh initialisation, as timm does when it loads pretrained weights for another
     ``num_classes``. Every other tensor must still fit."""
-    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
-    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    from .targets import _classifier_names  # the modules the `head` target selects
+
+    heads = sorted(_classifier_names(model))
     own = model.state_dict()
     swapped = [k for k, v in state.items() if k in own and own[k].shape != v.shape
                and any(k.startswith(h + ".") for h in heads)]

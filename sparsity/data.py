@@ -26,7 +26,7 @@ DIGITS_STD = (0.3235, 0.3235, 0.3235)
 _IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
-def _posterize(img, bits_to_keep, **kwargs):
+def _posterize(img, bits_to_keep, **_):
     """timm's ``posterize`` augmentation for any Pillow. RandAugment's posterize levels ask for 0 bits at the top
     magnitude (``rand-m9-mstd0.5-inc1``: about 0.15 % of images), which Pillow up to 12 turns into a black image and
     Pillow 13 refuses with a ValueError, ending the run mid-epoch."""
@@ -39,24 +39,17 @@ def _posterize(img, bits_to_keep, **kwargs):
     return ImageOps.posterize(img, bits_to_keep)
 
 
-_timm_posterize = None
-
-
 def timm_pillow_compat() -> None:
-    """Route timm's posterize ops through :func:`_posterize` when this Pillow refuses 0 bits (once; call it before
-    the transforms are built: timm's ops take the function when they are created)."""
-    global _timm_posterize
-    if _timm_posterize is not None:
-        return
+    """Route timm's posterize ops through :func:`_posterize` when this Pillow refuses 0 bits (call it before the
+    transforms are built: timm's ops take the function when they are created; a second call changes nothing)."""
     from PIL import ImageOps
     from timm.data import auto_augment
 
-    _timm_posterize = auto_augment.posterize
     try:
         ImageOps.posterize(Image.new("L", (1, 1)), 0)
     except ValueError:
         for name, op in list(auto_augment.NAME_TO_OP.items()):
-            if op is _timm_posterize:
+            if op is auto_augment.posterize:
                 auto_augment.NAME_TO_OP[name] = _posterize
 
 

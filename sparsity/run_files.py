@@ -66,10 +66,20 @@ def _resume_rng(resume: dict, dist) -> dict | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # the run folder and what may resume in it
 # ---------------------------------------------------------------------------------------------------------------------
+def _base_dir(args) -> Path:
+    return Path(args.output) / (args.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
+
+
+def resumes_in_place(args, resume_path: str | None) -> bool:
+    """A resume continues in the run's own folder (``--resume auto``, or a checkpoint inside ``--experiment``'s
+    folder); anything else is a new run in a folder of its own."""
+    return args.resume == "auto" or bool(resume_path and Path(resume_path).resolve().parent
+                                         == _base_dir(args).resolve())
+
+
 def _run_dir(args, resume_path: str | None) -> Path:
-    name = args.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}"
-    base = Path(args.output) / name
-    if args.resume == "auto" or (resume_path and Path(resume_path).resolve().parent == base.resolve()):
+    base = _base_dir(args)
+    if resumes_in_place(args, resume_path):
         return base
     if base.exists() and not base.is_dir():
         raise UserError(f"{base} is a file, not a run folder; choose another --experiment or --output")
@@ -236,11 +246,18 @@ def _save_epoch(run_dir: Path, checkpoint_dict, save, state: TrainState, epoch: 
     # last.pth.tar names the copies it owes and the files it drops: a crash before they are done is mended on
     # resume (finish_epoch_files)
     save({**checkpoint_dict(epoch + 1, 0, metric), "copies": copies, "drops": drops}, last)
+    settle_last(run_dir, copies, drops)
+    _remove_stale(run_dir / "recovery.pth.tar")  # superseded by last.pth.tar
+
+
+def settle_last(run_dir: Path, copies, drops=()) -> None:
+    """Copy the just-written ``last.pth.tar`` to the files it names (checkpoint-<epoch>, model_best) and delete the
+    epoch checkpoints it dropped: at the end of an epoch, at the end of the run, and again on resume."""
+    last = run_dir / "last.pth.tar"
     for name in copies:
         _copy_atomic(last, run_dir / name)
     for name in drops:
         _remove_stale(run_dir / name)
-    _remove_stale(run_dir / "recovery.pth.tar")  # superseded by last.pth.tar
 
 
 def finish_epoch_files(run_dir: Path, path: str | Path, ck: dict, newest: bool = True) -> None:
@@ -255,10 +272,7 @@ def finish_epoch_files(run_dir: Path, path: str | Path, ck: dict, newest: bool =
     last = run_dir / "last.pth.tar"
     if Path(path).resolve() != last.resolve() or ck.get("skip_batches"):
         return
-    for name in ck.get("copies") or []:
-        _copy_atomic(last, run_dir / name)
-    for name in ck.get("drops") or []:
-        _remove_stale(run_dir / name)
+    settle_last(run_dir, ck.get("copies") or [], ck.get("drops") or [])
     recovery = run_dir / "recovery.pth.tar"
     if recovery.exists() and (newest or recovery.stat().st_mtime <= last.stat().st_mtime):
         _remove_stale(recovery)

@@ -33,7 +33,6 @@ from .run_files import (
     _check_same_run,
     _checkpoint_files,
     _claim_best,
-    _copy_atomic,
     _resume_rng,
     _rng_state,
     _run_dir,
@@ -46,7 +45,9 @@ from .run_files import (
     load_newest_checkpoint,
     newest_checkpoint,
     resolved_config,
+    resumes_in_place,
     run_epochs,
+    settle_last,
 )
 from .run_outputs import (
     append_summary,
@@ -186,8 +187,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     n_epochs = run_epochs(args, recipe)
     resume_path = args.resume if args.resume and args.resume != "auto" else None
     run_dir = _run_dir(args, resume_path)
-    # a resume continues in the run's own folder; anything else is a new run in a folder of its own
-    in_place = args.resume == "auto" or bool(resume_path and Path(resume_path).resolve().parent == run_dir.resolve())
+    in_place = resumes_in_place(args, resume_path)
     resume = load_checkpoint_file(resume_path) if resume_path else None
     if args.resume == "auto":
         found = load_newest_checkpoint(run_dir) if run_dir.exists() else None
@@ -479,11 +479,11 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
         seconds = round(elapsed(), 2)  # one figure for last.pth.tar, results.json and the table (no double rounding)
         final_best = _claim_best(state, final_metric, n_epochs, problem, args.eval_metric == "loss")
-        save(dict(checkpoint_dict(n_epochs, 0, final_metric), final=final, wall_time_s=seconds,
-                  copies=["model_best.pth.tar"] if final_best else []), run_dir / "last.pth.tar")
-        if final_best:
-            _copy_atomic(run_dir / "last.pth.tar", run_dir / "model_best.pth.tar")
-        elif state.extra.get("best") is None:
+        copies = ["model_best.pth.tar"] if final_best else []
+        save(dict(checkpoint_dict(n_epochs, 0, final_metric), final=final, wall_time_s=seconds, copies=copies),
+             run_dir / "last.pth.tar")
+        settle_last(run_dir, copies)
+        if not final_best and state.extra.get("best") is None:
             _logger.warning("no model_best.pth.tar: the model never reached its recipe's target (%s); "
                             "last.pth.tar holds the final model", problem)
         with explain_write_errors(run_dir):

@@ -148,6 +148,13 @@ def nm_weight(layer: MaskedMixin) -> torch.Tensor:
     return _NMWeight.apply(layer.weight, layer.mask_factor(), layer.sparse_beta, mode, layer.srste_lambda)
 
 
+def _sparse_beta(recipe: Recipe, phase: Phase) -> float:
+    """The pruned weights' factor in the forward during the sparse phase: MDGF's decayed beta_t, else 0."""
+    if recipe.method != "mdgf" or phase.name != SPARSE:
+        return 0.0
+    return mdgf_beta(phase.t, recipe.options.decay.type, recipe.options.decay.coef)
+
+
 @register_method("dense")
 class DenseMethod(SparsityMethod):
     """No sparsity: ``sparsify_`` changes nothing. The baseline every comparison needs."""
@@ -180,9 +187,7 @@ class NMMethod(SparsityMethod):
         if recipe.method != "mdgf":
             return None
         phase = phase_at(global_step, max(total_steps, 1), recipe.dense_fraction, recipe.finetune_fraction)
-        if phase.name != SPARSE:
-            return None
-        beta = mdgf_beta(phase.t, recipe.options.decay.type, recipe.options.decay.coef)
+        beta = _sparse_beta(recipe, phase)
         if beta <= 0.0:
             return None
         return (f"saved mid-run by mdgf at step {global_step} of {total_steps}, where the forward still weighted the "
@@ -329,7 +334,7 @@ class NMMethod(SparsityMethod):
             return
         if phase.name == SPARSE:
             frame = self._frames(phase)
-            self.beta = mdgf_beta(phase.t, r.options.decay.type, r.options.decay.coef) if self.name == "mdgf" else 0.0
+            self.beta = _sparse_beta(r, phase)
             mode = self._mode()
         else:  # FINETUNE: binary mask at the target pattern, beta = 0
             frame = None
