@@ -23,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra timm.create_model kwargs")
     g.add_argument("--num-classes", type=int, default=None, help="classes (default: from the data set)")
     g.add_argument("--initial-checkpoint", default="", type=str, help="dense or sparse weights to start from")
+    g.add_argument("--pretrained", **SWITCH, help="start from timm's pretrained weights for --model (downloaded by "
+                   "timm, or read from --pretrained-path)")
+    g.add_argument("--pretrained-path", default=None, type=str,
+                   help="local file of pretrained weights (.pth/.bin/.safetensors; implies --pretrained), as "
+                        "timm's train.py (a new classifier for another --num-classes)")
     g.add_argument("--drop-path", type=float, default=None, help="drop path rate")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
     g = p.add_argument_group("data")
@@ -70,12 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--opt", default="sgd", type=str)
     g.add_argument("--opt-eps", default=None, type=float)
     g.add_argument("--opt-betas", default=None, type=float, nargs="+")
+    g.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs,
+                   help="extra optimizer arguments, key=value (e.g. amsgrad=True)")
     g.add_argument("--opt-impl", default="auto", choices=OPT_IMPLS,
                    help="auto: torch's fused kernel where it has one for --opt on this device (adam, adamw, sgd; "
                         "several times faster on CPU), else timm's default")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=2e-5)
-    g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this norm/value/factor")
+    g.add_argument("--clip-mode", type=str, default="norm", choices=["norm", "value", "agc"],
+                   help="gradient clipping mode, as timm's train.py")
+    g.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise lr decay: each layer's lr times this to the power of its depth below the top")
+    g.add_argument("--grad-accum-steps", type=int, default=1,
+                   help="accumulate gradients over this many batches per optimizer step (the global batch and the "
+                        "lr from --lr-base count them)")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: --lr-base scaled to the global batch, as timm's train.py)")
     g.add_argument("--lr-base", type=float, default=0.1, help="lr for a global batch of --lr-base-size")
@@ -100,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", default="bfloat16", choices=["float16", "bfloat16"])
     g.add_argument("--model-ema", **SWITCH)
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
+    g.add_argument("--model-ema-warmup", **SWITCH, help="ramp the EMA decay up over the first steps (timm's warm-up)")
     g.add_argument("--channels-last", **SWITCH)
     g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor")
     g.add_argument("--device", default=None, type=str, help="cpu, cuda, cuda:1 (default: cuda if available)")

@@ -15,7 +15,7 @@ from torch import nn
 
 from .layers import loss_scale
 
-__all__ = ["TrainState", "train_one_epoch", "evaluate", "accuracy", "NonFiniteLossError"]
+__all__ = ["TrainState", "train_one_epoch", "evaluate", "accuracy", "mean_lr", "NonFiniteLossError"]
 
 _logger = logging.getLogger(__name__)
 
@@ -44,10 +44,26 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[fl
     return [float(correct[:, : min(k, maxk)].any(dim=1).float().mean() * 100.0) for k in topk]
 
 
+def mean_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The lr timm's train.py logs and writes to summary.csv: the mean over the parameter groups (they differ
+    with --layer-decay)."""
+    lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    return lrs[0] if len(set(lrs)) == 1 else sum(lrs) / len(lrs)  # equal lrs: no rounding in the mean
+
+
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _clip(model: nn.Module, value: float, mode: str) -> None:
+    """timm's gradient clipping (``dispatch_clip_grad``); agc leaves out the classifier's two tensors, as timm's
+    train.py does."""
+    from timm.utils import dispatch_clip_grad
+
+    params = list(model.parameters())
+    dispatch_clip_grad(params[:-2] if mode == "agc" else params, value, mode=mode)
 
 
 def train_one_epoch(
@@ -65,6 +81,8 @@ def train_one_epoch(
     model_ema=None,
     mixup_fn=None,
     clip_grad: float | None = None,
+    clip_mode: str = "norm",
+    accum_steps: int = 1,
     channels_last: bool = False,
     log_interval: int = 50,
     max_nonfinite: int = 0,
@@ -78,6 +96,13 @@ def train_one_epoch(
     ``skip_batches`` resumes mid-epoch (the loader order is deterministic per epoch). ``on_step(state, batch_idx)``
     runs after every optimizer step (recovery checkpoints hook in there); ``on_resume_point()`` runs once, when the
     first not-skipped batch is in hand (a resume restores its RNG state there). Returns ``{'loss': mean}``.
+
+    ``accum_steps`` > 1 accumulates the gradients of that many batches per optimizer step, as timm's train.py
+    ``--grad-accum-steps``: each batch's loss is divided by the size of its window (the epoch's last window may be
+    shorter), and so are the gradient terms a method adds (SR-STE's decay, USD's penalty), which enter once per
+    step in total; the controller steps once per window, DDP syncs gradients only on the window's last batch,
+    and ``state.global_step`` counts optimizer steps. A window with a non-finite loss is skipped whole.
+    ``clip_mode`` is timm's ``--clip-mode`` (norm, value, agc; agc leaves out the classifier as timm does).
     """
     model.train()
     if not skip_batches:
@@ -92,52 +117,69 @@ def train_one_epoch(
         next(batches)
     if on_resume_point is not None:
         on_resume_point()  # before the next batch is drawn, so its augmentation sees the saved RNG state
+    last_idx = num_batches - 1
+    window_bad = False  # a non-finite loss in this accumulation window: it gets no optimizer step
     for batch_idx, (x, y) in enumerate(batches, start=skip_batches):
+        first = batch_idx % accum_steps == 0
+        update = batch_idx == last_idx or (batch_idx + 1) % accum_steps == 0
+        # the epoch's last window may be shorter: its batches are averaged over its own size, as timm does
+        window = min(accum_steps, num_batches - (batch_idx - batch_idx % accum_steps))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if controller is not None:
-            controller.step(state.global_step)
-        with _autocast(device, amp_dtype):
-            loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):  # one host sync per step; the loss is logged anyway
+        if first:
+            if controller is not None:  # once per optimizer step: the weights do not change within a window
+                controller.step(state.global_step)
+            optimizer.zero_grad(set_to_none=True)
+            window_bad = False
+        # DDP: reduce the gradients once, on the window's last batch
+        sync = contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(device, amp_dtype):
+                loss = loss_fn(model(x), y)
+            finite = bool(torch.isfinite(loss))  # one host sync per batch; the loss is logged anyway
+            if finite and not window_bad:
+                with loss_scale(scaler, divisor=window):  # gradient terms a method adds are scaled like the loss's
+                    (scaler.scale(loss / window) if scaler is not None else loss / window).backward()
+        if not finite:
             state.skipped_nonfinite += 1
             if state.skipped_nonfinite > max_nonfinite:
                 raise NonFiniteLossError(f"non-finite loss ({float(loss.detach())}) at epoch {state.epoch} step "
                                          f"{state.global_step}")
             _logger.warning("non-finite loss at step %d skipped (%d/%d allowed)", state.global_step,
                             state.skipped_nonfinite, max_nonfinite)
+            window_bad = True
+        else:
+            loss_sum += loss.detach().double() * x.shape[0]
+            count += x.shape[0]
+        if not update:
+            continue
+        if window_bad:  # the window's other gradients are dropped with it
             optimizer.zero_grad(set_to_none=True)
             continue
-        optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            with loss_scale(scaler):  # gradient terms a method adds (SR-STE's decay) get scaled like the loss's
-                scaler.scale(loss).backward()
             if clip_grad:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                _clip(model, clip_grad, clip_mode)
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             if clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                _clip(model, clip_grad, clip_mode)
             optimizer.step()
         state.global_step += 1
         if model_ema is not None:
             model_ema.update(model, step=state.global_step)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=state.global_step)
-        loss_sum += loss.detach().double() * x.shape[0]
-        count += x.shape[0]
         state.loss_count = count
         if on_step is not None:  # the running sum is synced only when a checkpoint may need it
             state.extra["loss_sum_tensor"] = loss_sum
-        if is_main and (batch_idx % log_interval == 0 or batch_idx == num_batches - 1):
+        if is_main and ((batch_idx // accum_steps) % log_interval == 0 or batch_idx == last_idx):
             last_loss = float(loss.detach())
-            lr = optimizer.param_groups[0]["lr"]
+            lr = mean_lr(optimizer)
             rate = count / max(time.perf_counter() - t0, 1e-9)
             _logger.info("epoch %d [%3d/%d] loss %.4f lr %.3g %.0f img/s", state.epoch, batch_idx + 1, num_batches,
                          last_loss, lr, rate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -14,6 +15,8 @@ from .surgery import sparsify_
 
 __all__ = ["create_model", "check_input_size"]
 
+_logger = logging.getLogger(__name__)
+
 
 def create_model(
     model_name: str,
@@ -22,6 +25,8 @@ def create_model(
     use_ema: bool = False,
     ckpt: dict | None = None,
     fresh_head: bool = False,
+    pretrained: bool = False,
+    pretrained_path: str | os.PathLike | None = None,
     **timm_kwargs,
 ) -> nn.Module:
     """``timm.create_model(model_name, **timm_kwargs)`` -> ``sparsify_(model, recipe)`` -> load ``checkpoint``.
@@ -34,6 +39,11 @@ def create_model(
     the caller has read it) before the model is built: a missing or unreadable file is refused first.
     ``fresh_head``: a classifier for another number of classes keeps its initialisation (train.py's
     ``--initial-checkpoint``, as timm's pretrained loading does).
+
+    ``pretrained``: timm's pretrained weights for ``model_name`` (timm downloads them), or those of the local file
+    ``pretrained_path`` (read with ``weights_only=True``, EMA weights when it holds them), loaded by timm before
+    surgery: timm adapts them (a new classifier for another ``num_classes``, position embeddings resampled for
+    another ``img_size``).
     """
     import timm
 
@@ -45,8 +55,22 @@ def create_model(
     if not timm.is_model(model_name):
         raise ModelError(f"unknown model '{model_name}'{closest(model_name, timm.list_models())} "
                          "(see timm.list_models())")
+    if pretrained:
+        model = _create_pretrained(model_name, pretrained_path, timm_kwargs)
+    else:
+        model = _create(model_name, timm_kwargs)
+    if recipe is not None:
+        sparsify_(model, recipe)
+    if checkpoint:
+        load_model_weights(model, checkpoint, use_ema=use_ema, ckpt=ckpt, fresh_head=fresh_head)
+    return model
+
+
+def _create(model_name: str, timm_kwargs: dict) -> nn.Module:
+    import timm
+
     try:
-        model = timm.create_model(model_name, **timm_kwargs)
+        return timm.create_model(model_name, **timm_kwargs)
     except TypeError as e:
         raise ModelError(f"model '{model_name}' does not accept these arguments ({e}); check model_kwargs") from None
     except (AssertionError, ValueError, ZeroDivisionError, RuntimeError) as e:  # timm's own checks of the values
@@ -54,10 +78,47 @@ def create_model(
         raise ModelError(f"model '{model_name}' cannot be built with {shown} ({type(e).__name__}"
                          f"{': ' + str(e).strip().splitlines()[0] if str(e).strip() else ''}); check model_kwargs "
                          "(e.g. embed_dim divisible by num_heads, patch_size dividing img_size)") from None
-    if recipe is not None:
-        sparsify_(model, recipe)
-    if checkpoint:
-        load_model_weights(model, checkpoint, use_ema=use_ema, ckpt=ckpt, fresh_head=fresh_head)
+
+
+def _create_pretrained(model_name: str, path, timm_kwargs: dict) -> nn.Module:
+    """``timm.create_model(pretrained=True)``; a failure to get or fit the weights is one message naming them."""
+    import timm
+    from timm.models import is_model_pretrained
+
+    heads: tuple = ()
+    if path:
+        ckpt = load_checkpoint_file(path)  # weights_only; timm's own file loader would unpickle anything
+        ema = any(isinstance(ckpt.get(k), dict) for k in ("state_dict_ema", "model_ema"))
+        state = model_state_from(ckpt, ema)
+        overlay, source = {"state_dict": state}, f"{path}{' (EMA weights)' if ema else ''}"
+        # timm keeps the file's classifier when its class count is the model's, and drops it otherwise; it compares
+        # against the pretrained config's count, so that is the file's own
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        heads = (cfg.classifier or ()) if cfg is not None else ()
+        heads = (heads,) if isinstance(heads, str) else tuple(heads)
+        head = next((state[f"{h}.weight"] for h in heads if isinstance(state.get(f"{h}.weight"), torch.Tensor)), None)
+        if head is not None:
+            overlay["num_classes"] = int(head.shape[0])
+    elif not is_model_pretrained(model_name):
+        raise ModelError(f"--pretrained: timm has no pretrained weights for '{model_name}'; pass --pretrained-path "
+                         "FILE, or drop --pretrained")
+    else:
+        overlay, source = {}, "timm's pretrained weights"
+    try:
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
+    except Exception as e:  # noqa: BLE001 - a download, a file or a shape: the build itself is checked below
+        _create(model_name, timm_kwargs)  # the arguments themselves are wrong: that message instead
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelError(f"--pretrained: could not load {source} into '{model_name}' ({type(e).__name__}: {first}); "
+                         "without network access download them first and pass --pretrained-path FILE; weights of "
+                         "another model or a sparse checkpoint of ours go through --initial-checkpoint") from None
+    if path:  # timm loads non-strictly when it adapts the classifier: a file of another model would load nothing
+        missing = [k for k in model.state_dict() if k not in state and not any(k.startswith(h + ".") for h in heads)]
+        if missing:
+            raise ModelError(f"--pretrained-path {path} does not fit '{model_name}': {len(missing)} of its tensors are "
+                             f"not in the file ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); pass "
+                             "weights saved from this architecture")
+    _logger.info("pretrained weights: %s", source)
     return model
 
 

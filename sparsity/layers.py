@@ -279,35 +279,45 @@ def layer_kind(module: nn.Module) -> str:
 # by S before the optimizer step, so an unscaled term would end up divided by S (65536 at the start). Autograd runs
 # CUDA backwards on its own device threads, so this is a plain module global, not a thread-local.
 _LOSS_SCALE = None  # a scale tensor or a GradScaler (its scale read when a backward asks: scale() creates it)
+_LOSS_DIVISOR = 1  # gradient accumulation: the loss is divided by its window's size
 
 
 @contextlib.contextmanager
-def loss_scale(scaler) -> Iterator[None]:
+def loss_scale(scaler, divisor: int = 1) -> Iterator[None]:
     """Run the backward of ``scaler.scale(loss)`` inside this, so methods scale the gradient terms they add.
 
     ``scaler``: a ``torch.amp.GradScaler`` (its current scale, a device tensor: no host sync), a scale tensor, or
-    None / a disabled scaler (nothing to do). ``train.py`` does this for ``--amp --amp-dtype float16`` on CUDA; a
-    custom loop with a GradScaler and ``srste`` or ``usd`` needs it too::
+    None / a disabled scaler (nothing to do). ``divisor``: gradient accumulation over that many batches, whose
+    losses are each divided by it; a method's terms are divided alike, so they enter each optimizer step once.
+    ``train.py`` does this for ``--amp --amp-dtype float16`` on CUDA and for ``--grad-accum-steps``; a custom loop
+    with a GradScaler or accumulation and ``srste`` or ``usd`` needs it too::
 
-        with sparsity.loss_scale(scaler):
-            scaler.scale(loss).backward()
+        with sparsity.loss_scale(scaler, divisor=accum_steps):
+            scaler.scale(loss / accum_steps).backward()
     """
-    global _LOSS_SCALE
+    global _LOSS_SCALE, _LOSS_DIVISOR
     if scaler is not None and not isinstance(scaler, torch.Tensor) and not scaler.is_enabled():
         scaler = None
-    before, _LOSS_SCALE = _LOSS_SCALE, scaler
+    if divisor < 1:
+        raise ValueError(f"loss_scale: divisor must be at least 1, got {divisor}")
+    before, _LOSS_SCALE, before_div, _LOSS_DIVISOR = _LOSS_SCALE, scaler, _LOSS_DIVISOR, divisor
     try:
         yield
     finally:
-        _LOSS_SCALE = before
+        _LOSS_SCALE, _LOSS_DIVISOR = before, before_div
 
 
 def current_loss_scale(like: torch.Tensor) -> torch.Tensor | None:
-    """The loss scale set by :func:`loss_scale` as a 0-dim tensor of ``like``'s dtype and device, or None."""
+    """The scale set by :func:`loss_scale` (the GradScaler's scale over the accumulation divisor) as a 0-dim tensor
+    of ``like``'s dtype and device, or None when there is nothing to scale."""
     s = _LOSS_SCALE
     if s is not None and not isinstance(s, torch.Tensor):
         s = getattr(s, "_scale", None)  # a GradScaler: its current scale (a device tensor, no host sync)
-    return None if s is None else s.to(device=like.device, dtype=like.dtype).reshape(())
+    if s is None:
+        return None if _LOSS_DIVISOR == 1 else torch.full((), 1.0 / _LOSS_DIVISOR, dtype=like.dtype,
+                                                          device=like.device)
+    s = s.to(device=like.device, dtype=like.dtype).reshape(())
+    return s if _LOSS_DIVISOR == 1 else s / _LOSS_DIVISOR
 
 
 class _FrozenWeight(torch.autograd.Function):

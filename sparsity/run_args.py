@@ -20,7 +20,7 @@ def resolve_lr(args, world_size: int, log: bool = True) -> None:
     ``--lr-base-size``, linearly (square root for the ada*/lamb optimizers, or as ``--lr-base-scale`` says)."""
     if args.lr is not None:
         return
-    global_batch = args.batch_size * world_size
+    global_batch = args.batch_size * world_size * max(args.grad_accum_steps, 1)
     ratio = global_batch / args.lr_base_size
     scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
     args.lr = args.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
@@ -46,6 +46,11 @@ def check_args(args) -> None:
     need(args.lr is None or args.lr >= 0, f"--lr must be 0 or more, got {args.lr}")
     need(args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}")
     need(args.log_interval >= 1, f"--log-interval must be at least 1, got {args.log_interval}")
+    need(args.grad_accum_steps >= 1, f"--grad-accum-steps must be at least 1, got {args.grad_accum_steps}")
+    need(args.clip_grad is None or args.clip_grad > 0,
+         f"--clip-grad must be above 0 (leave it out for no clipping), got {args.clip_grad}")
+    need(args.layer_decay is None or 0 < args.layer_decay <= 1,
+         f"--layer-decay must be in (0, 1] (0.65 to 0.75 is usual for ViT fine-tuning), got {args.layer_decay}")
     need(0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}")
     need(0 <= (args.drop or 0) < 1, f"--drop must be in [0, 1), got {args.drop}")
     need(args.drop_path is None or 0 <= args.drop_path < 1, f"--drop-path must be in [0, 1), got {args.drop_path}")

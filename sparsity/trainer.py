@@ -20,7 +20,7 @@ from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic
 from .controller import SparsityController
 from .data import build_dataset, check_same_classes, num_classes_of, resolve_data, resolve_dataset, timm_pillow_compat
 from .distributed import DistInfo, check_ranks_consistent, init_distributed
-from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
+from .engine import NonFiniteLossError, TrainState, evaluate, mean_lr, train_one_epoch
 from .errors import TrainingError, UserError
 from .factory import check_input_size, create_model
 from .faults import fault_loss, fault_matches, inject_fault
@@ -126,8 +126,9 @@ def _loss_fns(args, mixup_active: bool):
 def _optimizer(args, ctl: SparsityController, is_main: bool):
     from timm.optim import optimizer_kwargs
 
-    optimizer, impl = create_optimizer(ctl.param_groups(args.weight_decay), impl=args.opt_impl,
-                                       **optimizer_kwargs(cfg=args))
+    kwargs = {k: v for k, v in optimizer_kwargs(cfg=args).items() if k != "layer_decay"}  # in the groups below
+    optimizer, impl = create_optimizer(ctl.param_groups(args.weight_decay, layer_decay=args.layer_decay),
+                                       impl=args.opt_impl, **kwargs, **(args.opt_kwargs or {}))
     if is_main:
         _logger.info("optimizer: %s (%s implementation, --opt-impl %s)", type(optimizer).__name__, impl,
                      args.opt_impl)
@@ -216,8 +217,14 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     initial = load_checkpoint_file(args.initial_checkpoint) if (args.initial_checkpoint and resume is None) else None
     # as timm's train.py (load_checkpoint's use_ema=True): the EMA weights when the file holds them
     initial_ema = initial is not None and any(isinstance(initial.get(k), dict) for k in ("state_dict_ema", "model_ema"))
+    pretrained = args.pretrained or bool(args.pretrained_path)  # a path alone asks for its weights too
+    if pretrained and resume is not None:
+        _logger.info("resuming: the pretrained weights are not loaded (the resumed checkpoint holds the weights)")
+    elif pretrained and initial is not None:
+        _logger.info("--initial-checkpoint %s replaces the pretrained weights it covers", args.initial_checkpoint)
     model = create_model(args.model, recipe=recipe, checkpoint=args.initial_checkpoint if initial else None,
-                         use_ema=initial_ema, ckpt=initial, fresh_head=True, **create_kwargs)
+                         use_ema=initial_ema, ckpt=initial, fresh_head=True, pretrained=pretrained and resume is None,
+                         pretrained_path=args.pretrained_path, **create_kwargs)
     if resume is not None:
         try:
             model.load_state_dict(resume["state_dict"], strict=True)
@@ -225,14 +232,16 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             raise CheckpointError(f"--resume {resume_path} does not fit this model/recipe: {str(e)[:300]}") from None
     data_cfg = resolve_data(args, model)
     loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
-    steps_per_epoch = len(loader_train)
-    if steps_per_epoch < 1:
+    if len(loader_train) < 1:
         raise UserError(f"batch size {args.batch_size} x {dist.world_size} process(es) exceeds the training set "
                         f"({len(train_ds)} images; the last partial batch is dropped): lower -b")
+    # optimizer steps per epoch, as timm's train.py counts them with --grad-accum-steps (a shorter last window)
+    steps_per_epoch = -(-len(loader_train) // args.grad_accum_steps)
     if resume is not None and resume.get("steps_per_epoch") not in (None, steps_per_epoch):
         raise CheckpointError(f"--resume {resume_path} was written with {resume['steps_per_epoch']} steps per epoch, "
-                              f"this run has {steps_per_epoch} (another -b or number of processes): the schedules "
-                              "would jump; resume with the run's batch size and process count")
+                              f"this run has {steps_per_epoch} (another -b, --grad-accum-steps or number of "
+                              "processes): the schedules would jump; resume with the run's batch size, accumulation "
+                              "and process count")
     model.to(dist.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -280,10 +289,13 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if args.model_ema:
         from timm.utils import ModelEmaV3
 
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay)
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
     lr_scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=steps_per_epoch)
+    if lr_scheduler is None:  # timm's schedulers apply --layer-decay's lr_scale; a constant lr takes it once here
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
     if resume is not None:
         if not args.no_resume_opt:
             saved_opt = (resume.get("args") or {}).get("opt")
@@ -420,7 +432,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             train_metrics = train_one_epoch(
                 train_model, loader_train, optimizer, train_loss_fn, state, controller=ctl, device=dist.device,
                 lr_scheduler=lr_scheduler, amp_dtype=amp_dtype, scaler=scaler, model_ema=model_ema,
-                mixup_fn=mixup_fn, clip_grad=args.clip_grad, channels_last=args.channels_last,
+                mixup_fn=mixup_fn, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                accum_steps=args.grad_accum_steps, channels_last=args.channels_last,
                 log_interval=args.log_interval, max_nonfinite=args.skip_nonfinite, skip_batches=skip,
                 on_step=on_step, is_main=dist.is_main,
                 on_resume_point=functools.partial(_set_rng_state, rng_at_resume) if rng_at_resume is not None else None,
@@ -433,7 +446,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             # timm's summary.csv columns first, in timm's order (epoch, train_loss, eval_*, lr), then ours
             row = {"epoch": epoch, "train_loss": round(train_metrics["loss"], 6),
                    "eval_loss": round(eval_metrics["loss"], 6), "eval_top1": round(eval_metrics["top1"], 4),
-                   "eval_top5": round(eval_metrics["top5"], 4), "lr": optimizer.param_groups[0]["lr"],
+                   "eval_top5": round(eval_metrics["top5"], 4), "lr": mean_lr(optimizer),
                    "step": state.global_step}
             if model_ema is not None:
                 ctl.sync(model_ema.module)

@@ -57,12 +57,15 @@ def _assert_same(a, b):
     assert rows_a == rows_b
 
 
-@pytest.mark.parametrize("fault", ["after_step:7", "during_save:4", "after_step:10"])
-def test_sigkill_then_resume_auto_is_bit_exact(tmp_path, fault):
-    """Killed mid-epoch, in the middle of a checkpoint write, and at an epoch's last step."""
+@pytest.mark.parametrize("fault, accum", [("after_step:7", 1), ("during_save:4", 1), ("after_step:10", 1),
+                                          ("after_step:4", 2)])
+def test_sigkill_then_resume_auto_is_bit_exact(tmp_path, fault, accum):
+    """Killed mid-epoch, in the middle of a checkpoint write, at an epoch's last step, and mid-epoch with
+    gradient accumulation (5 batches: windows of 2, 2 and 1)."""
     cfg = _cfg(tmp_path)
     common = ["--config", cfg, *TINY_VIT, *FAST, "--mixup", "0.2", "--drop-path", "0.1", "--model-ema",
-              "--recovery-interval", "2", "--deterministic", "--output", str(tmp_path)]
+              "--recovery-interval", "2", "--deterministic", "--output", str(tmp_path), "--grad-accum-steps",
+              str(accum)]
     ref = _train([*common, "--experiment", "ref"])
     assert ref.returncode == 0, ref.stderr[-2000:]
     killed = _train([*common, "--experiment", "run", "--resume", "auto"], env={"SPARSITY_FAULT": fault})
@@ -418,6 +421,10 @@ def test_disk_full_on_the_run_tables_is_one_message(tmp_path, monkeypatch, capsy
     (["--warmup-epochs", "-2"], "--warmup-epochs must be 0 or more"),
     (["--device", "tpu"], "--device tpu: not a device torch knows"),
     (["--torchcompile", "bogus"], "--torchcompile bogus: not a torch.compile backend"),
+    (["--grad-accum-steps", "0"], "--grad-accum-steps must be at least 1, got 0"),
+    (["--clip-grad", "0"], "--clip-grad must be above 0 (leave it out for no clipping)"),
+    (["--layer-decay", "1.5"], "--layer-decay must be in (0, 1]"),
+    (["--clip-mode", "agc", "--clip-grad", "-1"], "--clip-grad must be above 0"),
 ])
 def test_nonsense_values_are_one_message(tmp_path, capsys, flags, message):
     """Values timm or torch refused mid-run in a traceback (or accepted: a negative warm-up, an EMA decay of 5)."""

@@ -429,13 +429,14 @@ def test_torchrun_two_processes_identical_masks_and_weights(tmp_path):
     cfg = _recipe(tmp_path, "srste", RECIPES["srste"])
     proc = run_group(
         ["bash", "distributed_train.sh", "2", "--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path),
-         "--experiment", "ddp", "--mask-check-interval", "1", "--model-ema"],  # EMA: rank 0's on every rank
+         "--experiment", "ddp", "--mask-check-interval", "1", "--model-ema",  # EMA: rank 0's on every rank
+         "--grad-accum-steps", "2"],  # gradients reduced once per window (no_sync on its first batch)
         cwd=ROOT, timeout=300, env={**os.environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ranks identical: masks and weights" in proc.stdout
     ck = torch.load(tmp_path / "ddp" / "last.pth.tar", weights_only=True)
-    assert ck["global_step"] == 2  # 719 images per rank / 256 per batch
+    assert ck["global_step"] == 1  # 719 images per rank / 256 per batch: 2 batches, one window
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

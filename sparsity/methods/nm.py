@@ -90,7 +90,7 @@ class _NMWeight(torch.autograd.Function):
         mode = ctx.mode
         if mode == "srste":
             weight, factor = ctx.saved_tensors
-            scale = current_loss_scale(grad)  # fp16 AMP: the decay is scaled like the loss gradient
+            scale = current_loss_scale(grad)  # fp16 AMP, accumulation: scaled like the loss gradient
             pruned = 1 - factor if scale is None else (1 - factor).mul_(scale)  # in place: no second temporary
             return (torch.addcmul(grad, weight, pruned, value=ctx.lam),
                     None, None, None, None)
@@ -121,7 +121,7 @@ class _NMFromMasked(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.mode == "srste":
             weight, masked, mask = ctx.saved_tensors
-            scale = current_loss_scale(grad)  # fp16 AMP: the decay is scaled like the loss gradient
+            scale = current_loss_scale(grad)  # fp16 AMP, accumulation: scaled like the loss gradient
             out = native.srste_grad_native(grad, weight, mask, ctx.lam) if scale is None else None
             if out is None:  # not float32 contiguous CPU tensors, or no kernel: two torch passes, same values
                 pruned = torch.sub(weight, masked)  # W * (1 - E), exactly; addcmul rounds as the factor path does

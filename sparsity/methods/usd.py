@@ -183,7 +183,7 @@ class _USDWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, mask, coef, tau = ctx.saved_tensors
-        scale = current_loss_scale(grad)  # fp16 AMP: the penalty is scaled like the loss gradient
+        scale = current_loss_scale(grad)  # fp16 AMP, accumulation: scaled like the loss gradient
         if scale is not None:
             coef = coef * scale  # per row: no weight-sized pass for the scale
         return grad * mask + coef * weight * (weight.abs() < tau), None, None, None

@@ -1,0 +1,235 @@
+"""timm train.py flags beyond the basics: --grad-accum-steps, --clip-mode, --layer-decay, --opt-kwargs,
+--model-ema-warmup, --pretrained/--pretrained-path. The accumulation math is checked on small tensors against
+one large batch; the flags end to end through train.py on the digits data."""
+
+import csv
+
+import pytest
+import timm
+import torch
+import yaml
+from torch import nn
+
+import sparsity
+import train
+from cli_common import run_cli
+from sparsity.engine import TrainState, train_one_epoch
+from sparsity.layers import current_loss_scale, loss_scale
+
+TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32",
+            "depth=2", "num_heads=2"]
+VIT_KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+FAST = ["--dataset", "digits", "-b", "256", "--workers", "0", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs",
+        "0", "--hflip", "0", "--scale", "0.8", "1.0", "--log-interval", "100", "--epochs", "1"]
+
+
+def _net(method: str, lam: float = 0.5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    block = {"method": method, "rules": [{"target": "linear", "n": 2, "m": 4}]}
+    if method == "srste":
+        block["srste_lambda"] = lam
+    recipe = sparsity.recipe_from_dict(block)
+    sparsity.sparsify_(model, recipe)
+    return model, sparsity.SparsityController(model, recipe, total_steps=100)
+
+
+def _train(method: str, batches, accum: int) -> tuple[nn.Module, TrainState]:
+    model, ctl = _net(method)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    state = TrainState()
+    train_one_epoch(model, batches, opt, nn.CrossEntropyLoss(), state, controller=ctl, accum_steps=accum,
+                    log_interval=1000)
+    return model, state
+
+
+def _data(sizes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 16, generator=g), torch.randint(0, 8, (n,), generator=g)) for n in sizes]
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max(float((p.float() - q.float()).abs().max()) for p, q in zip(a.state_dict().values(),
+                                                                         b.state_dict().values()))
+
+
+@pytest.mark.parametrize("method", ["ste", "srste"])
+def test_accumulated_batches_step_like_one_large_batch(method):
+    """Two batches of 4 accumulated are one step on the batch of 8 (mean losses of equal halves average to the
+    whole's); SR-STE's decay term lambda * W * (1 - E) enters that step once, not once per batch."""
+    b1, b2 = _data([4, 4])
+    whole = [(torch.cat([b1[0], b2[0]]), torch.cat([b1[1], b2[1]]))]
+    acc, st = _train(method, [b1, b2], accum=2)
+    big, _ = _train(method, whole, accum=1)
+    assert st.global_step == 1
+    assert _max_diff(acc, big) < 1e-6
+    if method == "srste":  # the decay term is large here: counted twice, the weights would differ by ~0.1
+        plain, _ = _train("ste", whole, accum=1)
+        assert _max_diff(big, plain) > 0.05
+
+
+def test_the_epochs_last_shorter_window_is_averaged_over_its_own_size():
+    """Three batches with --grad-accum-steps 2: two optimizer steps, the second on the third batch alone at full
+    weight (timm divides the last window's losses by its own size)."""
+    b1, b2, b3 = _data([4, 4, 4])
+    acc, st = _train("srste", [b1, b2, b3], accum=2)
+    ref, st_ref = _train("srste", [(torch.cat([b1[0], b2[0]]), torch.cat([b1[1], b2[1]])), b3], accum=1)
+    assert st.global_step == st_ref.global_step == 2
+    assert _max_diff(acc, ref) < 1e-6
+
+
+def test_loss_scale_divides_the_methods_terms():
+    like = torch.zeros(3)
+    assert current_loss_scale(like) is None
+    with loss_scale(None, divisor=4):
+        assert float(current_loss_scale(like)) == 0.25
+    with loss_scale(torch.tensor(1024.0), divisor=2):
+        assert float(current_loss_scale(like)) == 512.0
+    with pytest.raises(ValueError, match="divisor must be at least 1"):
+        with loss_scale(None, divisor=0):
+            pass
+
+
+def _rows(run):
+    with open(run / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grad_accum_steps_end_to_end(tmp_path, capsys):
+    """1437 digits / 256 = 5 batches: with --grad-accum-steps 2, 3 optimizer steps per epoch, and the lr from
+    --lr-base counts the accumulated batch (as timm's train.py)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"sparsity": {"method": "srste", "rules": [{"target": "ff", "n": 2, "m": 4}]}}))
+    args = ["--config", str(recipe), *TINY_VIT, *FAST, "--output", str(tmp_path), "--grad-accum-steps", "2"]
+    assert run_cli(train.main, [*args, "--experiment", "acc", "--epochs", "2"]) == 0
+    assert [int(r["step"]) for r in _rows(tmp_path / "acc")] == [3, 6]
+    ck = torch.load(tmp_path / "acc" / "last.pth.tar", weights_only=True)
+    assert ck["steps_per_epoch"] == 3 and ck["args"]["grad_accum_steps"] == 2
+    capsys.readouterr()
+    # another accumulation changes the steps per epoch: the resume is refused, naming the flag
+    assert run_cli(train.main, [*args[:-1], "1", "--experiment", "acc", "--resume", "auto", "--epochs", "2"]) == 2
+    assert "another -b, --grad-accum-steps or number of processes" in capsys.readouterr().err
+    assert run_cli(train.main, ["--opt", "sgd", "-b", "64", "--grad-accum-steps", "4", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["lr"] == pytest.approx(0.1)  # 0.1 x 64 x 4 / 256
+
+
+def test_layer_decay_groups_and_the_mean_lr_column(tmp_path):
+    """--layer-decay: timm's layer-wise groups (lr_scale per depth, the scores of supermask sharing their layer's
+    scale, no weight decay on them), and summary.csv's lr is the mean over the groups, as timm writes it."""
+    model = timm.create_model("vit_tiny_patch16_224", **VIT_KW, num_classes=10)
+    recipe = sparsity.recipe_from_dict({"method": "supermask", "rules": [{"target": "ff", "sparsity": 0.5,
+                                                                           "tile": 8}]})
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    groups = ctl.param_groups(0.05, layer_decay=0.5)
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    # 2 blocks: embeddings at depth 0, block i at i + 1, head (and final norm) at the top: 0.5 ** (3 - depth)
+    assert scale[id(named["pos_embed"])] == (0.125, 0.0)
+    assert scale[id(named["blocks.0.mlp.fc1.weight"])] == (0.25, 0.05)
+    score = next(n for n in named if n.startswith("blocks.1.mlp.fc1.") and n != "blocks.1.mlp.fc1.weight"
+                 and not n.endswith("bias"))
+    assert scale[id(named[score])] == (0.5, 0.0)
+    assert scale[id(named["head.weight"])] == (1.0, 0.05)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(yaml.safe_dump({"sparsity": {"method": "dense"}}))
+    args = ["--config", str(cfg), *TINY_VIT, *FAST, "--output", str(tmp_path)]
+    for sched in ("none", "cosine"):  # a constant lr takes the scales too (timm's schedulers apply them)
+        assert run_cli(train.main, [*args, "--sched", sched, "--experiment", sched, "--layer-decay", "0.5"]) == 0
+        groups = torch.load(tmp_path / sched / "last.pth.tar", weights_only=True)["optimizer"]["param_groups"]
+        scales = [g["lr_scale"] for g in groups]
+        assert len(groups) == 8 and min(scales) == 0.125 and max(scales) == 1.0
+        if sched == "none":
+            assert [g["lr"] for g in groups] == pytest.approx([1e-3 * x for x in scales])
+        # epoch 0's lr (cosine's is the base lr then): the mean over the groups, as timm writes it
+        assert float(_rows(tmp_path / sched)[0]["lr"]) == pytest.approx(1e-3 * sum(scales) / len(scales))
+
+
+def test_clip_mode_opt_kwargs_and_ema_warmup_reach_the_run(tmp_path, monkeypatch):
+    """--clip-mode goes to timm's dispatch_clip_grad (agc without the classifier's two tensors), --opt-kwargs to
+    the optimizer, --model-ema-warmup to timm's ModelEmaV3."""
+    import timm.utils
+
+    seen = []
+    real = timm.utils.dispatch_clip_grad
+
+    def spy(params, value, mode="norm", **kw):
+        params = list(params)
+        seen.append((len(params), value, mode))
+        return real(params, value, mode=mode, **kw)
+
+    monkeypatch.setattr(timm.utils, "dispatch_clip_grad", spy)
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(yaml.safe_dump({"sparsity": {"method": "dense"}}))
+    args = ["--config", str(cfg), *TINY_VIT, *FAST, "--output", str(tmp_path), "--clip-grad", "0.02", "--clip-mode",
+            "agc", "--opt-kwargs", "amsgrad=True", "--model-ema", "--model-ema-warmup", "--experiment", "c"]
+    assert run_cli(train.main, args) == 0
+    n_params = len(list(timm.create_model("vit_tiny_patch16_224", **VIT_KW, num_classes=10).parameters()))
+    assert seen and set(seen) == {(n_params - 2, 0.02, "agc")}
+    ck = torch.load(tmp_path / "c" / "last.pth.tar", weights_only=True)
+    assert all(g["amsgrad"] for g in ck["optimizer"]["param_groups"])
+    assert any("max_exp_avg_sq" in s for s in ck["optimizer"]["state"].values())
+    assert ck["args"]["model_ema_warmup"] is True
+
+
+def test_ema_warmup_decay_ramps_up():
+    """timm's warm-up: the EMA copies the model at first and reaches --model-ema-decay only later."""
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(nn.Linear(2, 2), decay=0.9998, use_warmup=True)
+    assert ema.get_decay(1) == 0.0 and 0.5 < ema.get_decay(10) < 0.9 and ema.get_decay(10 ** 9) == 0.9998
+
+
+def test_pretrained_path_loads_the_file_through_timm(tmp_path, capsys, caplog):
+    """--pretrained-path: a 1000-class file for a 10-class run keeps every tensor but the classifier (timm's
+    adaptation); a file of the run's own class count keeps that too; --lr 0 leaves the weights as loaded."""
+    torch.manual_seed(5)
+    imagenet = timm.create_model("vit_tiny_patch16_224", **VIT_KW)
+    torch.save({"state_dict": imagenet.state_dict()}, tmp_path / "in1k.pth.tar")
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(yaml.safe_dump({"sparsity": {"method": "dense"}}))
+    args = ["--config", str(cfg), *TINY_VIT, *FAST, "--lr", "0", "--output", str(tmp_path), "--sched", "none"]
+    with caplog.at_level("INFO", logger="sparsity.factory"):  # the CLI's handler prints it to stdout
+        assert run_cli(train.main, [*args, "--pretrained-path", str(tmp_path / "in1k.pth.tar"), "--experiment",
+                                    "p"]) == 0
+    assert f"pretrained weights: {tmp_path / 'in1k.pth.tar'}" in capsys.readouterr().out
+    sd = torch.load(tmp_path / "p" / "last.pth.tar", weights_only=True)["state_dict"]
+    assert torch.equal(sd["pos_embed"], imagenet.pos_embed.detach())
+    assert torch.equal(sd["blocks.1.mlp.fc2.weight"], imagenet.blocks[1].mlp.fc2.weight.detach())
+    assert sd["head.weight"].shape == (10, 32)
+    torch.manual_seed(6)
+    own = timm.create_model("vit_tiny_patch16_224", **VIT_KW, num_classes=10)
+    torch.save(own.state_dict(), tmp_path / "own.pth")
+    assert run_cli(train.main, [*args, "--pretrained", "--pretrained-path", str(tmp_path / "own.pth"),
+                                "--experiment", "q"]) == 0
+    sd = torch.load(tmp_path / "q" / "last.pth.tar", weights_only=True)["state_dict"]
+    assert torch.equal(sd["head.weight"], own.head.weight.detach())
+
+
+def test_pretrained_failures_are_one_message(tmp_path, capsys, monkeypatch):
+    """No network (the download fails), a file of another model, a model timm has no weights for: one line each,
+    nothing written."""
+    import timm.models._builder as builder
+
+    def offline(*a, **k):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(builder, "load_pretrained", offline)
+    out = tmp_path / "out"
+    base = [*TINY_VIT, *FAST, "--output", str(out)]
+    assert run_cli(train.main, [*base, "--pretrained"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not load timm's pretrained weights into 'vit_tiny_patch16_224' (ConnectionError" \
+        in err[0] and "pass --pretrained-path FILE" in err[0], err
+    monkeypatch.undo()
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
+    assert run_cli(train.main, [*base, "--pretrained-path", str(tmp_path / "r18.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--pretrained-path {tmp_path / 'r18.pth'} does not fit 'vit_tiny_patch16_224': 30 of " \
+        "its tensors are not in the file (cls_token, pos_embed, " in err[0], err
+    monkeypatch.setattr(timm.models, "is_model_pretrained", lambda name: False)
+    assert run_cli(train.main, [*base, "--pretrained"]) == 2
+    assert "timm has no pretrained weights for 'vit_tiny_patch16_224'" in capsys.readouterr().err
+    assert not out.exists()
