@@ -112,7 +112,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return USER_ERROR_EXIT
     except TrainingError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)  # a stop on a signal: 128 + the signal, as the shell reports a kill
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,8 +1,8 @@
 """Fault injection for the reliability tests, driven by ``SPARSITY_FAULT=<point>:<step>[:<rank>]``.
 
 Nothing here does anything unless that variable is set. Points: ``after_step`` and ``during_save`` (SIGKILL, once
-per run folder), ``nan_loss`` (the loss of that step becomes NaN), ``diverge_mask`` (the trainer flips one mask
-entry on that rank).
+per run folder), ``sigterm`` (SIGTERM after that step, once per run folder: the graceful stop), ``nan_loss`` (the
+loss of that step becomes NaN), ``diverge_mask`` (the trainer flips one mask entry on that rank).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def fault_loss(loss_fn, state: TrainState):
 
 
 def inject_fault(point: str, global_step: int, rank: int, run_dir: Path) -> None:
-    """SIGKILL this process at ``point`` once (``after_step``, ``during_save``); a marker file in the run dir
-    keeps a restarted run from dying again."""
+    """SIGKILL this process at ``point`` once (``after_step``, ``during_save``; ``sigterm``: SIGTERM); a marker file
+    in the run dir keeps a restarted run from dying again."""
     if not fault_matches(point, global_step, rank):
         return
     marker = run_dir / f".fault-{point}-{global_step}-{rank}"
@@ -52,4 +52,4 @@ def inject_fault(point: str, global_step: int, rank: int, run_dir: Path) -> None
     marker.write_text("fired")
     import signal
 
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGKILL)

@@ -58,6 +58,7 @@ from .run_outputs import (
     truncate_summary,
     write_report,
 )
+from .stop import StopSignals, TrainingStopped
 
 __all__ = ["run_training", "build_loaders", "resolve_data"]
 
@@ -391,20 +392,32 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             raise UserError(f"could not write {path} ({e.strerror or e}); free space or choose another --output. "
                             "Earlier checkpoints in the run dir are intact") from None
 
+    def write_recovery(st: TrainState, batch_idx: int) -> None:
+        # every rank's generators: each draws its own augmentations, and a resume must give each its own back
+        ranks_rng = None
+        if dist.distributed:
+            ranks_rng = [None] * dist.world_size
+            torch.distributed.all_gather_object(ranks_rng, _rng_state())
+        if dist.is_main:
+            save({**checkpoint_dict(st.epoch, batch_idx + 1, None), "rng_ranks": ranks_rng},
+                 run_dir / "recovery.pth.tar")
+
     def on_step(st: TrainState, batch_idx: int) -> None:
         if fault_matches("diverge_mask", st.global_step, dist.rank):
             layer = masked_modules(model)[0][1]
             layer.weight_mask.view(-1)[0] ^= True
-        if args.recovery_interval and st.global_step % args.recovery_interval == 0:
-            # every rank's generators: each draws its own augmentations, and a resume must give each its own back
-            ranks_rng = None
-            if dist.distributed:
-                ranks_rng = [None] * dist.world_size
-                torch.distributed.all_gather_object(ranks_rng, _rng_state())
-            if dist.is_main:
-                save({**checkpoint_dict(st.epoch, batch_idx + 1, None), "rng_ranks": ranks_rng},
-                     run_dir / "recovery.pth.tar")
+        written = bool(args.recovery_interval) and st.global_step % args.recovery_interval == 0
+        if written:
+            write_recovery(st, batch_idx)
         inject_fault("after_step", st.global_step, dist.rank, run_dir)
+        inject_fault("sigterm", st.global_step, dist.rank, run_dir)
+        if stop.requested(dist):  # SIGTERM/Ctrl-C: this step is done; keep it and leave
+            if not written:
+                write_recovery(st, batch_idx)
+            name = stop.received.name
+            raise TrainingStopped(f"stopped by {name} at epoch {st.epoch} step {st.global_step}; "
+                                  f"{run_dir / 'recovery.pth.tar'} holds that step: continue with --resume auto "
+                                  f"--experiment {run_dir.name} --output {run_dir.parent}", 128 + int(stop.received))
         if args.mask_check_interval and dist.distributed and st.global_step % args.mask_check_interval == 0:
             check_ranks_consistent(model, dist)
 
@@ -419,7 +432,9 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if dist.is_main:
         _logger.info("run dir: %s | %s, %s, %d epochs x %d steps | method %s", run_dir, args.model,
                      args.dataset or args.data_dir, n_epochs, steps_per_epoch, recipe.method)
+    stop = StopSignals()
     try:
+        stop.install()  # SIGTERM (a cluster's preemption) or Ctrl-C: finish the step, write recovery, exit
         for epoch in range(next_epoch, n_epochs):
             state.epoch = epoch
             skip = skip_batches if epoch == next_epoch else 0
@@ -475,6 +490,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         good = newest_checkpoint(run_dir)
         raise TrainingError(f"{e}; the last good checkpoint is {good or 'none yet'}. Lower --lr, add --clip-grad, "
                             "or allow --skip-nonfinite N") from None
+    finally:
+        stop.restore()
 
     # ---- end of training: fixed binary masks, final evaluation, report, plots --------------------------------------
     ctl.finalize(*([model_ema.module] if model_ema is not None else []))

@@ -58,10 +58,12 @@ def _assert_same(a, b):
 
 
 @pytest.mark.parametrize("fault, accum", [("after_step:7", 1), ("during_save:4", 1), ("after_step:10", 1),
-                                          ("after_step:4", 2)])
+                                          ("after_step:4", 2), ("sigterm:7", 1)])
 def test_sigkill_then_resume_auto_is_bit_exact(tmp_path, fault, accum):
     """Killed mid-epoch, in the middle of a checkpoint write, at an epoch's last step, and mid-epoch with
-    gradient accumulation (5 batches: windows of 2, 2 and 1)."""
+    gradient accumulation (5 batches: windows of 2, 2 and 1). SIGTERM (a cluster's preemption) is no kill: the
+    run finishes its step, writes recovery.pth.tar there (step 7, between --recovery-interval's 6 and 8) and
+    exits with 143."""
     cfg = _cfg(tmp_path)
     common = ["--config", cfg, *TINY_VIT, *FAST, "--mixup", "0.2", "--drop-path", "0.1", "--model-ema",
               "--recovery-interval", "2", "--deterministic", "--output", str(tmp_path), "--grad-accum-steps",
@@ -69,8 +71,15 @@ def test_sigkill_then_resume_auto_is_bit_exact(tmp_path, fault, accum):
     ref = _train([*common, "--experiment", "ref"])
     assert ref.returncode == 0, ref.stderr[-2000:]
     killed = _train([*common, "--experiment", "run", "--resume", "auto"], env={"SPARSITY_FAULT": fault})
-    assert killed.returncode == -9, killed.stderr[-2000:]
     run = tmp_path / "run"
+    if fault.startswith("sigterm"):
+        assert killed.returncode == 143, killed.stderr[-2000:]
+        assert killed.stderr.strip().splitlines()[-1] == (
+            f"error: stopped by SIGTERM at epoch 1 step 7; {run / 'recovery.pth.tar'} holds that step: continue "
+            f"with --resume auto --experiment run --output {tmp_path}")
+        assert torch.load(run / "recovery.pth.tar", weights_only=True)["global_step"] == 7
+    else:
+        assert killed.returncode == -9, killed.stderr[-2000:]
     if fault.startswith("during_save"):
         assert list(run.glob(".recovery.pth.tar.*.tmp")), "the interrupted write left its temp file"
     resumed = _train([*common, "--experiment", "run", "--resume", "auto"])
@@ -152,9 +161,11 @@ def test_mid_epoch_resume_keeps_the_metric_reference(tmp_path, block, column):
     _assert_same(ref, run)
 
 
-def test_torchrun_restart_after_a_rank_crash_ends_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("fault", ["after_step:3:1", "sigterm:3:1"])
+def test_torchrun_restart_after_a_rank_crash_ends_like_an_uninterrupted_run(tmp_path, fault):
     """Rank 1 dies mid-epoch; torchrun restarts both ranks, which resume from the recovery checkpoint. Each rank
-    must get its own generator states back (its own crops and drop-path draws), or the runs part ways."""
+    must get its own generator states back (its own crops and drop-path draws), or the runs part ways. A SIGTERM
+    that only rank 1 gets stops both ranks at the same step (rank 0 learns of it with the step's flag reduction)."""
     cfg = _cfg(tmp_path, epochs=2)
     common = ["--config", cfg, *TINY_VIT, *FAST, "--drop-path", "0.1", "--recovery-interval", "1", "--deterministic",
               "--output", str(tmp_path)]
@@ -164,10 +175,12 @@ def test_torchrun_restart_after_a_rank_crash_ends_like_an_uninterrupted_run(tmp_
     assert ref.returncode == 0, ref.stderr[-3000:]
     proc = run_group(
         ["bash", "distributed_train.sh", "2", "--max-restarts", "1", *common, "--resume", "auto", "--experiment",
-         "ddp"], cwd=ROOT, timeout=400, env={**env, "SPARSITY_FAULT": "after_step:3:1"},
+         "ddp"], cwd=ROOT, timeout=400, env={**env, "SPARSITY_FAULT": fault},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "ddp" / ".fault-after_step-3-1").exists()  # the crash did happen
+    assert (tmp_path / "ddp" / f".fault-{fault.replace(':', '-')}").exists()  # the crash did happen
+    if fault.startswith("sigterm"):  # one line per rank: both stopped after step 3
+        assert proc.stderr.count("error: stopped by SIGTERM at epoch 1 step 3;") == 2, proc.stderr[-3000:]
     assert "resuming from" in proc.stdout
     ck = torch.load(tmp_path / "ddp" / "last.pth.tar", weights_only=True)
     assert ck["global_step"] == 4 and ck["next_epoch"] == 2
@@ -530,3 +543,35 @@ def test_pickled_code_checkpoint_is_refused(tmp_path):
         load_checkpoint_file(p)
     torch.save({"args": argparse.Namespace(lr=0.1)}, p)  # timm's train.py stores its argparse namespace: allowed
     assert load_checkpoint_file(p)["args"] == {"lr": 0.1}
+
+
+def test_sigterm_to_the_process_group_stops_gracefully_with_loader_workers(tmp_path):
+    """A job scheduler signals every process of the job: the DataLoader workers too. They keep serving the step in
+    flight; the run writes recovery.pth.tar at that step and exits 143, and --resume auto continues from it."""
+    import signal
+
+    cfg = _cfg(tmp_path, epochs=200)
+    args = [sys.executable, "train.py", "--config", cfg, *TINY_VIT, *FAST, "-j", "2", "--output", str(tmp_path),
+            "--experiment", "run"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:  # the first epoch's summary: training is under way, workers included
+            if line.startswith("epoch 0 done"):
+                break
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM received: stopping after the current step with a recovery checkpoint" in out
+    assert out.count("SIGTERM received") == 1  # the workers said nothing
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM at epoch ") and "--resume auto --experiment run" in last, err
+    step = torch.load(tmp_path / "run" / "recovery.pth.tar", weights_only=True)["global_step"]
+    assert 5 <= step < 1000
+    resumed = _train(["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "run",
+                      "--resume", "auto", "--epochs", "200"], env={"SPARSITY_FAULT": f"sigterm:{step + 2}"})
+    assert resumed.returncode == 143 and f"resuming from {tmp_path / 'run' / 'recovery.pth.tar'}" in resumed.stdout
+    assert torch.load(tmp_path / "run" / "recovery.pth.tar", weights_only=True)["global_step"] == step + 2
