@@ -110,8 +110,8 @@ def _create_pretrained(model_name: str, path, timm_kwargs: dict) -> nn.Module:
         _create(model_name, timm_kwargs)  # the arguments themselves are wrong: that message instead
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise ModelError(f"--pretrained: could not load {source} into '{model_name}' ({type(e).__name__}: {first}); "
-                         "without network access download them first and pass --pretrained-path FILE; weights of "
-                         "another model or a sparse checkpoint of ours go through --initial-checkpoint") from None
+                         "without network access download them first and pass --pretrained-path FILE; a sparse "
+                         "checkpoint of ours goes through --initial-checkpoint") from None
     if path:  # timm loads non-strictly when it adapts the classifier: a file of another model would load nothing
         missing = [k for k in model.state_dict() if k not in state and not any(k.startswith(h + ".") for h in heads)]
         if missing:
