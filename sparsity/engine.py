@@ -60,10 +60,10 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
 def _clip(model: nn.Module, value: float, mode: str) -> None:
     """timm's gradient clipping (``dispatch_clip_grad``); agc leaves out the classifier's two tensors, as timm's
     train.py does."""
+    from timm.models import model_parameters
     from timm.utils import dispatch_clip_grad
 
-    params = list(model.parameters())
-    dispatch_clip_grad(params[:-2] if mode == "agc" else params, value, mode=mode)
+    dispatch_clip_grad(model_parameters(model, exclude_head=mode == "agc"), value, mode=mode)
 
 
 def train_one_epoch(

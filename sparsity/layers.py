@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = [
     "SliceSpec", "MaskedMixin", "MaskedLinear", "MaskedConv2d", "masked_modules", "MASKED_TYPES", "frozen_weight",
-    "uncovered_rows", "loss_scale", "current_loss_scale", "layer_kind",
+    "uncovered_rows", "loss_scale", "current_loss_scale", "current_loss_divisor", "layer_kind",
 ]
 
 
@@ -308,16 +308,17 @@ def loss_scale(scaler, divisor: int = 1) -> Iterator[None]:
 
 
 def current_loss_scale(like: torch.Tensor) -> torch.Tensor | None:
-    """The scale set by :func:`loss_scale` (the GradScaler's scale over the accumulation divisor) as a 0-dim tensor
-    of ``like``'s dtype and device, or None when there is nothing to scale."""
+    """The loss scale set by :func:`loss_scale` as a 0-dim tensor of ``like``'s dtype and device, or None."""
     s = _LOSS_SCALE
     if s is not None and not isinstance(s, torch.Tensor):
         s = getattr(s, "_scale", None)  # a GradScaler: its current scale (a device tensor, no host sync)
-    if s is None:
-        return None if _LOSS_DIVISOR == 1 else torch.full((), 1.0 / _LOSS_DIVISOR, dtype=like.dtype,
-                                                          device=like.device)
-    s = s.to(device=like.device, dtype=like.dtype).reshape(())
-    return s if _LOSS_DIVISOR == 1 else s / _LOSS_DIVISOR
+    return None if s is None else s.to(device=like.device, dtype=like.dtype).reshape(())
+
+
+def current_loss_divisor() -> int:
+    """The accumulation divisor set by :func:`loss_scale` (1 without accumulation): a method divides the
+    coefficient of the term it adds by it (a Python number: no tensor op, the native kernels still apply)."""
+    return _LOSS_DIVISOR
 
 
 class _FrozenWeight(torch.autograd.Function):

@@ -28,16 +28,18 @@ class TrainingStopped(TrainingError):
 
 
 class StopSignals:
-    """While active (``with StopSignals() as stop``), SIGTERM and SIGINT only note that a stop was asked for; the
+    """Between :meth:`install` and :meth:`restore`, SIGTERM and SIGINT only note that a stop was asked for; the
     training loop asks :meth:`requested` after every optimizer step. A second Ctrl-C stops at once (the usual
     KeyboardInterrupt). Forked DataLoader workers, which get the same signals from a terminal or a job scheduler,
     ignore them: the step in flight still needs its batches, and they end with the run. Handlers can only be
     installed from the main thread; elsewhere this does nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, dist) -> None:
         self.received: signal.Signals | None = None
         self._previous: dict[int, object] = {}
         self._pid = os.getpid()
+        # the flag goes over a CPU (gloo) group: no device sync in the step loop, whatever the training backend
+        self._group = torch.distributed.new_group(backend="gloo") if dist.distributed else None
 
     def install(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -51,12 +53,6 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def __enter__(self) -> StopSignals:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
-
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: it serves batches until the step is done
             return
@@ -67,14 +63,14 @@ class StopSignals:
             _logger.warning("%s received: stopping after the current step with a recovery checkpoint%s",
                             self.received.name, " (Ctrl-C again stops at once)" if signum == signal.SIGINT else "")
 
-    def requested(self, dist) -> bool:
+    def requested(self) -> bool:
         """Whether to stop now. Under DDP every rank stops at the same step: the flag is reduced (MAX) across
         ranks, since each rank may see the signal a step apart."""
-        if not dist.distributed:
+        if self._group is None:
             return self.received is not None
-        flag = torch.tensor([0 if self.received is None else int(self.received)], device=dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        code = int(flag.item())
+        flag = torch.tensor([0 if self.received is None else int(self.received)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        code = int(flag)  # a CPU tensor: no device sync
         if code and self.received is None:
             self.received = signal.Signals(code)
         return bool(code)

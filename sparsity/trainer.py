@@ -411,7 +411,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             write_recovery(st, batch_idx)
         inject_fault("after_step", st.global_step, dist.rank, run_dir)
         inject_fault("sigterm", st.global_step, dist.rank, run_dir)
-        if stop.requested(dist):  # SIGTERM/Ctrl-C: this step is done; keep it and leave
+        if stop.requested():  # SIGTERM/Ctrl-C: this step is done; keep it and leave
             if not written:
                 write_recovery(st, batch_idx)
             name = stop.received.name
@@ -432,7 +432,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if dist.is_main:
         _logger.info("run dir: %s | %s, %s, %d epochs x %d steps | method %s", run_dir, args.model,
                      args.dataset or args.data_dir, n_epochs, steps_per_epoch, recipe.method)
-    stop = StopSignals()
+    stop = StopSignals(dist)
     try:
         stop.install()  # SIGTERM (a cluster's preemption) or Ctrl-C: finish the step, write recovery, exit
         for epoch in range(next_epoch, n_epochs):

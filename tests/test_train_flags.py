@@ -14,7 +14,7 @@ import sparsity
 import train
 from cli_common import run_cli
 from sparsity.engine import TrainState, train_one_epoch
-from sparsity.layers import current_loss_scale, loss_scale
+from sparsity.layers import current_loss_divisor, current_loss_scale, loss_scale
 
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32",
             "depth=2", "num_heads=2"]
@@ -80,11 +80,12 @@ def test_the_epochs_last_shorter_window_is_averaged_over_its_own_size():
 
 def test_loss_scale_divides_the_methods_terms():
     like = torch.zeros(3)
-    assert current_loss_scale(like) is None
+    assert current_loss_scale(like) is None and current_loss_divisor() == 1
     with loss_scale(None, divisor=4):
-        assert float(current_loss_scale(like)) == 0.25
+        assert current_loss_scale(like) is None and current_loss_divisor() == 4
     with loss_scale(torch.tensor(1024.0), divisor=2):
-        assert float(current_loss_scale(like)) == 512.0
+        assert float(current_loss_scale(like)) == 1024.0 and current_loss_divisor() == 2
+    assert current_loss_divisor() == 1
     with pytest.raises(ValueError, match="divisor must be at least 1"):
         with loss_scale(None, divisor=0):
             pass

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from .. import native
-from ..layers import MaskedMixin, current_loss_scale, frozen_weight, uncovered_rows
+from ..layers import MaskedMixin, current_loss_divisor, current_loss_scale, frozen_weight, uncovered_rows
 from ..masks import grouped_dim, nm_masks_
 from ..recipe import Recipe, RecipeError
 from ..schedules import DENSE, SPARSE, Phase, ladder_pattern, mdgf_beta, phase_at, sdgf_ladder
@@ -90,9 +90,9 @@ class _NMWeight(torch.autograd.Function):
         mode = ctx.mode
         if mode == "srste":
             weight, factor = ctx.saved_tensors
-            scale = current_loss_scale(grad)  # fp16 AMP, accumulation: scaled like the loss gradient
+            scale = current_loss_scale(grad)  # fp16 AMP: the decay is scaled like the loss gradient
             pruned = 1 - factor if scale is None else (1 - factor).mul_(scale)  # in place: no second temporary
-            return (torch.addcmul(grad, weight, pruned, value=ctx.lam),
+            return (torch.addcmul(grad, weight, pruned, value=ctx.lam / current_loss_divisor()),
                     None, None, None, None)
         if mode == "mdgf_exact":
             factor, beta = ctx.saved_tensors
@@ -121,11 +121,12 @@ class _NMFromMasked(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.mode == "srste":
             weight, masked, mask = ctx.saved_tensors
-            scale = current_loss_scale(grad)  # fp16 AMP, accumulation: scaled like the loss gradient
-            out = native.srste_grad_native(grad, weight, mask, ctx.lam) if scale is None else None
+            scale = current_loss_scale(grad)  # fp16 AMP: the decay is scaled like the loss gradient
+            lam = ctx.lam / current_loss_divisor()  # accumulation: the decay enters each optimizer step once
+            out = native.srste_grad_native(grad, weight, mask, lam) if scale is None else None
             if out is None:  # not float32 contiguous CPU tensors, or no kernel: two torch passes, same values
                 pruned = torch.sub(weight, masked)  # W * (1 - E), exactly; addcmul rounds as the factor path does
-                out = torch.addcmul(grad, pruned, pruned.new_ones(()) if scale is None else scale, value=ctx.lam)
+                out = torch.addcmul(grad, pruned, pruned.new_ones(()) if scale is None else scale, value=lam)
             return out, None, None, None, None
         return grad, None, None, None, None
 

@@ -44,7 +44,7 @@ import yaml
 from torch import nn
 
 from ..checkpoint import write_atomic
-from ..layers import MaskedMixin, SliceSpec, current_loss_scale
+from ..layers import MaskedMixin, SliceSpec, current_loss_divisor, current_loss_scale
 from ..masks import grouped_dim, weight_nm_mask
 from ..recipe import Recipe, RecipeError, Rule
 from . import SparsityMethod, frozen_masked_weight, register_method
@@ -183,9 +183,11 @@ class _USDWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, mask, coef, tau = ctx.saved_tensors
-        scale = current_loss_scale(grad)  # fp16 AMP, accumulation: scaled like the loss gradient
+        scale = current_loss_scale(grad)  # fp16 AMP: the penalty is scaled like the loss gradient
         if scale is not None:
             coef = coef * scale  # per row: no weight-sized pass for the scale
+        if current_loss_divisor() != 1:  # accumulation: the penalty enters each optimizer step once
+            coef = coef / current_loss_divisor()
         return grad * mask + coef * weight * (weight.abs() < tau), None, None, None
 
 
