@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-j", "--workers", type=int, default=2)
     g.add_argument("--pin-mem", **SWITCH)
     g.add_argument("--on-bad-image", default="fail", choices=["fail", "skip"], help="corrupt image in the data")
+    g.add_argument("--aug-repeats", type=float, default=0,
+                   help="torchrun: each image this many times per epoch, on different ranks with their own "
+                        "augmentations (timm's RepeatAugSampler, as DeiT)")
     g = p.add_argument_group("augmentation")
     g.add_argument("--no-aug", action="store_true")
     g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0])
@@ -87,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient clipping mode, as timm's train.py")
     g.add_argument("--layer-decay", type=float, default=None,
                    help="layer-wise lr decay: each layer's lr times this to the power of its depth below the top")
+    g.add_argument("--layer-decay-min-scale", type=float, default=0.0, help="floor of --layer-decay's lr scales")
+    g.add_argument("--layer-decay-no-opt-scale", type=float, default=None,
+                   help="freeze the layers whose --layer-decay lr scale falls below this")
     g.add_argument("--grad-accum-steps", type=int, default=1,
                    help="accumulate gradients over this many batches per optimizer step (the global batch and the "
                         "lr from --lr-base count them)")
@@ -108,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decay-epochs", type=float, default=90)
     g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
     g.add_argument("--decay-rate", type=float, default=0.1)
+    g.add_argument("--patience-epochs", type=int, default=10, help="plateau: epochs without improvement before a decay")
+    g.add_argument("--lr-noise", type=float, nargs="+", default=None,
+                   help="noisy lr from this point of the schedule on (one value) or between two, as fractions "
+                        "of it (0.5 0.9: from half way to 90%%)")
+    g.add_argument("--lr-noise-pct", type=float, default=0.67, help="the noise's limit, a fraction of the lr")
+    g.add_argument("--lr-noise-std", type=float, default=1.0)
+    g.add_argument("--lr-cycle-mul", type=float, default=1.0, help="each restart's cycle is this times longer")
+    g.add_argument("--lr-cycle-decay", type=float, default=0.5, help="each restart's peak lr is this times lower")
+    g.add_argument("--lr-cycle-limit", type=int, default=1,
+                   help="cycles of a cosine/tanh/poly schedule (more than 1: warm restarts; the run grows by them)")
+    g.add_argument("--lr-k-decay", type=float, default=1.0, help="k-decay of the cosine/poly schedules")
     g.add_argument("--epochs", type=int, default=10)
     g = p.add_argument_group("training")
     g.add_argument("--amp", **SWITCH, help="mixed precision (bf16 on CPU, --amp-dtype on GPU)")
@@ -116,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
     g.add_argument("--model-ema-warmup", **SWITCH, help="ramp the EMA decay up over the first steps (timm's warm-up)")
     g.add_argument("--channels-last", **SWITCH)
+    g.add_argument("--grad-checkpointing", **SWITCH,
+                   help="recompute activations in the backward (timm's set_grad_checkpointing): less memory")
+    g.add_argument("--sync-bn", **SWITCH, help="torchrun on GPUs: batch norm over the global batch (SyncBatchNorm)")
+    g.add_argument("--dist-bn", default="reduce", choices=["reduce", "broadcast", ""],
+                   help="torchrun: after every epoch, average the ranks' batch-norm running statistics (reduce) or "
+                        "take rank 0's (broadcast); '' leaves each rank its own")
     g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor")
     g.add_argument("--device", default=None, type=str, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--seed", type=int, default=42)

@@ -283,12 +283,13 @@ def _imagenet_bases(t: Tree) -> None:
         "Base (not an experiment): SuperBlock's vit_b_16 command (torchvision reference recipe) in timm terms: 300",
         "epochs, 512 images per GPU (8 GPUs), AdamW lr 3e-3, weight decay 0.3, 30 linear warm-up epochs from",
         "lr x 0.033, amp, label smoothing 0.11, mixup 0.2, cutmix 1.0, RandAugment, grad clip 1, EMA.",
-        "Approximations: torchvision's 'ra' policy -> timm rand-m9-n2-mstd0; --ra-sampler (repeated augmentation)",
-        "and torchvision's EMA schedule have no equivalent flag here.", data_note,
+        "Approximations: torchvision's 'ra' policy -> timm rand-m9-n2-mstd0; --ra-sampler (3 repeats) -> timm's",
+        "RepeatAugSampler, aug_repeats: 3 (torchrun only: pass --aug-repeats 0 on one process); torchvision's EMA",
+        "schedule has no equivalent flag here.", data_note,
     ], {**data, "epochs": 300, "batch_size": 512, "opt": "adamw", "lr": 3.0e-3, "weight_decay": 0.3,
         "sched": "cosine", "warmup_epochs": 30, "warmup_lr": 9.9e-5, "min_lr": 0.0, "clip_grad": 1.0, "amp": True,
         "amp_dtype": "float16", "aa": "rand-m9-n2-mstd0", "mixup": 0.2, "cutmix": 1.0, "smoothing": 0.11,
-        "model_ema": True, "checkpoint_hist": 3})
+        "aug_repeats": 3, "model_ema": True, "checkpoint_hist": 3})
     finetune_note = ("Starts from a dense checkpoint: replace initial_checkpoint or pass --initial-checkpoint PATH "
                      "(a stock timm state dict works).")
     t.base("imagenet/_finetune_cnn.yaml", [

@@ -137,14 +137,17 @@ class SparsityController:
     def no_weight_decay_params(self) -> list[nn.Parameter]:
         return self.method.no_weight_decay_params()
 
-    def param_groups(self, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    def param_groups(self, weight_decay: float, layer_decay: float | None = None, layer_decay_min_scale: float = 0.0,
+                     layer_decay_no_opt_scale: float | None = None) -> list[dict]:
         """timm's weight-decay parameter groups for the model, as ``create_optimizer_v2(model)`` builds them: no
         decay on biases/norms, on what the model's ``no_weight_decay()`` names (a ViT's position embedding and class
         token, Swin's relative position tables) and on the method's extra parameters (scores, logits). What
         train.py and the training benchmark optimize.
 
         ``layer_decay`` (timm's ``--layer-decay``): timm's layer-wise groups instead, each with its ``lr_scale``
-        (timm's schedulers multiply the lr by it); a layer's scores or logits share its scale."""
+        (timm's schedulers multiply the lr by it); a layer's scores or logits share its scale. As timm's, the scales
+        are floored at ``layer_decay_min_scale`` and the parameters whose scale is below ``layer_decay_no_opt_scale``
+        are frozen (``requires_grad=False``) and left out."""
         from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
         extra = {id(p) for p in self.no_weight_decay_params()}
@@ -152,7 +155,8 @@ class SparsityController:
         names += list(getattr(self.model, "no_weight_decay", lambda: set())())
         if layer_decay is not None:
             return param_groups_layer_decay(self.model, weight_decay, no_weight_decay_list=names,
-                                            layer_decay=layer_decay)
+                                            layer_decay=layer_decay, min_scale=layer_decay_min_scale,
+                                            no_opt_scale=layer_decay_no_opt_scale)
         return param_groups_weight_decay(self.model, weight_decay, no_weight_decay_list=names)
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from .errors import ModelError
 from .recipe import Recipe, closest, load_recipe
 from .surgery import sparsify_
 
-__all__ = ["create_model", "check_input_size"]
+__all__ = ["create_model", "check_input_size", "set_grad_checkpointing"]
 
 _logger = logging.getLogger(__name__)
 
@@ -123,6 +123,23 @@ def _create_pretrained(model_name: str, path, timm_kwargs: dict) -> nn.Module:
 
 
 @torch.no_grad()
+def set_grad_checkpointing(model: nn.Module, name: str, log: bool = True) -> None:
+    """timm's ``--grad-checkpointing``: the model's blocks recompute their activations in the backward instead of
+    keeping them (less memory, about a third more compute). The masked layers are recomputed like any other (the
+    same masks, forward weights and Gumbel noise: its seed is the step's). A model timm gives no checkpointing is
+    refused in one line."""
+    fn = getattr(model, "set_grad_checkpointing", None)
+    try:
+        if fn is None:
+            raise NotImplementedError
+        fn(True)
+    except (AssertionError, NotImplementedError):
+        raise ModelError(f"--grad-checkpointing: timm's '{name}' does not support gradient checkpointing; drop the "
+                         "flag") from None
+    if log:
+        _logger.info("gradient checkpointing: on (activations recomputed in the backward)")
+
+
 def check_input_size(model: nn.Module, input_size, name: str, device: torch.device | str = "cpu",
                      channels_last: bool = False, train_batch: int | None = None, hint: str | None = None) -> None:
     """One eval forward of a single blank image at the loader's ``input_size`` (C, H, W): a model built for another

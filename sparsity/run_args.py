@@ -10,7 +10,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["resolve_lr", "check_args"]
+__all__ = ["resolve_lr", "check_args", "check_dist_args"]
 
 _logger = logging.getLogger("train")
 
@@ -46,16 +46,36 @@ def check_args(args) -> None:
     need(args.lr is None or args.lr >= 0, f"--lr must be 0 or more, got {args.lr}")
     need(args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}")
     need(args.log_interval >= 1, f"--log-interval must be at least 1, got {args.log_interval}")
+    need(args.aug_repeats == 0 or args.aug_repeats >= 1,
+         f"--aug-repeats must be 0 (off) or at least 1 (3 in DeiT), got {args.aug_repeats}")
     need(args.grad_accum_steps >= 1, f"--grad-accum-steps must be at least 1, got {args.grad_accum_steps}")
     need(args.clip_grad is None or args.clip_grad > 0,
          f"--clip-grad must be above 0 (leave it out for no clipping), got {args.clip_grad}")
     need(args.layer_decay is None or 0 < args.layer_decay <= 1,
          f"--layer-decay must be in (0, 1] (0.65 to 0.75 is usual for ViT fine-tuning), got {args.layer_decay}")
+    need(0 <= args.layer_decay_min_scale <= 1,
+         f"--layer-decay-min-scale must be in [0, 1], got {args.layer_decay_min_scale}")
+    need(args.layer_decay_no_opt_scale is None or 0 < args.layer_decay_no_opt_scale <= 1,
+         f"--layer-decay-no-opt-scale must be in (0, 1], got {args.layer_decay_no_opt_scale}")
+    need(args.layer_decay is not None or (not args.layer_decay_min_scale and args.layer_decay_no_opt_scale is None),
+         "--layer-decay-min-scale and --layer-decay-no-opt-scale act on --layer-decay's scales; add --layer-decay "
+         "or drop them")
+    need(args.lr_noise is None or (len(args.lr_noise) in (1, 2) and all(0 <= v <= 1 for v in args.lr_noise)
+                                   and args.lr_noise == sorted(args.lr_noise)),
+         f"--lr-noise takes one or two increasing fractions of the schedule in [0, 1] (timm multiplies them by its "
+         f"length), got {args.lr_noise}")
+    need(args.lr_noise_pct >= 0 and args.lr_noise_std >= 0,
+         f"--lr-noise-pct and --lr-noise-std must be 0 or more, got {args.lr_noise_pct} and {args.lr_noise_std}")
+    need(args.lr_cycle_limit >= 1, f"--lr-cycle-limit must be at least 1, got {args.lr_cycle_limit}")
+    need(args.lr_cycle_mul > 0, f"--lr-cycle-mul must be above 0, got {args.lr_cycle_mul}")
+    need(args.lr_cycle_decay > 0, f"--lr-cycle-decay must be above 0, got {args.lr_cycle_decay}")
+    need(args.lr_k_decay > 0, f"--lr-k-decay must be above 0, got {args.lr_k_decay}")
     need(0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}")
     need(0 <= (args.drop or 0) < 1, f"--drop must be in [0, 1), got {args.drop}")
     need(args.drop_path is None or 0 <= args.drop_path < 1, f"--drop-path must be in [0, 1), got {args.drop_path}")
     need(0 <= args.model_ema_decay <= 1, f"--model-ema-decay must be in [0, 1], got {args.model_ema_decay}")
-    for flag in ("warmup_epochs", "cooldown_epochs", "recovery_interval", "skip_nonfinite", "mask_check_interval"):
+    for flag in ("warmup_epochs", "cooldown_epochs", "patience_epochs", "recovery_interval", "skip_nonfinite",
+                 "mask_check_interval"):
         need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     need(args.color_jitter >= 0, f"--color-jitter must be 0 or more, got {args.color_jitter}")
     need(0 < args.scale[0] <= args.scale[1] <= 1, f"--scale must be 0 < min <= max <= 1, got {args.scale}")
@@ -76,3 +96,16 @@ def check_args(args) -> None:
         backends = torch._dynamo.list_backends(exclude_tags=())
         need(args.torchcompile in backends,
              f"--torchcompile {args.torchcompile}: not a torch.compile backend; use one of {', '.join(backends)}")
+
+
+def check_dist_args(args, dist) -> None:
+    """The flags that depend on the process count and the device (known once the process group is up)."""
+    if args.aug_repeats and not dist.distributed:
+        raise UserError(f"--aug-repeats {args.aug_repeats:g} needs several processes (torchrun, "
+                        "distributed_train.sh): timm's sampler sends an image's repeats to different ranks; drop it "
+                        "on one process")
+    if args.sync_bn and dist.distributed and dist.device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernel); drop it: --dist-bn "
+                        "reduce (the default) averages the ranks' batch-norm statistics after every epoch")
+    if args.sync_bn and not dist.distributed:
+        _logger.info("--sync-bn: one process, nothing to synchronise (it applies under torchrun, as in timm)")

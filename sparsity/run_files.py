@@ -111,7 +111,7 @@ def check_writable(path: Path, flag: str = "--output", what: str = "output dir")
 
 def run_epochs(args, recipe: Recipe | None = None) -> int:
     """How many epochs the run trains: as in timm's train.py, the length of the lr schedule timm builds from
-    ``--epochs``, i.e. plus ``--cooldown-epochs`` (and the extra cycles of ``--sched-cycle-limit``, the warm-up of
+    ``--epochs``, i.e. plus ``--cooldown-epochs`` (and the extra cycles of ``--lr-cycle-limit``, the warm-up of
     ``--warmup-prefix``). The sparsity schedule is laid out over all of it. With ``recipe``, a recipe that cannot
     run that long (USD's fine-tune epochs covering the whole run) is refused."""
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -150,10 +150,12 @@ def _check_same_run(resume: dict, path: str, recipe: Recipe, args, n_epochs: int
         else:  # written before the cooldown was trained: the run was exactly --epochs long
             then, cooldown = epochs, 0
         if then != n_epochs:
+            flags = [f"--epochs {epochs}", f"--cooldown-epochs {cooldown}"]
+            flags += [f"--{k.replace('_', '-')} {saved_args[k]}" for k in ("lr_cycle_limit", "lr_cycle_mul")
+                      if k in saved_args and saved_args[k] != getattr(args, k, saved_args[k])]
             raise CheckpointError(f"--resume {path} is from a {then}-epoch run, this one would train {n_epochs}: the "
-                                  "sparsity schedule is laid out over the whole run; resume with --epochs "
-                                  f"{epochs} --cooldown-epochs {cooldown}, or start a new run from it with "
-                                  "--initial-checkpoint")
+                                  f"sparsity schedule is laid out over the whole run; resume with {' '.join(flags)}, "
+                                  "or start a new run from it with --initial-checkpoint")
 
 
 def _checkpoint_files(run_dir: Path) -> list[Path]:

@@ -19,16 +19,24 @@ from torch import nn
 from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic
 from .controller import SparsityController
 from .data import build_dataset, check_same_classes, num_classes_of, resolve_data, resolve_dataset, timm_pillow_compat
-from .distributed import DistInfo, check_ranks_consistent, init_distributed
+from .distributed import (
+    DistInfo,
+    bn_stats,
+    check_ranks_consistent,
+    distribute_bn_stats,
+    gather_bn_stats,
+    init_distributed,
+    load_bn_stats,
+)
 from .engine import NonFiniteLossError, TrainState, evaluate, mean_lr, train_one_epoch
 from .errors import TrainingError, UserError
-from .factory import check_input_size, create_model
+from .factory import check_input_size, create_model, set_grad_checkpointing
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules
 from .optim import check_optimizer, create_optimizer
 from .recipe import plain, recipe_from_dict
 from .report import sparsity_report, target_problem
-from .run_args import check_args, resolve_lr
+from .run_args import check_args, check_dist_args, resolve_lr
 from .run_files import (
     _check_same_run,
     _checkpoint_files,
@@ -97,7 +105,7 @@ def build_loaders(args, data_cfg: dict, train_ds, val_ds, dist: DistInfo):
                                   re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
                                   re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
                                   vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-                                  **{**common, "interpolation": interp})
+                                  num_aug_repeats=args.aug_repeats, **{**common, "interpolation": interp})
         except (AssertionError, KeyError, ValueError) as e:  # timm's own checks of the augmentation settings
             raise UserError(f"timm cannot build the training transform from these settings ({type(e).__name__}: "
                             f"{str(e).strip() or 'rejected'}); check --aa {args.aa!r}, --reprob/--remode, --scale, "
@@ -127,9 +135,11 @@ def _loss_fns(args, mixup_active: bool):
 def _optimizer(args, ctl: SparsityController, is_main: bool):
     from timm.optim import optimizer_kwargs
 
-    kwargs = {k: v for k, v in optimizer_kwargs(cfg=args).items() if k != "layer_decay"}  # in the groups below
-    optimizer, impl = create_optimizer(ctl.param_groups(args.weight_decay, layer_decay=args.layer_decay),
-                                       impl=args.opt_impl, **kwargs, **(args.opt_kwargs or {}))
+    kwargs = {k: v for k, v in optimizer_kwargs(cfg=args).items() if not k.startswith("layer_decay")}  # in groups
+    groups = ctl.param_groups(args.weight_decay, layer_decay=args.layer_decay,
+                              layer_decay_min_scale=args.layer_decay_min_scale,
+                              layer_decay_no_opt_scale=args.layer_decay_no_opt_scale)
+    optimizer, impl = create_optimizer(groups, impl=args.opt_impl, **kwargs, **(args.opt_kwargs or {}))
     if is_main:
         _logger.info("optimizer: %s (%s implementation, --opt-impl %s)", type(optimizer).__name__, impl,
                      args.opt_impl)
@@ -156,6 +166,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     resolve_dataset(args)
     resolve_lr(args, dist.world_size, dist.is_main and not args.print_config)
     check_args(args)
+    check_dist_args(args, dist)
     if args.print_config:
         print(yaml.safe_dump(resolved_config(args, recipe), sort_keys=False))
         return 0
@@ -233,6 +244,9 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             raise CheckpointError(f"--resume {resume_path} does not fit this model/recipe: {str(e)[:300]}") from None
     data_cfg = resolve_data(args, model)
     loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
+    if args.aug_repeats and len(train_ds) < 256:
+        raise UserError(f"--aug-repeats: timm's sampler draws a multiple of 256 images per epoch and the training set "
+                        f"has {len(train_ds)}; drop --aug-repeats for a set this small")
     if len(loader_train) < 1:
         raise UserError(f"batch size {args.batch_size} x {dist.world_size} process(es) exceeds the training set "
                         f"({len(train_ds)} images; the last partial batch is dropped): lower -b")
@@ -247,6 +261,14 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     check_input_size(model, data_cfg["input_size"], args.model, dist.device, args.channels_last, args.batch_size)
+    if args.grad_checkpointing:
+        set_grad_checkpointing(model, args.model, dist.is_main)
+    if args.sync_bn and dist.distributed:  # as timm's train.py: after the move to the device, before DDP and EMA
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+        if dist.is_main:
+            _logger.info("--sync-bn: batch norm statistics over the global batch (--dist-bn is not needed)")
     if dist.is_main:
         check_writable(run_dir)
         if in_place and resume is not None:
@@ -329,6 +351,11 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+        bn_ranks = resume.get("bn_ranks") if resume is not None else None
+        if bn_ranks and len(bn_ranks) == dist.world_size:  # mid-epoch: each rank's own BN statistics, after DDP
+            load_bn_stats(model, bn_ranks[dist.rank].get("model", {}))  # has handed rank 0's to every rank
+            if model_ema is not None:
+                load_bn_stats(model_ema.module, bn_ranks[dist.rank].get("ema", {}))
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -398,8 +425,10 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
         if dist.distributed:
             ranks_rng = [None] * dist.world_size
             torch.distributed.all_gather_object(ranks_rng, _rng_state())
+        # and every rank's BN statistics: the epoch's end averages them (--dist-bn reduce)
+        ranks_bn = gather_bn_stats({"model": model, **({"ema": model_ema.module} if model_ema else {})}, dist)
         if dist.is_main:
-            save({**checkpoint_dict(st.epoch, batch_idx + 1, None), "rng_ranks": ranks_rng},
+            save({**checkpoint_dict(st.epoch, batch_idx + 1, None), "rng_ranks": ranks_rng, "bn_ranks": ranks_bn},
                  run_dir / "recovery.pth.tar")
 
     def on_step(st: TrainState, batch_idx: int) -> None:
@@ -432,6 +461,11 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if dist.is_main:
         _logger.info("run dir: %s | %s, %s, %d epochs x %d steps | method %s", run_dir, args.model,
                      args.dataset or args.data_dir, n_epochs, steps_per_epoch, recipe.method)
+    # --dist-bn on models with BN statistics under torchrun (with --sync-bn they are global already, as in timm)
+    dist_bn = args.dist_bn if (dist.distributed and not args.sync_bn and bn_stats(model)) else ""
+    if dist_bn and dist.is_main:
+        _logger.info("--dist-bn %s: the ranks' batch-norm statistics are %s after every epoch", dist_bn,
+                     "averaged" if dist_bn == "reduce" else "rank 0's")
     stop = StopSignals(dist)
     try:
         stop.install()  # SIGTERM (a cluster's preemption) or Ctrl-C: finish the step, write recovery, exit
@@ -453,6 +487,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
                 on_step=on_step, is_main=dist.is_main,
                 on_resume_point=functools.partial(_set_rng_state, rng_at_resume) if rng_at_resume is not None else None,
             )
+            if dist_bn:  # as timm's train.py: the ranks' BN statistics averaged (or rank 0's) before the eval
+                distribute_bn_stats([model, *([model_ema.module] if model_ema is not None else [])], dist, dist_bn)
             # Masks for the weights as they are now (the same call the next forward would make first): the eval
             # sees the model the checkpoint holds, and a resume at this step recomputes exactly these masks.
             ctl.step(state.global_step)
@@ -523,12 +559,13 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if wandb_run is not None:
         wandb_run.finish()
     if dist.distributed:
-        n = check_ranks_consistent(model, dist, weights=True)
+        bn = bool(dist_bn) or args.sync_bn
+        n = check_ranks_consistent(model, dist, weights=True, bn=bn)
         if model_ema is not None:
-            n += check_ranks_consistent(model_ema.module, dist, weights=True)
+            n += check_ranks_consistent(model_ema.module, dist, weights=True, bn=bn)
         if dist.is_main:
-            _logger.info("ranks identical: masks and weights (%d tensors compared across %d ranks)", n,
-                         dist.world_size)
+            what = "masks, weights and batch-norm statistics" if bn and bn_stats(model) else "masks and weights"
+            _logger.info("ranks identical: %s (%d tensors compared across %d ranks)", what, n, dist.world_size)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0

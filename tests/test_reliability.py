@@ -161,14 +161,27 @@ def test_mid_epoch_resume_keeps_the_metric_reference(tmp_path, block, column):
     _assert_same(ref, run)
 
 
-@pytest.mark.parametrize("fault", ["after_step:3:1", "sigterm:3:1"])
-def test_torchrun_restart_after_a_rank_crash_ends_like_an_uninterrupted_run(tmp_path, fault):
+TINY_RESNET = ["--model", "resnet10t", "--model-kwargs", "channels=[8,16,32,64]", "stem_width=8"]
+CONV_RECIPE = {"method": "srste", "rules": [{"target": "stem", "skip": True}, {"target": "head", "skip": True},
+                                            {"target": "conv", "n": 2, "m": 4}]}
+
+
+@pytest.mark.parametrize("fault, model", [("after_step:3:1", "vit"), ("sigterm:3:1", "vit"),
+                                          ("after_step:2:1", "resnet")])
+def test_torchrun_restart_after_a_rank_crash_ends_like_an_uninterrupted_run(tmp_path, fault, model):
     """Rank 1 dies mid-epoch; torchrun restarts both ranks, which resume from the recovery checkpoint. Each rank
     must get its own generator states back (its own crops and drop-path draws), or the runs part ways. A SIGTERM
-    that only rank 1 gets stops both ranks at the same step (rank 0 learns of it with the step's flag reduction)."""
-    cfg = _cfg(tmp_path, epochs=2)
-    common = ["--config", cfg, *TINY_VIT, *FAST, "--drop-path", "0.1", "--recovery-interval", "1", "--deterministic",
-              "--output", str(tmp_path)]
+    that only rank 1 gets stops both ranks at the same step (rank 0 learns of it with the step's flag reduction).
+    A ResNet killed at its first epoch's last step, with timm's --aug-repeats sampler and --dist-bn reduce: each
+    rank's BN statistics (and its EMA's) differ until the epoch's end averages them, so the recovery file must give
+    every rank its own back."""
+    if model == "vit":
+        cfg, flags = _cfg(tmp_path, epochs=2), [*TINY_VIT, "--drop-path", "0.1"]
+    else:
+        cfg, flags = _cfg(tmp_path, CONV_RECIPE, epochs=2), [*TINY_RESNET, "--aug-repeats", "2", "--model-ema",
+                                                             "--model-ema-decay", "0.5", "--dist-bn", "reduce"]
+    common = ["--config", cfg, *flags, *FAST, "--recovery-interval", "1", "--deterministic", "--output",
+              str(tmp_path)]
     env = {**os.environ, "PYTHON": sys.executable}
     ref = run_group(["bash", "distributed_train.sh", "2", *common, "--experiment", "ref"], cwd=ROOT, timeout=400,
                     env=env)
@@ -185,6 +198,10 @@ def test_torchrun_restart_after_a_rank_crash_ends_like_an_uninterrupted_run(tmp_
     ck = torch.load(tmp_path / "ddp" / "last.pth.tar", weights_only=True)
     assert ck["global_step"] == 4 and ck["next_epoch"] == 2
     _assert_same(_final(tmp_path / "ref"), _final(tmp_path / "ddp"))
+    if model == "resnet":  # 1437 images: 1280 a round (timm's multiple of 256), twice, split over 2 ranks
+        assert ck["steps_per_epoch"] == 2
+        for out in (ref.stdout, proc.stdout):
+            assert "ranks identical: masks, weights and batch-norm statistics" in out
 
 
 def test_ddp_mask_divergence_names_the_layer(tmp_path):
@@ -438,6 +455,11 @@ def test_disk_full_on_the_run_tables_is_one_message(tmp_path, monkeypatch, capsy
     (["--clip-grad", "0"], "--clip-grad must be above 0 (leave it out for no clipping)"),
     (["--layer-decay", "1.5"], "--layer-decay must be in (0, 1]"),
     (["--clip-mode", "agc", "--clip-grad", "-1"], "--clip-grad must be above 0"),
+    (["--lr-noise", "0.9", "0.5"], "--lr-noise takes one or two increasing fractions of the schedule in [0, 1]"),
+    (["--lr-cycle-limit", "0"], "--lr-cycle-limit must be at least 1"),
+    (["--layer-decay-min-scale", "0.5"], "act on --layer-decay's scales; add --layer-decay or drop them"),
+    (["--aug-repeats", "0.5"], "--aug-repeats must be 0 (off) or at least 1"),
+    (["--aug-repeats", "3"], "--aug-repeats 3 needs several processes (torchrun, distributed_train.sh)"),
 ])
 def test_nonsense_values_are_one_message(tmp_path, capsys, flags, message):
     """Values timm or torch refused mid-run in a traceback (or accepted: a negative warm-up, an EMA decay of 5)."""

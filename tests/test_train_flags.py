@@ -234,3 +234,131 @@ def test_pretrained_failures_are_one_message(tmp_path, capsys, monkeypatch):
     assert run_cli(train.main, [*base, "--pretrained"]) == 2
     assert "timm has no pretrained weights for 'vit_tiny_patch16_224'" in capsys.readouterr().err
     assert not out.exists()
+
+
+CKPT_RECIPES = {
+    "ste": {"method": "ste", "rules": [{"target": "ff", "n": 2, "m": 4}]},
+    "srste": {"method": "srste", "rules": [{"target": ["ff", "q", "k", "v"], "n": 2, "m": 4}]},
+    "mdgf": {"method": "mdgf", "decay": {"type": "exp", "coef": 0.5}, "rules": [{"target": "ff", "n": 1, "m": 4}]},
+    "supermask": {"method": "supermask", "rules": [{"target": "ff", "sparsity": 0.5, "tile": 8}]},
+    "gumbel": {"method": "gumbel", "rules": [{"target": "ff", "n": 2, "m": 4}]},
+}
+
+
+@pytest.mark.parametrize("method", list(CKPT_RECIPES))
+def test_grad_checkpointing_recomputes_the_same_forward(method):
+    """timm's set_grad_checkpointing reruns each block in the backward: the masked layers give the same forward
+    weights there (the native kernel's cached W~, SR-STE's and supermask's backward, Gumbel's step-seeded noise,
+    drop-path's generator state), so the loss and every gradient equal those of the plain backward."""
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", **VIT_KW, num_classes=10, drop_path_rate=0.2)
+        recipe = sparsity.recipe_from_dict(CKPT_RECIPES[method])
+        sparsity.sparsify_(model, recipe)
+        ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+        model.set_grad_checkpointing(checkpointing)
+        calls = []
+        model.blocks[0].mlp.fc1.register_forward_hook(lambda *_: calls.append(1))
+        ctl.step(3)
+        torch.manual_seed(1)
+        x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    loss, grads, calls = run(False)
+    loss_ck, grads_ck, calls_ck = run(True)
+    assert (calls, calls_ck) == (1, 2)  # the masked layer did run again in the backward
+    assert torch.equal(loss, loss_ck)
+    assert grads.keys() == grads_ck.keys() and "blocks.1.mlp.fc1.weight" in grads
+    extra = [n for n in grads if n.startswith("blocks.0.mlp.fc1.") and n not in ("blocks.0.mlp.fc1.weight",
+                                                                                  "blocks.0.mlp.fc1.bias")]
+    assert (len(extra) == 1) == (method in ("supermask", "gumbel"))  # the scores / logits get theirs too
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_ck[name], g, rtol=0, atol=1e-7, msg=name)
+
+
+def test_layer_decay_min_and_no_opt_scales():
+    """--layer-decay-min-scale floors timm's per-depth scales; --layer-decay-no-opt-scale freezes what falls below
+    (with two blocks and 0.5: embeddings 0.125, block 0 0.25, block 1 0.5, head 1)."""
+    model = timm.create_model("vit_tiny_patch16_224", **VIT_KW, num_classes=10)
+    recipe = sparsity.recipe_from_dict(CKPT_RECIPES["ste"])
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    floored = ctl.param_groups(0.05, layer_decay=0.5, layer_decay_min_scale=0.3)
+    assert sorted({g["lr_scale"] for g in floored}) == [0.3, 0.5, 1.0]
+    kept = ctl.param_groups(0.05, layer_decay=0.5, layer_decay_no_opt_scale=0.2)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    assert sorted({g["lr_scale"] for g in kept}) == [0.25, 0.5, 1.0]
+    assert sum(len(g["params"]) for g in kept) == len(list(model.parameters())) - len(frozen)
+
+
+def test_lr_cycles_noise_and_k_decay_follow_timms_scheduler(tmp_path, caplog, capsys):
+    """--lr-cycle-limit 2 makes a 2-epoch cosine schedule a 4-epoch run (the sparsity schedule spans both cycles),
+    and every epoch's lr is what timm's CosineLRScheduler gives for the same flags, its noise included. The run
+    also trains with --grad-checkpointing and --layer-decay-min-scale."""
+    from timm.scheduler import CosineLRScheduler
+
+    cfg = tmp_path / "ste.yaml"
+    cfg.write_text(yaml.safe_dump({"sparsity": CKPT_RECIPES["ste"]}))
+    sched = ["--sched", "cosine", "--lr-cycle-limit", "2", "--lr-cycle-decay", "0.5", "--lr-k-decay", "2",
+             "--lr-noise", "0.5", "--lr-noise-pct", "0.3", "--lr-noise-std", "0.5", "--min-lr", "1e-5"]
+    args = ["--config", str(cfg), *TINY_VIT, *FAST, "--epochs", "2", *sched, "--output", str(tmp_path),
+            "--experiment", "cyc", "--grad-checkpointing", "--layer-decay", "0.5", "--layer-decay-min-scale", "0.3"]
+    with caplog.at_level("INFO", logger="sparsity.factory"):
+        assert run_cli(train.main, args) == 0
+    out = capsys.readouterr().out
+    assert "gradient checkpointing: on" in out and "training 4 epochs" in out
+    rows = _rows(tmp_path / "cyc")
+    ck = torch.load(tmp_path / "cyc" / "last.pth.tar", weights_only=True)
+    scales = [g["lr_scale"] for g in ck["optimizer"]["param_groups"]]
+    assert min(scales) == 0.3 and ck["controller"]["global_step"] == 4 * ck["steps_per_epoch"] == 20
+
+    def timm_lrs(**noise):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        ref = CosineLRScheduler(opt, t_initial=2, lr_min=1e-5, cycle_decay=0.5, cycle_limit=2, k_decay=2,
+                                noise_seed=42, **noise)
+        lrs = []
+        for epoch in range(4):
+            if epoch:
+                ref.step(epoch)
+            lrs.append(opt.param_groups[0]["lr"])
+        return lrs
+
+    noisy = timm_lrs(noise_range_t=1.0, noise_pct=0.3, noise_std=0.5)  # 0.5 of the 2-epoch cycle
+    assert timm_lrs() != pytest.approx(noisy)  # the noise moves some epoch's lr
+    mean_scale = sum(scales) / len(scales)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([lr * mean_scale for lr in noisy], rel=1e-6)
+    assert float(rows[2]["lr"]) < float(rows[0]["lr"])  # the second cycle restarts at half the peak
+
+
+def test_distributed_flags_check_the_process_count_and_device(caplog):
+    """--aug-repeats needs torchrun; --sync-bn needs CUDA under torchrun (torch's SyncBatchNorm has no CPU kernel)
+    and does nothing on one process, as in timm; the converted model keeps timm's state-dict keys and its masks."""
+    from types import SimpleNamespace
+
+    from timm.layers import convert_sync_batchnorm
+
+    from sparsity.errors import UserError
+    from sparsity.run_args import check_dist_args
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    one = SimpleNamespace(distributed=False, device=cpu)
+    with pytest.raises(UserError, match="--sync-bn needs CUDA GPUs"):
+        check_dist_args(SimpleNamespace(aug_repeats=0, sync_bn=True), SimpleNamespace(distributed=True, device=cpu))
+    check_dist_args(SimpleNamespace(aug_repeats=3, sync_bn=True), SimpleNamespace(distributed=True, device=gpu))
+    with pytest.raises(UserError, match="--aug-repeats 3 needs several processes"):
+        check_dist_args(SimpleNamespace(aug_repeats=3, sync_bn=False), one)
+    with caplog.at_level("INFO", logger="train"):
+        check_dist_args(SimpleNamespace(aug_repeats=0, sync_bn=True), one)
+    assert "--sync-bn: one process, nothing to synchronise" in caplog.text
+
+    model = timm.create_model("resnet10t", channels=[8, 16, 32, 64], stem_width=8, num_classes=10)
+    recipe = sparsity.recipe_from_dict({"method": "ste", "rules": [{"target": "stem", "skip": True},
+                                                                   {"target": "conv", "n": 2, "m": 4}]})
+    sparsity.sparsify_(model, recipe)
+    keys, masked = list(model.state_dict()), [n for n, _ in sparsity.masked_modules(model)]
+    model = convert_sync_batchnorm(model)
+    assert isinstance(model.layer1[0].bn1, nn.SyncBatchNorm) and list(model.state_dict()) == keys
+    assert [n for n, _ in sparsity.masked_modules(model)] == masked and len(masked) > 8
