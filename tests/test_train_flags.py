@@ -362,3 +362,14 @@ def test_distributed_flags_check_the_process_count_and_device(caplog):
     model = convert_sync_batchnorm(model)
     assert isinstance(model.layer1[0].bn1, nn.SyncBatchNorm) and list(model.state_dict()) == keys
     assert [n for n, _ in sparsity.masked_modules(model)] == masked and len(masked) > 8
+
+
+def test_grad_checkpointing_on_a_model_without_it_is_one_message():
+    from sparsity.errors import ModelError
+    from sparsity.factory import set_grad_checkpointing
+
+    with pytest.raises(ModelError, match="--grad-checkpointing: timm's 'inception_v3' does not support gradient "
+                                         "checkpointing; drop the flag"):
+        set_grad_checkpointing(timm.create_model("inception_v3", num_classes=10), "inception_v3", log=False)
+    with pytest.raises(ModelError, match="'plain' does not support"):
+        set_grad_checkpointing(nn.Sequential(nn.Linear(2, 2)), "plain", log=False)
