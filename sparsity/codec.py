@@ -151,6 +151,11 @@ def encode_weight(layer, key: str) -> tuple[dict[str, torch.Tensor], dict[str, A
 def decode_weight(tensors: dict[str, torch.Tensor], key: str, entry: dict[str, Any]) -> tuple:
     """Inverse of :func:`encode_weight`: (weight, bool mask), bit-exact to ``weight * weight_mask``."""
     shape, dtype = entry["shape"], getattr(torch, entry["dtype"])
+    bounds = [(seg["start"], seg["stop"]) for seg in entry["segments"]]
+    edges = [0] + [b for bound in bounds for b in bound] + [shape[0]]
+    if not bounds or any(edges[j] != edges[j + 1] for j in range(0, len(edges), 2)) or \
+            any(a >= b for a, b in bounds):  # every row written once, in order: no row left uninitialized
+        raise ValueError(f"segments {bounds} do not cover rows 0 to {shape[0]} in order")
     w = torch.empty(shape, dtype=dtype)
     mask = torch.empty(shape, dtype=torch.bool)
     for i, seg in enumerate(entry["segments"]):

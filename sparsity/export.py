@@ -20,6 +20,10 @@ report):
   plus packed mask bits where the mask cannot be recovered from the layout alone. Everything else is stored
   dense under its stock key. The layout (JSON) sits in the safetensors metadata under ``sparsity.layout``.
 
+Both files carry a CRC-32 of every tensor's bytes in their metadata (``sparsity.crc32``; safetensors itself
+checks only the header): a damaged copy is refused on load, naming the tensor, instead of evaluating wrong
+weights. Files written before the checksums load without the check.
+
 Loading is bit-exact: every weight equals ``weight * weight_mask`` of the exported model (``torch.equal``;
 a pruned ``-0.0`` comes back as ``0.0``).
 """
@@ -32,6 +36,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,7 @@ COMPRESSED_FILE = "model_compressed.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 _LAYOUT_KEY = "sparsity.layout"
+_CRC_KEY = "sparsity.crc32"
 
 
 class ExportError(UserError):
@@ -198,7 +204,16 @@ def _build(model: nn.Module, arch: str | None, create_kwargs: dict | None, recip
 
 
 def _compressed_metadata(build: dict[str, Any]) -> dict[str, str]:
-    return {"format": "pt", "sparsity.format": "compressed", _LAYOUT_KEY: json.dumps(build["layout"])}
+    return {"format": "pt", "sparsity.format": "compressed", _LAYOUT_KEY: json.dumps(build["layout"]),
+            _CRC_KEY: _crc32s(build["compressed"])}
+
+
+def _crc32(t: torch.Tensor) -> int:
+    return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _crc32s(tensors: dict[str, torch.Tensor]) -> str:
+    return json.dumps({k: _crc32(t) for k, t in tensors.items()})
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:
@@ -232,7 +247,7 @@ def _write(build: dict[str, Any], output_dir: str | os.PathLike, fmt: str, force
     from safetensors.torch import save, save_file
 
     out = Path(output_dir)
-    dense_args = (build["dense"], {"format": "pt"})
+    dense_args = (build["dense"], {"format": "pt", _CRC_KEY: _crc32s(build["dense"])})
     comp_args = (build["compressed"], _compressed_metadata(build))
     weights_file, (tensors, metadata), (other, other_meta) = (
         (DENSIFIED_FILE, dense_args, comp_args) if fmt == "densified" else (COMPRESSED_FILE, comp_args, dense_args))
@@ -396,9 +411,18 @@ def _load_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise ExportError(f"{file} is missing; re-export the model")
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # noqa: BLE001 - any parse failure means the file is unusable
         raise ExportError(f"{file} is not a readable safetensors file ({e}); re-export the model") from None
+    try:
+        crcs = json.loads(meta[_CRC_KEY]) if _CRC_KEY in meta else {}
+    except json.JSONDecodeError:
+        raise ExportError(f"{file} has unreadable '{_CRC_KEY}' metadata; re-export the model") from None
+    for name, t in tensors.items():
+        if name in crcs and crcs[name] != _crc32(t):
+            raise ExportError(f"{file} is corrupt: tensor {name} does not match its checksum (a damaged copy or "
+                              "disk); copy the file again or re-export the model")
+    return tensors, meta
 
 
 def load_densified(path: str | os.PathLike, masked: bool = False) -> tuple[nn.Module, dict[str, Any]]:
@@ -449,7 +473,12 @@ def load_compressed(path: str | os.PathLike, masked: bool = True) -> tuple[nn.Mo
     state = {k: v for k, v in tensors.items() if "@" not in k}
     masks = {}
     for key, entry in layout.items():
-        state[key], masks[key.removesuffix("weight").rstrip(".")] = decode_weight(tensors, key, entry)
+        try:
+            state[key], masks[key.removesuffix("weight").rstrip(".")] = decode_weight(tensors, key, entry)
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            raise ExportError(f"{file}: the compressed layout of {key} does not decode ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}); the file was edited or written by another tool: "
+                              "re-export the model") from None
     model = _stock_model(cfg, state, file)
     if masked:
         _rewrap_masked(model, masks, sp)

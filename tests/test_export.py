@@ -273,6 +273,72 @@ def test_size_ratio_block_sparse_90(x32, tmp_path):
     torch.testing.assert_close(_logits(loaded, x32), _logits(model, x32), rtol=0, atol=1e-6)
 
 
+# ---- damaged and edited files ---------------------------------------------------------------------------------------
+def _flip_data_byte(file: Path, at: float) -> None:
+    """Flip one bit of the tensor data (past safetensors' 8-byte length and JSON header), ``at`` of the way in."""
+    raw = bytearray(file.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    raw[start + int(at * (len(raw) - start - 1))] ^= 0x10
+    file.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("fmt", ["densified", "compressed"])
+def test_a_damaged_export_is_refused_naming_the_tensor(vit24, tmp_path, fmt, capsys):
+    """safetensors checks only its header: a flipped bit in the values would load and evaluate wrong weights. The
+    per-tensor CRC-32 in the metadata refuses the file, naming the tensor; validate.py says so in one line."""
+    out = tmp_path / fmt
+    (sparsity.export_densified if fmt == "densified" else sparsity.export_compressed)(
+        vit24, out, arch=VIT, create_kwargs=VIT_KW)
+    file = out / (DENSIFIED_FILE if fmt == "densified" else COMPRESSED_FILE)
+    load_for_eval(out)  # intact: loads
+    _flip_data_byte(file, 0.5)
+    with pytest.raises(ExportError, match=r"is corrupt: tensor \S+ does not match its checksum"):
+        load_for_eval(out)
+    import validate
+
+    assert run_cli(validate.main, ["--checkpoint", str(out), "--dataset", "digits", "-b", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is corrupt: tensor" in err and "re-export the model" in err
+
+
+def test_an_edited_compressed_layout_is_refused_not_decoded_into_garbage(vit24, tmp_path):
+    """A layout whose segments leave rows out would leave torch.empty's memory in the weight; one whose positions
+    point past the group would fail in scatter: both are one ExportError naming the layer."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    sparsity.export_compressed(vit24, tmp_path / "c", arch=VIT, create_kwargs=VIT_KW)
+    file = tmp_path / "c" / COMPRESSED_FILE
+    with safe_open(str(file), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    layout = json.loads(meta["sparsity.layout"])
+    key = "blocks.0.mlp.fc1.weight"
+
+    def rewrite(edit_layout=None, edit_tensors=None):
+        lay, ts = copy.deepcopy(layout), dict(tensors)
+        if edit_layout:
+            edit_layout(lay[key])
+        if edit_tensors:
+            edit_tensors(ts)
+        save_file(ts, str(file), metadata={**meta, "sparsity.layout": json.dumps(lay), "sparsity.crc32": "{}"})
+
+    rewrite(edit_layout=lambda e: e["segments"][0].update(start=1))  # row 0 never written
+    with pytest.raises(ExportError, match=rf"the compressed layout of {key} does not decode \(ValueError: "
+                                          r"segments \[\(1, 768\)\] do not cover rows 0 to 768"):
+        sparsity.load_compressed(tmp_path / "c")
+
+    def bad_index(ts):
+        idx = ts[f"{key}@0.indices"].clone()
+        idx.view(-1)[0] = 9  # a position past the group of 4
+        ts[f"{key}@0.indices"] = idx
+
+    rewrite(edit_tensors=bad_index)
+    with pytest.raises(ExportError, match=rf"the compressed layout of {key} does not decode \(RuntimeError"):
+        sparsity.load_compressed(tmp_path / "c")
+    rewrite()  # the file as exported (no checksums): loads, bit-exact
+    _assert_bit_exact(vit24, sparsity.load_compressed(tmp_path / "c")[0])
+
+
 # ---- checkpoint, CLI, load_for_eval --------------------------------------------------------------------------------
 @pytest.fixture()
 def fake_checkpoint(vit24, tmp_path):
