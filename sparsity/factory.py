@@ -122,7 +122,6 @@ def _create_pretrained(model_name: str, path, timm_kwargs: dict) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def set_grad_checkpointing(model: nn.Module, name: str, log: bool = True) -> None:
     """timm's ``--grad-checkpointing``: the model's blocks recompute their activations in the backward instead of
     keeping them (less memory, about a third more compute). The masked layers are recomputed like any other (the
@@ -140,6 +139,7 @@ def set_grad_checkpointing(model: nn.Module, name: str, log: bool = True) -> Non
         _logger.info("gradient checkpointing: on (activations recomputed in the backward)")
 
 
+@torch.no_grad()
 def check_input_size(model: nn.Module, input_size, name: str, device: torch.device | str = "cpu",
                      channels_last: bool = False, train_batch: int | None = None, hint: str | None = None) -> None:
     """One eval forward of a single blank image at the loader's ``input_size`` (C, H, W): a model built for another

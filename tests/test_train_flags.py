@@ -373,3 +373,14 @@ def test_grad_checkpointing_on_a_model_without_it_is_one_message():
         set_grad_checkpointing(timm.create_model("inception_v3", num_classes=10), "inception_v3", log=False)
     with pytest.raises(ModelError, match="'plain' does not support"):
         set_grad_checkpointing(nn.Sequential(nn.Linear(2, 2)), "plain", log=False)
+
+
+def test_the_input_size_probe_builds_no_graph():
+    """check_input_size's blank forward runs without autograd (no graph kept alive, no gradient state touched)."""
+    from sparsity.factory import check_input_size
+
+    model = timm.create_model("vit_tiny_patch16_224", **VIT_KW, num_classes=10)
+    seen = []
+    model.head.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    check_input_size(model, (3, 32, 32), "vit")
+    assert seen == [False] and model.training
