@@ -2,7 +2,8 @@
 
 Nothing here does anything unless that variable is set. Points: ``after_step`` and ``during_save`` (SIGKILL, once
 per run folder), ``sigterm`` (SIGTERM after that step, once per run folder: the graceful stop), ``nan_loss`` (the
-loss of that step becomes NaN), ``diverge_mask`` (the trainer flips one mask entry on that rank).
+loss of that step becomes NaN), ``diverge_mask`` (the trainer flips one mask entry on that rank), ``pause`` (the
+process sleeps two minutes after that step, once per run folder, holding its run folder: a test kills it).
 """
 
 from __future__ import annotations
@@ -42,14 +43,19 @@ def fault_loss(loss_fn, state: TrainState):
 
 
 def inject_fault(point: str, global_step: int, rank: int, run_dir: Path) -> None:
-    """SIGKILL this process at ``point`` once (``after_step``, ``during_save``; ``sigterm``: SIGTERM); a marker file
-    in the run dir keeps a restarted run from dying again."""
+    """SIGKILL this process at ``point`` once (``after_step``, ``during_save``; ``sigterm``: SIGTERM; ``pause``: a
+    sleep instead); a marker file in the run dir keeps a restarted run from dying (or pausing) again."""
     if not fault_matches(point, global_step, rank):
         return
     marker = run_dir / f".fault-{point}-{global_step}-{rank}"
     if marker.exists():
         return
     marker.write_text("fired")
+    if point == "pause":
+        import time
+
+        time.sleep(120)
+        return
     import signal
 
     os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGKILL)

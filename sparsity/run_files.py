@@ -298,6 +298,64 @@ def claim_run_dir(run_dir: Path, args) -> Path:
                     break
 
 
+class RunLock:
+    """One training process per run folder: an exclusive POSIX lock (``lockf``) on ``RUN/.run.lock``, held from
+    before the run writes anything into the folder until it ends. A second train.py on the same folder (a job
+    launched twice, a requeue racing the old job, ``--resume auto`` on a folder a run is still writing) would
+    interleave its checkpoints and summary rows with the first's; it is refused instead, naming the holder. The
+    kernel releases the lock when the holder dies, even by SIGKILL, so a crashed run never blocks its own
+    ``--resume auto``; a POSIX lock (unlike ``flock``) is not inherited by the forked data-loader workers, which
+    may outlive a killed parent by seconds, and NFS supports it. The file stays (deleting it would let two
+    processes lock different files). On a file system without locks the run goes on with a warning. Under torchrun
+    only rank 0 takes it."""
+
+    NAME = ".run.lock"
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.path: Path | None = None
+
+    def acquire(self, run_dir: Path) -> None:
+        import errno
+        import fcntl
+        import json
+        import socket
+
+        if self.fd is not None and self.path == run_dir / self.NAME:
+            return
+        self.release()
+        path = run_dir / self.NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    _logger.warning("cannot lock %s on this file system (%s); nothing stops a second run in this "
+                                    "folder", run_dir, e.strerror or e)
+                    return
+                raise
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            os.close(fd)
+            try:
+                h = json.loads(holder)
+                who = f"pid {h['pid']} on {h['host']}, started {h['started']}"
+            except (ValueError, KeyError, TypeError):
+                who = "its process did not say which"
+            raise UserError(f"run folder {run_dir} is in use by another train.py ({who}); wait for it to end or stop "
+                            "it, or pass another --experiment") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the lock
+            self.fd = self.path = None
+
+
 def _remove_stale(path: Path) -> None:
     """Delete a file the run no longer needs; one that cannot be deleted only costs disk space, so the run goes on."""
     try:

@@ -38,6 +38,7 @@ from .recipe import plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_args import check_args, check_dist_args, resolve_lr
 from .run_files import (
+    RunLock,
     _check_same_run,
     _checkpoint_files,
     _claim_best,
@@ -158,6 +159,14 @@ def _num_classes(args, train_ds) -> int:
 
 
 def run_training(args, sparsity_block: dict | None, config_path: str | None = None) -> int:
+    lock = RunLock()  # one process per run folder; held from before the first write in the folder to the end
+    try:
+        return _run_training(args, sparsity_block, config_path, lock)
+    finally:
+        lock.release()
+
+
+def _run_training(args, sparsity_block: dict | None, config_path: str | None, lock: RunLock) -> int:
     from cli_common import setup_logging
 
     dist = init_distributed(args.device)
@@ -271,6 +280,8 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             _logger.info("--sync-bn: batch norm statistics over the global batch (--dist-bn is not needed)")
     if dist.is_main:
         check_writable(run_dir)
+        if in_place:  # a new run takes it when it claims its folder
+            lock.acquire(run_dir)
         if in_place and resume is not None:
             finish_epoch_files(run_dir, resume_path, resume, newest=args.resume == "auto")
     if n_epochs != args.epochs and dist.is_main:
@@ -370,6 +381,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     if not in_place:  # claimed now, not earlier: a refusal above leaves the folder empty, free for the retry
         if dist.is_main:
             run_dir = claim_run_dir(run_dir, args)
+            lock.acquire(run_dir)
         if dist.distributed:  # every rank names the folder rank 0 claimed
             shared = [str(run_dir)]
             torch.distributed.broadcast_object_list(shared, src=0)
@@ -440,6 +452,7 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
             write_recovery(st, batch_idx)
         inject_fault("after_step", st.global_step, dist.rank, run_dir)
         inject_fault("sigterm", st.global_step, dist.rank, run_dir)
+        inject_fault("pause", st.global_step, dist.rank, run_dir)
         if stop.requested():  # SIGTERM/Ctrl-C: this step is done; keep it and leave
             if not written:
                 write_recovery(st, batch_idx)

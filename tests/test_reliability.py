@@ -89,6 +89,42 @@ def test_sigkill_then_resume_auto_is_bit_exact(tmp_path, fault, accum):
     assert not list(run.glob(".*.tmp"))  # the resume removed the interrupted write's temp file
 
 
+def test_a_second_train_py_on_a_busy_run_folder_is_refused(tmp_path, capsys):
+    """A job launched twice, or a requeue racing the old job: a second train.py with --resume auto on the folder a
+    run is writing is refused in one line naming the first's pid, and writes nothing there. The lock dies with its
+    holder (SIGKILL), so the next --resume auto continues the run at once: the killed run's forked loader worker,
+    which lingers for seconds, does not hold it."""
+    import signal
+    import time
+
+    args = ["--config", _cfg(tmp_path, epochs=2), *TINY_VIT, *FAST, "--recovery-interval", "1", "--output",
+            str(tmp_path), "--experiment", "busy", "--resume", "auto", "--workers", "1"]  # forked loader workers
+    run = tmp_path / "busy"
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:  # not a pipe: waiting for its end would wait for the loader worker too
+        first = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "SPARSITY_FAULT": "pause:3"})
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / ".fault-pause-3-0").exists():  # step 3 done, recovery written: paused, holding the lock
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        assert run_cli(train.main, args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: run folder {run} is in use by another train.py (pid "
+                                                   f"{first.pid} on "), err
+        assert "wait for it to end or stop it, or pass another --experiment" in err[0]
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()  # the main process only
+    assert run_cli(train.main, args) == 0
+    out = capsys.readouterr().out
+    assert f"--resume auto: resuming from {run / 'recovery.pth.tar'}" in out
+    assert torch.load(run / "last.pth.tar", weights_only=True)["next_epoch"] == 2
+
+
 def test_two_runs_started_at_once_get_their_own_folders(tmp_path):
     """Both found output/same free before either wrote into it; the second to claim it takes same-1 (they shared
     one folder: duplicated summary rows, one run's args.yaml beside the other's checkpoints)."""
