@@ -734,3 +734,37 @@ def test_validate_bare_state_dict_with_model_and_recipe_reads_the_file_once(vit2
                           "state_dict": vit24.state_dict()}, named)
     assert run_cli(validate.main, ["--checkpoint", str(named), *data, "--results-file", str(out)]) == 0
     assert json.loads(out.read_text())["top1"] == result["top1"]
+
+
+def _validate_json(argv: list[str], out: Path) -> dict:
+    import validate
+
+    assert run_cli(validate.main, [*argv, "--results-file", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_validate_accelerate_on_cpu_evaluates_as_it_is_and_says_why(fake_checkpoint, tmp_path, capsys):
+    """--accelerate on a machine without the kernels: the table's reasons are printed, nothing converts, the
+    figures are those of the plain evaluation, and the results file says so (0 layers, float32)."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    base = ["--checkpoint", str(fake_checkpoint), "-b", "512"]
+    plain = _validate_json(base, tmp_path / "plain.json")
+    acc = _validate_json([*base, "--accelerate", "semi_structured"], tmp_path / "acc.json")
+    out = capsys.readouterr().out
+    assert "6 not converted: these kernels need a CUDA GPU of compute capability 8.0+" in out
+    assert "otherwise eligible: would run semi_structured" in out
+    assert (acc["accelerate"], acc["accelerated_layers"], acc["dtype"]) == ("semi_structured", 0, "float32")
+    assert (acc["top1"], acc["loss"], acc["layers_conforming"]) == (plain["top1"], plain["loss"], 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_sm80(), reason="needs a CUDA GPU of compute capability 8.0+")
+def test_validate_accelerate_on_the_gpu_runs_the_2of4_layers_sparse(fake_checkpoint, tmp_path):
+    """On an sm80+ GPU the six 2:4 layers run on the semi-structured kernel in bf16; the conformance report is the
+    masked model's, and the loss stays within bf16 rounding of the fp32 evaluation."""
+    base = ["--checkpoint", str(fake_checkpoint), "-b", "512", "--device", "cuda"]
+    plain = _validate_json(base, tmp_path / "plain.json")
+    acc = _validate_json([*base, "--accelerate", "semi_structured"], tmp_path / "acc.json")
+    assert (acc["accelerated_layers"], acc["dtype"], acc["layers_conforming"]) == (6, "bfloat16", 6)
+    assert abs(acc["loss"] - plain["loss"]) < 0.05
