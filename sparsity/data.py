@@ -228,6 +228,11 @@ def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool
     check_data_dir(name, data_dir, download)
     try:
         return create_dataset(name, root=data_dir, split=split, is_training=is_training, download=download)
+    except ImportError as e:  # timm's hfds/, hfids/, tfds/ and wds/ readers import their library on first use
+        package = getattr(e, "name", None) or str(e)
+        raise DataError(f"dataset {name!r} needs a package this environment does not have ({package}); install it "
+                        "(datasets for hfds/ and hfids/, tensorflow-datasets for tfds/, webdataset for wds/) or use "
+                        "an ImageFolder (--dataset '' --data-dir ...)") from None
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         raise DataError(f"cannot open dataset {name!r} at {data_dir}: {e}") from None
 

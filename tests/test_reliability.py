@@ -357,6 +357,12 @@ def test_bad_input_table(tmp_path, capsys, caplog):
     cases["sched_typo"] = (["--config", _cfg(tmp_path, RECIPE, "s.yaml", sched="cosinee")],
                            "'sched' in " + str(tmp_path / "s.yaml") + " must be one of ['cosine', ")
     cases["missing_data"] = (["--dataset", "", "--data-dir", str(tmp_path / "nope")], "does not exist")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:  # timm's tfds/ reader imports it on first use
+        cases["reader_package_missing"] = (["--dataset", "tfds/cifar10", "--data-dir", str(tmp_path)],
+                                           "dataset 'tfds/cifar10' needs a package this environment does not have "
+                                           "(tensorflow); install it")
     cases["empty_data"] = (["--dataset", "", "--data-dir", str(_folder(tmp_path / "e", empty=True))],
                            "holds no images")
     trunc = tmp_path / "trunc.pth.tar"
