@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local file of pretrained weights (.pth/.bin/.safetensors; implies --pretrained), as "
                         "timm's train.py (a new classifier for another --num-classes)")
     g.add_argument("--drop-path", type=float, default=None, help="drop path rate")
+    g.add_argument("--drop-block", type=float, default=None, help="DropBlock rate (timm's ResNets)")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None, help="ImageFolder root or timm dataset root")
@@ -72,8 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-prob", type=float, default=1.0)
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", type=str, default="batch")
+    g.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup/cutmix off from this epoch on (0: never)")
     g.add_argument("--smoothing", type=float, default=0.1)
     g.add_argument("--bce-loss", **SWITCH)
+    g.add_argument("--bce-target-thresh", type=float, default=None,
+                   help="BCE: soft targets at or above this become 1, below 0 (0.2 in timm's ResNet recipes)")
+    g.add_argument("--bce-sum", **SWITCH, help="BCE: sum over the classes instead of the mean")
+    g.add_argument("--bce-pos-weight", type=float, default=None, help="BCE: weight of the positive class")
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--opt", default="sgd", type=str)
     g.add_argument("--opt-eps", default=None, type=float)
@@ -140,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchrun: after every epoch, average the ranks' batch-norm running statistics (reduce) or "
                         "take rank 0's (broadcast); '' leaves each rank its own")
     g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor")
+    g.add_argument("--torchcompile-mode", type=str, default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="inductor's compile mode")
     g.add_argument("--device", default=None, type=str, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--deterministic", **SWITCH, help="torch.use_deterministic_algorithms(True)")

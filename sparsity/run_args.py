@@ -70,6 +70,14 @@ def check_args(args) -> None:
     need(args.lr_cycle_mul > 0, f"--lr-cycle-mul must be above 0, got {args.lr_cycle_mul}")
     need(args.lr_cycle_decay > 0, f"--lr-cycle-decay must be above 0, got {args.lr_cycle_decay}")
     need(args.lr_k_decay > 0, f"--lr-k-decay must be above 0, got {args.lr_k_decay}")
+    need(args.drop_block is None or 0 <= args.drop_block < 1, f"--drop-block must be in [0, 1), got {args.drop_block}")
+    need(args.mixup_off_epoch >= 0, f"--mixup-off-epoch must be 0 (never) or more, got {args.mixup_off_epoch}")
+    need(args.bce_target_thresh is None or 0 <= args.bce_target_thresh <= 1,
+         f"--bce-target-thresh must be in [0, 1], got {args.bce_target_thresh}")
+    need(args.bce_pos_weight is None or args.bce_pos_weight > 0,
+         f"--bce-pos-weight must be above 0, got {args.bce_pos_weight}")
+    need(args.bce_loss or (args.bce_target_thresh is None and not args.bce_sum and args.bce_pos_weight is None),
+         "--bce-target-thresh, --bce-sum and --bce-pos-weight shape the BCE loss; add --bce-loss or drop them")
     need(0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}")
     need(0 <= (args.drop or 0) < 1, f"--drop must be in [0, 1), got {args.drop}")
     need(args.drop_path is None or 0 <= args.drop_path < 1, f"--drop-path must be in [0, 1), got {args.drop_path}")
@@ -92,6 +100,9 @@ def check_args(args) -> None:
     need(args.train_interpolation in (*_INTERPOLATIONS, "random"),
          f"--train-interpolation must be random or one of {', '.join(_INTERPOLATIONS[1:])}, got "
          f"{args.train_interpolation!r}")
+    need(args.torchcompile_mode is None or args.torchcompile == "inductor",
+         f"--torchcompile-mode {args.torchcompile_mode} is inductor's: use it with --torchcompile (inductor, the "
+         f"default backend), not {args.torchcompile or 'without --torchcompile'}")
     if args.torchcompile:
         backends = torch._dynamo.list_backends(exclude_tags=())
         need(args.torchcompile in backends,

@@ -122,10 +122,11 @@ def build_loaders(args, data_cfg: dict, train_ds, val_ds, dist: DistInfo):
 def _loss_fns(args, mixup_active: bool):
     from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    if mixup_active:
-        train = BinaryCrossEntropy(target_threshold=None) if args.bce_loss else SoftTargetCrossEntropy()
+    bce = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if mixup_active:  # as timm's train.py: smoothing is in the mixed soft targets
+        train = BinaryCrossEntropy(**bce) if args.bce_loss else SoftTargetCrossEntropy()
     elif args.bce_loss:
-        train = BinaryCrossEntropy(smoothing=args.smoothing)
+        train = BinaryCrossEntropy(smoothing=args.smoothing, **bce)
     elif args.smoothing:
         train = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
@@ -190,7 +191,8 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
     create_kwargs = dict(args.model_kwargs or {})
     create_kwargs["num_classes"] = num_classes
     for flag, key, value in (("--drop", "drop_rate", args.drop or None), ("--drop-path", "drop_path_rate",
-                                                                           args.drop_path)):
+                                                                           args.drop_path),
+                             ("--drop-block", "drop_block_rate", args.drop_block)):
         if value is None:
             continue
         if key in create_kwargs and create_kwargs[key] != value:  # timm's create_model would refuse the pair too
@@ -357,7 +359,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
 
     train_model: nn.Module = model
     if args.torchcompile:
-        train_model = torch.compile(model, backend=args.torchcompile)
+        train_model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
     if dist.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -484,6 +486,8 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         stop.install()  # SIGTERM (a cluster's preemption) or Ctrl-C: finish the step, write recovery, exit
         for epoch in range(next_epoch, n_epochs):
             state.epoch = epoch
+            if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                mixup_fn.mixup_enabled = False  # as timm: the targets stay soft (smoothed one-hot), no mixing
             skip = skip_batches if epoch == next_epoch else 0
             # Every epoch starts from its own seed, so its loader order does not depend on earlier epochs; a
             # mid-epoch resume replays that order, skips the finished batches, then restores the saved RNG state.

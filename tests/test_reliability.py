@@ -507,6 +507,10 @@ def test_disk_full_on_the_run_tables_is_one_message(tmp_path, monkeypatch, capsy
     (["--layer-decay-min-scale", "0.5"], "act on --layer-decay's scales; add --layer-decay or drop them"),
     (["--aug-repeats", "0.5"], "--aug-repeats must be 0 (off) or at least 1"),
     (["--aug-repeats", "3"], "--aug-repeats 3 needs several processes (torchrun, distributed_train.sh)"),
+    (["--bce-sum"], "--bce-target-thresh, --bce-sum and --bce-pos-weight shape the BCE loss; add --bce-loss"),
+    (["--torchcompile-mode", "max-autotune"], "--torchcompile-mode max-autotune is inductor's: use it with "
+                                              "--torchcompile"),
+    (["--drop-block", "1.5"], "--drop-block must be in [0, 1)"),
 ])
 def test_nonsense_values_are_one_message(tmp_path, capsys, flags, message):
     """Values timm or torch refused mid-run in a traceback (or accepted: a negative warm-up, an EMA decay of 5)."""

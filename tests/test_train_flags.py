@@ -384,3 +384,53 @@ def test_the_input_size_probe_builds_no_graph():
     model.head.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
     check_input_size(model, (3, 32, 32), "vit")
     assert seen == [False] and model.training
+
+
+def test_bce_flags_shape_timms_binary_cross_entropy():
+    """--bce-target-thresh turns soft targets into 0/1 at the threshold (timm's ResNet recipes use 0.2 with
+    mixup), --bce-sum sums over the classes, --bce-pos-weight weighs the positives: the loss train.py builds
+    equals binary_cross_entropy_with_logits on those targets."""
+    from sparsity.trainer import _loss_fns
+
+    args = train.build_parser().parse_args(["--bce-loss", "--bce-target-thresh", "0.2", "--bce-sum",
+                                            "--bce-pos-weight", "2.0"])
+    loss_fn, _ = _loss_fns(args, mixup_active=True)
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5)
+    soft = torch.tensor([[0.7, 0.3, 0.0, 0.0, 0.0], [0.1, 0.9, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5, 0.0],
+                         [0.19, 0.0, 0.0, 0.0, 0.81]])
+    hard = (soft >= 0.2).float()  # [1,1,0,0,0], [0,1,0,0,0], [0,0,1,1,0], [0,0,0,0,1]
+    expected = nn.functional.binary_cross_entropy_with_logits(logits, hard, pos_weight=torch.tensor(2.0),
+                                                               reduction="none").sum(1).mean()
+    assert float(loss_fn(logits, soft)) == pytest.approx(float(expected), rel=1e-6)
+    plain, _ = _loss_fns(train.build_parser().parse_args(["--bce-loss"]), mixup_active=True)
+    assert float(plain(logits, soft)) != pytest.approx(float(expected), rel=1e-3)  # the flags changed something
+
+
+def test_mixup_off_epoch_drop_block_and_compile_mode_reach_the_run(tmp_path, monkeypatch):
+    """--mixup-off-epoch 1: epoch 0 mixes, epoch 1 does not (timm's Mixup with mixup_enabled False); --drop-block
+    builds the ResNet with timm's drop_block_rate; --torchcompile-mode goes to torch.compile."""
+    import timm.data
+
+    seen, compiled = [], []
+    real = timm.data.Mixup.__call__
+
+    def spy(self, x, target):
+        seen.append(self.mixup_enabled)
+        return real(self, x, target)
+
+    monkeypatch.setattr(timm.data.Mixup, "__call__", spy)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump({"sparsity": {"method": "ste", "rules": [
+        {"target": "stem", "skip": True}, {"target": "conv", "n": 2, "m": 4}]}}))
+    args = ["--config", str(cfg), "--model", "resnet10t", "--model-kwargs", "channels=[8,16,32,64]",
+            "stem_width=8", *FAST, "--epochs", "2", "--mixup", "0.5", "--mixup-off-epoch", "1", "--drop-block",
+            "0.1", "--bce-loss", "--bce-target-thresh", "0.2", "--torchcompile", "--torchcompile-mode",
+            "reduce-overhead", "--output", str(tmp_path), "--experiment", "m"]
+    assert run_cli(train.main, args) == 0
+    ck = torch.load(tmp_path / "m" / "last.pth.tar", weights_only=True)
+    steps = ck["steps_per_epoch"]
+    assert seen == [True] * steps + [False] * steps
+    assert ck["create_kwargs"]["drop_block_rate"] == 0.1
+    assert compiled == [{"backend": "inductor", "mode": "reduce-overhead"}]
