@@ -180,23 +180,24 @@ def main(argv: list[str] | None = None) -> int:
                         f"predicts {outputs}: pass the --dataset/--data-dir it was trained on")
     args.validation_batch_size = args.batch_size
     _, loader = build_loaders(args, data_cfg, None, val_ds, dist)
-    rows = sparsity.sparsity_report(model)  # of the masked model, before any layer leaves for a sparse kernel
+    # the report and sparsity figures of the masked model, before any layer leaves for a sparse kernel
+    rows = sparsity.sparsity_report(model)
+    selected, overall = sparsity.overall_sparsity(model), sparsity.overall_sparsity(model, selected_only=False)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
     accelerated = _accelerate(model, args, dist.device) if args.accelerate else None
-    if accelerated:  # the converted model runs in --amp-dtype
+    if args.accelerate and dist.device.type == "cuda":  # the model is in --amp-dtype now, converted layers or not
         amp_dtype = getattr(torch, args.amp_dtype)
     metrics = evaluate(model, loader, device=dist.device, amp_dtype=amp_dtype, channels_last=args.channels_last)
     conform = [r["conforms"] for r in rows if r["conforms"] is not None]
     bad = [r["fqn"] for r in rows if r["conforms"] is False]
     result = {
         "checkpoint": str(path), "top1": round(metrics["top1"], 4), "top5": round(metrics["top5"], 4),
-        "loss": round(metrics["loss"], 6), "sparsity_selected": round(sparsity.overall_sparsity(model), 6),
-        "sparsity_all": round(sparsity.overall_sparsity(model, selected_only=False), 6),
+        "loss": round(metrics["loss"], 6), "sparsity_selected": round(selected, 6), "sparsity_all": round(overall, 6),
         "layers": len(conform), "layers_conforming": sum(bool(c) for c in conform), "nonconforming": bad,
     }
     if accelerated is not None:
-        result.update(accelerate=args.accelerate, accelerated_layers=accelerated, dtype=args.amp_dtype
-                      if accelerated or args.amp else "float32")
+        result.update(accelerate=args.accelerate, accelerated_layers=accelerated,
+                      dtype=args.amp_dtype if amp_dtype is not None else "float32")
     result.update({k: v for k, v in meta.items() if isinstance(v, (int, float, str))})
     print(sparsity.format_report(rows, max_rows=20))
     print(f"\ntop-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  loss {result['loss']:.4f}")

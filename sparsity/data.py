@@ -228,7 +228,8 @@ def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool
     check_data_dir(name, data_dir, download)
     try:
         return create_dataset(name, root=data_dir, split=split, is_training=is_training, download=download)
-    except ImportError as e:  # timm's hfds/, hfids/, tfds/ and wds/ readers import their library on first use
+    except ImportError as e:  # timm's hfds/, hfids/ and tfds/ readers import their library on first use (wds/
+        # reports a missing webdataset as a RuntimeError, below)
         package = getattr(e, "name", None) or str(e)
         raise DataError(f"dataset {name!r} needs a package this environment does not have ({package}); install it "
                         "(datasets for hfds/ and hfids/, tensorflow-datasets for tfds/, webdataset for wds/) or use "

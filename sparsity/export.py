@@ -204,16 +204,17 @@ def _build(model: nn.Module, arch: str | None, create_kwargs: dict | None, recip
 
 
 def _compressed_metadata(build: dict[str, Any]) -> dict[str, str]:
-    return {"format": "pt", "sparsity.format": "compressed", _LAYOUT_KEY: json.dumps(build["layout"]),
-            _CRC_KEY: _crc32s(build["compressed"])}
+    layout = json.dumps(build["layout"])  # checksummed too: a flipped digit in it would decode into wrong weights
+    return {"format": "pt", "sparsity.format": "compressed", _LAYOUT_KEY: layout,
+            _CRC_KEY: _crc32s(build["compressed"], {_LAYOUT_KEY: zlib.crc32(layout.encode())})}
 
 
 def _crc32(t: torch.Tensor) -> int:
     return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _crc32s(tensors: dict[str, torch.Tensor]) -> str:
-    return json.dumps({k: _crc32(t) for k, t in tensors.items()})
+def _crc32s(tensors: dict[str, torch.Tensor], extra: dict[str, int] | None = None) -> str:
+    return json.dumps({**{k: _crc32(t) for k, t in tensors.items()}, **(extra or {})})
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:
@@ -422,6 +423,9 @@ def _load_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         if name in crcs and crcs[name] != _crc32(t):
             raise ExportError(f"{file} is corrupt: tensor {name} does not match its checksum (a damaged copy or "
                               "disk); copy the file again or re-export the model")
+    if _LAYOUT_KEY in crcs and crcs[_LAYOUT_KEY] != zlib.crc32(meta.get(_LAYOUT_KEY, "").encode()):
+        raise ExportError(f"{file} is corrupt: its '{_LAYOUT_KEY}' metadata does not match its checksum (a damaged "
+                          "copy or disk); copy the file again or re-export the model")
     return tensors, meta
 
 

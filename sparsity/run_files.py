@@ -300,20 +300,22 @@ def claim_run_dir(run_dir: Path, args) -> Path:
 
 class RunLock:
     """One training process per run folder: an exclusive POSIX lock (``lockf``) on ``RUN/.run.lock``, held from
-    before the run writes anything into the folder until it ends. A second train.py on the same folder (a job
-    launched twice, a requeue racing the old job, ``--resume auto`` on a folder a run is still writing) would
-    interleave its checkpoints and summary rows with the first's; it is refused instead, naming the holder. The
-    kernel releases the lock when the holder dies, even by SIGKILL, so a crashed run never blocks its own
-    ``--resume auto``; a POSIX lock (unlike ``flock``) is not inherited by the forked data-loader workers, which
-    may outlive a killed parent by seconds, and NFS supports it. The file stays (deleting it would let two
-    processes lock different files). On a file system without locks the run goes on with a warning. Under torchrun
-    only rank 0 takes it."""
+    before a resume picks its checkpoint there (or from the claim of a new run's folder) until the run ends. A
+    second train.py on the same folder (a job launched twice, a requeue racing the old job, ``--resume auto`` on a
+    folder a run is still writing) would interleave its checkpoints and summary rows with the first's; it is
+    refused instead, naming the holder. The kernel releases the lock when the holder dies, even by SIGKILL, so a
+    crashed run never blocks its own ``--resume auto``; a POSIX lock (unlike ``flock``) is not inherited by the
+    forked data-loader workers, which may outlive a killed parent by seconds, and NFS supports it. The file stays
+    once the run has written into its folder (deleting a lock file others may have opened would let two processes
+    lock different files); a run refused before that removes it. On a file system without locks the run goes on
+    with a warning. Under torchrun only rank 0 takes it."""
 
     NAME = ".run.lock"
 
     def __init__(self) -> None:
         self.fd: int | None = None
         self.path: Path | None = None
+        self.wrote = False  # set once the run writes into its folder; until then release() removes the file
 
     def acquire(self, run_dir: Path) -> None:
         import errno
@@ -351,7 +353,11 @@ class RunLock:
         self.fd, self.path = fd, path
 
     def release(self) -> None:
+        """Drop the lock. A run refused before its first write removes the file too (still holding the lock, so
+        no one else holds that file), leaving the folder as it found it."""
         if self.fd is not None:
+            if not self.wrote:
+                self.path.unlink(missing_ok=True)
             os.close(self.fd)  # drops the lock
             self.fd = self.path = None
 

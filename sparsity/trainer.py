@@ -141,7 +141,13 @@ def _optimizer(args, ctl: SparsityController, is_main: bool):
     groups = ctl.param_groups(args.weight_decay, layer_decay=args.layer_decay,
                               layer_decay_min_scale=args.layer_decay_min_scale,
                               layer_decay_no_opt_scale=args.layer_decay_no_opt_scale)
-    optimizer, impl = create_optimizer(groups, impl=args.opt_impl, **kwargs, **(args.opt_kwargs or {}))
+    try:
+        optimizer, impl = create_optimizer(groups, impl=args.opt_impl, **kwargs, **(args.opt_kwargs or {}))
+    except TypeError as e:  # an --opt-kwargs key the optimizer does not take
+        if not args.opt_kwargs:
+            raise
+        raise UserError(f"--opt-kwargs {' '.join(f'{k}={v}' for k, v in args.opt_kwargs.items())}: --opt {args.opt} "
+                        f"refuses them ({e}); check the names against the optimizer's arguments") from None
     if is_main:
         _logger.info("optimizer: %s (%s implementation, --opt-impl %s)", type(optimizer).__name__, impl,
                      args.opt_impl)
@@ -160,11 +166,11 @@ def _num_classes(args, train_ds) -> int:
 
 
 def run_training(args, sparsity_block: dict | None, config_path: str | None = None) -> int:
-    lock = RunLock()  # one process per run folder; held from before the first write in the folder to the end
+    lock = RunLock()  # one process per run folder: held while the checkpoint to resume is chosen, to the end
     try:
         return _run_training(args, sparsity_block, config_path, lock)
     finally:
-        lock.release()
+        lock.release()  # a run refused before its first write there leaves no lock file behind
 
 
 def _run_training(args, sparsity_block: dict | None, config_path: str | None, lock: RunLock) -> int:
@@ -176,10 +182,10 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
     resolve_dataset(args)
     resolve_lr(args, dist.world_size, dist.is_main and not args.print_config)
     check_args(args)
-    check_dist_args(args, dist)
     if args.print_config:
         print(yaml.safe_dump(resolved_config(args, recipe), sort_keys=False))
         return 0
+    check_dist_args(args, dist)  # after --print-config: a torchrun recipe prints on one process too
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     # one seed on every rank: model, EMA copy and method state start identical; every epoch reseeds per rank below
@@ -212,9 +218,16 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
     resume_path = args.resume if args.resume and args.resume != "auto" else None
     run_dir = _run_dir(args, resume_path)
     in_place = resumes_in_place(args, resume_path)
+    if in_place and dist.is_main and run_dir.is_dir():  # the checkpoint to resume is chosen under the run's lock:
+        lock.acquire(run_dir)  # a job still writing there (a requeue racing it) is refused before anything is read
     resume = load_checkpoint_file(resume_path) if resume_path else None
     if args.resume == "auto":
-        found = load_newest_checkpoint(run_dir) if run_dir.exists() else None
+        found = load_newest_checkpoint(run_dir) if (dist.is_main and run_dir.exists()) else None
+        if dist.distributed:  # rank 0 chose, under the lock; every rank resumes that file
+            shared = [str(found[0]) if found else ""]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            if not dist.is_main and shared[0]:
+                found = (Path(shared[0]), load_checkpoint_file(shared[0]))
         if found:
             resume_path, resume = str(found[0]), found[1]
             _logger.info("--resume auto: resuming from %s", resume_path)
@@ -255,9 +268,11 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             raise CheckpointError(f"--resume {resume_path} does not fit this model/recipe: {str(e)[:300]}") from None
     data_cfg = resolve_data(args, model)
     loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
-    if args.aug_repeats and len(train_ds) < 256:
-        raise UserError(f"--aug-repeats: timm's sampler draws a multiple of 256 images per epoch and the training set "
-                        f"has {len(train_ds)}; drop --aug-repeats for a set this small")
+    if args.aug_repeats and len(loader_train) < 1:
+        per_rank = len(loader_train.sampler)
+        raise UserError(f"--aug-repeats: timm's sampler gives each process {per_rank} images per epoch (the "
+                        f"{len(train_ds)} training images rounded down to a multiple of 256, over {dist.world_size} "
+                        f"processes), fewer than -b {args.batch_size}; lower -b or drop --aug-repeats")
     if len(loader_train) < 1:
         raise UserError(f"batch size {args.batch_size} x {dist.world_size} process(es) exceeds the training set "
                         f"({len(train_ds)} images; the last partial batch is dropped): lower -b")
@@ -282,9 +297,13 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             _logger.info("--sync-bn: batch norm statistics over the global batch (--dist-bn is not needed)")
     if dist.is_main:
         check_writable(run_dir)
-        if in_place:  # a new run takes it when it claims its folder
+        if in_place:  # already held where the folder existed; a new run takes it when it claims its folder
             lock.acquire(run_dir)
+            if args.resume == "auto" and resume is None and _checkpoint_files(run_dir):
+                raise UserError(f"another run wrote checkpoints into {run_dir} while this one was starting; start "
+                                "this one again to resume from them")
         if in_place and resume is not None:
+            lock.wrote = True  # the run's first write into its folder: from here on the lock file stays
             finish_epoch_files(run_dir, resume_path, resume, newest=args.resume == "auto")
     if n_epochs != args.epochs and dist.is_main:
         _logger.info("training %d epochs, the length of the lr schedule timm builds from --epochs %d (with "
@@ -341,9 +360,11 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             try:
                 optimizer.load_state_dict(resume["optimizer"])
             except (KeyError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"--resume {resume_path}: its optimizer state does not fit --opt {args.opt} "
-                                      f"({type(e).__name__}: {str(e)[:120]}); resume with the run's optimizer, or "
-                                      "pass --no-resume-opt to start a fresh one") from None
+                raise CheckpointError(f"--resume {resume_path}: its optimizer state does not fit --opt {args.opt} with "
+                                      "these parameter groups (--layer-decay and its scales change them) "
+                                      f"({type(e).__name__}: {str(e)[:120]}); resume with the run's --opt and "
+                                      "--layer-decay settings, or pass --no-resume-opt to start a fresh optimizer") \
+                    from None
             if scaler is not None and resume.get("scaler"):
                 scaler.load_state_dict(resume["scaler"])
         if model_ema is not None and resume.get("state_dict_ema") is not None:
@@ -384,6 +405,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         if dist.is_main:
             run_dir = claim_run_dir(run_dir, args)
             lock.acquire(run_dir)
+            lock.wrote = True
         if dist.distributed:  # every rank names the folder rank 0 claimed
             shared = [str(run_dir)]
             torch.distributed.broadcast_object_list(shared, src=0)
@@ -391,6 +413,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         ctl.method.output_dir = str(run_dir) if dist.is_main else None
     resolved = resolved_config(args, recipe)
     summary_path = run_dir / "summary.csv"
+    lock.wrote = True  # args.yaml next: the run has its folder; from here on the lock file stays
     if dist.is_main:
         args_file = run_dir / "args.yaml"
         if in_place and resume is not None and args_file.exists():  # keep the run's config; record the resume's

@@ -302,8 +302,9 @@ def test_a_damaged_export_is_refused_naming_the_tensor(vit24, tmp_path, fmt, cap
 
 
 def test_an_edited_compressed_layout_is_refused_not_decoded_into_garbage(vit24, tmp_path):
-    """A layout whose segments leave rows out would leave torch.empty's memory in the weight; one whose positions
-    point past the group would fail in scatter: both are one ExportError naming the layer."""
+    """The layout JSON is checksummed like the tensors (a changed dim still decodes, into wrong weights). Without
+    the checksums, a layout whose segments leave rows out would leave torch.empty's memory in the weight and one
+    whose positions point past the group would fail in scatter: both are one ExportError naming the layer."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -322,6 +323,11 @@ def test_an_edited_compressed_layout_is_refused_not_decoded_into_garbage(vit24, 
             edit_tensors(ts)
         save_file(ts, str(file), metadata={**meta, "sparsity.layout": json.dumps(lay), "sparsity.crc32": "{}"})
 
+    lay = copy.deepcopy(layout)
+    lay[key]["segments"][0]["dim"] = 0  # a flipped digit that still decodes (into wrong weights)
+    save_file(tensors, str(file), metadata={**meta, "sparsity.layout": json.dumps(lay)})  # the exported checksums
+    with pytest.raises(ExportError, match="is corrupt: its 'sparsity.layout' metadata does not match its checksum"):
+        sparsity.load_compressed(tmp_path / "c")
     rewrite(edit_layout=lambda e: e["segments"][0].update(start=1))  # row 0 never written
     with pytest.raises(ExportError, match=rf"the compressed layout of {key} does not decode \(ValueError: "
                                           r"segments \[\(1, 768\)\] do not cover rows 0 to 768"):
@@ -756,15 +762,21 @@ def test_validate_accelerate_on_cpu_evaluates_as_it_is_and_says_why(fake_checkpo
     assert "otherwise eligible: would run semi_structured" in out
     assert (acc["accelerate"], acc["accelerated_layers"], acc["dtype"]) == ("semi_structured", 0, "float32")
     assert (acc["top1"], acc["loss"], acc["layers_conforming"]) == (plain["top1"], plain["loss"], 6)
+    assert (acc["sparsity_selected"], acc["sparsity_all"]) == (plain["sparsity_selected"], plain["sparsity_all"])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_sm80(), reason="needs a CUDA GPU of compute capability 8.0+")
 def test_validate_accelerate_on_the_gpu_runs_the_2of4_layers_sparse(fake_checkpoint, tmp_path):
-    """On an sm80+ GPU the six 2:4 layers run on the semi-structured kernel in bf16; the conformance report is the
-    masked model's, and the loss stays within bf16 rounding of the fp32 evaluation."""
+    """On an sm80+ GPU the six 2:4 layers run on the semi-structured kernel in bf16; the conformance report and the
+    sparsity figures are the masked model's, and the loss stays within bf16 rounding of the fp32 evaluation. BSR
+    takes none of the N:M layers: the model still runs in bf16 (autocast on), without a dtype mismatch."""
     base = ["--checkpoint", str(fake_checkpoint), "-b", "512", "--device", "cuda"]
     plain = _validate_json(base, tmp_path / "plain.json")
     acc = _validate_json([*base, "--accelerate", "semi_structured"], tmp_path / "acc.json")
     assert (acc["accelerated_layers"], acc["dtype"], acc["layers_conforming"]) == (6, "bfloat16", 6)
+    assert (acc["sparsity_selected"], acc["sparsity_all"]) == (plain["sparsity_selected"], plain["sparsity_all"])
     assert abs(acc["loss"] - plain["loss"]) < 0.05
+    none = _validate_json([*base, "--accelerate", "bsr"], tmp_path / "bsr.json")
+    assert (none["accelerated_layers"], none["dtype"]) == (0, "bfloat16")
+    assert abs(none["loss"] - plain["loss"]) < 0.05

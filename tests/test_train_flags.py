@@ -242,6 +242,9 @@ CKPT_RECIPES = {
     "mdgf": {"method": "mdgf", "decay": {"type": "exp", "coef": 0.5}, "rules": [{"target": "ff", "n": 1, "m": 4}]},
     "supermask": {"method": "supermask", "rules": [{"target": "ff", "sparsity": 0.5, "tile": 8}]},
     "gumbel": {"method": "gumbel", "rules": [{"target": "ff", "n": 2, "m": 4}]},
+    "gmp": {"method": "gmp", "final_sparsity": 0.5, "update_interval": 1, "rules": [{"target": "ff"}]},
+    "usd": {"method": "usd", "m": 4, "target_sparsity": 0.5, "update_interval": 1, "finetune_epochs": 0,
+            "rules": [{"target": "ff"}]},
 }
 
 
@@ -255,11 +258,12 @@ def test_grad_checkpointing_recomputes_the_same_forward(method):
         model = timm.create_model("vit_tiny_patch16_224", **VIT_KW, num_classes=10, drop_path_rate=0.2)
         recipe = sparsity.recipe_from_dict(CKPT_RECIPES[method])
         sparsity.sparsify_(model, recipe)
-        ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+        ctl = sparsity.SparsityController(model, recipe, total_steps=10, steps_per_epoch=5)
         model.set_grad_checkpointing(checkpointing)
         calls = []
         model.blocks[0].mlp.fc1.register_forward_hook(lambda *_: calls.append(1))
-        ctl.step(3)
+        ctl.step(6)  # past gmp's first pruning step
+        assert not all(bool(m.weight_mask.all()) for _, m in sparsity.masked_modules(model))  # something pruned
         torch.manual_seed(1)
         x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
         loss = nn.functional.cross_entropy(model(x), y)
@@ -434,3 +438,13 @@ def test_mixup_off_epoch_drop_block_and_compile_mode_reach_the_run(tmp_path, mon
     assert seen == [True] * steps + [False] * steps
     assert ck["create_kwargs"]["drop_block_rate"] == 0.1
     assert compiled == [{"backend": "inductor", "mode": "reduce-overhead"}]
+
+
+def test_print_config_of_a_torchrun_recipe_on_one_process(capsys):
+    """The SuperBlock recipes set aug_repeats: 3 (torchrun only); --print-config still prints them on one process
+    (the process-count check runs after it)."""
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[1] / "configs/imagenet/vit_b16/supermask/linear_90_tile64.yaml"
+    assert run_cli(train.main, ["--config", str(cfg), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["aug_repeats"] == 3
