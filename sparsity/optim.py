@@ -53,11 +53,11 @@ def has_fused(opt: str) -> bool:
     return _accepts(opt, "fused")
 
 
-def check_optimizer(opt: str, impl: str = "auto") -> None:
+def check_optimizer(opt: str, impl: str = "auto", opt_kwargs: dict | None = None) -> None:
     """Refuse what ``create_optimizer`` would fail on (after a run folder exists): an optimizer name that is not
-    timm's (``timm.optim.list_optimizers()``, optionally ``lookahead_``-prefixed), an unknown ``--opt-impl``, or
+    timm's (``timm.optim.list_optimizers()``, optionally ``lookahead_``-prefixed), an unknown ``--opt-impl``,
     ``fused``/``foreach`` for an optimizer without that implementation (timm's own optimizers, lamb or lars for
-    instance, are per-parameter loops)."""
+    instance, are per-parameter loops), or ``--opt-kwargs`` the optimizer does not take (tried on one scalar)."""
     from timm.optim import list_optimizers
 
     parts, known = _parts(opt), list_optimizers()
@@ -71,6 +71,15 @@ def check_optimizer(opt: str, impl: str = "auto") -> None:
                         "adamw, sgd, momentum, nesterov and adagrad); use --opt-impl auto")
     if impl == "foreach" and not _accepts(opt, "foreach"):
         raise UserError(f"--opt-impl foreach: --opt {opt} has no foreach implementation; use --opt-impl auto")
+    if opt_kwargs:
+        from timm.optim import create_optimizer_v2
+
+        try:
+            create_optimizer_v2([torch.zeros(1, requires_grad=True)], opt=opt, lr=0.1, **opt_kwargs)
+        except (TypeError, ValueError) as e:  # an unknown keyword, or a value the optimizer's checks refuse
+            given = " ".join(f"{k}={v}" for k, v in opt_kwargs.items())
+            raise UserError(f"--opt-kwargs {given}: --opt {opt} refuses them ({e}); check the names and values "
+                            "against the optimizer's arguments") from None
 
 
 def _fused_devices() -> tuple[str, ...]:

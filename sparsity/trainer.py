@@ -141,13 +141,7 @@ def _optimizer(args, ctl: SparsityController, is_main: bool):
     groups = ctl.param_groups(args.weight_decay, layer_decay=args.layer_decay,
                               layer_decay_min_scale=args.layer_decay_min_scale,
                               layer_decay_no_opt_scale=args.layer_decay_no_opt_scale)
-    try:
-        optimizer, impl = create_optimizer(groups, impl=args.opt_impl, **kwargs, **(args.opt_kwargs or {}))
-    except TypeError as e:  # an --opt-kwargs key the optimizer does not take
-        if not args.opt_kwargs:
-            raise
-        raise UserError(f"--opt-kwargs {' '.join(f'{k}={v}' for k, v in args.opt_kwargs.items())}: --opt {args.opt} "
-                        f"refuses them ({e}); check the names against the optimizer's arguments") from None
+    optimizer, impl = create_optimizer(groups, impl=args.opt_impl, **kwargs, **(args.opt_kwargs or {}))
     if is_main:
         _logger.info("optimizer: %s (%s implementation, --opt-impl %s)", type(optimizer).__name__, impl,
                      args.opt_impl)
@@ -207,7 +201,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
     # what can be refused from the flags and files alone is refused before the model (and its layer table) is built
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    check_optimizer(args.opt, args.opt_impl)
+    check_optimizer(args.opt, args.opt_impl, args.opt_kwargs)
     if args.initial_checkpoint and not args.resume and not Path(args.initial_checkpoint).exists():
         raise CheckpointError(f"initial_checkpoint {args.initial_checkpoint} does not exist: pass --initial-checkpoint "
                               "PATH, or train the model it names first (a quickstart recipe's comment says how)")

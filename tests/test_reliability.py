@@ -511,6 +511,8 @@ def test_disk_full_on_the_run_tables_is_one_message(tmp_path, monkeypatch, capsy
     (["--torchcompile-mode", "max-autotune"], "--torchcompile-mode max-autotune is inductor's: use it with "
                                               "--torchcompile"),
     (["--drop-block", "1.5"], "--drop-block must be in [0, 1)"),
+    (["--opt-kwargs", "bogus=1"], "--opt-kwargs bogus=1: --opt adamw refuses them"),
+    (["--opt-kwargs", "betas=[0.9,2.0]"], "--opt-kwargs betas=[0.9, 2.0]: --opt adamw refuses them"),
 ])
 def test_nonsense_values_are_one_message(tmp_path, capsys, flags, message):
     """Values timm or torch refused mid-run in a traceback (or accepted: a negative warm-up, an EMA decay of 5)."""
