@@ -30,7 +30,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from cli_common import ConfigError, ParseKwargs, run_cli, setup_logging
+from cli_common import ConfigError, ParseKwargs, parse_flags, run_cli, setup_logging
 from sparsity.accelerate import BACKENDS, SEMI_KERNELS
 from sparsity.optim import OPT_IMPLS
 
@@ -337,7 +337,7 @@ def _check_counts(args) -> None:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     setup_logging()
     import logging
 

@@ -4,6 +4,7 @@ defaults < YAML < command line, strict key checking, exit code 2 with one clear 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -72,6 +73,56 @@ def _check_value(action: argparse.Action, key: str, value, path: str) -> None:
                               f"{closest(str(v), [str(c) for c in action.choices])}")
 
 
+# timm train.py flags these CLIs do not take, and what to do instead (an unknown flag otherwise gets a did-you-mean)
+TIMM_ONLY = {
+    "--jsd-loss": "AugMix's split-batch JSD loss is not implemented",
+    "--aug-splits": "AugMix's split-batch augmentation is not implemented",
+    "--split-bn": "AugMix's split batch norm is not implemented",
+    "--start-epoch": "the epoch to start at comes from the checkpoint: use --resume",
+    "--epoch-repeats": "not implemented",
+    "--no-prefetcher": "not needed: there is no prefetcher here (the loop moves each batch to the device); drop it",
+    "--prefetcher": "not needed: there is no prefetcher here (the loop moves each batch to the device); drop it",
+    "--model-ema-force-cpu": "not implemented: the EMA copy stays on the training device",
+    "--amp-impl": "torch's native AMP only (--amp, --amp-dtype)",
+    "--local_rank": "launch with torchrun (distributed_train.sh), which passes the rank in the environment",
+    "--local-rank": "launch with torchrun (distributed_train.sh), which passes the rank in the environment",
+    "--drop-connect": "deprecated in timm: use --drop-path",
+    "--input-size": "use --img-size (and --model-kwargs in_chans=N for another channel count)",
+    "--in-chans": "use --model-kwargs in_chans=N",
+    "--gp": "use --model-kwargs global_pool=NAME",
+    "--bn-momentum": "not implemented (models that take it: --model-kwargs)",
+    "--bn-eps": "not implemented (models that take it: --model-kwargs)",
+    "--model-dtype": "not implemented: train in float32 with --amp",
+    "--class-map": "not implemented: the ImageFolder's class folders are the classes",
+    "--train-num-samples": "timm's iterable datasets are not supported",
+    "--val-num-samples": "timm's iterable datasets are not supported",
+    "--save-images": "not implemented", "--worker-seeding": "not implemented", "--tta": "not implemented",
+    "--use-multi-epochs-loader": "not implemented", "--fuser": "not implemented", "--fast-norm": "not implemented",
+    "--head-init-scale": "not implemented", "--head-init-bias": "not implemented",
+    "--torchscript": "not implemented: use --torchcompile",
+}
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` whose errors are one :class:`ConfigError` line (argparse prints its whole usage, then
+    exits): an unknown flag names the closest one, or what to do instead of a timm flag not taken here."""
+    def error(message: str):
+        raise ConfigError(f"{message} (see --help)")
+
+    if "error" not in vars(parser):  # a caller's own handler (compare.py names the recipe) stays
+        parser.error = error  # type: ignore[method-assign]
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        flags = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
+        first = flags[0] if flags else extras[0]
+        if first in TIMM_ONLY:
+            parser.error(f"{first} is a timm train.py flag not taken here: {TIMM_ONLY[first]}")
+        options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        near = difflib.get_close_matches(first, options, n=1, cutoff=0.75)  # flags share "--": a stricter match
+        parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; did you mean '{near[0]}'?" if near else ""))
+    return args
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None,
                       nested: tuple[str, ...] = ("sparsity",),
                       ignore: frozenset[str] = frozenset()) -> tuple[argparse.Namespace, dict]:
@@ -98,8 +149,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
                 raise ConfigError(f"unknown key '{key}' in {known.config}{closest(key, list(actions) + list(nested))}")
             _check_value(actions[key], key, cfg[key], known.config)
         parser.set_defaults(**cfg)
-    args = parser.parse_args(argv)
-    return args, blocks
+    return parse_flags(parser, argv), blocks
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

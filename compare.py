@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli_common import ConfigError, parse_with_config, run_cli
+from cli_common import ConfigError, parse_flags, parse_with_config, run_cli
 
 ROOT = Path(__file__).resolve().parent
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     from sparsity import compare as cmp
 
     if args.epochs is not None and args.epochs < 1:

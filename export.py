@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cli_common import run_cli, setup_logging
+from cli_common import parse_flags, run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from sparsity.export import ExportError, export_checkpoint
 
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     setup_logging(level=logging.WARNING)
     try:
         info = export_checkpoint(args.checkpoint, args.format, args.output, use_ema=args.use_ema, force=args.force)

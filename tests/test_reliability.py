@@ -513,6 +513,12 @@ def test_disk_full_on_the_run_tables_is_one_message(tmp_path, monkeypatch, capsy
     (["--drop-block", "1.5"], "--drop-block must be in [0, 1)"),
     (["--opt-kwargs", "bogus=1"], "--opt-kwargs bogus=1: --opt adamw refuses them"),
     (["--opt-kwargs", "betas=[0.9,2.0]"], "--opt-kwargs betas=[0.9, 2.0]: --opt adamw refuses them"),
+    # the command line itself: one line instead of argparse's whole usage, with what to do instead
+    (["--jsd-loss"], "--jsd-loss is a timm train.py flag not taken here: AugMix's split-batch JSD loss is not"),
+    (["--start-epoch", "3"], "--start-epoch is a timm train.py flag not taken here: the epoch to start at comes "
+                             "from the checkpoint: use --resume"),
+    (["--grad-acum-steps", "2"], "unrecognized arguments: --grad-acum-steps 2; did you mean '--grad-accum-steps'?"),
+    (["--sched", "cosinee"], "argument --sched: invalid choice: 'cosinee'"),
 ])
 def test_nonsense_values_are_one_message(tmp_path, capsys, flags, message):
     """Values timm or torch refused mid-run in a traceback (or accepted: a negative warm-up, an EMA decay of 5)."""
