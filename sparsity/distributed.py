@@ -11,8 +11,8 @@ from torch import nn
 from .errors import TrainingError, UserError
 from .layers import masked_modules
 
-__all__ = ["DistInfo", "init_distributed", "pick_device", "check_ranks_consistent", "bn_stats", "load_bn_stats",
-           "gather_bn_stats", "distribute_bn_stats"]
+__all__ = ["DistInfo", "init_distributed", "pick_device", "check_ranks_consistent", "has_bn_stats", "bn_stats",
+           "load_bn_stats"]
 
 
 class DistInfo(SimpleNamespace):
@@ -81,6 +81,10 @@ def _is_bn_stat(name: str) -> bool:
     return "running_mean" in name or "running_var" in name  # the buffers timm's distribute_bn synchronises
 
 
+def has_bn_stats(model: nn.Module) -> bool:
+    return any(_is_bn_stat(n) for n, _ in model.named_buffers())
+
+
 def bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's batch-norm running statistics by name, copied to the CPU (empty for a model without BN)."""
     return {n: b.detach().cpu().clone() for n, b in model.named_buffers() if _is_bn_stat(n)}
@@ -91,29 +95,6 @@ def load_bn_stats(model: nn.Module, stats: dict[str, torch.Tensor]) -> None:
     buffers = dict(model.named_buffers())
     for name, t in stats.items():
         buffers[name].copy_(t)
-
-
-def gather_bn_stats(models: dict[str, nn.Module], dist: DistInfo) -> list[dict] | None:
-    """Every rank's running statistics of ``models`` (name -> model), rank by rank: under DDP each rank's BN layers
-    update their statistics from its own batches (DDP hands rank 0's to every rank at each forward), so they differ
-    between ranks until the epoch's end averages them. A mid-epoch checkpoint keeps them all, as it keeps every
-    rank's generators, and each rank takes its own back on resume. None on one process or without BN."""
-    local = {key: bn_stats(m) for key, m in models.items()}
-    if not dist.distributed or not any(local.values()):
-        return None
-    out: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(out, local)
-    return out
-
-
-@torch.no_grad()
-def distribute_bn_stats(models: list[nn.Module], dist: DistInfo, mode: str) -> None:
-    """timm's ``--dist-bn``: every rank's BN running statistics replaced by their mean over the ranks (``reduce``)
-    or by rank 0's (``broadcast``)."""
-    from timm.utils import distribute_bn
-
-    for m in models:
-        distribute_bn(m, dist.world_size, reduce=mode == "reduce")
 
 
 @torch.no_grad()

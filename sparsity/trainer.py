@@ -23,8 +23,7 @@ from .distributed import (
     DistInfo,
     bn_stats,
     check_ranks_consistent,
-    distribute_bn_stats,
-    gather_bn_stats,
+    has_bn_stats,
     init_distributed,
     load_bn_stats,
 )
@@ -399,7 +398,6 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         if dist.is_main:
             run_dir = claim_run_dir(run_dir, args)
             lock.acquire(run_dir)
-            lock.wrote = True
         if dist.distributed:  # every rank names the folder rank 0 claimed
             shared = [str(run_dir)]
             torch.distributed.broadcast_object_list(shared, src=0)
@@ -451,16 +449,19 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                             "Earlier checkpoints in the run dir are intact") from None
 
     def write_recovery(st: TrainState, batch_idx: int) -> None:
-        # every rank's generators: each draws its own augmentations, and a resume must give each its own back
-        ranks_rng = None
+        # Every rank's generators (each draws its own augmentations) and BN statistics (each rank's layers update
+        # them from its own batches until the epoch's end averages them): a resume gives each rank its own back.
+        per_rank = {"rng_ranks": None, "bn_ranks": None}
         if dist.distributed:
-            ranks_rng = [None] * dist.world_size
-            torch.distributed.all_gather_object(ranks_rng, _rng_state())
-        # and every rank's BN statistics: the epoch's end averages them (--dist-bn reduce)
-        ranks_bn = gather_bn_stats({"model": model, **({"ema": model_ema.module} if model_ema else {})}, dist)
+            mine = {"rng": _rng_state(), "bn": {"model": bn_stats(model)}}
+            if model_ema is not None:
+                mine["bn"]["ema"] = bn_stats(model_ema.module)
+            ranks: list = [None] * dist.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+            per_rank["rng_ranks"] = [r["rng"] for r in ranks]
+            per_rank["bn_ranks"] = [r["bn"] for r in ranks] if has_bn_stats(model) else None
         if dist.is_main:
-            save({**checkpoint_dict(st.epoch, batch_idx + 1, None), "rng_ranks": ranks_rng, "bn_ranks": ranks_bn},
-                 run_dir / "recovery.pth.tar")
+            save({**checkpoint_dict(st.epoch, batch_idx + 1, None), **per_rank}, run_dir / "recovery.pth.tar")
 
     def on_step(st: TrainState, batch_idx: int) -> None:
         if fault_matches("diverge_mask", st.global_step, dist.rank):
@@ -494,7 +495,8 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         _logger.info("run dir: %s | %s, %s, %d epochs x %d steps | method %s", run_dir, args.model,
                      args.dataset or args.data_dir, n_epochs, steps_per_epoch, recipe.method)
     # --dist-bn on models with BN statistics under torchrun (with --sync-bn they are global already, as in timm)
-    dist_bn = args.dist_bn if (dist.distributed and not args.sync_bn and bn_stats(model)) else ""
+    dist_bn = args.dist_bn if (dist.distributed and not args.sync_bn and has_bn_stats(model)) else ""
+    from timm.utils import distribute_bn
     if dist_bn and dist.is_main:
         _logger.info("--dist-bn %s: the ranks' batch-norm statistics are %s after every epoch", dist_bn,
                      "averaged" if dist_bn == "reduce" else "rank 0's")
@@ -522,7 +524,8 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                 on_resume_point=functools.partial(_set_rng_state, rng_at_resume) if rng_at_resume is not None else None,
             )
             if dist_bn:  # as timm's train.py: the ranks' BN statistics averaged (or rank 0's) before the eval
-                distribute_bn_stats([model, *([model_ema.module] if model_ema is not None else [])], dist, dist_bn)
+                for m in (model, *([model_ema.module] if model_ema is not None else [])):
+                    distribute_bn(m, dist.world_size, reduce=dist_bn == "reduce")
             # Masks for the weights as they are now (the same call the next forward would make first): the eval
             # sees the model the checkpoint holds, and a resume at this step recomputes exactly these masks.
             ctl.step(state.global_step)
@@ -598,7 +601,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         if model_ema is not None:
             n += check_ranks_consistent(model_ema.module, dist, weights=True, bn=bn)
         if dist.is_main:
-            what = "masks, weights and batch-norm statistics" if bn and bn_stats(model) else "masks and weights"
+            what = "masks, weights and batch-norm statistics" if bn and has_bn_stats(model) else "masks and weights"
             _logger.info("ranks identical: %s (%d tensors compared across %d ranks)", what, n, dist.world_size)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
