@@ -1,5 +1,6 @@
 """The optional native CPU kernels (``csrc/nm_rank.c``: N:M masks and SR-STE's weight gradient; ``csrc/tiles.c``:
-supermask's tile expansion and backward): built on first use, cached, loaded with ctypes.
+supermask's tile expansion and backward; ``csrc/gumbel.c``: gumbel's sampled weight, its backward and argmax masks):
+built on first use, cached, loaded with ctypes.
 
 Exact N:M masks over every selected weight are the sparse path's biggest per-step cost on CPU. In eager PyTorch
 they take a key pass plus ``m - 1`` duels of three ops each (about nine passes over the weights); the C kernel
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -30,13 +32,14 @@ import torch
 from torch.autograd.graph import increment_version
 
 __all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "TileExpand", "tile_backward_native",
-           "TileTopk", "counts_array", "srste_grad_native"]
+           "TileTopk", "counts_array", "srste_grad_native", "GumbelUnit", "gumbel_noise_native"]
 
 _log = logging.getLogger(__name__)
-_SOURCES = (Path(__file__).with_name("csrc") / "nm_rank.c", Path(__file__).with_name("csrc") / "tiles.c")
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("nm_rank.c", "tiles.c", "gumbel.c"))
 # -ffp-contract=off: no fused multiply-add where the source multiplies then adds (gcc already keeps them apart under
-# -std=c11, clang does not): the kernels' results are bit for bit those of the torch ops they replace
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11", "-ffp-contract=off"]
+# -std=c11, clang does not): the kernels' results are bit for bit those of the torch ops they replace.
+# -fno-trapping-math: float compares may run unconditionally, so selects on them vectorize (values are unchanged)
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11", "-ffp-contract=off", "-fno-trapping-math"]
 _ONE_F32 = 0x3F800000  # bit pattern of 1.0f: the factor's "kept"
 #: longest group block (m * T elements, T = the run of one group position) the kernel's stack buffer holds
 MAX_BLOCK = 2048
@@ -119,6 +122,13 @@ def _build() -> ctypes.CDLL:
     lib.srste_grad.restype = ctypes.c_int
     lib.tile_topk.argtypes = [i64, p, p, p, p, ctypes.c_int]
     lib.tile_topk.restype = ctypes.c_int
+    u64, f32, int_ = ctypes.c_uint64, ctypes.c_float, ctypes.c_int
+    lib.gumbel_forward.argtypes = [i64, i64, i64, int_, int_, p, p, p, p, p, u64, f32, int_]
+    lib.gumbel_backward.argtypes = [i64, i64, i64, int_, int_, p, p, p, p, p, p, f32, int_]
+    lib.gumbel_argmax_mask.argtypes = [i64, i64, i64, int_, int_, p, p, p, int_]
+    lib.gumbel_noise_range.argtypes = [u64, i64, i64, p]
+    for name in ("gumbel_forward", "gumbel_backward", "gumbel_argmax_mask", "gumbel_noise_range"):
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -284,3 +294,86 @@ def srste_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tens
     rc = kernel().srste_grad(grad.numel(), grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), out.data_ptr(),
                              lam, torch.get_num_threads())
     return out if rc == 0 else None
+
+
+class GumbelUnit:
+    """``csrc/gumbel.c`` for one gumbel unit: its weight rows seen as an (A, C, T) block grouped by ``m`` along C,
+    its logits (A, T, C / m, K) and the (K, m) pattern table. Use :meth:`create`, which declines what the kernels
+    do not take (not float32 on CPU, not contiguous, more than 70 patterns, m over 64, no kernel library)."""
+
+    def __init__(self, a: int, c: int, t: int, table: torch.Tensor) -> None:
+        self.a, self.c, self.t = a, c, t
+        self.k, self.m = table.shape
+        self.table = table.to(torch.uint8).contiguous()
+
+    @classmethod
+    def create(cls, w: torch.Tensor, logits: torch.Tensor, dim: int, table: torch.Tensor) -> GumbelUnit | None:
+        a, c = math.prod(w.shape[:dim]), w.shape[dim]
+        t = math.prod(w.shape[dim + 1:])
+        k, m = table.shape
+        if not (w.dtype == logits.dtype == torch.float32 and w.device.type == logits.device.type == "cpu"
+                and w.is_contiguous() and logits.is_contiguous() and k <= 70 and m <= 64 and c % m == 0
+                and logits.numel() == a * t * (c // m) * k) or kernel() is None:
+            return None
+        return cls(a, c, t, table)
+
+    def _geometry(self) -> tuple:
+        return self.a, self.c, self.t, self.m, self.k, self.table.data_ptr()
+
+    def forward(self, w: torch.Tensor, logits: torch.Tensor, seed: int, tau: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``W * P[argmax s]``, s = ``(logits + G) / tau``) with the counter noise of ``seed`` (new tensors)."""
+        out, s = torch.empty_like(w), torch.empty_like(logits)
+        rc = kernel().gumbel_forward(*self._geometry(), w.data_ptr(), logits.data_ptr(), out.data_ptr(),
+                                     s.data_ptr(), noise_key(seed), tau, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"gumbel_forward refused its arguments (rc {rc})")
+        return out, s
+
+    def backward(self, w: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, tau: float, want_w: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(dL/dlogits through the soft sample, ``g * P[z]`` when ``want_w``) from the forward's ``s`` and the
+        gradient ``grad`` of its output."""
+        grad = grad.contiguous()
+        dlogits = torch.empty_like(s)
+        dw = torch.empty_like(w) if want_w else None
+        rc = kernel().gumbel_backward(*self._geometry(), w.data_ptr(), s.data_ptr(), grad.data_ptr(),
+                                      dlogits.data_ptr(), 0 if dw is None else dw.data_ptr(), tau,
+                                      torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"gumbel_backward refused its arguments (rc {rc})")
+        return dlogits, dw
+
+    def argmax_mask(self, logits: torch.Tensor, mask: torch.Tensor) -> bool:
+        """Write ``P[argmax logits]`` into ``mask`` (bool, contiguous, the weight's shape); False if not taken."""
+        if not (mask.dtype == torch.bool and mask.is_contiguous() and mask.device.type == "cpu"):
+            return False
+        rc = kernel().gumbel_argmax_mask(*self._geometry(), logits.data_ptr(), mask.data_ptr(),
+                                         torch.get_num_threads())
+        if rc == 0:
+            increment_version(mask)
+        return rc == 0
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def noise_key(seed: int) -> int:
+    """The counter stream's key for ``seed``: SplitMix64's finalizer of the seed (what ``csrc/gumbel.c`` adds the
+    scaled counter to)."""
+    z = seed & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def gumbel_noise_native(numel: int, seed: int, first: int = 0) -> torch.Tensor | None:
+    """Gumbel noise of logit numbers ``[first, first + numel)`` of ``seed``'s counter stream (float32, CPU); None
+    without the kernel library."""
+    lib = kernel()
+    if lib is None:
+        return None
+    out = torch.empty(numel, dtype=torch.float32)
+    if lib.gumbel_noise_range(noise_key(seed), first, numel, out.data_ptr()) != 0:
+        return None
+    return out

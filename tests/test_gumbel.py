@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsity
+from sparsity import native
 from sparsity.masks import is_nm, nm_mask, weight_is_nm
-from sparsity.methods.gumbel import MAX_PATTERNS, _gumbel_noise, nm_patterns
+from sparsity.methods import gumbel as gumbel_mod
+from sparsity.methods.gumbel import MAX_PATTERNS, _gumbel_noise, counter_noise, nm_patterns
 from tests.conftest import TINY, densified_as_stock, tiny_model
 
 
@@ -361,3 +363,128 @@ def test_warns_at_the_end_when_logits_stayed_near_uniform(caplog):
         messages = [r.getMessage() for r in caplog.records]
         assert (len(messages) == 1 and "ended near uniform" in messages[0] and "init: magnitude" in messages[0]) \
             == warned, (init, messages)
+
+
+# ---- the CPU noise stream and the native kernels (sparsity/csrc/gumbel.c) ---------------------------------------
+needs_kernel = pytest.mark.skipif(native.status() != "loaded", reason=f"native kernel: {native.status()}")
+
+
+def _torch_path(monkeypatch):
+    """Run gumbel as if no C compiler were there: the torch noise and the torch sampled weight."""
+    monkeypatch.setattr(gumbel_mod, "_native_unit", lambda *a, **k: None)
+    monkeypatch.setattr(native, "gumbel_noise_native", lambda *a, **k: None)
+
+
+def test_counter_noise_is_standard_gumbel_and_a_function_of_the_index(monkeypatch):
+    _torch_path(monkeypatch)  # the definition; the native kernel is compared with it below
+    x = counter_noise(1 << 20, 11)
+    assert bool(torch.isfinite(x).all())
+    assert abs(float(x.mean()) - 0.5772157) < 0.01 and abs(float(x.var()) - math.pi ** 2 / 6) < 0.02
+    for q in (-1.0, 0.0, 1.0, 3.0):  # the CDF exp(-exp(-q))
+        assert abs(float((x <= q).float().mean()) - math.exp(-math.exp(-q))) < 0.002, q
+    other = counter_noise(1 << 20, 12)
+    assert abs(float(torch.corrcoef(torch.stack([x, other]))[0, 1])) < 0.005  # seeds give unrelated streams
+    assert torch.equal(counter_noise(10, 11, first=1000), x[1000:1010])  # any range, computed on its own
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed,first", [(0, 0), (5, 10_000_000), ((1 << 62) - 1, 3)])
+def test_native_noise_has_the_torch_streams_bits(seed, first, monkeypatch):
+    got = native.gumbel_noise_native(5000, seed, first)
+    _torch_path(monkeypatch)
+    assert torch.equal(got, counter_noise(5000, seed, first))
+
+
+_LAYERS = {  # (make, n, m, sparse_dim, tau, input shape)
+    "linear 2:4 tau 0.7": (lambda: nn.Linear(64, 16), 2, 4, "row", 0.7, (5, 64)),
+    "conv 2:4, 34 groups a row": (lambda: nn.Conv2d(136, 24, 3), 2, 4, "row", 1.0, (2, 136, 5, 5)),
+    "conv 1:4": (lambda: nn.Conv2d(32, 8, 3), 1, 4, "row", 1.3, (2, 32, 6, 6)),
+    "linear 1:8, two threads": (lambda: nn.Linear(1032, 300), 1, 8, "row", 1.0, (3, 1032)),
+    "linear 4:8, 70 patterns": (lambda: nn.Linear(64, 16), 4, 8, "row", 1.0, (5, 64)),
+    "linear 2:4 along out": (lambda: nn.Linear(64, 16), 2, 4, "col", 1.0, (5, 64)),
+}
+
+
+def _sampled_step(model, recipe, x):
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    ctl.step(3)
+    out = model(x)
+    (out.float() ** 2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    masks = {n: b.clone() for n, b in model.named_buffers() if n.endswith("weight_mask")}
+    return out.detach(), grads, masks
+
+
+@needs_kernel
+@pytest.mark.parametrize("trainable", ["all", "mask"])
+@pytest.mark.parametrize("case", list(_LAYERS))
+def test_native_sampled_weight_matches_the_torch_path(case, trainable, monkeypatch):
+    make, n, m, sparse_dim, tau, shape = _LAYERS[case]
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("layer", make())
+    recipe = _recipe([{"target": ["linear", "conv"], "n": n, "m": m, "sparse_dim": sparse_dim}], tau=tau,
+                     init="magnitude", trainable=trainable)
+    sparsity.sparsify_(model, recipe)
+    twin = copy.deepcopy(model)
+    x = torch.randn(*shape)
+    out, grads, masks = _sampled_step(model, recipe, x)
+    assert "GumbelNative" in type(model.layer.sparse_weight().grad_fn).__name__  # the kernel did run
+    _torch_path(monkeypatch)
+    ref_out, ref_grads, ref_masks = _sampled_step(twin, recipe, x)
+    assert torch.equal(out, ref_out)  # same noise, same patterns, same forward bits
+    assert all(torch.equal(masks[k], ref_masks[k]) for k in ref_masks)  # the controller's argmax masks
+    assert sorted(grads) == sorted(ref_grads) and ("layer.weight" in grads) == (trainable == "all")
+    for name, ref in ref_grads.items():  # the same gradients up to float rounding (exp, summation order)
+        assert torch.allclose(grads[name], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())), name
+
+
+@needs_kernel
+def test_native_gumbel_on_a_vit_with_qkv_thirds_and_dense_rows(monkeypatch):
+    """Units on the q and k thirds of a fused qkv (v rows stay dense) and on the MLP: the model's logits and every
+    gradient match the torch path."""
+    model = tiny_model("vit")
+    recipe = _recipe([{"target": ["q", "k", "ff"], "n": 2, "m": 4}], tau=0.8)
+    sparsity.sparsify_(model, recipe)
+    twin = copy.deepcopy(model)
+    model.train()
+    twin.train()
+    x = torch.randn(2, 3, 32, 32)
+    out, grads, masks = _sampled_step(model, recipe, x)
+    _torch_path(monkeypatch)
+    ref_out, ref_grads, ref_masks = _sampled_step(twin, recipe, x)
+    assert torch.allclose(out, ref_out, atol=1e-5)  # the same sampled weights; the attention's rounding differs
+    assert all(torch.equal(masks[k], ref_masks[k]) for k in ref_masks)
+    assert any("weight_logits_q" in k for k in grads) and sorted(grads) == sorted(ref_grads)
+    for name, ref in ref_grads.items():
+        assert torch.allclose(grads[name], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max())), name
+
+
+@needs_kernel
+def test_native_gumbel_gives_the_same_bits_on_any_thread_count():
+    model, recipe = _single(lambda: nn.Conv2d(136, 64, 3), tau=0.9, init="magnitude")
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 136, 5, 5)
+    assert torch.get_num_threads() == 2  # conftest; 117 k logits: both threads work
+    two = _sampled_step(model, recipe, x)
+    torch.set_num_threads(1)
+    try:
+        one = _sampled_step(twin, recipe, x)
+    finally:
+        torch.set_num_threads(2)
+    assert torch.equal(two[0], one[0])
+    assert all(torch.equal(two[1][k], one[1][k]) for k in one[1]) and all(
+        torch.equal(two[2][k], one[2][k]) for k in one[2])
+
+
+@needs_kernel
+def test_native_kernels_decline_what_they_do_not_take():
+    w, logits, table = torch.randn(8, 16), torch.randn(8, 4, 6), nm_patterns(2, 4)
+    assert native.GumbelUnit.create(w, logits, 1, table) is not None
+    assert native.GumbelUnit.create(w.bfloat16(), logits, 1, table) is None  # float32 only
+    assert native.GumbelUnit.create(w.t().contiguous().t(), logits, 1, table) is None  # not contiguous
+    assert native.GumbelUnit.create(w, logits[:, :3], 1, table) is None  # logits of another shape
+    assert native.GumbelUnit.create(torch.randn(8, 18), torch.randn(8, 4, 6), 1, table) is None  # 18 % 4
+    bad = native.GumbelUnit(8, 16, 1, torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="refused"):  # patterns keeping different counts: the C side says no
+        bad.forward(w, torch.randn(8, 4, 2), 0, 1.0)

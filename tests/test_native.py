@@ -11,6 +11,7 @@ import sparsity
 from sparsity import masks as M
 from sparsity import native
 from sparsity.bench_train import builtin_recipe
+from sparsity.methods.gumbel import nm_patterns as gumbel_patterns
 
 needs_kernel = pytest.mark.skipif(native.status() != "loaded", reason=f"native kernel: {native.status()}")
 
@@ -249,14 +250,15 @@ def test_copies_drop_the_caches():
 
 @needs_kernel
 def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
-    """The build without -fopenmp (compilers without OpenMP: pthreads) and without the AVX-512 streaming-store
-    paths (-DNM_NO_STREAMING: the plain C loops every other CPU runs) gives the same masks, forward weights and
-    supermask gradients."""
+    """The build without -fopenmp (compilers without OpenMP: pthreads) and without the AVX-512 paths
+    (-DNM_NO_STREAMING: the plain C loops every other CPU runs) gives the same masks, forward weights, supermask
+    gradients and gumbel samples, masks and gradients."""
     import ctypes
 
     monkeypatch.setenv("SPARSITY_CACHE_DIR", str(tmp_path))
     lib = ctypes.CDLL(str(native._compile(native._compiler(), [*native._FLAGS, "-DNM_NO_STREAMING"])))
-    for name in ("nm_keep", "tile_expand", "tile_backward", "srste_grad", "tile_topk"):
+    for name in ("nm_keep", "tile_expand", "tile_backward", "srste_grad", "tile_topk", "gumbel_forward",
+                 "gumbel_backward", "gumbel_argmax_mask", "gumbel_noise_range"):
         getattr(lib, name).argtypes = getattr(native.kernel(), name).argtypes
         getattr(lib, name).restype = ctypes.c_int
     gen = torch.Generator().manual_seed(5)
@@ -285,6 +287,17 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
         return keeps
 
     want_selected = selected()
+    gl_w, gl_g = torch.randn(64, 136, 3, 3, generator=gen), torch.randn(64, 136, 3, 3, generator=gen)
+    gl_logits = torch.randn(64, 3, 3, 34, 6, generator=gen)  # 34 groups a row: vectors of 16 and a tail
+    unit = native.GumbelUnit.create(gl_w, gl_logits, 1, gumbel_patterns(2, 4))
+
+    def gumbel():
+        out, s = unit.forward(gl_w, gl_logits, 17, 0.7)
+        mask = torch.empty(gl_w.shape, dtype=torch.bool)
+        assert unit.argmax_mask(gl_logits, mask)
+        return (out, s, mask, *unit.backward(gl_w, s, gl_g, 0.7, want_w=True))
+
+    want_gumbel = gumbel()
     monkeypatch.setattr(native, "_lib", lib)
     assert torch.get_num_threads() == 2  # conftest
     got = _run(ws, dims, 2, 4, 0.3)
@@ -293,6 +306,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(tiles(), want_tiles))
     assert torch.equal(native.srste_grad_native(gw, w, mw, 2e-4), want_srste)
     assert all(torch.equal(a, b) for a, b in zip(selected(), want_selected))
+    assert all(torch.equal(a, b) for a, b in zip(gumbel(), want_gumbel))
 
 
 @needs_kernel

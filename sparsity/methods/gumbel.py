@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import native
 from ..layers import MaskedMixin, SliceSpec, frozen_weight
 from ..masks import grouped_dim
 from ..recipe import Recipe, RecipeError, parse_dataclass
@@ -167,11 +168,71 @@ def _seed(noise_seed: int, global_step: int, layer_idx: int, unit: int) -> int:
 
 
 def _gumbel_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
-    """Gumbel(0, 1) noise -log(-log(u)) of a generator seeded with ``seed`` (computed in place: no temporaries)."""
+    """Gumbel(0, 1) noise -log(-log(u)) for the logits of one unit (a new float32 tensor of ``shape``).
+
+    On CPU it is the counter stream of ``seed`` (:func:`counter_noise`): logit number i gets the same value
+    whichever code computes it, the native forward and backward included, which recompute it instead of storing it.
+    On other devices: ``torch.rand`` from a generator of that device seeded with ``seed``.
+    """
+    if torch.device(device).type == "cpu":
+        return counter_noise(math.prod(shape), seed).view(shape)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     u = torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
     return u.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
+
+
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # SplitMix64's increment and multipliers
+_LOG_CONST = [float.fromhex(h) for h in ("0x1.62e3p-1", "0x1.2fefa2p-17", "0x1.555554p-1", "0x1.999c26p-2",
+                                         "0x1.23d3dcp-2", "0x1.f13c4cp-3")]  # exact float32 values
+_NOISE_CHUNK = 1 << 20
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _lsr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _log_pos(x: torch.Tensor) -> torch.Tensor:
+    """``log`` of positive normal float32 values by the operations ``csrc/gumbel.c``'s ``log_pos`` performs, in the
+    same order: the same bits (each op rounds once in both)."""
+    ln2_hi, ln2_lo, lg1, lg2, lg3, lg4 = _LOG_CONST
+    ix = x.view(torch.int32) + (0x3F800000 - 0x3F3504F3)
+    dk = ((ix >> 23) - 0x7F).to(torch.float32)
+    f = ((ix & 0x007FFFFF) + 0x3F3504F3).view(torch.float32) - 1.0
+    s = f / (f + 2.0)
+    z = s * s
+    w = z * z
+    r = z * (w * lg3 + lg1) + w * (w * lg4 + lg2)
+    hfsq = f * 0.5 * f
+    return s * (hfsq + r) + dk * ln2_lo - hfsq + f + dk * ln2_hi
+
+
+def counter_noise(numel: int, seed: int, first: int = 0) -> torch.Tensor:
+    """Gumbel noise of logit numbers ``[first, first + numel)`` of ``seed``'s counter stream (float32, CPU).
+
+    h_i = mix64(key + (i + 1) * 0x9E3779B97F4A7C15) with key = mix64(seed) and mix64 SplitMix64's finalizer;
+    u_i = ((h_i >> 41) + 0.5) / 2^23, exact and inside (0, 1); G_i = -log(-log(u_i)). The native kernel computes the
+    same bits; this torch version (int64 arithmetic wraps like uint64) serves where it is not built.
+    """
+    native_noise = native.gumbel_noise_native(numel, seed, first)
+    if native_noise is not None:
+        return native_noise
+    key, (gamma, m1, m2) = _signed(native.noise_key(seed)), map(_signed, _MIX)
+    out = torch.empty(numel, dtype=torch.float32)
+    for lo in range(0, numel, _NOISE_CHUNK):
+        z = torch.arange(first + lo + 1, first + min(numel, lo + _NOISE_CHUNK) + 1, dtype=torch.int64)
+        z = z * gamma + key
+        z = (z ^ _lsr(z, 30)) * m1
+        z = (z ^ _lsr(z, 27)) * m2
+        z = z ^ _lsr(z, 31)
+        u = (_lsr(z, 41).to(torch.float32) + 0.5) * 2.0 ** -23
+        out[lo:lo + z.numel()] = _log_pos(_log_pos(u).neg_()).neg_()
+    return out
 
 
 class _GumbelHard(torch.autograd.Function):
@@ -206,10 +267,51 @@ def _softmax_lastdim(s: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return e.div_(e.sum(dim=-1, keepdim=True))
 
 
-def _unit_mask(layer: MaskedMixin, spec: SliceSpec, logits: torch.Tensor, unit: int, sample: bool) -> torch.Tensor:
-    """E for one unit: hard pattern in the forward, straight-through gradient of the soft one to the logits."""
-    w = layer.weight[spec.start:spec.stop]
+class _GumbelNative(torch.autograd.Function):
+    """The sampled forward weight ``W * P[z]`` of one unit on CPU by ``csrc/gumbel.c``: the same noise (counter
+    stream), the same ``z`` and the same forward bits as :class:`_GumbelHard` times W, and the same gradients up to
+    float rounding, in one pass each way (the forward saves s = (logits + G) / tau for the backward)."""
+
+    @staticmethod
+    def forward(ctx, w, logits, unit: native.GumbelUnit, seed: int, tau: float):
+        out, s = unit.forward(w, logits, seed, tau)
+        ctx.save_for_backward(w, s)
+        ctx.unit, ctx.tau = unit, tau
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, s = ctx.saved_tensors
+        dlogits, dw = ctx.unit.backward(w, s, grad, ctx.tau, want_w=ctx.needs_input_grad[0])
+        return dw, dlogits if ctx.needs_input_grad[1] else None, None, None, None
+
+
+_UNITS: dict[tuple, native.GumbelUnit | None] = {}
+
+
+def _native_unit(w: torch.Tensor, logits: torch.Tensor, spec: SliceSpec) -> native.GumbelUnit | None:
+    """The native kernels for this unit (cached per geometry), or None where they do not apply."""
+    if w.device.type != "cpu":
+        return None
+    key = (tuple(w.shape), spec.sparse_dim, spec.n, spec.m, w.dtype, logits.dtype, w.is_contiguous(),
+           logits.is_contiguous())
+    if key not in _UNITS:
+        _UNITS[key] = native.GumbelUnit.create(w, logits, grouped_dim(w, spec.sparse_dim),
+                                               _typed_patterns(spec.n, spec.m, w.device, torch.uint8))
+    return _UNITS[key]
+
+
+def _unit_weight(layer: MaskedMixin, spec: SliceSpec, logits: torch.Tensor, unit: int, sample: bool) -> torch.Tensor:
+    """W~ of one unit's rows: W * E, E the hard pattern, its straight-through gradient of the soft one reaching the
+    logits."""
+    w = layer.weight
+    if (spec.start, spec.stop) != (0, w.shape[0]):
+        w = w[spec.start:spec.stop]  # a slice's backward writes a zero weight-sized gradient first: only when needed
     tau = layer.gumbel_tau
+    if sample:
+        kernels = _native_unit(w, logits, spec)
+        if kernels is not None:
+            return _GumbelNative.apply(w, logits, kernels, layer.gumbel_seed + unit, tau)
     with torch.no_grad():
         if sample:  # (G + logits) / tau, in place on the fresh noise tensor
             s = _gumbel_noise(logits.shape, layer.gumbel_seed + unit, logits.device).add_(logits)
@@ -218,10 +320,10 @@ def _unit_mask(layer: MaskedMixin, spec: SliceSpec, logits: torch.Tensor, unit: 
         else:
             s = logits.float() / tau
     if logits.requires_grad and torch.is_grad_enabled():
-        hard = _GumbelHard.apply(logits, s, _typed_patterns(spec.n, spec.m, s.device, w.dtype), layer.gumbel_tau)
+        hard = _GumbelHard.apply(logits, s, _typed_patterns(spec.n, spec.m, s.device, w.dtype), tau)
     else:
         hard = _pattern_rows(s.argmax(dim=-1), spec, w.dtype)
-    return _ungroup(hard, w.shape, grouped_dim(w, spec.sparse_dim))
+    return w * _ungroup(hard, w.shape, grouped_dim(w, spec.sparse_dim))
 
 
 @torch.compiler.disable
@@ -237,15 +339,15 @@ def gumbel_weight(layer: MaskedMixin) -> torch.Tensor:
     if mode == "frozen" or not layer.training:
         return frozen_weight(layer)  # W * weight_mask (the argmax pattern), gradient g * E
     w = layer.weight
-    parts, row = [], 0
+    pieces, row = [], 0
     for unit, (spec, name) in enumerate(zip(layer.slices, layer.logit_names)):
         if spec.start > row:
-            parts.append(torch.ones_like(w[row:spec.start]))
-        parts.append(_unit_mask(layer, spec, getattr(layer, name), unit, sample=mode == "sample"))
+            pieces.append(w[row:spec.start])  # rows no unit covers stay dense
+        pieces.append(_unit_weight(layer, spec, getattr(layer, name), unit, sample=mode == "sample"))
         row = spec.stop
     if row < w.shape[0]:
-        parts.append(torch.ones_like(w[row:]))
-    return w * (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
+        pieces.append(w[row:])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
 
 def _fill_missing_logits(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -349,8 +451,10 @@ class GumbelMethod(SparsityMethod):
     @torch.no_grad()
     def _set_argmax_masks(self) -> None:
         for _, layer, spec, name in self._units():
-            w = layer.weight[spec.start:spec.stop]
-            layer.weight_mask[spec.start:spec.stop] = _argmax_mask(w, getattr(layer, name), spec)
+            w, logits = layer.weight[spec.start:spec.stop], getattr(layer, name)
+            kernels = _native_unit(w, logits, spec)
+            if kernels is None or not kernels.argmax_mask(logits, layer.weight_mask[spec.start:spec.stop]):
+                layer.weight_mask[spec.start:spec.stop] = _argmax_mask(w, logits, spec)
 
     @torch.no_grad()
     def step(self, global_step: int) -> None:
