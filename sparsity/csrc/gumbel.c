@@ -236,12 +236,13 @@ INLINE void row_backward(const gumbel_args *g, int64_t a, int64_t t, const int m
     float *restrict dw = g->dw ? g->dw + a * g->C * T + t : NULL;
     const uint8_t *restrict table = g->table, *restrict kept = g->kept;
     const float tau = g->tau;
-    float e[CH * GUMBEL_MAX_K], top[CH], gw[CH * 64];
+    /* per logit: e (exp, then p), dy (then dlogits), and the group's sum or dot spread over its K logits, so that
+     * the divisions and products run as flat vector loops */
+    float e[CH * GUMBEL_MAX_K], dy[CH * GUMBEL_MAX_K], spread[CH * GUMBEL_MAX_K], top[CH], gw[CH * 64];
     int32_t z[CH];
     for (int64_t g0 = 0; g0 < G; g0 += CH) {
         const int64_t ng = G - g0 < CH ? G - g0 : CH, len = ng * K;
         const float *restrict sv = g->s + row + g0 * K;
-        float dl[CH * GUMBEL_MAX_K];
         argmax_groups(sv, ng, K, z, top);
         for (int64_t q = 0; q < ng; q++)
             for (int k = 0; k < K; k++) e[q * K + k] = sv[q * K + k] - top[q];
@@ -251,19 +252,25 @@ INLINE void row_backward(const gumbel_args *g, int64_t a, int64_t t, const int m
             for (int j = 0; j < m; j++) gw[q * m + j] = gr[e0 + j * T] * w[e0 + j * T];
         }
         for (int64_t q = 0; q < ng; q++) {
-            float sum = 0.0f, dot = 0.0f, dy[GUMBEL_MAX_K];
+            float sum = 0.0f;
             for (int k = 0; k < K; k++) sum += e[q * K + k];
             for (int k = 0; k < K; k++) {
                 float acc = 0.0f;
                 for (int i = 0; i < n; i++) acc += gw[q * m + kept[k * n + i]];
-                const float p = e[q * K + k] / sum;
-                e[q * K + k] = p;
-                dy[k] = acc;
-                dot += p * acc;
+                dy[q * K + k] = acc;
+                spread[q * K + k] = sum;
             }
-            for (int k = 0; k < K; k++) dl[q * K + k] = e[q * K + k] * (dy[k] - dot) / tau;
         }
-        stream_out(g->dlogits + row + g0 * K, dl, len);
+        for (int64_t j = 0; j < len; j++) e[j] = e[j] / spread[j]; /* p = softmax(s) */
+        for (int64_t q = 0; q < ng; q++) {
+            float dot = 0.0f;
+            for (int k = 0; k < K; k++) dot += e[q * K + k] * dy[q * K + k];
+            for (int k = 0; k < K; k++) spread[q * K + k] = dot;
+        }
+        for (int64_t j = 0; j < len; j++) dy[j] = e[j] * (dy[j] - spread[j]);
+        if (tau != 1.0f) /* x / 1 is x: the division only where it changes something */
+            for (int64_t j = 0; j < len; j++) dy[j] = dy[j] / tau;
+        stream_out(g->dlogits + row + g0 * K, dy, len);
         if (dw)
             for (int64_t q = 0; q < ng; q++) {
                 const uint8_t *keep = table + z[q] * m;
