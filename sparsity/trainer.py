@@ -511,7 +511,9 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             # Every epoch starts from its own seed, so its loader order does not depend on earlier epochs; a
             # mid-epoch resume replays that order, skips the finished batches, then restores the saved RNG state.
             _seed_all(args.seed + 1000 * (epoch + 1) + dist.rank)
-            if dist.distributed and hasattr(loader_train.sampler, "set_epoch"):
+            if hasattr(loader_train.dataset, "set_epoch"):  # as timm: its iterable readers (wds/, tfds/, hfids/)
+                loader_train.dataset.set_epoch(epoch)         # shuffle their shards per epoch
+            elif dist.distributed and hasattr(loader_train.sampler, "set_epoch"):
                 loader_train.sampler.set_epoch(epoch)
             rng_at_resume = _resume_rng(resume, dist) if (skip and resume is not None) else None
             train_metrics = train_one_epoch(

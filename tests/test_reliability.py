@@ -656,3 +656,29 @@ def test_sigterm_to_the_process_group_stops_gracefully_with_loader_workers(tmp_p
                       "--resume", "auto", "--epochs", "200"], env={"SPARSITY_FAULT": f"sigterm:{step + 2}"})
     assert resumed.returncode == 143 and f"resuming from {tmp_path / 'run' / 'recovery.pth.tar'}" in resumed.stdout
     assert torch.load(tmp_path / "run" / "recovery.pth.tar", weights_only=True)["global_step"] == step + 2
+
+
+def test_a_dataset_with_set_epoch_hears_every_epoch_also_after_a_resume(tmp_path, monkeypatch):
+    """timm's iterable readers (wds/, tfds/, hfids/) reshuffle their shards in ``set_epoch``: train.py calls it at
+    the start of every epoch, as timm's does, a resumed run included (with the epoch it resumes at)."""
+    import sparsity.trainer as trainer
+    from sparsity.data import DigitsDataset
+
+    heard = []
+
+    class Epochs(DigitsDataset):
+        def set_epoch(self, epoch):
+            heard.append(("train", epoch))
+
+    real = trainer.build_dataset
+    monkeypatch.setattr(trainer, "build_dataset", lambda name, *a, **k: Epochs(
+        "train", img_size=32) if a[2] else real(name, *a, **k))
+    cfg = _cfg(tmp_path, {"method": "ste", "rules": [{"target": "ff", "n": 2, "m": 4}]}, epochs=3)
+    common = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "e"]
+    monkeypatch.setenv("SPARSITY_FAULT", "sigterm:7")  # 5 steps an epoch: stopped inside epoch 1
+    assert run_cli(train.main, common) != 0
+    assert heard == [("train", 0), ("train", 1)]
+    heard.clear()
+    monkeypatch.delenv("SPARSITY_FAULT")
+    assert run_cli(train.main, [*common, "--resume", "auto"]) == 0
+    assert heard == [("train", 1), ("train", 2)]  # the resumed epoch hears its number again
