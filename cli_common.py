@@ -100,7 +100,44 @@ TIMM_ONLY = {
     "--use-multi-epochs-loader": "not implemented", "--fuser": "not implemented", "--fast-norm": "not implemented",
     "--head-init-scale": "not implemented", "--head-init-bias": "not implemented",
     "--torchscript": "not implemented: use --torchcompile",
+    "--no-ddp-bb": "not implemented: DDP broadcasts the buffers (batch-norm statistics) from rank 0, timm's default",
+    "--synchronize-step": "not needed: a step's timings and the log already wait for the device",
 }
+
+#: timm train.py settings (argparse dests) this train.py does not take, with timm's defaults: a timm run's
+#: ``args.yaml`` lists every one, so such a file is accepted as ``--config`` when they hold these values (or none)
+TIMM_DEFAULTS = {
+    "data": None, "class_map": "", "gp": None, "in_chans": None, "input_size": None, "fuser": "", "fast_norm": False,
+    "head_init_scale": None, "head_init_bias": None, "torchscript": False, "epoch_repeats": 0.0, "start_epoch": None,
+    "aug_splits": 0, "jsd_loss": False, "drop_connect": None, "bn_momentum": None, "bn_eps": None,
+    "split_bn": False, "model_ema_force_cpu": False, "worker_seeding": "all", "save_images": False,
+    "amp_impl": "native", "no_ddp_bb": False, "synchronize_step": False, "no_prefetcher": False, "tta": 0,
+    "local_rank": 0, "use_multi_epochs_loader": False, "model_dtype": None, "train_num_samples": None,
+    "val_num_samples": None,
+}
+
+
+def _timm_key(key: str, value, cfg: dict, path: str) -> bool:
+    """True when ``key`` of a config file is a timm train.py setting this train.py does not take that can be dropped
+    (timm's default, or a ``data`` path moved to ``data_dir`` as timm does); a ConfigError when it asks for something
+    not done here; False when it is no timm setting at all."""
+    flag = "--" + key.replace("_", "-")
+    if key == "config":  # timm's args.yaml records the file it was made from: its settings are already here
+        return True
+    if key not in TIMM_DEFAULTS and flag not in TIMM_ONLY and f"--{key}" not in TIMM_ONLY:
+        return False
+    if key == "data" and value:  # timm's deprecated positional data dir
+        if cfg.get("data_dir") not in (None, "", value):
+            raise ConfigError(f"{path} gives both 'data: {value}' and 'data_dir: {cfg['data_dir']}' (timm's old and "
+                              "new name of the data dir); keep data_dir")
+        cfg["data_dir"] = value
+        return True
+    if value == TIMM_DEFAULTS.get(key) or value in (None, False, "", 0, [], {}):
+        return True
+    reason = TIMM_ONLY.get(flag) or TIMM_ONLY.get(f"--{key}") or "not implemented"
+    default = TIMM_DEFAULTS.get(key)
+    raise ConfigError(f"'{key}: {value}' in {path} is a timm train.py setting not taken here: {reason}; remove the "
+                      f"key (a timm args.yaml is accepted when such keys keep timm's default, {default!r})")
 
 
 def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -138,11 +175,18 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
     if known.config:
         cfg = load_yaml(known.config)
         actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        timm_file = sum(key in TIMM_DEFAULTS for key in cfg) >= 5  # a timm run's args.yaml
         for key in list(cfg):
             if key in nested:
                 blocks[key] = cfg.pop(key)
                 continue
             if key in ignore and key not in actions:
+                del cfg[key]
+                continue
+            if key not in actions and _timm_key(key, cfg[key], cfg, known.config):
+                del cfg[key]
+                continue
+            if key == "output" and cfg[key] == "" and timm_file:  # timm's default: its ./output/train; ours here
                 del cfg[key]
                 continue
             if key not in actions:

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not erase the first augmentation split")
     g.add_argument("--mixup", type=float, default=0.0)
     g.add_argument("--cutmix", type=float, default=0.0)
+    g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="cutmix box size as a fraction of the image, drawn in [MIN, MAX] (turns cutmix on, as timm)")
     g.add_argument("--mixup-prob", type=float, default=1.0)
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", type=str, default="batch")

@@ -385,10 +385,11 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                 load_bn_stats(model_ema.module, bn_ranks[dist.rank].get("ema", {}))
 
     mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0:
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         from timm.data import Mixup
 
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob,
                          switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
                          num_classes=num_classes)
     train_loss_fn, val_loss_fn = _loss_fns(args, mixup_fn is not None)

@@ -700,3 +700,54 @@ def test_timm_augmentation_flags_reach_the_loader(tmp_path):
     from sparsity.data import _posterize
 
     assert _posterize(Image.new("L", (2, 2), 200), 3).getextrema() == (192, 192)
+
+
+def test_a_timm_args_yaml_plus_a_sparsity_block_is_a_config(tmp_path, capsys, monkeypatch):
+    """A timm run's args.yaml lists every timm train.py setting. With a sparsity: block added it runs as --config:
+    timm's values (sgd, lr_base 0.1, smoothing 0.1, weight decay 2e-5, checkpoint_hist 10, its RandAugment, mixup and
+    cutmix with --cutmix-minmax) are the run's; the timm settings not taken here are dropped at timm's defaults and
+    refused, naming the key and why, when set; timm's output '' is ours (output)."""
+    import timm.data
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        for c in range(2):
+            d = tmp_path / "data" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (36, 36), color=(120 * c, 30 * i, 90)).save(d / f"{i}.png")
+    timm_args = yaml.safe_load((ROOT / "tests" / "data" / "timm_args.yaml").read_text())
+    assert timm_args["jsd_loss"] is False and timm_args["output"] == "" and timm_args["no_prefetcher"] is False
+    timm_args.update(model="resnet10t", model_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8}, epochs=1,
+                     batch_size=4, workers=0, img_size=32, amp=False, model_ema=False, channels_last=False,
+                     data_dir=str(tmp_path / "data"), cutmix_minmax=[0.3, 0.6],
+                     sparsity={"method": "ste", "rules": [{"target": "stem", "skip": True},
+                                                         {"target": "conv", "n": 2, "m": 4}]})
+    cfg = tmp_path / "args.yaml"
+    cfg.write_text(yaml.safe_dump(timm_args))
+    assert run_cli(train.main, ["--config", str(cfg), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["output"] == "output" and printed["dataset"] == "" and printed["opt"] == "sgd"
+    minmax = []
+    real = timm.data.Mixup.__init__
+    monkeypatch.setattr(timm.data.Mixup, "__init__", lambda self, **kw: (minmax.append(kw["cutmix_minmax"]),
+                                                                         real(self, **kw))[1])
+    assert run_cli(train.main, ["--config", str(cfg), "--output", str(tmp_path), "--warmup-epochs", "0"]) == 0
+    run = yaml.safe_load((tmp_path / "resnet50-a" / "args.yaml").read_text())
+    assert (run["opt"], run["lr_base"], run["smoothing"], run["weight_decay"], run["checkpoint_hist"], run["aa"]) == \
+        ("sgd", 0.1, 0.1, 2e-5, 10, "rand-m7-mstd0.5-inc1")
+    assert minmax == [[0.3, 0.6]] and run["sparsity"]["method"] == "ste"
+    with open(tmp_path / "resnet50-a" / "sparsity_report.csv") as f:
+        report = list(csv.DictReader(f))
+    assert len(report) >= 8 and all(r["pattern"] == "conv=2:4" and r["conforms"] == "True" for r in report)
+    for key, value, why in [("jsd_loss", True, "AugMix"), ("no_ddp_bb", True, "broadcasts"),
+                            ("worker_seeding", "part", "not implemented")]:
+        bad = tmp_path / f"{key}.yaml"
+        bad.write_text(yaml.safe_dump({**timm_args, key: value}))
+        assert run_cli(train.main, ["--config", str(bad), "--print-config"]) == cli_common.USER_ERROR_EXIT
+        err = capsys.readouterr().err
+        assert f"'{key}: {value}'" in err and why in err and "timm train.py setting" in err, err
+    old = tmp_path / "old.yaml"  # timm's deprecated positional data dir: its data_dir
+    old.write_text(yaml.safe_dump({**timm_args, "data": str(tmp_path / "data"), "data_dir": None}))
+    assert run_cli(train.main, ["--config", str(old), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data_dir"] == str(tmp_path / "data")
