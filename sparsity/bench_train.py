@@ -23,6 +23,7 @@ from torch import nn
 
 from .controller import SparsityController
 from .engine import _autocast
+from .layers import to_channels_last
 from .optim import create_optimizer
 from .recipe import Recipe, recipe_from_dict
 from .report import overall_sparsity
@@ -94,7 +95,7 @@ class _Variant:
         model = sparsify_(copy.deepcopy(base), recipe)
         model.to(s.device)
         if s.channels_last:
-            model.to(memory_format=torch.channels_last)
+            to_channels_last(model)
         model.train()
         self.model = model
         self.ctl = SparsityController(model, recipe, total_steps=s.total_steps,
@@ -370,7 +371,7 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
     torch.manual_seed(0)
     model = timm.create_model(model_name, **(model_kwargs or {})).to(device)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     rows = []
     status = rank_kernel_status()
     for n, m in patterns:

@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = [
     "SliceSpec", "MaskedMixin", "MaskedLinear", "MaskedConv2d", "masked_modules", "MASKED_TYPES", "frozen_weight",
-    "uncovered_rows", "loss_scale", "current_loss_scale", "current_loss_divisor", "layer_kind",
+    "uncovered_rows", "loss_scale", "current_loss_scale", "current_loss_divisor", "layer_kind", "to_channels_last",
 ]
 
 
@@ -338,6 +338,12 @@ class _FrozenWeight(torch.autograd.Function):
 def frozen_weight(layer: MaskedMixin) -> torch.Tensor:
     """``weight_fn`` for a fixed binary mask: W * E with gradient g * E."""
     return _FrozenWeight.apply(layer.weight, layer.mask_factor())
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model.to(memory_format=torch.channels_last)`` for the 4-D parameters and buffers only: torch's conversion
+    also takes every 5-D tensor and fails on them (gumbel's conv logits are (O, kh, kw, groups, K))."""
+    return model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
 
 
 def uncovered_rows(spans, rows: int) -> list[tuple[int, int]]:

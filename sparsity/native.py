@@ -299,23 +299,34 @@ def srste_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tens
 class GumbelUnit:
     """``csrc/gumbel.c`` for one gumbel unit: its weight rows seen as an (A, C, T) block grouped by ``m`` along C,
     its logits (A, T, C / m, K) and the (K, m) pattern table. Use :meth:`create`, which declines what the kernels
-    do not take (not float32 on CPU, not contiguous, more than 70 patterns, m over 64, no kernel library)."""
+    do not take (not float32 on CPU, neither contiguous nor a channels-last conv weight grouped along its input
+    channels, more than 70 patterns, m over 64, no kernel library). A unit keeps the library it was made with, so a
+    forward's backward runs on it whatever happens to :func:`kernel` in between."""
 
-    def __init__(self, a: int, c: int, t: int, table: torch.Tensor) -> None:
+    def __init__(self, a: int, c: int, t: int, table: torch.Tensor, lib: ctypes.CDLL,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.a, self.c, self.t = a, c, t
         self.k, self.m = table.shape
         self.table = table.to(torch.uint8).contiguous()
+        self.lib, self.memory_format = lib, memory_format
 
     @classmethod
     def create(cls, w: torch.Tensor, logits: torch.Tensor, dim: int, table: torch.Tensor) -> GumbelUnit | None:
-        a, c = math.prod(w.shape[:dim]), w.shape[dim]
-        t = math.prod(w.shape[dim + 1:])
         k, m = table.shape
         if not (w.dtype == logits.dtype == torch.float32 and w.device.type == logits.device.type == "cpu"
-                and w.is_contiguous() and logits.is_contiguous() and k <= 70 and m <= 64 and c % m == 0
-                and logits.numel() == a * t * (c // m) * k) or kernel() is None:
+                and logits.is_contiguous() and k <= 70 and m <= 64 and w.shape[dim] % m == 0):
             return None
-        return cls(a, c, t, table)
+        if w.is_contiguous():
+            a, c, t, fmt = math.prod(w.shape[:dim]), w.shape[dim], math.prod(w.shape[dim + 1:]), torch.contiguous_format
+        elif w.dim() == 4 and dim == 1 and w.is_contiguous(memory_format=torch.channels_last):
+            # (O, kh, kw, I) in memory: input channels are the innermost run, the logits' own order
+            a, c, t, fmt = w.shape[0] * w.shape[2] * w.shape[3], w.shape[1], 1, torch.channels_last
+        else:
+            return None
+        lib = kernel()
+        if lib is None or logits.numel() != a * t * (c // m) * k:
+            return None
+        return cls(a, c, t, table, lib, fmt)
 
     def _geometry(self) -> tuple:
         return self.a, self.c, self.t, self.m, self.k, self.table.data_ptr()
@@ -323,8 +334,8 @@ class GumbelUnit:
     def forward(self, w: torch.Tensor, logits: torch.Tensor, seed: int, tau: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(``W * P[argmax s]``, s = ``(logits + G) / tau``) with the counter noise of ``seed`` (new tensors)."""
-        out, s = torch.empty_like(w), torch.empty_like(logits)
-        rc = kernel().gumbel_forward(*self._geometry(), w.data_ptr(), logits.data_ptr(), out.data_ptr(),
+        out, s = torch.empty_like(w), torch.empty_like(logits)  # out in w's memory format
+        rc = self.lib.gumbel_forward(*self._geometry(), w.data_ptr(), logits.data_ptr(), out.data_ptr(),
                                      s.data_ptr(), noise_key(seed), tau, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"gumbel_forward refused its arguments (rc {rc})")
@@ -334,10 +345,10 @@ class GumbelUnit:
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(dL/dlogits through the soft sample, ``g * P[z]`` when ``want_w``) from the forward's ``s`` and the
         gradient ``grad`` of its output."""
-        grad = grad.contiguous()
+        grad = grad.contiguous(memory_format=self.memory_format)
         dlogits = torch.empty_like(s)
         dw = torch.empty_like(w) if want_w else None
-        rc = kernel().gumbel_backward(*self._geometry(), w.data_ptr(), s.data_ptr(), grad.data_ptr(),
+        rc = self.lib.gumbel_backward(*self._geometry(), w.data_ptr(), s.data_ptr(), grad.data_ptr(),
                                       dlogits.data_ptr(), 0 if dw is None else dw.data_ptr(), tau,
                                       torch.get_num_threads())
         if rc != 0:
@@ -345,10 +356,12 @@ class GumbelUnit:
         return dlogits, dw
 
     def argmax_mask(self, logits: torch.Tensor, mask: torch.Tensor) -> bool:
-        """Write ``P[argmax logits]`` into ``mask`` (bool, contiguous, the weight's shape); False if not taken."""
-        if not (mask.dtype == torch.bool and mask.is_contiguous() and mask.device.type == "cpu"):
+        """Write ``P[argmax logits]`` into ``mask`` (bool, the weight's shape and memory format); False if not
+        taken."""
+        if not (mask.dtype == torch.bool and mask.device.type == "cpu"
+                and mask.is_contiguous(memory_format=self.memory_format)):
             return False
-        rc = kernel().gumbel_argmax_mask(*self._geometry(), logits.data_ptr(), mask.data_ptr(),
+        rc = self.lib.gumbel_argmax_mask(*self._geometry(), logits.data_ptr(), mask.data_ptr(),
                                          torch.get_num_threads())
         if rc == 0:
             increment_version(mask)

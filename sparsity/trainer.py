@@ -31,7 +31,7 @@ from .engine import NonFiniteLossError, TrainState, evaluate, mean_lr, train_one
 from .errors import TrainingError, UserError
 from .factory import check_input_size, create_model, set_grad_checkpointing
 from .faults import fault_loss, fault_matches, inject_fault
-from .layers import masked_modules
+from .layers import masked_modules, to_channels_last
 from .optim import check_optimizer, create_optimizer
 from .recipe import plain, recipe_from_dict
 from .report import sparsity_report, target_problem
@@ -278,7 +278,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                               "and process count")
     model.to(dist.device)
     if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     check_input_size(model, data_cfg["input_size"], args.model, dist.device, args.channels_last, args.batch_size)
     if args.grad_checkpointing:
         set_grad_checkpointing(model, args.model, dist.is_main)

@@ -485,6 +485,59 @@ def test_native_kernels_decline_what_they_do_not_take():
     assert native.GumbelUnit.create(w.t().contiguous().t(), logits, 1, table) is None  # not contiguous
     assert native.GumbelUnit.create(w, logits[:, :3], 1, table) is None  # logits of another shape
     assert native.GumbelUnit.create(torch.randn(8, 18), torch.randn(8, 4, 6), 1, table) is None  # 18 % 4
-    bad = native.GumbelUnit(8, 16, 1, torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.uint8))
+    bad = native.GumbelUnit(8, 16, 1, torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.uint8), native.kernel())
     with pytest.raises(RuntimeError, match="refused"):  # patterns keeping different counts: the C side says no
         bad.forward(w, torch.randn(8, 4, 2), 0, 1.0)
+
+
+@needs_kernel
+def test_native_gumbel_takes_channels_last_conv_weights(monkeypatch):
+    """A channels-last conv weight is (O, kh, kw, I) in memory, input channels innermost: the kernels run on it as
+    is (the gradient handed back in the weight's format), with the torch path's results."""
+    model, recipe = _single(lambda: nn.Conv2d(136, 24, 3), tau=0.8, init="magnitude")
+    sparsity.layers.to_channels_last(model)
+    w = model.layer.weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert model.layer.weight_logits.dim() == 5  # left as it was: torch's own conversion fails on it
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 136, 5, 5).contiguous(memory_format=torch.channels_last)
+    out, grads, masks = _sampled_step(model, recipe, x)
+    assert "GumbelNative" in type(model.layer.sparse_weight().grad_fn).__name__
+    assert grads["layer.weight"].is_contiguous(memory_format=torch.channels_last)
+    _torch_path(monkeypatch)
+    ref_out, ref_grads, ref_masks = _sampled_step(twin, recipe, x)
+    assert torch.equal(out, ref_out) and all(torch.equal(masks[k], ref_masks[k]) for k in ref_masks)
+    for name, ref in ref_grads.items():
+        assert torch.allclose(grads[name], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())), name
+
+
+@needs_kernel
+def test_a_forward_made_on_the_kernel_finishes_its_backward_without_it(monkeypatch):
+    """The kernel library going away between a forward and its backward (as the torch-only fixtures do) leaves that
+    backward on the library the forward used; the next forward takes the torch path."""
+    model, recipe = _single(lambda: nn.Linear(64, 16), init="magnitude")
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10)
+    ctl.step(3)
+    out = model(torch.randn(4, 64))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_status", "disabled for this test")
+    out.square().sum().backward()
+    assert model.layer.weight_logits.grad is not None and bool(torch.isfinite(model.layer.weight_logits.grad).all())
+    ctl.step(4)  # the argmax masks from torch ops
+    assert "GumbelNative" not in type(model.layer.sparse_weight().grad_fn).__name__
+
+
+@needs_kernel
+def test_a_nan_logit_makes_its_groups_gradient_nan_as_in_the_torch_path(monkeypatch):
+    model, recipe = _single(lambda: nn.Linear(16, 2), init="magnitude")
+    with torch.no_grad():
+        model.layer.weight_logits[0, 1, 2] = float("nan")
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 16)
+    _, grads, _ = _sampled_step(model, recipe, x)
+    _torch_path(monkeypatch)
+    _, ref_grads, _ = _sampled_step(twin, recipe, x)
+    got, ref = grads["layer.weight_logits"], ref_grads["layer.weight_logits"]
+    assert torch.equal(got.isnan(), ref.isnan()) and bool(got[0, 1].isnan().all())
+    finite = ~ref.isnan()
+    assert torch.allclose(got[finite], ref[finite], rtol=1e-5, atol=1e-7)

@@ -289,9 +289,10 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
     want_selected = selected()
     gl_w, gl_g = torch.randn(64, 136, 3, 3, generator=gen), torch.randn(64, 136, 3, 3, generator=gen)
     gl_logits = torch.randn(64, 3, 3, 34, 6, generator=gen)  # 34 groups a row: vectors of 16 and a tail
-    unit = native.GumbelUnit.create(gl_w, gl_logits, 1, gumbel_patterns(2, 4))
 
     def gumbel():
+        unit = native.GumbelUnit.create(gl_w, gl_logits, 1, gumbel_patterns(2, 4))  # on the library in force
+        assert unit.lib is native.kernel()
         out, s = unit.forward(gl_w, gl_logits, 17, 0.7)
         mask = torch.empty(gl_w.shape, dtype=torch.bool)
         assert unit.argmax_mask(gl_logits, mask)

@@ -448,3 +448,20 @@ def test_print_config_of_a_torchrun_recipe_on_one_process(capsys):
     cfg = Path(__file__).resolve().parents[1] / "configs/imagenet/vit_b16/supermask/linear_90_tile64.yaml"
     assert run_cli(train.main, ["--config", str(cfg), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["aug_repeats"] == 3
+
+
+@pytest.mark.parametrize("method", ["ste", "gumbel"])
+def test_channels_last_trains_every_method_layout(tmp_path, method):
+    """--channels-last converts the 4-D weights and masks only: gumbel's conv logits are 5-D, which torch's own
+    model.to(memory_format=channels_last) refuses ("required rank 4 tensor")."""
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump({"sparsity": {"method": method, "rules": [
+        {"target": "stem", "skip": True}, {"target": "conv", "n": 2, "m": 4}]}}))
+    args = ["--config", str(cfg), "--model", "resnet10t", "--model-kwargs", "channels=[8,16,32,64]",
+            "stem_width=8", *FAST, "--epochs", "1", "--channels-last", "--output", str(tmp_path), "--experiment", "c"]
+    assert run_cli(train.main, args) == 0
+    ck = torch.load(tmp_path / "c" / "last.pth.tar", weights_only=True)
+    logits = [v for k, v in ck["state_dict"].items() if "weight_logits" in k]
+    assert (len(logits) > 0 and all(v.dim() == 5 for v in logits)) == (method == "gumbel")
+    with open(tmp_path / "c" / "sparsity_report.csv") as f:
+        assert all(r["conforms"] == "True" for r in csv.DictReader(f))

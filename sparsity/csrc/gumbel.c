@@ -82,10 +82,11 @@ static void gumbel_noise(float *restrict noise, uint64_t key, int64_t first, int
 }
 
 /* exp(x) for x <= 0 (a softmax shifted by its maximum): 2^k * e^r with |r| <= ln2 / 2 and a degree-7 polynomial
- * (relative error about 2e-7); below -87 the result is exp(-87), about 1.6e-38, where the exact one underflows.
- * Branch free (vectorizes; the build's -fno-trapping-math lets the compiler turn the clamp into a select) */
+ * (relative error about 2e-7); below -87 (-inf included) the result is exp(-87), about 1.6e-38, where the exact one
+ * underflows; NaN stays NaN (a NaN or infinite logit makes its group's gradient NaN, as in the torch path). Branch
+ * free (vectorizes; the build's -fno-trapping-math lets the compiler turn the selects into blends) */
 static inline float exp_nonpos(float x) {
-    const float c = x > -87.0f ? x : -87.0f;
+    const float c = x < -87.0f ? -87.0f : (x == x ? x : 0.0f); /* NaN: computed as 0, returned as NaN below */
     const int32_t ki = (int32_t)(0.5f - c * 1.44269504089f); /* round(-c / ln2), c <= 0 */
     const float k = (float)-ki;
     const float r = c - k * 0.693359375f + k * 2.12194440e-4f; /* c - k ln2 in two parts */
@@ -96,7 +97,8 @@ static inline float exp_nonpos(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    return p * bits_f((uint32_t)(127 - ki) << 23);
+    const float y = p * bits_f((uint32_t)(127 - ki) << 23);
+    return x == x ? y : x;
 }
 
 typedef struct {
@@ -111,7 +113,7 @@ typedef struct {
     uint8_t kept[GUMBEL_MAX_K * 64]; /* kept positions of pattern k: kept[k * n + i], i < n */
 } gumbel_args;
 
-#define CH 128 /* groups per chunk: the stack buffers hold CH * K floats */
+#define CH 64 /* groups per chunk: the stack buffers hold CH * K floats (about 70 kB per thread in all) */
 #define INLINE static inline __attribute__((always_inline))
 
 /* dst[0..len) = src: s and dlogits are logit-sized and read again only after the rest of the pass (the backward,

@@ -16,8 +16,10 @@ mask       ``weight_mask`` always holds the argmax pattern of the current logits
            use); ``finalize()`` fixes it
 =========  ==================================================================================================
 
-The Gumbel noise of step k is drawn from a generator seeded by (``noise_seed``, k, layer, unit), not from the
-global RNG: the same step gives the same sample after a resume and metrics/eval never perturb training's RNG.
+The Gumbel noise of step k is a function of (``noise_seed``, k, layer, unit), not of the global RNG: the same step
+gives the same sample after a resume and metrics/eval never perturb training's RNG. On CPU it is a counter-based
+stream (:func:`counter_noise`), which the native kernels (``csrc/gumbel.c``) compute in registers; on CUDA it comes
+from a device generator seeded with that seed.
 Patterns per group are limited to ``MAX_PATTERNS`` (70 = C(8, 4)); 2:4 has 6, 1:8 has 8, 2:8 has 28.
 """
 
@@ -291,10 +293,10 @@ _UNITS: dict[tuple, native.GumbelUnit | None] = {}
 
 def _native_unit(w: torch.Tensor, logits: torch.Tensor, spec: SliceSpec) -> native.GumbelUnit | None:
     """The native kernels for this unit (cached per geometry), or None where they do not apply."""
-    if w.device.type != "cpu":
+    if w.device.type != "cpu" or native.kernel() is None:
         return None
     key = (tuple(w.shape), spec.sparse_dim, spec.n, spec.m, w.dtype, logits.dtype, w.is_contiguous(),
-           logits.is_contiguous())
+           w.is_contiguous(memory_format=torch.channels_last) if w.dim() == 4 else False, logits.is_contiguous())
     if key not in _UNITS:
         _UNITS[key] = native.GumbelUnit.create(w, logits, grouped_dim(w, spec.sparse_dim),
                                                _typed_patterns(spec.n, spec.m, w.device, torch.uint8))
