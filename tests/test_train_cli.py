@@ -335,15 +335,21 @@ def test_eval_metric_loss_keeps_the_lowest(tmp_path, monkeypatch):
                                                                                 "checkpoint-1.pth.tar"]
 
 
-def test_image_folder_data_dir(tmp_path, capsys):
+def _image_folder(root: Path, classes: int, per_class: int = 4, size: int = 40) -> Path:
+    """An ImageFolder with train/ and validation/ splits of solid-colour images, one colour per class and image."""
     from PIL import Image
 
     for split in ("train", "validation"):
-        for c in range(3):
-            d = tmp_path / "data" / split / f"class{c}"
+        for c in range(classes):
+            d = root / split / f"class{c}"
             d.mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (40, 40), color=(60 * c, 20 * i, 100)).save(d / f"{i}.png")
+            for i in range(per_class):
+                Image.new("RGB", (size, size), color=(60 * c, 20 * i, 100)).save(d / f"{i}.png")
+    return root
+
+
+def test_image_folder_data_dir(tmp_path, capsys):
+    _image_folder(tmp_path / "data", classes=3)
     cfg = _recipe(tmp_path, "ste", RECIPES["srste"])
     rc = run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--dataset", "", "--data-dir",
                               str(tmp_path / "data"), "--img-size", "32", "-b", "4", "--output", str(tmp_path),
@@ -708,14 +714,8 @@ def test_a_timm_args_yaml_plus_a_sparsity_block_is_a_config(tmp_path, capsys, mo
     cutmix with --cutmix-minmax) are the run's; the timm settings not taken here are dropped at timm's defaults and
     refused, naming the key and why, when set; timm's output '' is ours (output)."""
     import timm.data
-    from PIL import Image
 
-    for split in ("train", "validation"):
-        for c in range(2):
-            d = tmp_path / "data" / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (36, 36), color=(120 * c, 30 * i, 90)).save(d / f"{i}.png")
+    _image_folder(tmp_path / "data", classes=2, size=36)
     timm_args = yaml.safe_load((ROOT / "tests" / "data" / "timm_args.yaml").read_text())
     assert timm_args["jsd_loss"] is False and timm_args["output"] == "" and timm_args["no_prefetcher"] is False
     timm_args.update(model="resnet10t", model_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8}, epochs=1,
