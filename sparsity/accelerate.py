@@ -1,11 +1,12 @@
 """Run eligible layers on real sparse kernels: 2:4 semi-structured or BSR, built on ``torch.sparse`` directly.
 
 ``accelerate_(model, backend)`` swaps each eligible ``nn.Linear`` (masked or plain) for a :class:`SparseLinear`
-holding the sparse weight, leaves everything else dense, and returns one row per Linear/Conv2d saying what runs
-sparse and why the rest does not. Nothing changes unless the layer sits on a CUDA GPU of compute capability
-8.0+ (Ampere, Hopper, ...): that is where ``torch.sparse``'s semi-structured tensors (cuSPARSELt or CUTLASS, the
-one ``to_sparse_semi_structured`` would pick unless ``semi_kernel`` says) and the Triton BSR kernels run.
-Converted layers are for inference only (no gradients, not saved in ``state_dict``).
+holding the sparse weight, and each eligible 1x1 ``nn.Conv2d`` (a matmul over channels: ResNet bottlenecks and
+downsamples, pointwise convs) for a :class:`SparseConv1x1`; it leaves everything else dense and returns one row per
+Linear/Conv2d saying what runs sparse and why the rest does not. Nothing changes unless the layer sits on a CUDA GPU
+of compute capability 8.0+ (Ampere, Hopper, ...): that is where ``torch.sparse``'s semi-structured tensors
+(cuSPARSELt or CUTLASS, the one ``to_sparse_semi_structured`` would pick unless ``semi_kernel`` says) and the Triton
+BSR kernels run. Converted layers are for inference only (no gradients, not saved in ``state_dict``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from .layers import MaskedMixin
 from .masks import is_nm
 from .surgery import set_submodule
 
-__all__ = ["SparseLinear", "accelerate_", "plan_acceleration", "layer_backend", "BACKENDS", "SEMI_KERNELS"]
+__all__ = ["SparseLinear", "SparseConv1x1", "accelerate_", "plan_acceleration", "layer_backend", "BACKENDS",
+           "SEMI_KERNELS"]
 
 _logger = logging.getLogger(__name__)
 
@@ -114,6 +116,35 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, " \
                f"pattern={self.pattern}, dtype={self.dtype}"
 
+    def example_input(self) -> torch.Tensor:
+        """A zero input of 64 rows (the conversion's trial forward; 64 rows also take BSR's Triton path)."""
+        return torch.zeros(64, self.in_features, device=self.weight.device, dtype=self.dtype)
+
+
+class SparseConv1x1(SparseLinear):
+    """A 1x1 ``Conv2d`` (groups 1, no padding) as the sparse matmul it is: every pixel's channels times ``W^T``.
+
+    The input is seen as (N, H, W, C) rows (strided first), which is free for a channels-last input and one copy
+    otherwise. The 2:4 output is NCHW in channels-last memory, which the next channels-last layer reads as is; BSR
+    computes W X^T, so its output has the channels outermost in memory.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_channels: int, out_channels: int,
+                 backend: str, pattern: str = "", stride: tuple[int, int] = (1, 1)) -> None:
+        super().__init__(weight, bias, in_channels, out_channels, backend, pattern)
+        self.stride = tuple(stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != (1, 1):
+            x = x[:, :, ::self.stride[0], ::self.stride[1]]
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stride={self.stride}"
+
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros(1, self.in_features, 8, 8, device=self.weight.device, dtype=self.dtype)
+
 
 def _device_problem(weight: torch.Tensor, backend: str, semi_kernel: str) -> str | None:
     if not torch.cuda.is_available():
@@ -170,12 +201,25 @@ def layer_backend(layer: MaskedMixin) -> str:
     return "bsr" if any(s.tile for s in layer.slices) else "semi_structured"
 
 
+def _is_matmul_conv(mod: nn.Module) -> bool:
+    """A Conv2d that is a matmul over channels: 1x1 kernel, one group, no padding (any stride)."""
+    if not (isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) == (1, 1) and mod.groups == 1):
+        return False
+    return mod.padding in ("valid", "same") if isinstance(mod.padding, str) else tuple(mod.padding) == (0, 0)
+
+
+def _matrix(w: torch.Tensor) -> torch.Tensor:
+    """A Linear's weight, or a 1x1 conv's as the (out, in) matrix it multiplies by."""
+    return w.reshape(w.shape[0], -1)
+
+
 @torch.no_grad()
 def _pattern(mod: nn.Module) -> str:
     """The mask's pattern, or for a plain layer (a densified export) what its zeros show: 2:4 or dense."""
     if isinstance(mod, MaskedMixin):
         return mod.pattern_label()
-    if isinstance(mod, nn.Linear) and mod.in_features % 4 == 0 and is_nm(mod.weight != 0, 2, 4, dim=1):
+    if (isinstance(mod, nn.Linear) or _is_matmul_conv(mod)) and mod.weight.shape[1] % 4 == 0 \
+            and is_nm(_matrix(mod.weight) != 0, 2, 4, dim=1):
         return "2:4 (from its zeros)"
     return "dense"
 
@@ -184,18 +228,18 @@ def _pattern(mod: nn.Module) -> str:
 def pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize: int | None,
                     semi_kernel: str = "auto") -> tuple[str | None, str]:
     """(why the pattern/shape/dtype cannot run on ``backend`` or None, a note for the table)."""
-    if not isinstance(mod, nn.Linear):
+    if not isinstance(mod, nn.Linear) and not _is_matmul_conv(mod):
         if tuple(mod.weight.shape[2:]) == (1, 1):
-            return ("1x1 Conv2d: a matmul over channels, but accelerate_ converts Linear layers only (it would need "
-                    "the activations permuted to channels-last rows around the sparse matmul)"), ""
+            return (f"1x1 Conv2d with groups={mod.groups}, padding={mod.padding}: only a plain 1x1 conv (one group, "
+                    "no padding) is a matmul over channels"), ""
         return "Conv2d: no commodity sparse conv kernel (would need im2col)", ""
     masked = isinstance(mod, MaskedMixin)
-    out_f, in_f = mod.weight.shape
+    out_f, in_f = _matrix(mod.weight).shape
     if backend == "semi_structured":
         if dtype not in (torch.float16, torch.bfloat16):
             return f"2:4 kernels need float16/bfloat16, asked for {str(dtype).removeprefix('torch.')}", ""
         # the ground truth is the mask itself (or the values of a plain, e.g. densified, layer)
-        keep = mod.weight_mask if masked else mod.weight != 0
+        keep = _matrix(mod.weight_mask if masked else mod.weight != 0)
         if not is_nm(keep, 2, 4, dim=1):
             return f"pattern {_pattern(mod)} is not 2:4 along the input dim (no commodity kernel for it)", ""
         rows, cols = _semi_structured_min_shape(dtype, semi_kernel)
@@ -217,7 +261,7 @@ def pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize:
         return f"shape {out_f}x{in_f} is not divisible by tile {tile}", ""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"BSR kernels need float16/bfloat16/float32, asked for {dtype}", ""
-    w = mod.weight * mod.weight_mask if masked else mod.weight
+    w = _matrix(mod.weight * mod.weight_mask if masked else mod.weight)
     kept = float((w.reshape(out_f // tile, tile, in_f // tile, tile) != 0).any(3).any(1).float().mean())
     note = f"tile {tile}, {kept:.0%} of tiles kept" + (" (BSR rarely beats dense above ~30%)" if kept > 0.3 else "")
     return None, note
@@ -237,7 +281,7 @@ def plan_acceleration(model: nn.Module, backend: str = "semi_structured", dtype:
         raise ValueError(f"semi_kernel must be one of {', '.join(SEMI_KERNELS)}, got {semi_kernel!r}")
     rows = []
     for fqn, mod in model.named_modules():
-        if isinstance(mod, SparseLinear):
+        if isinstance(mod, SparseLinear):  # SparseConv1x1 included
             rows.append({"fqn": fqn, "shape": [mod.out_features, mod.in_features], "pattern": mod.pattern,
                          "eligible": False, "converted": True, "reason": f"already converted ({mod.backend})"})
             continue
@@ -257,9 +301,9 @@ def plan_acceleration(model: nn.Module, backend: str = "semi_structured", dtype:
     return rows
 
 
-def _to_sparse(mod: nn.Linear, backend: str, dtype: torch.dtype, blocksize: int | None,
+def _to_sparse(mod: nn.Linear | nn.Conv2d, backend: str, dtype: torch.dtype, blocksize: int | None,
                semi_kernel: str = "auto") -> SparseLinear:
-    w = (mod.weight * mod.weight_mask if isinstance(mod, MaskedMixin) else mod.weight).detach().to(dtype)
+    w = _matrix(mod.weight * mod.weight_mask if isinstance(mod, MaskedMixin) else mod.weight).detach().to(dtype)
     bias = None if mod.bias is None else mod.bias.detach().to(dtype)
     if backend == "semi_structured":
         sparse = semi_structured_class(semi_kernel).from_dense(w.contiguous())
@@ -267,13 +311,16 @@ def _to_sparse(mod: nn.Linear, backend: str, dtype: torch.dtype, blocksize: int 
         tiles = {s.tile for s in getattr(mod, "slices", ()) if s.tile}
         tile = blocksize or tiles.pop()
         sparse = w.to_sparse_bsr((tile, tile))
-    return SparseLinear(sparse, bias, mod.in_features, mod.out_features, backend, _pattern(mod))
+    if isinstance(mod, nn.Conv2d):
+        return SparseConv1x1(sparse, bias, w.shape[1], w.shape[0], backend, _pattern(mod), mod.stride)
+    return SparseLinear(sparse, bias, w.shape[1], w.shape[0], backend, _pattern(mod))
 
 
 @torch.no_grad()
 def accelerate_(model: nn.Module, backend: str = "semi_structured", dtype: torch.dtype = torch.bfloat16,
                 blocksize: int | None = None, semi_kernel: str = "auto") -> list[dict[str, Any]]:
-    """Swap eligible Linear layers for :class:`SparseLinear` on ``backend``, in place.
+    """Swap eligible Linear layers for :class:`SparseLinear` and 1x1 convs for :class:`SparseConv1x1` on
+    ``backend``, in place (run a conv net channels-last: the 1x1 convs then read and write without copies).
 
     Args:
         model: a masked model (patterns come from each layer's slices and ``weight_mask``) or a plain one (a
@@ -297,7 +344,7 @@ def accelerate_(model: nn.Module, backend: str = "semi_structured", dtype: torch
             sparse = _to_sparse(mod, backend, dtype, blocksize, semi_kernel)
             # one forward before the swap: a kernel constraint the pre-flight does not know refuses here, not in
             # the user's first forward; 64 rows also take BSR's Triton path (rows a multiple of the tile) and warm it
-            sparse(torch.zeros(64, mod.in_features, device=mod.weight.device, dtype=dtype))
+            sparse(sparse.example_input())
         except (RuntimeError, ValueError) as e:  # a kernel constraint the pre-flight did not know about
             row["reason"] = f"conversion failed: {' '.join(str(e).split())[:200]}"
             continue

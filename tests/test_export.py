@@ -537,11 +537,61 @@ def test_accelerate_on_cpu_changes_nothing_and_says_why(backend, x32):
 
 
 def test_plan_tells_1x1_convs_from_kxk_convs():
-    """A 1x1 conv is a matmul over channels (ConvNeXt-V2's MLP): its row says what is missing, not im2col."""
+    """A 1x1 conv is a matmul over channels (ResNet downsamples and bottlenecks): its row is judged like a Linear's
+    (here its pattern, dense); a kxk conv has no kernel (im2col); a grouped 1x1 conv says why it is not a matmul."""
     model = timm.create_model("resnet10t", num_classes=10)
+    model.add_module("grouped", torch.nn.Conv2d(64, 64, 1, groups=2))
     rows = {r["fqn"]: r["reason"] for r in sparsity.accelerate_(model, backend="semi_structured")}
-    assert "1x1 Conv2d: a matmul over channels" in rows["layer2.0.downsample.1"]
+    assert "pattern dense is not 2:4" in rows["layer2.0.downsample.1"]
     assert "would need im2col" in rows["layer1.0.conv1"]
+    assert "1x1 Conv2d with groups=2" in rows["grouped"]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+def test_sparse_conv1x1_is_the_conv(stride):
+    """SparseConv1x1: the pixels' channels as matmul rows (strided first), NCHW out; BSR runs on CPU too."""
+    from sparsity.accelerate import SparseConv1x1
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 16, 1, stride=stride)
+    w = conv.weight.detach().reshape(16, 32)
+    w[:, :16] = 0  # one of the two 16x16 tiles empty
+    with torch.no_grad():
+        conv.weight.copy_(w.reshape(16, 32, 1, 1))
+    for x in (torch.randn(2, 32, 9, 9), torch.randn(2, 32, 9, 9).contiguous(memory_format=torch.channels_last)):
+        want = conv(x)
+        bsr = SparseConv1x1(w.to_sparse_bsr((16, 16)), conv.bias.detach(), 32, 16, "bsr", stride=(stride, stride))
+        got = bsr(x)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+        # the 2:4 path's reshapes, with the dense matrix standing in for the 2:4 tensor (CUDA only)
+        semi = SparseConv1x1(w, conv.bias.detach(), 32, 16, "semi_structured", stride=(stride, stride))(x)
+        assert torch.allclose(semi, want, atol=1e-5)
+        assert semi.is_contiguous(memory_format=torch.channels_last)  # what the next channels-last layer reads
+
+
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+def test_accelerate_converts_a_resnets_1x1_convs(monkeypatch):
+    """On a (pretended) capable GPU, accelerate_ swaps the block-sparse 1x1 convs of a ResNet (its avg-pool
+    downsamples) for SparseConv1x1 and the model's logits stay those of the dense model; BSR runs on this CPU."""
+    import sparsity.accelerate as acc
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10).eval()
+    one_by_one = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert one_by_one == ["layer2.0.downsample.1", "layer3.0.downsample.1", "layer4.0.downsample.1"]
+    with torch.no_grad():
+        for name in one_by_one:
+            w = model.get_submodule(name).weight
+            w[: w.shape[0] // 2, : w.shape[1] // 2] = 0  # a quarter of the 16x16 tiles empty
+    x = torch.randn(2, 3, 64, 64)
+    ref = _logits(model, x)
+    monkeypatch.setattr(acc, "_device_problem", lambda *a: None)
+    rows = sparsity.accelerate_(model, backend="bsr", dtype=torch.float32, blocksize=16)
+    assert sorted(r["fqn"] for r in rows if r["converted"]) == one_by_one, rows
+    assert all(isinstance(model.get_submodule(n), acc.SparseConv1x1) for n in one_by_one)
+    assert "75% of tiles kept" in {r["fqn"]: r["reason"] for r in rows}["layer2.0.downsample.1"]
+    torch.testing.assert_close(_logits(model, x), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_plan_of_a_densified_model_names_the_pattern_its_zeros_show(vit24):
@@ -697,6 +747,21 @@ def test_accelerate_semi_structured_matches_masked_model_bf16():
     torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2)
     compiled = torch.compile(model)  # the benchmarks' compiled rows: the sparse weight must survive tracing
     torch.testing.assert_close(_logits(compiled, x).float(), ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_sm80(), reason="needs a CUDA GPU of compute capability 8.0+")
+def test_accelerate_semi_structured_runs_a_resnets_1x1_convs_bf16():
+    """2:4 on every conv of a ResNet, channels-last bf16: the 1x1 downsamples run on the 2:4 kernel (the 3x3 convs
+    have none), and the logits stay those of the masked model."""
+    model = _sparse_model("resnet10t", RN_KW, [{"target": "stem", "skip": True}, {"target": "conv", "n": 2, "m": 4}])
+    model = model.cuda().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    ref = _logits(model, x).float()
+    rows = sparsity.accelerate_(model, backend="semi_structured", dtype=torch.bfloat16)
+    converted = {r["fqn"] for r in rows if r["converted"]}
+    assert converted == {f"layer{i}.0.downsample.1" for i in (2, 3, 4)}, rows
+    torch.testing.assert_close(_logits(model, x).float(), ref, rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.gpu
