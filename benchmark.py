@@ -293,7 +293,7 @@ def _bench_infer(args) -> int:
     modes = ["eager", "compiled"] if args.torchcompile else ["eager"]
     result = bench_infer(model, batch_sizes=args.batch_size, dtypes=dtypes, modes=modes,
                          compile_backend=args.torchcompile or "inductor", compile_mode=args.compile_mode,
-                         progress=progress, **common)
+                         progress=progress, channels_last=args.channels_last, **common)
     print(what)
     for dtype in dict.fromkeys(r["dtype"] for r in result["layers"]):
         plan = [r for r in result["layers"] if r["dtype"] == dtype]

@@ -4,6 +4,8 @@
 #   bash scripts/gpu_session.sh infer      # ViT-B/16 bf16 batch 256: dense vs 2:4 (ff; ff+qkv+proj), eager + compiled
 #   bash scripts/gpu_session.sh bsr        # the same for BSR at 90 % with 32x32 and 64x64 tiles
 #   bash scripts/gpu_session.sh layers     # the MLP linears alone, 2:4 and BSR tile 64
+#   bash scripts/gpu_session.sh cnn        # ResNet-50 bf16 channels-last batch 256: dense vs 2:4 on every conv (the
+#                                          # 1x1 convs run the 2:4 kernel), eager + compiled
 #   bash scripts/gpu_session.sh kernels    # 2:4 with the CUTLASS kernel forced (sm8x only: torch builds it for 8.x)
 #   bash scripts/gpu_session.sh train      # ViT-B/16 N:M mask step (eager vs compiled rank), then bf16 batch 128
 #                                          # compiled training steps: dense vs srste/mdgf (SPARSITY_COMPILED_MASKS=1
@@ -15,8 +17,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-}
-case "$STAGE" in tests|infer|bsr|layers|kernels|train|profile) ;; *)
-  echo "usage: bash scripts/gpu_session.sh tests|infer|bsr|layers|kernels|train|profile" >&2; exit 2;; esac
+case "$STAGE" in tests|infer|bsr|layers|cnn|kernels|train|profile) ;; *)
+  echo "usage: bash scripts/gpu_session.sh tests|infer|bsr|layers|cnn|kernels|train|profile" >&2; exit 2;; esac
 FINAL=${OUT:-gpu_out}
 OUT=$(mktemp -d)/$STAGE
 mkdir -p "$OUT" "$FINAL"
@@ -61,6 +63,11 @@ torch.cuda.get_device_capability(), 'cusparselt', torch.backends.cusparselt.is_a
   layers)
     run layers_24 "${common[@]}" --targets ff --nm 2:4 --layers
     run layers_bsr64 "${common[@]}" --targets ff --sparsity 0.9 --tile 64 --layers
+    ;;
+  cnn)
+    CNN=${CNN:-resnet50}
+    run infer_cnn_24 --bench infer --model "$CNN" --num-classes 1000 --dtype bfloat16 -b "${BATCH:-256}" \
+      --steps "$STEPS" --warmup "$WARMUP" --targets conv --nm 2:4 --channels-last --torchcompile
     ;;
   kernels)
     if ! "$PY" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability()[0] != 8)"; then

@@ -28,7 +28,7 @@ from .accelerate import SparseLinear, accelerate_, layer_backend, semi_structure
 from .data import fixed_img_size
 from .distributed import pick_device
 from .errors import UserError
-from .layers import masked_modules
+from .layers import masked_modules, to_channels_last
 from .surgery import densify_
 from .targets import find_candidates
 
@@ -188,7 +188,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
                 modes: Sequence[str] = ("eager",), img_size: int | None = None, device: str | None = None,
                 warmup: int = 10, iters: int = 50, create_kwargs: dict | None = None, compile_backend: str = "inductor",
                 compile_mode: str | None = None, blocksize: int | None = None, semi_kernel: str = "auto",
-                progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[dict], None] | None = None, channels_last: bool = False) -> dict[str, Any]:
     """Time ``model`` dense (masks baked in) and accelerated, for every dtype x batch size x mode.
 
     Args:
@@ -202,6 +202,8 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
         device: default ``cuda`` when available, else ``cpu``.
         warmup, iters: forwards before timing (compilation happens there), forwards timed (median reported).
         progress: called with each finished row.
+        channels_last: both models and the input in channels-last memory (a conv net's fast layout; the 1x1 convs
+            :func:`accelerate_` converts then read and write without copies).
 
     Returns:
         ``settings``, ``rows`` (one per dtype x batch x mode: ``dense_ms``, ``sparse_ms``, ``speedup`` =
@@ -223,6 +225,9 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
     for dtype in dtypes:
         dense, sparse, table = _dense_and_sparse(model, device, dtype, backend=backend, blocksize=blocksize,
                                                  semi_kernel=semi_kernel)
+        if channels_last:
+            to_channels_last(dense)
+            to_channels_last(sparse)
         layers += [{"dtype": str(dtype).removeprefix("torch."), **r} for r in table]
         sizes = {"dense": weight_bytes(dense) / 2**20, "sparse": weight_bytes(sparse) / 2**20}
         runs = {"eager": (dense, sparse)}
@@ -234,6 +239,8 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
                 runs["compiled"] = (_compile(dense, compile_backend, compile_mode),
                                     _compile(sparse, compile_backend, compile_mode))
             x = inputs[bs].to(device=device, dtype=dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             ref = dense(x).float()
             for mode in modes:
                 d, s = runs[mode]
@@ -260,6 +267,7 @@ def bench_infer(model_or_name: nn.Module | str | os.PathLike, backend: str = "se
         "device": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu",
         "torch": torch.__version__, "compile_backend": compile_backend if "compiled" in modes else None,
         "compile_mode": compile_mode, "semi_kernel": _kernel_name(backend, semi_kernel, layers),
+        "channels_last": channels_last,
     }
     return {"settings": settings, "rows": rows, "layers": layers}
 

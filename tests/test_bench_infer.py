@@ -199,3 +199,20 @@ def test_timings_are_taken_in_turns():
     fns = [lambda: calls.append("a"), lambda: calls.append("b")]
     ms = time_calls(fns, "cpu", warmup=2, iters=3)
     assert calls == ["a", "b"] * 5 and len(ms) == 2
+
+
+def test_bench_infer_channels_last_runs_a_cnn_in_that_layout(monkeypatch):
+    """channels_last=True: both models and the input in channels-last memory (what the 1x1 conv path wants)."""
+    import sparsity.bench_infer as bi
+
+    seen = []
+    real = bi.time_calls
+    monkeypatch.setattr(bi, "time_calls", lambda fns, *a: (seen.append(fns), real(fns, *a))[1])
+    model = timm.create_model("resnet10t", num_classes=10, channels=(16, 32, 64, 128), stem_width=16)
+    res = bench_infer(model, batch_sizes=(2,), dtypes=(torch.float32,), img_size=32, device="cpu", warmup=0, iters=1,
+                      channels_last=True)
+    assert res["settings"]["channels_last"] is True and res["rows"][0]["max_abs_diff"] == 0.0
+    x = seen[0][0].__defaults__[1]  # the timed input
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    dense = seen[0][0].__defaults__[0]
+    assert dense.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
