@@ -730,3 +730,49 @@ def test_replayed_supermask_step_equals_planned_one_and_follows_replaced_tensors
         kept = qkv.weight_mask[:d].float().mean().item()
         assert kept == pytest.approx(1 - 0.75 * ctl_a.method.ramp, abs=0.02)
         assert torch.equal(model_a(x), model_b(x))
+
+
+@pytest.mark.parametrize("recipe", [
+    {"method": "oneshot", "rules": [{"target": "linear", "n": 2, "m": 4}]},
+    {"method": "gmp", "init_sparsity": 0.5, "final_sparsity": 0.5, "rules": [{"target": "linear", "sparsity": 0.5}]},
+    {"method": "ste", "finetune_fraction": 0.5, "rules": [{"target": "linear", "n": 2, "m": 4}]},
+], ids=["oneshot", "gmp", "ste-finetune"])
+def test_a_frozen_mask_skips_the_forward_product_only_while_the_weights_are_zeroed(recipe):
+    """Right after the controller zeroed the pruned weights, W is W * E bit for bit: the frozen-mask forward uses W
+    itself (no weight-sized product) and the gradient is still g * E; once the weight moves (an optimizer step,
+    momentum reviving a pruned weight) or in a copy (the EMA), the product runs again."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16))
+    rec = sparsity.recipe_from_dict(recipe)
+    sparsity.sparsify_(model, rec)
+    layer = model[0]
+    ctl = sparsity.SparsityController(model, rec, total_steps=10)
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # dense weights everywhere: the controller must zero the pruned ones
+    ctl.step(8)  # frozen: oneshot from its first step, gmp between updates, ste in its fine-tune
+    assert layer.pruned_are_zero()
+    w_tilde = layer.sparse_weight()
+    assert "ZeroedWeight" in type(w_tilde.grad_fn).__name__ and w_tilde.data_ptr() == layer.weight.data_ptr()
+    x, c = torch.randn(5, 32), torch.randn(5, 16)
+    out = model(x)
+    factor = layer.weight_mask.float()
+    assert torch.equal(out, F.linear(x, layer.weight.detach() * factor, layer.bias))
+    (out * c).sum().backward()
+    grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    layer.pruned_are_zero = lambda: False  # the product path on the same weights
+    assert "FrozenWeight" in type(layer.sparse_weight().grad_fn).__name__
+    (model(x) * c).sum().backward()
+    assert torch.equal(grad, layer.weight.grad) and not grad[~layer.weight_mask].any()  # g * E, bit for bit
+    del layer.pruned_are_zero
+    pruned = (~layer.weight_mask).nonzero()[0].tolist()
+    with torch.no_grad():
+        layer.weight[tuple(pruned)] = 5.0  # momentum revived a pruned weight after the zeroing
+    assert not layer.pruned_are_zero()
+    assert "FrozenWeight" in type(layer.sparse_weight().grad_fn).__name__
+    assert torch.equal(model(x), F.linear(x, layer.weight.detach() * factor, layer.bias))  # the product ignores it
+    ctl.step(9)
+    ema = copy.deepcopy(model)
+    assert layer.pruned_are_zero() and not ema[0].pruned_are_zero()  # a copy's tensors are other tensors
