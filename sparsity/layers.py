@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
 __all__ = [
     "SliceSpec", "MaskedMixin", "MaskedLinear", "MaskedConv2d", "masked_modules", "MASKED_TYPES", "frozen_weight",
     "uncovered_rows", "loss_scale", "current_loss_scale", "current_loss_divisor", "layer_kind", "to_channels_last",
@@ -172,7 +174,9 @@ class MaskedMixin:
         """Set the weights the mask prunes to exactly zero, in place (by the cached 0/1 factor: a bool mask
         multiplies about 7x slower on CPU). Until the weight or the mask changes again, W is then W * E bit for bit
         and :func:`frozen_weight` skips its product."""
-        self.weight.mul_(self.mask_factor())
+        with torch.no_grad():  # the in-place write on a parameter: what mul_ under the controller's no_grad does
+            if not (self.weight.device.type == "cpu" and native.mask_mul_native_(self.weight, self.weight_mask)):
+                self.weight.mul_(self.mask_factor())
         self._zeroed_key = self._weight_key()
 
     def pruned_are_zero(self) -> bool:
@@ -328,41 +332,52 @@ def current_loss_divisor() -> int:
     return _LOSS_DIVISOR
 
 
+def masked_product(x: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x * E``: on CPU in one native pass over ``x`` and the 1-byte ``mask`` (no float factor read), elsewhere
+    ``x * factor``; the same values either way (E is exactly 0/1)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # a traced graph gets the product (it fuses it)
+        return x * factor
+    out = native.mask_mul_native(x, mask)
+    return x * factor if out is None else out
+
+
 class _FrozenWeight(torch.autograd.Function):
-    """W * E forward, g * E backward (pruned weights get no gradient), with E as the float mask factor."""
+    """W * E forward, g * E backward (pruned weights get no gradient), with E as the float mask factor (``mask`` the
+    bool one, which the CPU kernel reads)."""
 
     @staticmethod
-    def forward(ctx, weight, factor):
-        ctx.save_for_backward(factor)
-        return weight * factor
+    def forward(ctx, weight, factor, mask):
+        ctx.save_for_backward(factor, mask)
+        return masked_product(weight, factor, mask)
 
     @staticmethod
     def backward(ctx, grad):
-        (factor,) = ctx.saved_tensors
-        return grad * factor, None
+        factor, mask = ctx.saved_tensors
+        return masked_product(grad, factor, mask), None, None
 
 
 class _ZeroedWeight(torch.autograd.Function):
     """W itself forward (its pruned weights are exactly zero already: W * E is W bit for bit), g * E backward."""
 
     @staticmethod
-    def forward(ctx, weight, factor):
-        ctx.save_for_backward(factor)
+    def forward(ctx, weight, factor, mask):
+        ctx.save_for_backward(factor, mask)
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
-        (factor,) = ctx.saved_tensors
-        return grad * factor, None
+        factor, mask = ctx.saved_tensors
+        return masked_product(grad, factor, mask), None, None
 
 
 def frozen_weight(layer: MaskedMixin) -> torch.Tensor:
     """``weight_fn`` for a fixed binary mask: W * E with gradient g * E. Right after the controller's
     ``zero_pruned_`` (the training forward of a frozen mask) W is W * E already, so the forward's weight-sized
     product is skipped; elsewhere (eval after an optimizer step, an EMA copy) the product runs."""
-    if not torch.compiler.is_compiling() and layer.pruned_are_zero():
-        return _ZeroedWeight.apply(layer.weight, layer.mask_factor())
-    return _FrozenWeight.apply(layer.weight, layer.mask_factor())
+    if torch.compiler.is_compiling():
+        return _FrozenWeight.apply(layer.weight, layer.mask_factor(), layer.weight_mask)
+    fn = _ZeroedWeight if layer.pruned_are_zero() else _FrozenWeight
+    return fn.apply(layer.weight, layer.mask_factor(), layer.weight_mask)
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:

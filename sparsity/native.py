@@ -32,7 +32,8 @@ import torch
 from torch.autograd.graph import increment_version
 
 __all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "TileExpand", "tile_backward_native",
-           "TileTopk", "counts_array", "srste_grad_native", "GumbelUnit", "gumbel_noise_native"]
+           "TileTopk", "counts_array", "srste_grad_native", "usd_grad_native", "mask_mul_native", "mask_mul_native_",
+           "GumbelUnit", "gumbel_noise_native"]
 
 _log = logging.getLogger(__name__)
 _SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("nm_rank.c", "tiles.c", "gumbel.c"))
@@ -120,6 +121,12 @@ def _build() -> ctypes.CDLL:
     lib.tile_backward.restype = ctypes.c_int
     lib.srste_grad.argtypes = [i64, p, p, p, p, ctypes.c_float, ctypes.c_int]
     lib.srste_grad.restype = ctypes.c_int
+    lib.usd_grad.argtypes = [i64, i64, p, p, p, p, p, p, ctypes.c_int]
+    lib.usd_grad.restype = ctypes.c_int
+    lib.mask_mul.argtypes = [i64, p, p, p, ctypes.c_int]
+    lib.mask_mul.restype = ctypes.c_int
+    lib.mask_mul_inplace.argtypes = [i64, p, p, ctypes.c_int]
+    lib.mask_mul_inplace.restype = ctypes.c_int
     lib.tile_topk.argtypes = [i64, p, p, p, p, ctypes.c_int]
     lib.tile_topk.restype = ctypes.c_int
     u64, f32, int_ = ctypes.c_uint64, ctypes.c_float, ctypes.c_int
@@ -293,6 +300,46 @@ def srste_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tens
     out = torch.empty_like(grad)
     rc = kernel().srste_grad(grad.numel(), grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), out.data_ptr(),
                              lam, torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def mask_mul_native(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """``x * E`` with ``E`` the bool ``mask`` as an exact 0/1 factor, into a new tensor in one pass reading one byte
+    per mask element (a frozen mask's W * E or g * E): the float-factor product's values. None when the kernel
+    does not take these tensors (not float32 CPU, not contiguous, shapes differ)."""
+    if not (x.shape == mask.shape and mask.dtype == torch.bool and x.dtype == torch.float32) \
+            or not tile_supports(x, mask):
+        return None
+    out = torch.empty_like(x)
+    return out if kernel().mask_mul(x.numel(), x.data_ptr(), mask.data_ptr(), out.data_ptr(),
+                                    torch.get_num_threads()) == 0 else None
+
+
+def mask_mul_native_(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """``x *= E`` in place (``mask`` bool, an exact 0/1 factor), bumping ``x``'s version counter like ``mul_``;
+    False (nothing written) when the kernel does not take these tensors."""
+    if not (x.shape == mask.shape and mask.dtype == torch.bool and x.dtype == torch.float32) \
+            or not tile_supports(x, mask):
+        return False
+    if kernel().mask_mul_inplace(x.numel(), x.data_ptr(), mask.data_ptr(), torch.get_num_threads()) != 0:
+        return False
+    increment_version(x)
+    return True
+
+
+def usd_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor,
+                    tau: torch.Tensor) -> torch.Tensor | None:
+    """USD's search gradient ``g * E + coef * W * (|W| < tau)`` (``coef``, ``tau``: one value per output row) in
+    one pass over the gradient, the weight and the 1-byte mask, into a new tensor: the torch expression's values.
+    None when the kernel does not take these tensors (not float32 CPU, not contiguous, shapes differ)."""
+    rows = weight.shape[0] if weight.dim() else 0
+    if not (grad.shape == weight.shape == mask.shape and mask.dtype == torch.bool and grad.dtype == torch.float32
+            and weight.dtype == coef.dtype == tau.dtype == torch.float32 and coef.numel() == tau.numel() == rows > 0
+            ) or not tile_supports(grad, weight, mask, coef, tau):
+        return None
+    out = torch.empty_like(grad)
+    rc = kernel().usd_grad(rows, weight.numel() // rows, grad.data_ptr(), weight.data_ptr(), mask.data_ptr(),
+                           coef.data_ptr(), tau.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out if rc == 0 else None
 
 

@@ -258,7 +258,8 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSITY_CACHE_DIR", str(tmp_path))
     lib = ctypes.CDLL(str(native._compile(native._compiler(), [*native._FLAGS, "-DNM_NO_STREAMING"])))
     for name in ("nm_keep", "tile_expand", "tile_backward", "srste_grad", "tile_topk", "gumbel_forward",
-                 "gumbel_backward", "gumbel_argmax_mask", "gumbel_noise_range"):
+                 "gumbel_backward", "gumbel_argmax_mask", "gumbel_noise_range", "usd_grad", "mask_mul",
+                 "mask_mul_inplace"):
         getattr(lib, name).argtypes = getattr(native.kernel(), name).argtypes
         getattr(lib, name).restype = ctypes.c_int
     gen = torch.Generator().manual_seed(5)
@@ -279,6 +280,14 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
     want_tiles = tiles()
     gw, mw = torch.randn(w.shape, generator=gen), torch.rand(w.shape, generator=gen) > 0.5
     want_srste = native.srste_grad_native(gw, w, mw, 2e-4)
+    per_row = torch.rand(w.shape[0], 1, 1, 1, generator=gen)
+
+    def masked_products():
+        inplace = gw.clone()
+        assert native.mask_mul_native_(inplace, mw)
+        return native.mask_mul_native(w, mw), inplace, native.usd_grad_native(gw, w, mw, per_row, per_row * 2)
+
+    want_products = masked_products()
     scores = [torch.randn(64, 72, generator=gen), torch.randint(0, 3, (9, 9), generator=gen).float()]
 
     def selected():
@@ -306,6 +315,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
         assert all(_same(a, b) for a, b in zip(g, w_))
     assert all(torch.equal(a, b) for a, b in zip(tiles(), want_tiles))
     assert torch.equal(native.srste_grad_native(gw, w, mw, 2e-4), want_srste)
+    assert all(torch.equal(a, b) for a, b in zip(masked_products(), want_products))
     assert all(torch.equal(a, b) for a, b in zip(selected(), want_selected))
     assert all(torch.equal(a, b) for a, b in zip(gumbel(), want_gumbel))
 
@@ -499,3 +509,43 @@ def test_srste_gradient_kernel_declines_what_it_does_not_take():
     assert native.srste_grad_native(torch.randn(8, 8, dtype=torch.bfloat16), w, mask, 1e-3) is None
     assert native.srste_grad_native(torch.randn(8, 8), w, mask.float(), 1e-3) is None  # not a bool mask
     assert native.srste_grad_native(torch.randn(4, 16), w, mask, 1e-3) is None  # shapes differ
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (100, 37), (7, 5)])
+def test_usd_gradient_kernel_equals_the_torch_formula(shape):
+    """USD's search gradient g * E + coef * W * (|W| < tau) (coef and tau per output row) from the one-pass kernel
+    equals the torch expression bit for bit, non-finite values and signed zeros included; other tensors decline."""
+    gen = torch.Generator().manual_seed(len(shape))
+    w, g = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    mask = torch.rand(shape, generator=gen) > 0.5
+    row = (shape[0],) + (1,) * (len(shape) - 1)
+    coef, tau = torch.rand(row, generator=gen), torch.rand(row, generator=gen)
+    w.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40])
+    g.view(-1)[5:8] = torch.tensor([float("inf"), float("nan"), -0.0])
+    got = native.usd_grad_native(g, w, mask, coef, tau)
+    want = g * mask.float() + coef * w * (w.abs() < tau)
+    assert got is not None and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.view(torch.int32)[~got.isnan()], want.view(torch.int32)[~want.isnan()])
+    assert native.usd_grad_native(g.double(), w.double(), mask, coef, tau) is None  # float32 only
+    assert native.usd_grad_native(g, w, mask, coef[:1], tau) is None  # one coefficient per row
+
+
+@needs_kernel
+def test_mask_product_kernels_equal_the_float_factor_product():
+    """x * E from the 1-byte mask (new tensor, and in place with the version counter bumped) equals x * factor bit
+    for bit: -0 for negative pruned values, NaN for non-finite ones."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(70_001, generator=gen)
+    mask = torch.rand(70_001, generator=gen) > 0.5
+    x[:4] = torch.tensor([float("nan"), float("inf"), -1.0, -0.0])
+    mask[:4] = False
+    want = x * mask.float()
+    got = native.mask_mul_native(x, mask)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.view(torch.int32)[~got.isnan()], want.view(torch.int32)[~want.isnan()])
+    y, before = x.clone(), None
+    before = y._version
+    assert native.mask_mul_native_(y, mask) and y._version > before
+    assert torch.equal(y.view(torch.int32)[~y.isnan()], want.view(torch.int32)[~want.isnan()])
+    assert native.mask_mul_native(x.double(), mask) is None and not native.mask_mul_native_(x[::2], mask[::2])

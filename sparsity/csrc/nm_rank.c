@@ -17,6 +17,7 @@
  *
  * Built by sparsity/native.py with the system C compiler; without one, sparsity.masks uses torch ops instead.
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 
@@ -272,5 +273,82 @@ int srste_grad(int64_t len, const float *g, const float *w, const uint8_t *keep,
         _mm_sfence();
 #endif
     }
+    return 0;
+}
+
+/* USD's weight gradient during its search, in one pass: out = g * e + (c * w) * (|w| < tau), e the 1-byte mask and
+ * c, tau per row of `cols` elements. This is the torch expression it replaces, `grad * mask + coef * weight *
+ * (weight.abs() < tau)`, with its roundings (each factor exactly 0 or 1), so the result is bit for bit torch's:
+ * non-finite values included (g * 0 is NaN for an infinite g, a NaN weight fails the comparison and gives NaN).
+ * The selects vectorize under the build's -fno-trapping-math. */
+static void usd_rows(const float *restrict g, const float *restrict w, const uint8_t *restrict keep,
+                     const float *restrict coef, const float *restrict tau, float *restrict out, int64_t cols,
+                     int64_t r, int64_t hi) {
+    for (; r < hi; r++) {
+        const float c = coef[r], t = tau[r];
+        const int64_t o = r * cols;
+        for (int64_t j = 0; j < cols; j++) {
+            const float wv = w[o + j];
+            const float kept = keep[o + j] ? 1.0f : 0.0f, small = fabsf(wv) < t ? 1.0f : 0.0f;
+            out[o + j] = g[o + j] * kept + (c * wv) * small;
+        }
+    }
+}
+
+int usd_grad(int64_t rows, int64_t cols, const float *g, const float *w, const uint8_t *keep, const float *coef,
+             const float *tau, float *out, int nthreads) {
+    if (rows < 0 || cols < 0) return -1;
+    nthreads = clamp_threads(nthreads, rows * cols);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int i = 0; i < nthreads; i++)
+        usd_rows(g, w, keep, coef, tau, out, cols, rows * i / nthreads, rows * (i + 1) / nthreads);
+    return 0;
+}
+
+/* out = x * e with e the 1-byte mask as an exact 0/1 factor: a frozen mask's forward weight W * E or its gradient
+ * g * E, reading one byte per element instead of a float factor (x * 0 is -0 for a negative x and NaN for a
+ * non-finite one, as torch's product gives). Streaming stores where AVX-512 is there, as for the masks. */
+static inline float mask_one(float x, uint8_t keep) { return x * (keep ? 1.0f : 0.0f); }
+
+static void mask_range(const float *restrict x, const uint8_t *restrict keep, float *restrict out, int64_t e,
+                       int64_t hi) {
+#if STREAMING
+    for (; e < hi && ((uintptr_t)(out + e) & 63); e++) out[e] = mask_one(x[e], keep[e]);
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    for (; e + 16 <= hi; e += 16) {
+        __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(keep + e)));
+        __m512 f = _mm512_mask_blend_ps(_mm512_test_epi32_mask(k, k), zero, one);
+        _mm512_stream_ps(out + e, _mm512_mul_ps(_mm512_loadu_ps(x + e), f));
+    }
+#endif
+    for (; e < hi; e++) out[e] = mask_one(x[e], keep[e]);
+}
+
+int mask_mul(int64_t len, const float *x, const uint8_t *keep, float *out, int nthreads) {
+    if (len < 0) return -1;
+    nthreads = clamp_threads(nthreads, len);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int i = 0; i < nthreads; i++) {
+        mask_range(x, keep, out, len * i / nthreads, len * (i + 1) / nthreads);
+#if STREAMING
+        _mm_sfence();
+#endif
+    }
+    return 0;
+}
+
+/* x *= e in place (zeroing a frozen mask's pruned weights): the same values as x.mul_(factor) */
+int mask_mul_inplace(int64_t len, float *x, const uint8_t *keep, int nthreads) {
+    if (len < 0) return -1;
+    nthreads = clamp_threads(nthreads, len);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int i = 0; i < nthreads; i++)
+        for (int64_t e = len * i / nthreads; e < len * (i + 1) / nthreads; e++) x[e] = mask_one(x[e], keep[e]);
     return 0;
 }

@@ -43,8 +43,9 @@ import torch
 import yaml
 from torch import nn
 
+from .. import native
 from ..checkpoint import write_atomic
-from ..layers import MaskedMixin, SliceSpec, current_loss_divisor, current_loss_scale
+from ..layers import MaskedMixin, SliceSpec, current_loss_divisor, current_loss_scale, masked_product
 from ..masks import grouped_dim, weight_nm_mask
 from ..recipe import Recipe, RecipeError, Rule
 from . import SparsityMethod, frozen_masked_weight, register_method
@@ -173,28 +174,32 @@ def write_scheme(path: str | os.PathLike, layers: dict[str, tuple[int, int]], ex
 
 # ---- forward / backward -------------------------------------------------------------------------------------------
 class _USDWeight(torch.autograd.Function):
-    """Forward W * E; backward g * E + coef * W * (|W| < tau) (coef, tau per output row; E as the 0/1 factor)."""
+    """Forward W * E; backward g * E + coef * W * (|W| < tau) (coef, tau per output row; E as the 0/1 factor, or on
+    CPU the bool mask, in one native pass with the same values)."""
 
     @staticmethod
-    def forward(ctx, weight, mask, coef, tau):
-        ctx.save_for_backward(weight, mask, coef, tau)
-        return weight * mask
+    def forward(ctx, weight, mask, coef, tau, bool_mask):
+        ctx.save_for_backward(weight, mask, coef, tau, bool_mask)
+        return masked_product(weight, mask, bool_mask)
 
     @staticmethod
     def backward(ctx, grad):
-        weight, mask, coef, tau = ctx.saved_tensors
+        weight, mask, coef, tau, bool_mask = ctx.saved_tensors
         scale = current_loss_scale(grad)  # fp16 AMP: the penalty is scaled like the loss gradient
         if scale is not None:
             coef = coef * scale  # per row: no weight-sized pass for the scale
         if current_loss_divisor() != 1:  # accumulation: the penalty enters each optimizer step once
             coef = coef / current_loss_divisor()
-        return grad * mask + coef * weight * (weight.abs() < tau), None, None, None
+        out = native.usd_grad_native(grad, weight, bool_mask, coef, tau)
+        if out is None:  # not float32 contiguous CPU tensors, or no kernel: six torch passes, the same values
+            out = grad * mask + coef * weight * (weight.abs() < tau)
+        return out, None, None, None, None
 
 
 def usd_weight(layer: MaskedMixin) -> torch.Tensor:
     """``weight_fn`` of ``usd``: the penalized search form while ``layer.usd_penalize``, else plain W * E / g * E."""
     if layer.usd_penalize:
-        return _USDWeight.apply(layer.weight, layer.mask_factor(), layer.usd_coef, layer.usd_tau)
+        return _USDWeight.apply(layer.weight, layer.mask_factor(), layer.usd_coef, layer.usd_tau, layer.weight_mask)
     return frozen_masked_weight(layer)
 
 
