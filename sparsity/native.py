@@ -1,4 +1,5 @@
-"""The optional native CPU kernels (``csrc/nm_rank.c``: N:M masks and SR-STE's weight gradient; ``csrc/tiles.c``:
+"""The optional native CPU kernels (``csrc/nm_rank.c``: N:M masks, SR-STE's and USD's weight gradients and the
+products by a frozen mask; ``csrc/tiles.c``:
 supermask's tile expansion and backward; ``csrc/gumbel.c``: gumbel's sampled weight, its backward and argmax masks):
 built on first use, cached, loaded with ctypes.
 

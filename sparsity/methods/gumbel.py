@@ -173,7 +173,7 @@ def _gumbel_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.T
     """Gumbel(0, 1) noise -log(-log(u)) for the logits of one unit (a new float32 tensor of ``shape``).
 
     On CPU it is the counter stream of ``seed`` (:func:`counter_noise`): logit number i gets the same value
-    whichever code computes it, the native forward and backward included, which recompute it instead of storing it.
+    whichever code computes it (the native kernels, which compute it in registers, or these torch ops).
     On other devices: ``torch.rand`` from a generator of that device seeded with ``seed``.
     """
     if torch.device(device).type == "cpu":
