@@ -58,6 +58,8 @@ def _check_value(action: argparse.Action, key: str, value, path: str) -> None:
             return
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"'{key}' in {path} must be a list, got {value!r}")
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise ConfigError(f"'{key}' in {path} takes {action.nargs} values, got {len(value)}: {value!r}")
         items = value
     else:
         items = [value]
@@ -114,16 +116,19 @@ TIMM_DEFAULTS = {
     "amp_impl": "native", "no_ddp_bb": False, "synchronize_step": False, "no_prefetcher": False, "tta": 0,
     "local_rank": 0, "use_multi_epochs_loader": False, "model_dtype": None, "train_num_samples": None,
     "val_num_samples": None,
+    # later timm versions' keys
+    "input_img_mode": None, "input_key": None, "target_key": None, "dataset_trust_remote_code": False,
+    "device_modules": None, "wandb_project": None, "wandb_tags": [], "wandb_resume_id": "",
 }
 
 
-def _timm_key(key: str, value, cfg: dict, path: str) -> bool:
+def _timm_key(key: str, value, cfg: dict, path: str, timm_file: bool) -> bool:
     """True when ``key`` of a config file is a timm train.py setting this train.py does not take that can be dropped
     (timm's default, or a ``data`` path moved to ``data_dir`` as timm does); a ConfigError when it asks for something
     not done here; False when it is no timm setting at all."""
     flag = "--" + key.replace("_", "-")
-    if key == "config":  # timm's args.yaml records the file it was made from: its settings are already here
-        return True
+    if key == "config" and (timm_file or value in (None, "")):  # a timm args.yaml records the file it was made
+        return True  # from: its settings are already here (in our own configs the key stays an error)
     if key not in TIMM_DEFAULTS and flag not in TIMM_ONLY and f"--{key}" not in TIMM_ONLY:
         return False
     if key == "data" and value:  # timm's deprecated positional data dir
@@ -132,7 +137,7 @@ def _timm_key(key: str, value, cfg: dict, path: str) -> bool:
                               "new name of the data dir); keep data_dir")
         cfg["data_dir"] = value
         return True
-    if value == TIMM_DEFAULTS.get(key) or value in (None, False, "", 0, [], {}):
+    if value is None or (key in TIMM_DEFAULTS and value == TIMM_DEFAULTS[key]):  # unset, or timm's default
         return True
     reason = TIMM_ONLY.get(flag) or TIMM_ONLY.get(f"--{key}") or "not implemented"
     default = TIMM_DEFAULTS.get(key)
@@ -183,7 +188,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
             if key in ignore and key not in actions:
                 del cfg[key]
                 continue
-            if key not in actions and _timm_key(key, cfg[key], cfg, known.config):
+            if key not in actions and _timm_key(key, cfg[key], cfg, known.config, timm_file):
                 del cfg[key]
                 continue
             if key == "output" and cfg[key] == "" and timm_file:  # timm's default: its ./output/train; ours here

@@ -135,8 +135,10 @@ class SparseConv1x1(SparseLinear):
         self.stride = tuple(stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if self.stride != (1, 1):
-            x = x[:, :, ::self.stride[0], ::self.stride[1]]
+            x = x[..., ::self.stride[0], ::self.stride[1]]
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
@@ -201,9 +203,15 @@ def layer_backend(layer: MaskedMixin) -> str:
     return "bsr" if any(s.tile for s in layer.slices) else "semi_structured"
 
 
+def _plain(mod: nn.Module) -> bool:
+    """A Linear/Conv2d whose forward is the stock one (or our masked one): subclasses with their own forward (timm's
+    StdConv2d standardizes its weight, Conv2dSame pads) are not the matmul their weight suggests."""
+    return type(mod) in (nn.Linear, nn.Conv2d) or isinstance(mod, MaskedMixin)
+
+
 def _is_matmul_conv(mod: nn.Module) -> bool:
     """A Conv2d that is a matmul over channels: 1x1 kernel, one group, no padding (any stride)."""
-    if not (isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) == (1, 1) and mod.groups == 1):
+    if not (isinstance(mod, nn.Conv2d) and _plain(mod) and tuple(mod.kernel_size) == (1, 1) and mod.groups == 1):
         return False
     return mod.padding in ("valid", "same") if isinstance(mod.padding, str) else tuple(mod.padding) == (0, 0)
 
@@ -228,6 +236,8 @@ def _pattern(mod: nn.Module) -> str:
 def pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize: int | None,
                     semi_kernel: str = "auto") -> tuple[str | None, str]:
     """(why the pattern/shape/dtype cannot run on ``backend`` or None, a note for the table)."""
+    if not _plain(mod):
+        return f"{type(mod).__name__}: its own forward (not the plain matmul/conv of its weight) stays dense", ""
     if not isinstance(mod, nn.Linear) and not _is_matmul_conv(mod):
         if tuple(mod.weight.shape[2:]) == (1, 1):
             return (f"1x1 Conv2d with groups={mod.groups}, padding={mod.padding}: only a plain 1x1 conv (one group, "

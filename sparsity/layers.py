@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import native
 
@@ -176,12 +177,14 @@ class MaskedMixin:
         changes again, W is then W * E bit for bit and :func:`frozen_weight` skips its product."""
         if not (self.weight.device.type == "cpu" and native.mask_mul_native_(self.weight, self.weight_mask)):
             self.weight.mul_(self.mask_factor())
-        self._zeroed_key = self._weight_key()
+        self._zeroed_key = (self._weight_key(), _OPTIMIZER_STEPS[0])
 
     def pruned_are_zero(self) -> bool:
-        """True while the weight holds exactly what :meth:`zero_pruned_` left (same tensors, versions unmoved)."""
+        """True, in training mode, while the weight holds exactly what :meth:`zero_pruned_` left: the same tensors,
+        their version counters unmoved and no optimizer step since (torch's fused optimizers write parameters
+        without moving their version counters; a post-step hook on every optimizer counts the steps)."""
         key = getattr(self, "_zeroed_key", None)
-        return key is not None and key == self._weight_key()
+        return self.training and key is not None and key == (self._weight_key(), _OPTIMIZER_STEPS[0])
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -331,6 +334,16 @@ def current_loss_divisor() -> int:
     return _LOSS_DIVISOR
 
 
+_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process, any optimizer (see MaskedMixin.pruned_are_zero)
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def masked_product(x: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x * E``: on CPU in one native pass over ``x`` and the 1-byte ``mask`` (no float factor read), elsewhere
     ``x * factor``; the same values either way (E is exactly 0/1)."""
@@ -372,7 +385,7 @@ class _ZeroedWeight(torch.autograd.Function):
 def frozen_weight(layer: MaskedMixin) -> torch.Tensor:
     """``weight_fn`` for a fixed binary mask: W * E with gradient g * E. Right after the controller's
     ``zero_pruned_`` (the training forward of a frozen mask) W is W * E already, so the forward's weight-sized
-    product is skipped; elsewhere (eval after an optimizer step, an EMA copy) the product runs."""
+    product is skipped; elsewhere (eval mode, after an optimizer step, an EMA copy) the product runs."""
     if torch.compiler.is_compiling():
         return _FrozenWeight.apply(layer.weight, layer.mask_factor(), layer.weight_mask)
     fn = _ZeroedWeight if layer.pruned_are_zero() else _FrozenWeight

@@ -72,9 +72,9 @@ def check_args(args) -> None:
     need(args.lr_k_decay > 0, f"--lr-k-decay must be above 0, got {args.lr_k_decay}")
     need(args.drop_block is None or 0 <= args.drop_block < 1, f"--drop-block must be in [0, 1), got {args.drop_block}")
     need(args.mixup_off_epoch >= 0, f"--mixup-off-epoch must be 0 (never) or more, got {args.mixup_off_epoch}")
-    lo, hi = args.cutmix_minmax or (0.5, 0.5)
-    need(0 < lo <= hi <= 1, f"--cutmix-minmax takes MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the image side), "
-                            f"got {lo} {hi}")
+    lo, hi = args.cutmix_minmax or (0.25, 0.75)
+    need(0 < lo < hi <= 1, f"--cutmix-minmax takes MIN MAX with 0 < MIN < MAX <= 1 (fractions of the image side), "
+                           f"got {lo} {hi}")
     need(args.bce_target_thresh is None or 0 <= args.bce_target_thresh <= 1,
          f"--bce-target-thresh must be in [0, 1], got {args.bce_target_thresh}")
     need(args.bce_pos_weight is None or args.bce_pos_weight > 0,

@@ -260,6 +260,11 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         except RuntimeError as e:
             raise CheckpointError(f"--resume {resume_path} does not fit this model/recipe: {str(e)[:300]}") from None
     data_cfg = resolve_data(args, model)
+    side = min(data_cfg["input_size"][1:])
+    if args.cutmix_minmax and int(side * args.cutmix_minmax[0]) >= int(side * args.cutmix_minmax[1]):
+        raise UserError(f"--cutmix-minmax {args.cutmix_minmax[0]} {args.cutmix_minmax[1]} gives boxes of "
+                        f"{int(side * args.cutmix_minmax[0])} to {int(side * args.cutmix_minmax[1])} pixels at "
+                        f"{side}x{side} inputs, an empty range; widen it")
     loader_train, loader_val = build_loaders(args, data_cfg, train_ds, val_ds, dist)
     if args.aug_repeats and len(loader_train) < 1:
         per_rank = len(loader_train.sampler)
@@ -387,6 +392,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         from timm.data import Mixup
+
 
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob,

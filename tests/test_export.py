@@ -547,6 +547,23 @@ def test_plan_tells_1x1_convs_from_kxk_convs():
     assert "1x1 Conv2d with groups=2" in rows["grouped"]
 
 
+def test_accelerate_keeps_conv_subclasses_with_their_own_forward(monkeypatch):
+    """timm's StdConv2d standardizes its weight in its forward: the raw weight is not the matmul, so its row says
+    so and it stays (BiT ResNets are made of them)."""
+    from timm.layers import StdConv2d
+
+    import sparsity.accelerate as acc
+
+    model = torch.nn.Sequential(StdConv2d(64, 64, 1), torch.nn.Conv2d(64, 64, 1))
+    with torch.no_grad():
+        for conv in model:
+            conv.weight.view(64, 16, 4)[:, :, :2] = 0  # 2:4 zeros along the input channels
+    monkeypatch.setattr(acc, "_device_problem", lambda *a: None)
+    rows = acc.plan_acceleration(model, backend="semi_structured", dtype=torch.bfloat16)
+    assert "StdConv2d: its own forward" in rows[0]["reason"] and not rows[0]["eligible"]
+    assert rows[1]["eligible"] and rows[1]["pattern"] == "2:4 (from its zeros)", rows
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
 def test_sparse_conv1x1_is_the_conv(stride):
@@ -565,8 +582,10 @@ def test_sparse_conv1x1_is_the_conv(stride):
         got = bsr(x)
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
         # the 2:4 path's reshapes, with the dense matrix standing in for the 2:4 tensor (CUDA only)
-        semi = SparseConv1x1(w, conv.bias.detach(), 32, 16, "semi_structured", stride=(stride, stride))(x)
+        layer = SparseConv1x1(w, conv.bias.detach(), 32, 16, "semi_structured", stride=(stride, stride))
+        semi = layer(x)
         assert torch.allclose(semi, want, atol=1e-5)
+        assert torch.allclose(layer(x[0]), conv(x[0]), atol=1e-5)  # unbatched (C, H, W), as Conv2d takes it
         assert semi.is_contiguous(memory_format=torch.channels_last)  # what the next channels-last layer reads
 
 

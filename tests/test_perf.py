@@ -776,3 +776,12 @@ def test_a_frozen_mask_skips_the_forward_product_only_while_the_weights_are_zero
     ctl.step(9)
     ema = copy.deepcopy(model)
     assert layer.pruned_are_zero() and not ema[0].pruned_are_zero()  # a copy's tensors are other tensors
+    model.eval()
+    assert not layer.pruned_are_zero()  # eval forwards multiply
+    model.train()
+    # torch's fused optimizers write the parameters without moving their version counters: the step hook counts
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    before = layer.weight._version
+    model(x).square().sum().backward()
+    opt.step()
+    assert layer.weight._version == before and not layer.pruned_are_zero()

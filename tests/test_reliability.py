@@ -519,7 +519,9 @@ def test_disk_full_on_the_run_tables_is_one_message(tmp_path, monkeypatch, capsy
                              "from the checkpoint: use --resume"),
     (["--grad-acum-steps", "2"], "unrecognized arguments: --grad-acum-steps 2; did you mean '--grad-accum-steps'?"),
     (["--sched", "cosinee"], "argument --sched: invalid choice: 'cosinee'"),
-    (["--cutmix-minmax", "0.8", "0.2"], "--cutmix-minmax takes MIN MAX with 0 < MIN <= MAX <= 1"),
+    (["--cutmix-minmax", "0.8", "0.2"], "--cutmix-minmax takes MIN MAX with 0 < MIN < MAX <= 1"),
+    (["--cutmix-minmax", "0.5", "0.5"], "--cutmix-minmax takes MIN MAX with 0 < MIN < MAX <= 1"),
+    (["--cutmix-minmax", "0.30", "0.31"], "--cutmix-minmax 0.3 0.31 gives boxes of 9 to 9 pixels at 32x32 inputs"),
 ])
 def test_nonsense_values_are_one_message(tmp_path, capsys, flags, message):
     """Values timm or torch refused mid-run in a traceback (or accepted: a negative warm-up, an EMA decay of 5)."""

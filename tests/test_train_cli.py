@@ -741,12 +741,25 @@ def test_a_timm_args_yaml_plus_a_sparsity_block_is_a_config(tmp_path, capsys, mo
         report = list(csv.DictReader(f))
     assert len(report) >= 8 and all(r["pattern"] == "conv=2:4" and r["conforms"] == "True" for r in report)
     for key, value, why in [("jsd_loss", True, "AugMix"), ("no_ddp_bb", True, "broadcasts"),
-                            ("worker_seeding", "part", "not implemented")]:
+                            ("worker_seeding", "part", "not implemented"), ("head_init_scale", 0, "not implemented"),
+                            ("gp", "", "global_pool")]:  # falsy but not timm's default: they mean something
         bad = tmp_path / f"{key}.yaml"
         bad.write_text(yaml.safe_dump({**timm_args, key: value}))
         assert run_cli(train.main, ["--config", str(bad), "--print-config"]) == cli_common.USER_ERROR_EXIT
         err = capsys.readouterr().err
         assert f"'{key}: {value}'" in err and why in err and "timm train.py setting" in err, err
+    newer = tmp_path / "newer.yaml"  # keys of later timm versions, at their defaults
+    newer.write_text(yaml.safe_dump({**timm_args, "input_img_mode": None, "wandb_tags": [], "device_modules": None}))
+    assert run_cli(train.main, ["--config", str(newer), "--print-config"]) == 0
+    capsys.readouterr()
+    ours = tmp_path / "ours.yaml"  # in our own configs a 'config' key stays an error (a config naming a config)
+    ours.write_text(yaml.safe_dump({"config": "base.yaml", "sparsity": timm_args["sparsity"]}))
+    assert run_cli(train.main, ["--config", str(ours), "--print-config"]) == cli_common.USER_ERROR_EXIT
+    assert "unknown key 'config'" in capsys.readouterr().err
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump({**timm_args, "cutmix_minmax": [0.2]}))
+    assert run_cli(train.main, ["--config", str(short), "--print-config"]) == cli_common.USER_ERROR_EXIT
+    assert "'cutmix_minmax' in" in capsys.readouterr().err
     old = tmp_path / "old.yaml"  # timm's deprecated positional data dir: its data_dir
     old.write_text(yaml.safe_dump({**timm_args, "data": str(tmp_path / "data"), "data_dir": None}))
     assert run_cli(train.main, ["--config", str(old), "--print-config"]) == 0
