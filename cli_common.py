@@ -206,8 +206,8 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         return int(main(argv) or 0)
     except UserError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        _report_to_launcher(_one_line(e))
+        if not _launcher_reports(e):
+            print(f"error: {_one_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT
     except TrainingError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -217,16 +217,20 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return 130
 
 
-def _report_to_launcher(message: str) -> None:
+def _launcher_reports(e: Exception) -> bool:
     """Under distributed_train.sh the bad-input line also goes to SPARSITY_ERROR_FILE, so the launcher can end with
-    it and exit code 2 (torchrun itself reports any failed worker as 1). Best effort."""
+    it and exit code 2 (torchrun itself reports any failed worker as 1). True when the launcher will print it for
+    this process: ranks other than 0 then stay quiet (every rank refuses the same input; a line only one of them
+    has still reaches the launcher's file). Best effort."""
     path = os.environ.get("SPARSITY_ERROR_FILE")
-    if path:
-        try:
-            with open(path, "a") as f:
-                f.write(message + "\n")
-        except OSError:
-            pass
+    if not path:
+        return False
+    try:
+        with open(path, "a") as f:
+            f.write(_one_line(e) + "\n")
+    except OSError:
+        return False
+    return os.environ.get("RANK", "0") != "0"
 
 
 def _one_line(e: Exception) -> str:

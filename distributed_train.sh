@@ -19,8 +19,9 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 # Bad input (a recipe typo, a missing --data-dir) makes every worker exit with code 2 and one "error:" line, but
-# torchrun reports any failed worker as exit code 1 under its own summary. The workers also write that line to
-# SPARSITY_ERROR_FILE; after torchrun this script repeats it as the last line and exits with 2, as train.py does.
+# torchrun reports any failed worker as exit code 1 under its own summary. The workers write that line to
+# SPARSITY_ERROR_FILE (rank 0 also prints it; the others stay quiet); after torchrun this script repeats each
+# distinct line at the end and exits with 2, as train.py does.
 ERROR_FILE=$(mktemp "${TMPDIR:-/tmp}/sparsity-error.XXXXXX")
 trap 'rm -f "$ERROR_FILE"' EXIT
 set +e
@@ -35,7 +36,7 @@ while :; do
   kill -0 "$child" 2>/dev/null || break  # a trapped signal ends wait early: wait again until torchrun is done
 done
 if [ "$rc" -ne 0 ] && [ -s "$ERROR_FILE" ]; then
-  echo "error: $(head -n 1 "$ERROR_FILE")" >&2
+  awk '!seen[$0]++ { print "error: " $0 }' "$ERROR_FILE" >&2  # each distinct line once (every rank wrote its own)
   exit 2
 fi
 exit "$rc"

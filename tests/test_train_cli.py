@@ -448,7 +448,7 @@ def test_torchrun_two_processes_identical_masks_and_weights(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_torchrun_bad_input_ends_with_the_error_line_and_exit_code_2(tmp_path):
     """torchrun reports a failed worker as exit code 1 under its own summary; the launcher ends with the workers'
-    one-line error and exit code 2, as train.py does on one process."""
+    one-line error and exit code 2, as train.py does on one process, and the line is not repeated per rank."""
     cfg = _recipe(tmp_path, "typo", {"method": "srste", "rules": [{"target": "ff", "n": 2, "mm": 4}]})
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -458,6 +458,8 @@ def test_torchrun_bad_input_ends_with_the_error_line_and_exit_code_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown key 'sparsity.rules[0].mm'") and "did you mean 'm'" in last
+    # rank 0's own line and the launcher's last one: rank 1 wrote its line to the launcher's file only
+    assert sum(line.startswith("error: unknown key") for line in proc.stderr.splitlines()) == 2, proc.stderr
     assert not (tmp_path / "out").exists()
     assert not list(scratch.glob("sparsity-error.*"))  # the launcher's error file is removed on exit
 
