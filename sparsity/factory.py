@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+import urllib.parse
 
 import torch
 from torch import nn
@@ -80,6 +83,41 @@ def _create(model_name: str, timm_kwargs: dict) -> nn.Module:
                          "(e.g. embed_dim divisible by num_heads, patch_size dividing img_size)") from None
 
 
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here, when its host name does not resolve (no network): then
+    huggingface_hub's retries would spend most of a minute before failing. None when the name resolves, when a proxy
+    is set (the proxy resolves names) or when huggingface_hub is offline already (it fails fast itself)."""
+    if any(os.environ.get(k) for k in _PROXY_VARS):
+        return None
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    if constants.HF_HUB_OFFLINE or not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"{host} does not resolve: {e.strerror or e}"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub in offline mode for the block: files come from its cache, no request is made."""
+    from huggingface_hub import constants
+
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _create_pretrained(model_name: str, path, timm_kwargs: dict) -> nn.Module:
     """``timm.create_model(pretrained=True)``; a failure to get or fit the weights is one message naming them."""
     import timm
@@ -104,11 +142,19 @@ def _create_pretrained(model_name: str, path, timm_kwargs: dict) -> nn.Module:
                          "FILE, or drop --pretrained")
     else:
         overlay, source = {}, "timm's pretrained weights"
+    cfg = None if path else timm.models.get_pretrained_cfg(model_name)
+    offline = _hub_unreachable() if cfg is not None and getattr(cfg, "hf_hub_id", None) else None
     try:
-        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
+        with _hub_offline() if offline else contextlib.nullcontext():  # no network: the cache, without retries
+            model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
     except Exception as e:  # noqa: BLE001 - a download, a file or a shape: the build itself is checked below
         _create(model_name, timm_kwargs)  # the arguments themselves are wrong: that message instead
         first = (str(e).strip().splitlines() or [""])[0][:300]
+        if offline:
+            raise ModelError(f"--pretrained: the Hugging Face Hub is out of reach ({offline}) and the weights of "
+                             f"'{model_name}' ({cfg.hf_hub_id}) are not in its local cache; download them where "
+                             "there is network (they are then read from the cache) or pass --pretrained-path FILE"
+                             ) from None
         raise ModelError(f"--pretrained: could not load {source} into '{model_name}' ({type(e).__name__}: {first}); "
                          "without network access download them first and pass --pretrained-path FILE; a sparse "
                          "checkpoint of ours goes through --initial-checkpoint") from None

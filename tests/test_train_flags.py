@@ -214,10 +214,13 @@ def test_pretrained_failures_are_one_message(tmp_path, capsys, monkeypatch):
     nothing written."""
     import timm.models._builder as builder
 
+    import sparsity.factory as factory
+
     def offline(*a, **k):
         raise ConnectionError("Name or service not known")
 
     monkeypatch.setattr(builder, "load_pretrained", offline)
+    monkeypatch.setattr(factory, "_hub_unreachable", lambda: None)  # the hub resolves; the download fails
     out = tmp_path / "out"
     base = [*TINY_VIT, *FAST, "--output", str(out)]
     assert run_cli(train.main, [*base, "--pretrained"]) == 2
@@ -234,6 +237,41 @@ def test_pretrained_failures_are_one_message(tmp_path, capsys, monkeypatch):
     assert run_cli(train.main, [*base, "--pretrained"]) == 2
     assert "timm has no pretrained weights for 'vit_tiny_patch16_224'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_pretrained_without_network_reads_the_hub_cache_and_fails_fast_otherwise(tmp_path, capsys, monkeypatch):
+    """The hub's host name does not resolve: no request is made (huggingface_hub's retries took about 50 s before
+    failing); weights in the Hugging Face cache load, missing ones are one message naming the hub id."""
+    import socket
+
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    import sparsity.factory as factory
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    for var in factory._PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "out"
+    args = ["--model", "resnet10t", "--pretrained", *FAST, "--output", str(out)]
+    assert run_cli(train.main, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the Hugging Face Hub is out of reach (huggingface.co does not resolve" in err[0] \
+        and "(timm/resnet10t.c3_in1k) are not in its local cache" in err[0], err
+    assert not out.exists() and constants.HF_HUB_OFFLINE is False  # offline only for the attempt
+    torch.manual_seed(3)
+    ref = timm.create_model("resnet10t")
+    repo, rev = tmp_path / "hub" / "models--timm--resnet10t.c3_in1k", "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, repo / "snapshots" / rev / "model.safetensors")
+    model = factory._create_pretrained("resnet10t", None, {})
+    assert torch.equal(model.conv1[0].weight, ref.conv1[0].weight) and torch.equal(model.fc.bias, ref.fc.bias)
 
 
 CKPT_RECIPES = {
