@@ -127,25 +127,27 @@ class MaskedMixin:
 
     def masked_weight_written(self, beta: float = 0.0) -> None:
         """Declare the buffer of :meth:`masked_weight_out` equal to ``W * (E + beta (1 - E))`` (``W * E`` for
-        beta 0) for the weight and mask as they are now (their version counters are recorded: any in-place
-        update, optimizer steps included, stales it)."""
+        beta 0) for the weight and mask as they are now (their version counters and the optimizer-step count are
+        recorded: any in-place update stales it, and any optimizer step, since torch's fused optimizers write
+        parameters without moving their version counters)."""
         cached = getattr(self, "_masked_cache", None)
         if cached is not None:
             key = self._weight_key()
-            self.__dict__["_masked_cache"] = (None if key is None else (*key, float(beta)), cached[1])
+            self.__dict__["_masked_cache"] = (
+                None if key is None else (*key, float(beta), _OPTIMIZER_STEPS[0]), cached[1])
 
     def fresh_masked_weight(self, beta: float = 0.0) -> torch.Tensor | None:
         """The forward weight precomputed by the mask kernel for this ``beta`` if the weight and mask have not
         changed since (the forward then multiplies nothing), else None. Always None while compiling: the
         compiler fuses the product itself. "Changed" is read from version counters, which writes through
-        ``param.data`` bypass; optimizers update parameters in place without it."""
+        ``param.data`` bypass, and from the count of optimizer steps (fused optimizers bypass the counters too)."""
         if torch.compiler.is_compiling():  # first: the compiler must not trace (and guard on) the cache key
             return None
         cached = getattr(self, "_masked_cache", None)
         if cached is None or cached[0] is None:
             return None
         key = self._weight_key()
-        return cached[1] if key is not None and cached[0] == (*key, float(beta)) else None
+        return cached[1] if key is not None and cached[0] == (*key, float(beta), _OPTIMIZER_STEPS[0]) else None
 
     def memory_key(self) -> tuple:
         """Where this layer's weight, mask, precomputed forward weight and 0/1 factor live (data pointers): what a

@@ -785,3 +785,29 @@ def test_a_frozen_mask_skips_the_forward_product_only_while_the_weights_are_zero
     model(x).square().sum().backward()
     opt.step()
     assert layer.weight._version == before and not layer.pruned_are_zero()
+
+
+@pytest.mark.parametrize("method", ["ste", "supermask"])
+def test_a_fused_optimizer_step_stales_the_precomputed_forward_weight(method):
+    """torch's fused optimizers write the parameters without moving their version counters: the forward weight the
+    mask step precomputed must not outlive an optimizer step (an eval right after the last step, without a mask
+    step, once used the weights of before that step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    rule = {"target": "linear", "sparsity": 0.5, "tile": 8} if method == "supermask" else \
+        {"target": "linear", "n": 2, "m": 4}
+    rec = sparsity.recipe_from_dict({"method": method, "rules": [rule]})
+    sparsity.sparsify_(model, rec)
+    ctl = sparsity.SparsityController(model, rec, total_steps=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    x = torch.randn(4, 64)
+    ctl.step(0)
+    layer = model[0]
+    before = layer.weight._version
+    model(x).square().sum().backward()
+    opt.step()
+    assert layer.weight._version == before  # the fused step did not move it
+    model.eval()
+    assert layer.fresh_masked_weight() is None
+    with torch.no_grad():
+        assert torch.allclose(model(x), F.linear(x, layer.weight * layer.weight_mask, layer.bias), atol=1e-6)
