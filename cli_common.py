@@ -129,7 +129,7 @@ def _timm_key(key: str, value, cfg: dict, path: str, timm_file: bool) -> bool:
     flag = "--" + key.replace("_", "-")
     if key == "config" and (timm_file or value in (None, "")):  # a timm args.yaml records the file it was made
         return True  # from: its settings are already here (in our own configs the key stays an error)
-    if key not in TIMM_DEFAULTS and flag not in TIMM_ONLY and f"--{key}" not in TIMM_ONLY:
+    if key not in TIMM_DEFAULTS:
         return False
     if key == "data" and value:  # timm's deprecated positional data dir
         if cfg.get("data_dir") not in (None, "", value):
@@ -137,12 +137,11 @@ def _timm_key(key: str, value, cfg: dict, path: str, timm_file: bool) -> bool:
                               "new name of the data dir); keep data_dir")
         cfg["data_dir"] = value
         return True
-    if value is None or (key in TIMM_DEFAULTS and value == TIMM_DEFAULTS[key]):  # unset, or timm's default
+    if value is None or value == TIMM_DEFAULTS[key]:  # unset, or timm's default
         return True
     reason = TIMM_ONLY.get(flag) or TIMM_ONLY.get(f"--{key}") or "not implemented"
-    default = TIMM_DEFAULTS.get(key)
     raise ConfigError(f"'{key}: {value}' in {path} is a timm train.py setting not taken here: {reason}; remove the "
-                      f"key (a timm args.yaml is accepted when such keys keep timm's default, {default!r})")
+                      f"key (a timm args.yaml is accepted when such keys keep timm's default, {TIMM_DEFAULTS[key]!r})")
 
 
 def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -124,6 +124,8 @@ def _create_pretrained(model_name: str, path, timm_kwargs: dict) -> nn.Module:
     from timm.models import is_model_pretrained
 
     heads: tuple = ()
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    offline = None
     if path:
         ckpt = load_checkpoint_file(path)  # weights_only; timm's own file loader would unpickle anything
         ema = any(isinstance(ckpt.get(k), dict) for k in ("state_dict_ema", "model_ema"))
@@ -131,7 +133,6 @@ def _create_pretrained(model_name: str, path, timm_kwargs: dict) -> nn.Module:
         overlay, source = {"state_dict": state}, f"{path}{' (EMA weights)' if ema else ''}"
         # timm keeps the file's classifier when its class count is the model's, and drops it otherwise; it compares
         # against the pretrained config's count, so that is the file's own
-        cfg = timm.models.get_pretrained_cfg(model_name)
         heads = (cfg.classifier or ()) if cfg is not None else ()
         heads = (heads,) if isinstance(heads, str) else tuple(heads)
         head = next((state[f"{h}.weight"] for h in heads if isinstance(state.get(f"{h}.weight"), torch.Tensor)), None)
@@ -142,8 +143,7 @@ def _create_pretrained(model_name: str, path, timm_kwargs: dict) -> nn.Module:
                          "FILE, or drop --pretrained")
     else:
         overlay, source = {}, "timm's pretrained weights"
-    cfg = None if path else timm.models.get_pretrained_cfg(model_name)
-    offline = _hub_unreachable() if cfg is not None and getattr(cfg, "hf_hub_id", None) else None
+        offline = _hub_unreachable() if getattr(cfg, "hf_hub_id", None) else None
     try:
         with _hub_offline() if offline else contextlib.nullcontext():  # no network: the cache, without retries
             model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)

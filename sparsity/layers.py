@@ -107,9 +107,12 @@ class MaskedMixin:
             self._mask_factor = (key, cached[1])
 
     def _weight_key(self) -> tuple | None:
+        """What a cache of values computed from the weight and mask is valid for: the same tensors, their version
+        counters unmoved, and no optimizer step since (torch's fused optimizers write parameters without moving
+        their version counters; a post-step hook on every optimizer counts the steps)."""
         w, mask = self.weight, self.weight_mask
         try:
-            return (id(w), w.data_ptr(), w._version, id(mask), mask.data_ptr(), mask._version)
+            return (id(w), w.data_ptr(), w._version, id(mask), mask.data_ptr(), mask._version, _OPTIMIZER_STEPS[0])
         except RuntimeError:  # inference tensors keep no version counter
             return None
 
@@ -127,27 +130,25 @@ class MaskedMixin:
 
     def masked_weight_written(self, beta: float = 0.0) -> None:
         """Declare the buffer of :meth:`masked_weight_out` equal to ``W * (E + beta (1 - E))`` (``W * E`` for
-        beta 0) for the weight and mask as they are now (their version counters and the optimizer-step count are
-        recorded: any in-place update stales it, and any optimizer step, since torch's fused optimizers write
-        parameters without moving their version counters)."""
+        beta 0) for the weight and mask as they are now (:meth:`_weight_key`: any in-place update or optimizer step
+        stales it)."""
         cached = getattr(self, "_masked_cache", None)
         if cached is not None:
             key = self._weight_key()
-            self.__dict__["_masked_cache"] = (
-                None if key is None else (*key, float(beta), _OPTIMIZER_STEPS[0]), cached[1])
+            self.__dict__["_masked_cache"] = (None if key is None else (*key, float(beta)), cached[1])
 
     def fresh_masked_weight(self, beta: float = 0.0) -> torch.Tensor | None:
         """The forward weight precomputed by the mask kernel for this ``beta`` if the weight and mask have not
         changed since (the forward then multiplies nothing), else None. Always None while compiling: the
-        compiler fuses the product itself. "Changed" is read from version counters, which writes through
-        ``param.data`` bypass, and from the count of optimizer steps (fused optimizers bypass the counters too)."""
+        compiler fuses the product itself. "Changed" is read from :meth:`_weight_key` (writes through ``param.data``
+        bypass it)."""
         if torch.compiler.is_compiling():  # first: the compiler must not trace (and guard on) the cache key
             return None
         cached = getattr(self, "_masked_cache", None)
         if cached is None or cached[0] is None:
             return None
         key = self._weight_key()
-        return cached[1] if key is not None and cached[0] == (*key, float(beta), _OPTIMIZER_STEPS[0]) else None
+        return cached[1] if key is not None and cached[0] == (*key, float(beta)) else None
 
     def memory_key(self) -> tuple:
         """Where this layer's weight, mask, precomputed forward weight and 0/1 factor live (data pointers): what a
@@ -179,14 +180,13 @@ class MaskedMixin:
         changes again, W is then W * E bit for bit and :func:`frozen_weight` skips its product."""
         if not (self.weight.device.type == "cpu" and native.mask_mul_native_(self.weight, self.weight_mask)):
             self.weight.mul_(self.mask_factor())
-        self._zeroed_key = (self._weight_key(), _OPTIMIZER_STEPS[0])
+        self._zeroed_key = self._weight_key()
 
     def pruned_are_zero(self) -> bool:
-        """True, in training mode, while the weight holds exactly what :meth:`zero_pruned_` left: the same tensors,
-        their version counters unmoved and no optimizer step since (torch's fused optimizers write parameters
-        without moving their version counters; a post-step hook on every optimizer counts the steps)."""
+        """True, in training mode, while the weight holds exactly what :meth:`zero_pruned_` left
+        (:meth:`_weight_key` unchanged)."""
         key = getattr(self, "_zeroed_key", None)
-        return self.training and key is not None and key == (self._weight_key(), _OPTIMIZER_STEPS[0])
+        return self.training and key is not None and key == self._weight_key()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -336,7 +336,7 @@ def current_loss_divisor() -> int:
     return _LOSS_DIVISOR
 
 
-_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process, any optimizer (see MaskedMixin.pruned_are_zero)
+_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process, any optimizer (see MaskedMixin._weight_key)
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
@@ -370,7 +370,7 @@ class _FrozenWeight(torch.autograd.Function):
         return masked_product(grad, factor, mask), None, None
 
 
-class _ZeroedWeight(torch.autograd.Function):
+class _ZeroedWeight(_FrozenWeight):
     """W itself forward (its pruned weights are exactly zero already: W * E is W bit for bit), g * E backward."""
 
     @staticmethod
@@ -378,20 +378,13 @@ class _ZeroedWeight(torch.autograd.Function):
         ctx.save_for_backward(factor, mask)
         return weight.view_as(weight)
 
-    @staticmethod
-    def backward(ctx, grad):
-        factor, mask = ctx.saved_tensors
-        return masked_product(grad, factor, mask), None, None
-
 
 def frozen_weight(layer: MaskedMixin) -> torch.Tensor:
     """``weight_fn`` for a fixed binary mask: W * E with gradient g * E. Right after the controller's
     ``zero_pruned_`` (the training forward of a frozen mask) W is W * E already, so the forward's weight-sized
     product is skipped; elsewhere (eval mode, after an optimizer step, an EMA copy) the product runs."""
-    if torch.compiler.is_compiling():
-        return _FrozenWeight.apply(layer.weight, layer.mask_factor(), layer.weight_mask)
-    fn = _ZeroedWeight if layer.pruned_are_zero() else _FrozenWeight
-    return fn.apply(layer.weight, layer.mask_factor(), layer.weight_mask)
+    zeroed = not torch.compiler.is_compiling() and layer.pruned_are_zero()  # compiled: the product, fused
+    return (_ZeroedWeight if zeroed else _FrozenWeight).apply(layer.weight, layer.mask_factor(), layer.weight_mask)
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:

@@ -291,12 +291,18 @@ def counts_array(counts) -> ctypes.Array:
     return _int64s(counts)
 
 
+def _masked_floats(mask: torch.Tensor, *xs: torch.Tensor) -> bool:
+    """Whether the one-pass mask kernels take these: a bool ``mask`` and float32 ``xs`` of its shape, contiguous on
+    CPU, with the kernel library loaded."""
+    return mask.dtype == torch.bool and all(x.dtype == torch.float32 and x.shape == mask.shape for x in xs) \
+        and tile_supports(mask, *xs)
+
+
 def srste_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor | None:
     """SR-STE's weight gradient ``g + lam * (1 - E) * W`` in one pass over the gradient, the weight and the 1-byte
     mask (the torch ops take two passes and read the weight-sized ``W * E``), into a new tensor. None when the
     kernel does not take these tensors (not float32 CPU, not contiguous, shapes differ) or is unavailable."""
-    if not (grad.shape == weight.shape == mask.shape and mask.dtype == torch.bool and grad.dtype == torch.float32
-            and weight.dtype == torch.float32) or not tile_supports(grad, weight, mask):
+    if not _masked_floats(mask, grad, weight):
         return None
     out = torch.empty_like(grad)
     rc = kernel().srste_grad(grad.numel(), grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), out.data_ptr(),
@@ -308,8 +314,7 @@ def mask_mul_native(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
     """``x * E`` with ``E`` the bool ``mask`` as an exact 0/1 factor, into a new tensor in one pass reading one byte
     per mask element (a frozen mask's W * E or g * E): the float-factor product's values. None when the kernel
     does not take these tensors (not float32 CPU, not contiguous, shapes differ)."""
-    if not (x.shape == mask.shape and mask.dtype == torch.bool and x.dtype == torch.float32) \
-            or not tile_supports(x, mask):
+    if not _masked_floats(mask, x):
         return None
     out = torch.empty_like(x)
     return out if kernel().mask_mul(x.numel(), x.data_ptr(), mask.data_ptr(), out.data_ptr(),
@@ -319,8 +324,7 @@ def mask_mul_native(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
 def mask_mul_native_(x: torch.Tensor, mask: torch.Tensor) -> bool:
     """``x *= E`` in place (``mask`` bool, an exact 0/1 factor), bumping ``x``'s version counter like ``mul_``;
     False (nothing written) when the kernel does not take these tensors."""
-    if not (x.shape == mask.shape and mask.dtype == torch.bool and x.dtype == torch.float32) \
-            or not tile_supports(x, mask):
+    if not _masked_floats(mask, x):
         return False
     if kernel().mask_mul_inplace(x.numel(), x.data_ptr(), mask.data_ptr(), torch.get_num_threads()) != 0:
         return False
@@ -334,9 +338,8 @@ def usd_grad_native(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor
     one pass over the gradient, the weight and the 1-byte mask, into a new tensor: the torch expression's values.
     None when the kernel does not take these tensors (not float32 CPU, not contiguous, shapes differ)."""
     rows = weight.shape[0] if weight.dim() else 0
-    if not (grad.shape == weight.shape == mask.shape and mask.dtype == torch.bool and grad.dtype == torch.float32
-            and weight.dtype == coef.dtype == tau.dtype == torch.float32 and coef.numel() == tau.numel() == rows > 0
-            ) or not tile_supports(grad, weight, mask, coef, tau):
+    if not (_masked_floats(mask, grad, weight) and coef.dtype == tau.dtype == torch.float32
+            and coef.numel() == tau.numel() == rows > 0 and tile_supports(coef, tau)):
         return None
     out = torch.empty_like(grad)
     rc = kernel().usd_grad(rows, weight.numel() // rows, grad.data_ptr(), weight.data_ptr(), mask.data_ptr(),
@@ -417,14 +420,16 @@ class GumbelUnit:
 
 
 _MASK64 = (1 << 64) - 1
+#: SplitMix64's counter increment and finalizer multipliers (``csrc/gumbel.c``'s GOLDEN and mix64)
+SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
 def noise_key(seed: int) -> int:
     """The counter stream's key for ``seed``: SplitMix64's finalizer of the seed (what ``csrc/gumbel.c`` adds the
     scaled counter to)."""
     z = seed & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * SPLITMIX[1]) & _MASK64
+    z = ((z ^ (z >> 27)) * SPLITMIX[2]) & _MASK64
     return z ^ (z >> 31)
 
 

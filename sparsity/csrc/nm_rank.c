@@ -233,19 +233,51 @@ int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *f
     return 0;
 }
 
+/* The one-pass elementwise kernels below (SR-STE's and USD's gradients, the products by a frozen mask) share this
+ * argument block and one thread split: run(a, lo, hi) over [0, len) cut into one even range per thread (the
+ * thread count from `work`, the elements behind `len`), each thread fencing its streaming stores before the region
+ * ends. Without OpenMP the ranges run one after another on the calling thread. */
+typedef struct {
+    const float *x, *w;           /* the gradient (or the tensor a mask multiplies), the weight */
+    const uint8_t *keep;          /* the 1-byte mask */
+    const float *coef, *tau;      /* USD: per row */
+    float *out;
+    float lam;                    /* SR-STE */
+    int64_t cols;                 /* USD: elements per row */
+} ew_t;
+
+typedef void (*ew_range)(const ew_t *a, int64_t lo, int64_t hi);
+
+static int split_ranges(int64_t len, int64_t work, int nthreads, ew_range run, const ew_t *a) {
+    if (len < 0 || work < 0) return -1;
+    nthreads = clamp_threads(nthreads, work);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int i = 0; i < nthreads; i++) {
+        run(a, len * i / nthreads, len * (i + 1) / nthreads);
+#if STREAMING
+        _mm_sfence();
+#endif
+    }
+    return 0;
+}
+
 /* SR-STE's weight gradient in one pass, reading the 1-byte mask instead of a weight-sized W * E: with
  * d = w - w * e (w * e = w where kept, 0 * w where pruned), out = g + lam * d. These are the torch ops it replaces
  * (sub, then addcmul(g, d, 1, value=lam)) with their roundings, so the result is bit for bit theirs, non-finite
  * weights included: g where kept (d = +0 for a finite w), g + lam * w where pruned. -ffp-contract=off (native.py)
- * keeps the compiler from contracting the multiply and add into one fused (once-rounded) operation. Without
- * OpenMP this one runs on a single thread. */
+ * keeps the compiler from contracting the multiply and add into one fused (once-rounded) operation. */
 static inline float srste_one(float g, float w, uint8_t keep, float lam) {
     float d = w - (keep ? w : 0.0f * w);
     return g + lam * d;
 }
 
-static void srste_range(const float *restrict g, const float *restrict w, const uint8_t *restrict keep,
-                        float *restrict out, float lam, int64_t e, int64_t hi) {
+static void srste_range(const ew_t *a, int64_t e, int64_t hi) {
+    const float *restrict g = a->x, *restrict w = a->w;
+    const uint8_t *restrict keep = a->keep;
+    float *restrict out = a->out;
+    const float lam = a->lam;
 #if STREAMING
     for (; e < hi && ((uintptr_t)(out + e) & 63); e++) out[e] = srste_one(g[e], w[e], keep[e], lam);
     const __m512 lv = _mm512_set1_ps(lam), zero = _mm512_setzero_ps();
@@ -262,28 +294,20 @@ static void srste_range(const float *restrict g, const float *restrict w, const 
 
 int srste_grad(int64_t len, const float *g, const float *w, const uint8_t *keep, float *out, float lam,
                int nthreads) {
-    if (len < 0) return -1;
-    nthreads = clamp_threads(nthreads, len);
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
-#endif
-    for (int i = 0; i < nthreads; i++) {
-        srste_range(g, w, keep, out, lam, len * i / nthreads, len * (i + 1) / nthreads);
-#if STREAMING
-        _mm_sfence();
-#endif
-    }
-    return 0;
+    const ew_t a = {.x = g, .w = w, .keep = keep, .out = out, .lam = lam};
+    return split_ranges(len, len, nthreads, srste_range, &a);
 }
 
 /* USD's weight gradient during its search, in one pass: out = g * e + (c * w) * (|w| < tau), e the 1-byte mask and
  * c, tau per row of `cols` elements. This is the torch expression it replaces, `grad * mask + coef * weight *
  * (weight.abs() < tau)`, with its roundings (each factor exactly 0 or 1), so the result is bit for bit torch's:
  * non-finite values included (g * 0 is NaN for an infinite g, a NaN weight fails the comparison and gives NaN).
- * The selects vectorize under the build's -fno-trapping-math. */
-static void usd_rows(const float *restrict g, const float *restrict w, const uint8_t *restrict keep,
-                     const float *restrict coef, const float *restrict tau, float *restrict out, int64_t cols,
-                     int64_t r, int64_t hi) {
+ * The selects vectorize under the build's -fno-trapping-math. Threads split rows. */
+static void usd_rows(const ew_t *a, int64_t r, int64_t hi) {
+    const float *restrict g = a->x, *restrict w = a->w, *restrict coef = a->coef, *restrict tau = a->tau;
+    const uint8_t *restrict keep = a->keep;
+    float *restrict out = a->out;
+    const int64_t cols = a->cols;
     for (; r < hi; r++) {
         const float c = coef[r], t = tau[r];
         const int64_t o = r * cols;
@@ -297,14 +321,9 @@ static void usd_rows(const float *restrict g, const float *restrict w, const uin
 
 int usd_grad(int64_t rows, int64_t cols, const float *g, const float *w, const uint8_t *keep, const float *coef,
              const float *tau, float *out, int nthreads) {
-    if (rows < 0 || cols < 0) return -1;
-    nthreads = clamp_threads(nthreads, rows * cols);
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
-#endif
-    for (int i = 0; i < nthreads; i++)
-        usd_rows(g, w, keep, coef, tau, out, cols, rows * i / nthreads, rows * (i + 1) / nthreads);
-    return 0;
+    if (cols < 0) return -1;
+    const ew_t a = {.x = g, .w = w, .keep = keep, .coef = coef, .tau = tau, .out = out, .cols = cols};
+    return split_ranges(rows, rows * cols, nthreads, usd_rows, &a);
 }
 
 /* out = x * e with e the 1-byte mask as an exact 0/1 factor: a frozen mask's forward weight W * E or its gradient
@@ -312,8 +331,10 @@ int usd_grad(int64_t rows, int64_t cols, const float *g, const float *w, const u
  * non-finite one, as torch's product gives). Streaming stores where AVX-512 is there, as for the masks. */
 static inline float mask_one(float x, uint8_t keep) { return x * (keep ? 1.0f : 0.0f); }
 
-static void mask_range(const float *restrict x, const uint8_t *restrict keep, float *restrict out, int64_t e,
-                       int64_t hi) {
+static void mask_range(const ew_t *a, int64_t e, int64_t hi) {
+    const float *restrict x = a->x;
+    const uint8_t *restrict keep = a->keep;
+    float *restrict out = a->out;
 #if STREAMING
     for (; e < hi && ((uintptr_t)(out + e) & 63); e++) out[e] = mask_one(x[e], keep[e]);
     const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
@@ -327,28 +348,19 @@ static void mask_range(const float *restrict x, const uint8_t *restrict keep, fl
 }
 
 int mask_mul(int64_t len, const float *x, const uint8_t *keep, float *out, int nthreads) {
-    if (len < 0) return -1;
-    nthreads = clamp_threads(nthreads, len);
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
-#endif
-    for (int i = 0; i < nthreads; i++) {
-        mask_range(x, keep, out, len * i / nthreads, len * (i + 1) / nthreads);
-#if STREAMING
-        _mm_sfence();
-#endif
-    }
-    return 0;
+    const ew_t a = {.x = x, .keep = keep, .out = out};
+    return split_ranges(len, len, nthreads, mask_range, &a);
 }
 
-/* x *= e in place (zeroing a frozen mask's pruned weights): the same values as x.mul_(factor) */
+/* x *= e in place (zeroing a frozen mask's pruned weights): the same values as x.mul_(factor); x is both read and
+ * written, so no restrict and no streaming stores here */
+static void mask_range_inplace(const ew_t *a, int64_t e, int64_t hi) {
+    float *x = a->out;
+    const uint8_t *keep = a->keep;
+    for (; e < hi; e++) x[e] = mask_one(x[e], keep[e]);
+}
+
 int mask_mul_inplace(int64_t len, float *x, const uint8_t *keep, int nthreads) {
-    if (len < 0) return -1;
-    nthreads = clamp_threads(nthreads, len);
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
-#endif
-    for (int i = 0; i < nthreads; i++)
-        for (int64_t e = len * i / nthreads; e < len * (i + 1) / nthreads; e++) x[e] = mask_one(x[e], keep[e]);
-    return 0;
+    const ew_t a = {.keep = keep, .out = x};
+    return split_ranges(len, len, nthreads, mask_range_inplace, &a);
 }

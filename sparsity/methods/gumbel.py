@@ -184,7 +184,6 @@ def _gumbel_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.T
     return u.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
 
 
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # SplitMix64's increment and multipliers
 _LOG_CONST = [float.fromhex(h) for h in ("0x1.62e3p-1", "0x1.2fefa2p-17", "0x1.555554p-1", "0x1.999c26p-2",
                                          "0x1.23d3dcp-2", "0x1.f13c4cp-3")]  # exact float32 values
 _NOISE_CHUNK = 1 << 20
@@ -224,7 +223,7 @@ def counter_noise(numel: int, seed: int, first: int = 0) -> torch.Tensor:
     native_noise = native.gumbel_noise_native(numel, seed, first)
     if native_noise is not None:
         return native_noise
-    key, (gamma, m1, m2) = _signed(native.noise_key(seed)), map(_signed, _MIX)
+    key, (gamma, m1, m2) = _signed(native.noise_key(seed)), map(_signed, native.SPLITMIX)
     out = torch.empty(numel, dtype=torch.float32)
     for lo in range(0, numel, _NOISE_CHUNK):
         z = torch.arange(first + lo + 1, first + min(numel, lo + _NOISE_CHUNK) + 1, dtype=torch.int64)
