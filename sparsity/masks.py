@@ -148,9 +148,12 @@ def tile_scores(w: torch.Tensor, tile: int) -> torch.Tensor:
 
 
 def tile_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Bool mask over tiles: keep tiles whose score is >= the ``sparsity``-quantile (whole tiles only).
+    """Bool mask over tiles: the :func:`tiles_kept` best-scoring tiles (whole tiles only; ties to the lower index,
+    NaN as the highest score).
 
-    Exactly ``round((1 - sparsity) * num_tiles)`` tiles are kept (ties broken by position).
+    DESIGN.md writes the rule as "scores >= the ``sparsity``-quantile"; a quantile fixes no count (numpy's and
+    torch's interpolating one keeps ``ceil`` of the share, up to one tile more, and ties keep all of their kind),
+    so the count here is the one closest to ``1 - sparsity``: ``round((1 - sparsity) * num_tiles)``, at least one.
     """
     flat = scores.detach().flatten()
     keep = tiles_kept(flat.numel(), sparsity)
@@ -166,10 +169,10 @@ def tile_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def tiles_kept(num_tiles: int, sparsity: float) -> int:
-    """How many of ``num_tiles`` tiles (or weights) survive ``sparsity``: ``round((1 - sparsity) * num_tiles)``,
-    but at least one while ``sparsity < 1``. DESIGN.md keeps the tiles whose score is at or above the
-    ``sparsity``-quantile, and the best tile always is: a small layer (a q third of 4 tiles at 90 %) must not be
-    pruned to nothing, which would silence it for good (no tile left to learn its way back)."""
+    """How many of ``num_tiles`` tiles (or weights) survive ``sparsity``: ``round((1 - sparsity) * num_tiles)``
+    (halves to even), the count closest to ``1 - sparsity``, but at least one while ``sparsity < 1``: the best
+    tile is always at or above DESIGN.md's ``sparsity``-quantile, and a small layer (a q third of 4 tiles at 90 %)
+    must not be pruned to nothing, which would silence it for good (no tile left to learn its way back)."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     keep = int(round((1.0 - sparsity) * num_tiles))

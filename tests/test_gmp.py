@@ -74,6 +74,24 @@ def test_cubic_schedule_and_unstructured_masks():
     assert ctl.metrics()["sparsity"] == pytest.approx(0.9, abs=1e-3)
 
 
+def test_updates_count_from_the_ramp_start_and_the_end_is_always_an_update():
+    # start 13, end 58, interval 10: the first step takes masks, then every 10 steps from 13 (not at the global
+    # multiples of 10) and once more at 58, where the ramp ends off the interval; nothing after it.
+    block = {"method": "gmp", "final_sparsity": 0.8, "init_sparsity": 0.0, "start_fraction": 0.13,
+             "end_fraction": 0.58, "update_interval": 10, "rules": [{"target": ["re:fc[12]", "conv"]}]}
+    model, _, ctl = _build(block)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    updates = []
+    for t in range(75):
+        ctl.step(t)
+        if ctl.method.last_update == t:
+            updates.append(t)
+        _train_step(model, opt)
+    assert updates == [0, 13, 23, 33, 43, 53, 58]
+    assert ctl.metrics()["target_sparsity"] == pytest.approx(0.8)
+    assert cubic_sparsity(58, 13, 58, 0.0, 0.8) == pytest.approx(0.8)
+
+
 def test_block_pattern_and_rule_overrides():
     block = {"method": "gmp", "final_sparsity": 0.5, "tile": 8, "update_interval": 5, "end_fraction": 0.5,
              "rules": [{"target": "re:fc2", "sparsity": 0.75, "tile": 4}, {"target": "re:fc1"}]}

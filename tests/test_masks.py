@@ -8,6 +8,7 @@ from sparsity.masks import (
     linear_nm_mask,
     nm_mask,
     tile_mask,
+    tile_scores,
     unstructured_mask,
     weight_is_nm,
 )
@@ -117,3 +118,51 @@ def test_tile_mask_ties_go_to_the_lower_index_and_nan_ranks_highest():
             got = tile_mask(scores, sparsity)
             assert torch.equal(got, _tile_mask_by_sort(scores, sparsity))
             assert int(got.sum()) == int(round((1 - sparsity) * scores.numel()))
+
+
+def _nm_mask_by_sort(w: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    """The documented N:M rule spelled out per group: rank by |w| (NaN as the largest), ties to the lower index."""
+    x = w.movedim(dim, -1)
+    out = torch.zeros(x.shape, dtype=torch.bool)
+    groups, flat_out = x.reshape(-1, m), out.view(-1, m)
+    for g in range(groups.shape[0]):
+        mag = [float("inf") if v != v else abs(v) for v in groups[g].tolist()]
+        for i in sorted(range(m), key=lambda i: (-mag[i], i))[:n]:
+            flat_out[g, i] = True
+    return out.movedim(-1, dim)
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 4), (3, 8), (5, 16), (2, 32)])
+def test_nm_mask_ties_go_to_the_lower_index(n, m, path, monkeypatch):
+    # Magnitudes from a small set ({0, 1, 2} with both signs, and NaN): most groups hold ties across the keep
+    # boundary, so a rule that kept the higher index, or ranked by signed value, gives other masks. Three layouts:
+    # a Linear row (groups contiguous), a 3x3 conv (groups strided by 9 taps) and dim-0 grouping. m = 32 goes to
+    # the stable-sort path of the torch implementation.
+    from sparsity import native
+    if path == "torch":
+        monkeypatch.setattr(native, "_lib", None)
+        monkeypatch.setattr(native, "_status", "disabled for this test")
+    gen = torch.Generator().manual_seed(n * 100 + m)
+    for shape, dim in [((6, 2 * m), 1), ((3, 2 * m, 3, 3), 1), ((2 * m, 5), 0)]:
+        w = torch.randint(-2, 3, shape, generator=gen).float()
+        w[(torch.rand(shape, generator=gen) < 0.05)] = float("nan")
+        w[w == 0] = torch.where(torch.rand(int((w == 0).sum()), generator=gen) < 0.5, -0.0, 0.0)
+        expected = _nm_mask_by_sort(w, n, m, dim)
+        assert torch.equal(nm_mask(w, n, m, dim=dim), expected), (shape, dim)
+    # the hand case: all equal, and equal magnitudes of opposite sign
+    assert nm_mask(torch.ones(1, m), n, m).tolist() == [[True] * n + [False] * (m - n)]
+    row = torch.tensor([[-1.0, 1.0] * (m // 2)])
+    assert nm_mask(row, n, m).tolist() == [[True] * n + [False] * (m - n)]
+
+
+def test_tile_scores_are_mean_magnitudes_over_the_tiles_weights():
+    # tile 0 is uniformly 1; tile 1 has one large weight (mean 10 / 16) and would win on max |w|; the edge tile 2
+    # (4 x 2 weights of a 4 x 10 view) averages over its 8 weights, not over a padded 16.
+    w = torch.zeros(4, 10)
+    w[:, :4] = 1.0
+    w[0, 4] = -10.0
+    w[:, 8:] = 0.75
+    assert torch.allclose(tile_scores(w, 4), torch.tensor([[1.0, 0.625, 0.75]]))
+    mask = block_mask(w, 0.5, 4)  # round(1.5) = 2 tiles kept: the two best means
+    assert mask[:, :4].all() and not mask[:, 4:8].any() and mask[:, 8:].all()

@@ -195,6 +195,26 @@ def test_sdgf_masks_follow_the_ladder_and_mask_interval():
     assert not torch.equal(model[0].weight_mask, m0)
 
 
+@pytest.mark.parametrize("method", ["ste", "mdgf"])
+def test_mask_interval_counts_from_the_start_of_the_sparse_phase(method):
+    # dense_fraction 0.3 of 40 steps: the sparse phase starts at step 12, so with mask_interval 5 the masks are
+    # recomputed at steps 12, 17, 22, ... (t = step - 12 a multiple of 5), not at the global multiples 15, 20.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    recipe = sparsity.recipe_from_dict({"method": method, "dense_fraction": 0.3, "mask_interval": 5,
+                                        "rules": [{"target": "linear", "n": 2, "m": 4}]})
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=40)
+    recomputed = []
+    for step in range(11, 28):
+        with torch.no_grad():
+            model[0].weight.copy_(torch.randn(8, 16))  # new weights every step: a recomputation shows in the mask
+        ctl.step(step)
+        if step >= 12 and torch.equal(model[0].weight_mask, nm_mask(model[0].weight, 2, 4)):
+            recomputed.append(step)
+    assert recomputed == [12, 17, 22, 27]
+
+
 def test_dense_phase_has_no_mask():
     model, recipe = _layer("ste", dense_fraction=0.5)
     ctl = sparsity.SparsityController(model, recipe, total_steps=10)

@@ -106,6 +106,61 @@ def test_step_down_needs_75_percent_of_groups_below_n():
     assert model[0].weight_mask.all()
 
 
+def _rows_layer(rows: int, big: int, keep: int, tie_rows: int = 0):
+    """Linear(4, rows), m = 4 (one group per row): ``big`` rows of large weights, ``tie_rows`` rows of exactly 1.0,
+    the rest small and distinct; the unstructured budget keeps ``keep`` of the ``4 * rows`` weights."""
+    model = nn.Sequential(nn.Linear(4, rows))
+    w = 1e-3 * torch.arange(1.0, 4 * rows + 1).view(rows, 4)
+    w[:big] += 10.0
+    w[big:big + tie_rows] = 1.0
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    block = {"method": "usd", "m": 4, "target_sparsity": 0.5, "erk_value": 1.0 - keep / (4 * rows),
+             "update_interval": 1, "finetune_epochs": 0, "rules": [{"target": "linear"}]}
+    recipe = sparsity.recipe_from_dict(block)
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10, steps_per_epoch=10)
+    ctl.step(0)
+    return ctl.method
+
+
+def test_the_75_percent_rule_at_its_boundary():
+    # 3 full rows survive the threshold; the share of groups with fewer than N = 4 survivors is the rest:
+    assert _rows_layer(rows=10, big=3, keep=12).n == {"0": 4}  # 7 of 10 = 70 %: stays
+    assert _rows_layer(rows=11, big=3, keep=12).n == {"0": 4}  # 8 of 11 = 72.7 %: stays
+    assert _rows_layer(rows=12, big=3, keep=12).n == {"0": 2}  # 9 of 12 = 75 %: steps down
+    assert _rows_layer(rows=13, big=3, keep=12).n == {"0": 2}  # 10 of 13 = 77 %: steps down
+
+
+def test_weights_equal_to_the_threshold_survive_it():
+    # keep 5 of 16: tau is the 5th largest |w|, 1.0, held by all of rows 1 to 3; they survive (|w| >= tau), so
+    # no group is below N and N stays at 4 (counting |w| > tau would leave 3 of 4 rows empty: a step-down)
+    method = _rows_layer(rows=4, big=1, keep=5, tie_rows=3)
+    assert method.tau["0"] == 1.0 and method.n == {"0": 4}
+
+
+def test_penalty_factor_mixes_the_remaining_budget_and_the_flops_share():
+    # Two units with erk_value 0.625 (final budget d* = 0.375 each): fc "0" (16 weights) steps down to 2:4, so
+    # r = (2/4 - 0.375) / (1 - 0.375) = 0.2, and its FLOPs share is 16 / 32 (parameter counts before a forward);
+    # fc "1" (32 weights, 3 of 8 rows full: 62.5 % below N) stays at 4:4 with r = 1 and share 1.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[10.0, 9.0, 8.0, 7.0], [6.0, 5.5, 0.4, 0.3],
+                                            [0.9, 0.8, 0.2, 0.1], [0.7, 0.6, 0.5, 0.05]]))
+        w = 0.01 * torch.arange(1.0, 33.0).view(8, 4)
+        w[:3] += 20.0
+        model[1].weight.copy_(w)
+    block = {"method": "usd", "m": 4, "target_sparsity": 0.7, "erk_value": 0.625, "update_interval": 1,
+             "penalty": 0.1, "finetune_epochs": 0, "rules": [{"target": "linear"}]}
+    recipe = sparsity.recipe_from_dict(block)
+    sparsity.sparsify_(model, recipe)
+    ctl = sparsity.SparsityController(model, recipe, total_steps=10, steps_per_epoch=10)
+    ctl.step(0)
+    assert ctl.method.n == {"0": 2, "1": 4} and not ctl.method.done
+    assert ctl.method.coef["0"] == pytest.approx(0.1 * 0.5 * (0.2 + 0.5))
+    assert ctl.method.coef["1"] == pytest.approx(0.1 * 0.5 * (1.0 + 1.0))
+
+
 def test_gradient_is_masked_plus_penalty_below_threshold():
     model, ctl = _one_layer(0.125, penalty=0.1)  # no step-down: N = M, E all ones, penalty on
     ctl.step(0)

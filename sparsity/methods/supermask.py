@@ -5,8 +5,9 @@ DESIGN.md section 4. Each masked unit (a layer, or a q/k/v third of a fused qkv)
 parameter ``weight_scores`` (``weight_scores_<label>`` for qkv thirds) of shape ceil(rows/tile) x ceil(cols/tile).
 
 =========  ==================================================================================================
-mask       T(S): the ``round((1 - s) * num_tiles)`` tiles with the highest scores (the tiles with S >= the
-           s-quantile; ties to the lower index, NaN as the highest), expanded to whole tiles; recomputed in
+mask       T(S): the ``round((1 - s) * num_tiles)`` tiles with the highest scores (DESIGN.md's S >= the
+           s-quantile, made an exact count: ``masks.tiles_kept``; ties to the lower index, NaN as the highest),
+           expanded to whole tiles; recomputed in
            ``step()`` every ``mask_interval`` steps
 forward    W~ = W * T(S)
 grad W     g * T(S)  (``fixed_weight: true``: the weight does not train at all, ``requires_grad`` is False)
