@@ -98,6 +98,24 @@ def test_straight_through_gradients_by_hand():
     assert torch.allclose(layer.weight_logits.grad, dlg, atol=1e-6)
 
 
+def test_float64_logits_keep_float64_precision():
+    # A float64 model (the torch path: the kernels take float32) adds the float32 noise to its logits in float64:
+    # the logits' gradient matches a float64 reference of the same formula to rounding, not to float32's 1e-8.
+    model, recipe = _single(lambda: nn.Linear(8, 3).double(), tau=0.5)
+    layer = model.layer
+    with torch.no_grad():
+        layer.weight_logits.normal_()
+    sparsity.SparsityController(model, recipe, total_steps=4).step(0)
+    x, c = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    (model(x) * c).sum().backward()
+    s = (layer.weight_logits.detach() + _gumbel_noise((3, 2, 6), layer.gumbel_seed, "cpu").double()) / 0.5
+    y, table = torch.softmax(s, -1), nm_patterns(2, 4).double()
+    dy = ((c.t() @ x) * layer.weight.detach()).reshape(3, 2, 4) @ table.t()
+    dlg = y * (dy - (dy * y).sum(-1, keepdim=True)) / 0.5
+    assert layer.weight_logits.grad.dtype == torch.float64
+    assert torch.allclose(layer.weight_logits.grad, dlg, rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
 def test_every_mask_is_nm_at_every_step(kind):
     model = tiny_model(kind)

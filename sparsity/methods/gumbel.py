@@ -313,13 +313,14 @@ def _unit_weight(layer: MaskedMixin, spec: SliceSpec, logits: torch.Tensor, unit
         kernels = _native_unit(w, logits, spec)
         if kernels is not None:
             return _GumbelNative.apply(w, logits, kernels, layer.gumbel_seed + unit, tau)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 logits keep their precision in s
     with torch.no_grad():
         if sample:  # (G + logits) / tau, in place on the fresh noise tensor
-            s = _gumbel_noise(logits.shape, layer.gumbel_seed + unit, logits.device).add_(logits)
+            s = _gumbel_noise(logits.shape, layer.gumbel_seed + unit, logits.device).to(dtype).add_(logits)
             if tau != 1.0:
                 s.div_(tau)
         else:
-            s = logits.float() / tau
+            s = logits.to(dtype) / tau
     if logits.requires_grad and torch.is_grad_enabled():
         hard = _GumbelHard.apply(logits, s, _typed_patterns(spec.n, spec.m, s.device, w.dtype), tau)
     else:
