@@ -133,6 +133,25 @@ def _loss_fns(args, mixup_active: bool):
     return train, nn.CrossEntropyLoss()
 
 
+def _check_same_ema(resume: dict, path: str, args, n_epochs: int) -> None:
+    """A resume in the run's own folder keeps the run's ``--model-ema`` setting where a change would rewrite what
+    the run already wrote: without the flag the EMA weights would be dropped from its checkpoints and model_best
+    ranked anew by the live weights; on a finished run (nothing left to train) the end of training would run again,
+    rewriting last.pth.tar, model_best and results.json for the other setting. (Resuming into another
+    ``--experiment`` writes elsewhere and may change it.)"""
+    had_ema = isinstance(resume.get("state_dict_ema"), dict)
+    finished = int(resume.get("next_epoch", 0)) >= n_epochs and not resume.get("skip_batches")
+    if had_ema and not args.model_ema:
+        raise CheckpointError(f"--resume {path} was trained with --model-ema: resuming it in its folder without the "
+                              "flag would drop the EMA weights from its checkpoints and re-rank model_best by the live "
+                              "weights; add --model-ema (with the run's --model-ema-decay), or resume into another "
+                              "--experiment")
+    if finished and args.model_ema and not had_ema:
+        raise CheckpointError(f"--resume {path} is a finished run trained without --model-ema: nothing is left to "
+                              "train, and its last.pth.tar, model_best and results.json would be rewritten around an "
+                              "EMA of the final weights; resume it without --model-ema")
+
+
 def _optimizer(args, ctl: SparsityController, is_main: bool):
     from timm.optim import optimizer_kwargs
 
@@ -240,6 +259,8 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                                   "state: a timm train.py checkpoint or bare weights?); start a run from its weights "
                                   f"with --initial-checkpoint {resume_path}")
         _check_same_run(resume, resume_path, recipe, args, n_epochs)
+        if in_place:
+            _check_same_ema(resume, resume_path, args, n_epochs)
     if resume is not None and args.initial_checkpoint:  # recipes that fine-tune name one: a resume does not need it
         _logger.info("resuming: --initial-checkpoint %s is not read (the resumed checkpoint holds the weights)",
                      args.initial_checkpoint)

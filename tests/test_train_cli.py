@@ -233,6 +233,18 @@ def test_model_ema_ranks_checkpoints_by_the_ema_metric(tmp_path, monkeypatch, ca
     best = torch.load(tmp_path / "resumed" / "model_best.pth.tar", weights_only=True)
     assert best["best"] == [30.0, 3] and best["metric_model"] == "model"  # not the EMA's [90.0, 0]
     assert "ranking (ema metric) starts over" in "".join(capsys.readouterr())
+    # in the run's own folder a changed --model-ema would rewrite what the run wrote: refused, nothing touched
+    monkeypatch.setattr(trainer_mod, "evaluate", real)
+    def files():  # the lock file of the finished runs is not theirs to keep
+        return {p: p.read_bytes() for d in (run, tmp_path / "resumed") for p in d.iterdir() if p.name != ".run.lock"}
+
+    written = files()
+    for folder, flags, said in [("run", [], "was trained with --model-ema"),
+                                ("resumed", ["--model-ema"], "finished run trained without --model-ema")]:
+        assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--output", str(tmp_path),
+                                    "--experiment", folder, "--resume", "auto", *flags]) == 2
+        assert said in capsys.readouterr().err
+    assert files() == written
 
 
 def test_resume_from_epoch_checkpoint_matches_uninterrupted(tmp_path):
