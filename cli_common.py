@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from sparsity.errors import TrainingError, UserError
+from sparsity.errors import TrainingError, UserError, one_line
 from sparsity.recipe import closest, load_yaml
 
 USER_ERROR_EXIT = 2
@@ -206,10 +206,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return int(main(argv) or 0)
     except UserError as e:
         if not _launcher_reports(e):
-            print(f"error: {_one_line(e)}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT
     except TrainingError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 1)  # a stop on a signal: 128 + the signal, as the shell reports a kill
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -226,18 +226,10 @@ def _launcher_reports(e: Exception) -> bool:
         return False
     try:
         with open(path, "a") as f:
-            f.write(_one_line(e) + "\n")
+            f.write(one_line(e) + "\n")
     except OSError:
         return False
     return os.environ.get("RANK", "0") != "0"
-
-
-def _one_line(e: Exception) -> str:
-    """The message alone, also when a DataLoader worker wrapped it in its traceback text."""
-    text = str(e).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(text.split())
 
 
 def setup_logging(is_main: bool = True, level: int = logging.INFO) -> None:

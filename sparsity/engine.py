@@ -112,9 +112,12 @@ def train_one_epoch(
     num_batches = len(loader)
     t0 = time.perf_counter()
     last_loss = float("nan")
-    batches = iter(loader)
-    for _ in range(skip_batches):  # replay the epoch's order up to the resume point
-        next(batches)
+    if skip_batches >= num_batches:  # every step of the epoch was done (its evaluation had failed): no data to load
+        batches = iter(())
+    else:
+        batches = iter(loader)
+        for _ in range(skip_batches):  # replay the epoch's order up to the resume point
+            next(batches)
     if on_resume_point is not None:
         on_resume_point()  # before the next batch is drawn, so its augmentation sees the saved RNG state
     last_idx = num_batches - 1
@@ -186,7 +189,8 @@ def train_one_epoch(
         if on_step is not None:
             on_step(state, batch_idx)
     state.extra.pop("loss_sum_tensor", None)
-    mean = float(loss_sum) / count if count else float("nan")
+    state.loss_sum = float(loss_sum)  # the epoch's total, for a checkpoint written before its evaluation
+    mean = state.loss_sum / count if count else float("nan")
     return {"loss": mean if not math.isnan(mean) else last_loss}
 
 

@@ -11,3 +11,11 @@ class ModelError(UserError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, ranks diverged); the message names the step and what to do."""
+
+
+def one_line(e: BaseException) -> str:
+    """The message alone, on one line, also when a DataLoader worker wrapped it in its traceback text."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())

@@ -316,6 +316,7 @@ class RunLock:
         self.fd: int | None = None
         self.path: Path | None = None
         self.wrote = False  # set once the run writes into its folder; until then release() removes the file
+        self.claimed: Path | None = None  # the folder a new run claimed (not one it resumes in)
 
     def acquire(self, run_dir: Path) -> None:
         import errno
@@ -351,6 +352,24 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self.fd, self.path = fd, path
+
+    def discard_unused_folder(self) -> None:
+        """After a failure: the folder this new run claimed goes again when it holds nothing but the run's
+        args.yaml and lock file (a corrupt image or a crash in the first epoch, before any checkpoint), so that a
+        retry gets the same name instead of a ``-1`` next to an empty folder. Removed while the lock is held."""
+        run_dir = self.claimed
+        if run_dir is None or self.fd is None or self.path != run_dir / self.NAME:
+            return
+        try:
+            if {p.name for p in run_dir.iterdir()} - {"args.yaml", self.NAME}:
+                return  # a checkpoint, a row, a plot: the run's work stays
+            (run_dir / "args.yaml").unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = self.path = None
+            run_dir.rmdir()
+        except OSError as e:
+            _logger.warning("could not remove the unused run folder %s (%s)", run_dir, e.strerror or e)
 
     def release(self) -> None:
         """Drop the lock. A run refused before its first write removes the file too (still holding the lock, so

@@ -18,7 +18,15 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic
 from .controller import SparsityController
-from .data import build_dataset, check_same_classes, num_classes_of, resolve_data, resolve_dataset, timm_pillow_compat
+from .data import (
+    DataError,
+    build_dataset,
+    check_same_classes,
+    num_classes_of,
+    resolve_data,
+    resolve_dataset,
+    timm_pillow_compat,
+)
 from .distributed import (
     DistInfo,
     bn_stats,
@@ -28,7 +36,7 @@ from .distributed import (
     load_bn_stats,
 )
 from .engine import NonFiniteLossError, TrainState, evaluate, mean_lr, train_one_epoch
-from .errors import TrainingError, UserError
+from .errors import TrainingError, UserError, one_line
 from .factory import check_input_size, create_model, set_grad_checkpointing
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules, to_channels_last
@@ -181,6 +189,9 @@ def run_training(args, sparsity_block: dict | None, config_path: str | None = No
     lock = RunLock()  # one process per run folder: held while the checkpoint to resume is chosen, to the end
     try:
         return _run_training(args, sparsity_block, config_path, lock)
+    except BaseException:
+        lock.discard_unused_folder()  # a new run that failed before writing anything of its own leaves no folder
+        raise
     finally:
         lock.release()  # a run refused before its first write there leaves no lock file behind
 
@@ -426,6 +437,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         if dist.is_main:
             run_dir = claim_run_dir(run_dir, args)
             lock.acquire(run_dir)
+            lock.claimed = run_dir
         if dist.distributed:  # every rank names the folder rank 0 claimed
             shared = [str(run_dir)]
             torch.distributed.broadcast_object_list(shared, src=0)
@@ -463,7 +475,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             "args": resolved, "rng": _rng_state(), "version": 2, "run_epochs": n_epochs, "wall_time_s": elapsed(),
             "best": state.extra.get("best"), "hist": state.extra.get("hist", []),
             "metric_model": "ema" if model_ema is not None else "model",  # which weights `metric` evaluated
-            "loss_sum": float(running) if (mid_epoch and running is not None) else 0.0,
+            "loss_sum": float(running if running is not None else state.loss_sum) if mid_epoch else 0.0,
             "loss_count": state.loss_count if mid_epoch else 0,
             "metric_reference": ctl.metric_reference() if mid_epoch else None, "steps_per_epoch": steps_per_epoch,
         }
@@ -506,8 +518,9 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                 write_recovery(st, batch_idx)
             name = stop.received.name
             raise TrainingStopped(f"stopped by {name} at epoch {st.epoch} step {st.global_step}; "
-                                  f"{run_dir / 'recovery.pth.tar'} holds that step: continue with --resume auto "
-                                  f"--experiment {run_dir.name} --output {run_dir.parent}", 128 + int(stop.received))
+                                  f"{run_dir / 'recovery.pth.tar'} holds that step: continue by running the same "
+                                  f"command with --resume auto --experiment {run_dir.name} --output "
+                                  f"{run_dir.parent}", 128 + int(stop.received))
         if args.mask_check_interval and dist.distributed and st.global_step % args.mask_check_interval == 0:
             check_ranks_consistent(model, dist)
 
@@ -559,17 +572,26 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             # Masks for the weights as they are now (the same call the next forward would make first): the eval
             # sees the model the checkpoint holds, and a resume at this step recomputes exactly these masks.
             ctl.step(state.global_step)
-            eval_metrics = evaluate(train_model, loader_val, val_loss_fn, device=dist.device, amp_dtype=amp_dtype,
-                                    channels_last=args.channels_last, reduce=reduce)
+            try:
+                eval_metrics = evaluate(train_model, loader_val, val_loss_fn, device=dist.device,
+                                        amp_dtype=amp_dtype, channels_last=args.channels_last, reduce=reduce)
+                if model_ema is not None:
+                    ctl.sync(model_ema.module)
+                    ema_metrics = evaluate(model_ema.module, loader_val, val_loss_fn, device=dist.device,
+                                           amp_dtype=amp_dtype, reduce=reduce)
+            except DataError as e:  # an unreadable validation image: the epoch's steps are done, keep them
+                if dist.distributed:  # the other ranks wait in the evaluation's reduce: no collective write now
+                    raise
+                write_recovery(state, len(loader_train) - 1)  # every batch done: a resume runs this evaluation
+                raise DataError(f"{one_line(e)}. Epoch {epoch}'s training is kept in {run_dir / 'recovery.pth.tar'}:"
+                                f" after the fix, run the same command with --resume auto --experiment "
+                                f"{run_dir.name} --output {run_dir.parent}") from None
             # timm's summary.csv columns first, in timm's order (epoch, train_loss, eval_*, lr), then ours
             row = {"epoch": epoch, "train_loss": round(train_metrics["loss"], 6),
                    "eval_loss": round(eval_metrics["loss"], 6), "eval_top1": round(eval_metrics["top1"], 4),
                    "eval_top5": round(eval_metrics["top5"], 4), "lr": mean_lr(optimizer),
                    "step": state.global_step}
             if model_ema is not None:
-                ctl.sync(model_ema.module)
-                ema_metrics = evaluate(model_ema.module, loader_val, val_loss_fn, device=dist.device,
-                                       amp_dtype=amp_dtype, reduce=reduce)
                 row["ema_top1"] = round(ema_metrics["top1"], 4)
             row["mask_flip_rate"] = round(ctl.flip_rate(), 6)
             row.update(ctl.metrics())

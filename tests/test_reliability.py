@@ -76,7 +76,7 @@ def test_sigkill_then_resume_auto_is_bit_exact(tmp_path, fault, accum):
         assert killed.returncode == 143, killed.stderr[-2000:]
         assert killed.stderr.strip().splitlines()[-1] == (
             f"error: stopped by SIGTERM at epoch 1 step 7; {run / 'recovery.pth.tar'} holds that step: continue "
-            f"with --resume auto --experiment run --output {tmp_path}")
+            f"by running the same command with --resume auto --experiment run --output {tmp_path}")
         assert torch.load(run / "recovery.pth.tar", weights_only=True)["global_step"] == 7
     else:
         assert killed.returncode == -9, killed.stderr[-2000:]
@@ -427,9 +427,42 @@ def test_corrupt_image_fail_or_skip(tmp_path):
     assert proc.returncode == 2 and "unreadable image" in proc.stderr and "1.png" in proc.stderr
     assert "--on-bad-image skip" in proc.stderr and "Traceback" not in proc.stderr
     assert "cannot identify image file" in proc.stderr and "Skipped sample" not in proc.stderr  # PIL's own reason
+    assert not (tmp_path / "o" / "fail").exists()  # nothing written but args.yaml: the retry gets the name again
     proc = _train([*base, "--experiment", "skip", "--on-bad-image", "skip"])
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "skipping unreadable image" in proc.stdout + proc.stderr
+
+
+def test_unreadable_validation_image_keeps_the_epochs_training(tmp_path, capsys):
+    """The validation set is first read after an epoch's training: a bad image there used to end the run with the
+    epoch lost (no checkpoint yet). Now recovery.pth.tar keeps every step of it, and after the fix --resume auto
+    runs the evaluation and goes on, ending exactly where an uninterrupted run ends."""
+    data = _folder(tmp_path)
+    image = data / "validation" / "c1" / "2.png"
+    good = image.read_bytes()
+    cfg = _cfg(tmp_path, {"method": "mdgf", "rules": [{"target": "ff", "n": 2, "m": 4}]}, epochs=2)
+    base = ["--config", cfg, *TINY_VIT, *FAST, "-b", "2", "--dataset", "", "--data-dir", str(data), "--img-size",
+            "32", "--output", str(tmp_path / "o"), "--model-ema", "--model-ema-decay", "0.5"]
+    assert run_cli(train.main, [*base, "--experiment", "ref"]) == 0
+    image.write_bytes(b"not a png")
+    capsys.readouterr()
+    assert run_cli(train.main, [*base, "--experiment", "run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    run = tmp_path / "o" / "run"
+    assert len(err) == 1 and "unreadable image" in err[0] and "2.png" in err[0], err
+    assert f"Epoch 0's training is kept in {run / 'recovery.pth.tar'}" in err[0]
+    assert "run the same command with --resume auto --experiment run" in err[0]
+    recovery = torch.load(run / "recovery.pth.tar", weights_only=True)
+    assert recovery["global_step"] == 4 and recovery["next_epoch"] == 0 and recovery["skip_batches"] == 4
+    image.write_bytes(good)
+    assert run_cli(train.main, [*base, "--experiment", "run", "--resume", "auto"]) == 0
+    ref, got = (torch.load(tmp_path / "o" / d / "last.pth.tar", weights_only=True) for d in ("ref", "run"))
+    assert got["global_step"] == 8 and got["controller"] == ref["controller"]
+    for key in ("state_dict", "state_dict_ema"):
+        for k, v in ref[key].items():
+            assert torch.equal(v, got[key][k]), (key, k)
+    with open(tmp_path / "o" / "ref" / "summary.csv") as f1, open(run / "summary.csv") as f2:
+        assert list(csv.DictReader(f1)) == list(csv.DictReader(f2))  # epoch 0's row too, train loss included
 
 
 def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
