@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, _umask, model_from_checkpoint
+from .checkpoint import CheckpointError, _umask, checkpoint_create_kwargs, model_from_checkpoint
 from .codec import decode_weight, encode_weight
 from .errors import UserError
 from .layers import MaskedConv2d, MaskedLinear, SliceSpec, frozen_weight, masked_modules
@@ -331,7 +331,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output_dir: str |
         if k in ckpt:
             extra[k] = ckpt[k]
     fn = export_densified if fmt == "densified" else export_compressed
-    return fn(model, out, arch=ckpt["arch"], create_kwargs=dict(ckpt.get("create_kwargs") or {}),
+    return fn(model, out, arch=ckpt["arch"], create_kwargs=checkpoint_create_kwargs(ckpt),
               recipe=ckpt.get("recipe"), force=force, extra=extra)
 
 
@@ -546,7 +546,7 @@ def load_for_eval(path: str | os.PathLike, use_ema: bool = False, binary: bool =
     model, ckpt = model_from_checkpoint(p, use_ema=use_ema)
     if binary:
         use_binary_masks_(model)
-    create_kwargs = dict(ckpt.get("create_kwargs") or {})
+    create_kwargs = checkpoint_create_kwargs(ckpt)  # the model was built with these (timm's train.py's args too)
     meta = {"kind": "checkpoint", "path": str(p), "arch": ckpt["arch"], "create_kwargs": create_kwargs,
             "num_classes": create_kwargs.get("num_classes", getattr(model, "num_classes", None)),
             "recipe": ckpt.get("recipe"), "pretrained_cfg": dict(getattr(model, "pretrained_cfg", {}) or {}),

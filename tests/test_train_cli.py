@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import cli_common
+import export
 import sparsity
 import train
 import validate
@@ -613,6 +614,18 @@ def test_checkpoints_of_timms_train_py(tmp_path, capsys, caplog):
         assert torch.equal(model.eval()(x), live.eval()(x))
     assert run_cli(validate.main, ["--checkpoint", str(path), "--dataset", "digits"]) == 0
     assert "top-1" in capsys.readouterr().out
+    # export.py builds it the same way: the 10-class head and the model kwargs from timm's args
+    assert run_cli(export.main, ["--checkpoint", str(path), "--format", "densified", "--output",
+                                 str(tmp_path / "dense")]) == 0
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert config["num_classes"] == 10 and config["model_args"] == kwargs
+    from sparsity.export import load_for_eval
+
+    stock, _ = load_for_eval(tmp_path / "dense")
+    _, meta = load_for_eval(path)
+    assert meta["create_kwargs"] == {**kwargs, "num_classes": 10}
+    with torch.no_grad():
+        assert torch.equal(stock(x), live(x))
     cfg = _recipe(tmp_path, "ste", RECIPES["ste"])
     base = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path)]
     with caplog.at_level("INFO", logger="sparsity.checkpoint"):  # the CLI's handler prints it to stdout
