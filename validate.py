@@ -61,10 +61,13 @@ def _ignored_training_keys():
     return {a.dest for a in train_parser()._actions}
 
 
-def _check_same_model(args, path: Path, arch: str, create_kwargs: dict) -> None:
-    """--model/--num-classes/--model-kwargs build bare state dicts; a file that names its model is built as it
-    says, so a flag (or config key) asking for something else is refused instead of silently ignored."""
+def _check_same_model(args, path: Path, arch: str, create_kwargs: dict, recipe, held_recipe: dict | None) -> None:
+    """--model/--num-classes/--model-kwargs and the config's ``sparsity:`` block build bare state dicts; a file that
+    names its model is built as it says (with its own recipe, or dense), so a flag or config asking for something
+    else is refused instead of silently ignored (--require-conformance would check the file's pattern, not the
+    config's)."""
     from sparsity.errors import UserError
+    from sparsity.recipe import plain
 
     asked = []
     if args.model and args.model.split(".", 1)[0] != arch.split(".", 1)[0]:
@@ -78,6 +81,16 @@ def _check_same_model(args, path: Path, arch: str, create_kwargs: dict) -> None:
     if asked:
         raise UserError(f"{path} names its model, which differs from {'; '.join(asked)}; drop those flags (or "
                         "the config's keys) or pass the checkpoint you meant")
+    if recipe is not None:
+        held, wanted = plain(held_recipe) if held_recipe is not None else None, recipe.to_dict()
+        if held is None:
+            raise UserError(f"{path} holds no sparsity recipe (a dense model), so the sparsity block of "
+                            f"{args.config} would not be applied; drop it (or pass the sparse checkpoint you meant)")
+        if held != wanted:
+            keys = sorted(k for k in set(held) | set(wanted) if held.get(k) != wanted.get(k))
+            raise UserError(f"{path} holds its own sparsity recipe, which differs from the one in {args.config} "
+                            f"(in: {', '.join(keys)}); the file's is the one applied and checked: drop --config (or "
+                            "use the run's own args.yaml), or pass the checkpoint you meant")
 
 
 def _accelerate(model, args, device) -> int:
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--use-ema: {path} is an export, which holds one set of weights; export the EMA "
                             "(export.py --checkpoint RUN.pth.tar --use-ema) and validate that export")
         model, meta = load_for_eval(str(path))
-        _check_same_model(args, path, meta["arch"], meta["create_kwargs"])
+        _check_same_model(args, path, meta["arch"], meta["create_kwargs"], recipe, meta.get("recipe"))
         trained_cfg = meta.get("pretrained_cfg")
     else:  # a train.py checkpoint, or a bare state dict (.pth, .safetensors) with --model
         ckpt = sparsity.checkpoint.load_checkpoint_file(path)
@@ -151,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model = args.model or ckpt["arch"]
             ckpt = {k: v for k, v in ckpt.items() if k != "arch"}
         if "arch" in ckpt:
-            _check_same_model(args, path, ckpt["arch"], sparsity.checkpoint.checkpoint_create_kwargs(ckpt))
+            _check_same_model(args, path, ckpt["arch"], sparsity.checkpoint.checkpoint_create_kwargs(ckpt), recipe,
+                              ckpt.get("recipe"))
             model, _ = sparsity.model_from_checkpoint(path, use_ema=args.use_ema, ckpt=ckpt)
             trained_args = ckpt.get("args")
             # model_from_checkpoint put the run's data config (from its args) into pretrained_cfg

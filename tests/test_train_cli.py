@@ -80,6 +80,13 @@ def test_train_then_validate(tmp_path, name, capsys):
         assert run_cli(validate.main, ["--checkpoint", str(run / "last.pth.tar"), "--img-size", "64"]) == 2
         err = capsys.readouterr().err
         assert "cannot take the data's 3x64x64 inputs" in err and "drop --img-size" in err
+        # a config with another recipe: the file's own is what would be applied and checked, so it is refused
+        other = _recipe(tmp_path, "other", RECIPES["srste"])
+        assert run_cli(validate.main, ["--checkpoint", str(run / "last.pth.tar"), "--config", other,
+                                       "--require-conformance"]) == 2
+        err = capsys.readouterr().err
+        assert "holds its own sparsity recipe, which differs from the one in" in err and "(in: method, rules)" in err
+        assert run_cli(validate.main, ["--checkpoint", str(run / "last.pth.tar"), "--config", cfg]) == 0
 
 
 def test_model_kwargs_on_the_command_line_merge_into_the_recipes(tmp_path):
