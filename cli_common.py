@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from sparsity.errors import TrainingError, UserError, one_line
-from sparsity.recipe import closest, load_yaml
+from sparsity.recipe import closest, load_yaml, yaml_value
 
 USER_ERROR_EXIT = 2
 
@@ -30,15 +30,24 @@ class ParseKwargs(argparse.Action):
     keeps both): the command line wins per key, as it does for every other setting."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        import yaml
-
         kw = dict(getattr(namespace, self.dest, None) or {})
         for item in values:
             key, sep, value = item.partition("=")
             if not sep:
                 parser.error(f"{option_string} expects key=value pairs, got {item!r}")
-            kw[key] = yaml.safe_load(value)
+            kw[key] = yaml_value(value)
         setattr(namespace, self.dest, kw)
+
+
+def float_or_none(text: str) -> float | None:
+    """An argparse type for an optional number: ``none`` (or ``off``) turns off what a config set
+    (``--clip-grad none`` under a recipe with ``clip_grad: 1.0``)."""
+    if text.strip().lower() in ("none", "off", "null"):
+        return None
+    return float(text)
+
+
+float_or_none.__name__ = "float"  # argparse's "invalid float value: 'x'"
 
 
 def _check_value(action: argparse.Action, key: str, value, path: str) -> None:
@@ -64,7 +73,7 @@ def _check_value(action: argparse.Action, key: str, value, path: str) -> None:
     else:
         items = [value]
     for v in items:
-        if action.type in (int, float):
+        if action.type in (int, float, float_or_none):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (action.type is int and isinstance(v, float)):
                 raise ConfigError(f"'{key}' in {path} must be {'an integer' if action.type is int else 'a number'}, "
                                   f"got {v!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli_common import SWITCH, ParseKwargs, parse_with_config, run_cli
+from cli_common import SWITCH, ParseKwargs, float_or_none, parse_with_config, run_cli
 from sparsity.optim import OPT_IMPLS
 
 
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "several times faster on CPU), else timm's default")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=2e-5)
-    g.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this norm/value/factor")
+    g.add_argument("--clip-grad", type=float_or_none, default=None,
+                   help="clip gradients at this norm/value/factor (none: no clipping, e.g. over a recipe's value)")
     g.add_argument("--clip-mode", type=str, default="norm", choices=["norm", "value", "agc"],
                    help="gradient clipping mode, as timm's train.py")
     g.add_argument("--layer-decay", type=float, default=None,

@@ -201,6 +201,15 @@ def _split_names() -> tuple[str, ...]:
     return (*_TRAIN_SYNONYM, *_EVAL_SYNONYM, "test")
 
 
+def evaluates_on_training_images(name: str, data_dir: str | None, train_split: str, val_split: str) -> bool:
+    """An ImageFolder without split folders: timm (and this project) read the whole root for both splits."""
+    if not (_is_folder(name) and data_dir):
+        return False
+    from timm.data.dataset_factory import _search_split
+
+    return _search_split(data_dir, val_split) == _search_split(data_dir, train_split)
+
+
 def build_dataset(name: str, data_dir: str | None, split: str, is_training: bool, download: bool = False,
                   img_size: int = 32, on_bad_image: str = "fail"):
     """``digits`` (embedded), or any timm dataset (``''``/``folder`` = ImageFolder at ``data_dir``, or timm's

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -360,6 +361,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot: ``lr: 1e-3`` was the string '1e-3' and refused as "must be a
+# number" (timm's train.py takes it: argparse converts the string). YAML 1.2 reads it as a float, and so does this.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def yaml_value(text: str) -> Any:
+    """One YAML scalar or flow value as the recipe files read it (``1e-3`` a float)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def load_yaml(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict:

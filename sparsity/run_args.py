@@ -50,7 +50,7 @@ def check_args(args) -> None:
          f"--aug-repeats must be 0 (off) or at least 1 (3 in DeiT), got {args.aug_repeats}")
     need(args.grad_accum_steps >= 1, f"--grad-accum-steps must be at least 1, got {args.grad_accum_steps}")
     need(args.clip_grad is None or args.clip_grad > 0,
-         f"--clip-grad must be above 0 (leave it out for no clipping), got {args.clip_grad}")
+         f"--clip-grad must be above 0 (--clip-grad none, or leaving it out, for no clipping), got {args.clip_grad}")
     need(args.layer_decay is None or 0 < args.layer_decay <= 1,
          f"--layer-decay must be in (0, 1] (0.65 to 0.75 is usual for ViT fine-tuning), got {args.layer_decay}")
     need(0 <= args.layer_decay_min_scale <= 1,

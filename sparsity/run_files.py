@@ -212,11 +212,14 @@ def _better(a: float, b: float, lower_is_better: bool) -> bool:
     return a < b if lower_is_better else a > b
 
 
-def _claim_best(state: TrainState, metric: float, epoch: int, problem: str | None, lower_is_better: bool) -> bool:
+def _claim_best(state: TrainState, metric: float, epoch: int, problem: str | None, lower_is_better: bool,
+                final: bool = False) -> bool:
     """Make ``[metric, epoch]`` the run's best if it beats the best so far and the model is at the recipe's target
-    (``problem`` None); True if it did."""
+    (``problem`` None); True if it did. The ``final`` model (fixed binary masks, pruned weights zero) also takes a
+    tie: it usually scores exactly what the last epoch did, and unlike that epoch's checkpoint it loads into timm
+    with ``strict=False`` exactly."""
     best = state.extra.get("best")
-    beats = best is None or _better(metric, best[0], lower_is_better)
+    beats = best is None or _better(metric, best[0], lower_is_better) or (final and metric == best[0])
     if beats and problem is not None:
         _logger.info("epoch %d (eval metric %.4g) is not a model_best candidate: %s", epoch, metric, problem)
     if beats and problem is None:

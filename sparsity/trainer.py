@@ -22,6 +22,7 @@ from .data import (
     DataError,
     build_dataset,
     check_same_classes,
+    evaluates_on_training_images,
     num_classes_of,
     resolve_data,
     resolve_dataset,
@@ -93,6 +94,10 @@ def build_datasets(args):
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise UserError(f"data set {args.dataset or args.data_dir} has an empty split; check --data-dir and splits")
     check_same_classes(train_ds, val_ds, args.data_dir)
+    if evaluates_on_training_images(args.dataset, args.data_dir, args.train_split, args.val_split):
+        _logger.warning("--data-dir %s has no split folders (train/ and validation/ or val/): every epoch is "
+                        "evaluated on the training images themselves, so top-1 overstates the model; add a "
+                        "validation/ folder of held-out images", args.data_dir)
     return train_ds, val_ds
 
 
@@ -633,7 +638,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         problem = target_problem(model)
         # the finalized model (fixed binary masks) competes too: it is what last.pth.tar now holds
         seconds = round(elapsed(), 2)  # one figure for last.pth.tar, results.json and the table (no double rounding)
-        final_best = _claim_best(state, final_metric, n_epochs, problem, args.eval_metric == "loss")
+        final_best = _claim_best(state, final_metric, n_epochs, problem, args.eval_metric == "loss", final=True)
         copies = ["model_best.pth.tar"] if final_best else []
         save(dict(checkpoint_dict(n_epochs, 0, final_metric), final=final, wall_time_s=seconds, copies=copies),
              run_dir / "last.pth.tar")

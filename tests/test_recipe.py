@@ -98,3 +98,17 @@ def test_suggestions_know_other_trainers_names_for_our_keys():
     assert closest("learning_rate", ["decay_rate", "lr", "epochs"]) == "; did you mean 'lr'?"  # not the look-alike
     assert closest("optimizer", ["opt", "sched"]) == "; did you mean 'opt'?"
     assert closest("methd", ["method", "rules"]) == "; did you mean 'method'?"  # typos still by spelling
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string, which was refused as "must be a number"; timm's train.py takes it
+    import train
+    from cli_common import parse_with_config
+
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("lr: 1e-3\nweight_decay: .5E-4\nsparsity:\n  method: srste\n  srste_lambda: 2e-4\n"
+                   "  rules: [{target: ff, n: 2, m: 4}]\n")
+    args, blocks = parse_with_config(train.build_parser(), ["--config", str(cfg), "--model-kwargs", "drop_rate=1e-1"])
+    assert args.lr == 0.001 and args.weight_decay == 5e-5 and args.model_kwargs == {"drop_rate": 0.1}
+    assert sparsity.recipe_from_dict(blocks["sparsity"]).options.srste_lambda == 2e-4
+    assert sparsity.load_yaml(cfg)["sparsity"]["rules"][0]["target"] == "ff"  # other scalars as before

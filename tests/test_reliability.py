@@ -433,6 +433,18 @@ def test_corrupt_image_fail_or_skip(tmp_path):
     assert "skipping unreadable image" in proc.stdout + proc.stderr
 
 
+def test_image_folder_without_splits_warns_that_it_evaluates_on_training_images(tmp_path, capsys):
+    data = _folder(tmp_path)
+    cfg = _cfg(tmp_path, epochs=1)
+    base = ["--config", cfg, *TINY_VIT, *FAST, "-b", "2", "--dataset", "", "--img-size", "32", "--output",
+            str(tmp_path / "o")]
+    assert run_cli(train.main, [*base, "--data-dir", str(data / "train"), "--experiment", "flat"]) == 0
+    assert "has no split folders (train/ and validation/ or val/): every epoch is evaluated on the training " \
+           "images themselves" in capsys.readouterr().out
+    assert run_cli(train.main, [*base, "--data-dir", str(data), "--experiment", "split"]) == 0
+    assert "no split folders" not in capsys.readouterr().out
+
+
 def test_unreadable_validation_image_keeps_the_epochs_training(tmp_path, capsys):
     """The validation set is first read after an epoch's training: a bad image there used to end the run with the
     epoch lost (no checkpoint yet). Now recovery.pth.tar keeps every step of it, and after the fix --resume auto
@@ -532,7 +544,7 @@ def test_disk_full_on_the_run_tables_is_one_message(tmp_path, monkeypatch, capsy
     (["--device", "tpu"], "--device tpu: not a device torch knows"),
     (["--torchcompile", "bogus"], "--torchcompile bogus: not a torch.compile backend"),
     (["--grad-accum-steps", "0"], "--grad-accum-steps must be at least 1, got 0"),
-    (["--clip-grad", "0"], "--clip-grad must be above 0 (leave it out for no clipping)"),
+    (["--clip-grad", "0"], "--clip-grad must be above 0 (--clip-grad none, or leaving it out, for no clipping)"),
     (["--layer-decay", "1.5"], "--layer-decay must be in (0, 1]"),
     (["--clip-mode", "agc", "--clip-grad", "-1"], "--clip-grad must be above 0"),
     (["--lr-noise", "0.9", "0.5"], "--lr-noise takes one or two increasing fractions of the schedule in [0, 1]"),

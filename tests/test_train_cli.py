@@ -68,6 +68,12 @@ def test_train_then_validate(tmp_path, name, capsys):
     out = capsys.readouterr().out
     assert "conforms    yes" in out
     assert "optimizer: AdamW (fused implementation, --opt-impl auto)" in out  # torch's one-pass kernel on CPU
+    # the finalized model ties the last epoch's metric and takes model_best: its pruned weights are zero, so it
+    # loads into timm with strict=False exactly (epoch 0's checkpoint still holds the pruned values)
+    best = torch.load(run / "model_best.pth.tar", weights_only=True)
+    assert best["best"] == [best["metric"], 1] and best["global_step"] == 5
+    masks = {k[: -len("_mask")]: v for k, v in best["state_dict"].items() if k.endswith("weight_mask")}
+    assert masks and all(not best["state_dict"][k][~m].any() for k, m in masks.items())
     res_file = tmp_path / "val.json"
     rc = run_cli(validate.main, ["--checkpoint", str(run / "last.pth.tar"), "--results-file", str(res_file),
                                  "--require-conformance"])

@@ -503,3 +503,17 @@ def test_channels_last_trains_every_method_layout(tmp_path, method):
     assert (len(logits) > 0 and all(v.dim() == 5 for v in logits)) == (method == "gumbel")
     with open(tmp_path / "c" / "sparsity_report.csv") as f:
         assert all(r["conforms"] == "True" for r in csv.DictReader(f))
+
+
+def test_clip_grad_none_turns_off_a_recipes_clipping(tmp_path):
+    from cli_common import ConfigError, parse_with_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("clip_grad: 1.0\n")
+    assert parse_with_config(train.build_parser(), ["--config", str(cfg)])[0].clip_grad == 1.0
+    for off in ("none", "None", "off"):
+        assert parse_with_config(train.build_parser(), ["--config", str(cfg), "--clip-grad", off])[0].clip_grad is None
+    assert parse_with_config(train.build_parser(), ["--clip-grad", "0.5"])[0].clip_grad == 0.5
+    cfg.write_text("clip_grad: often\n")
+    with pytest.raises(ConfigError, match="'clip_grad' in .* must be a number, got 'often'"):
+        parse_with_config(train.build_parser(), ["--config", str(cfg)])
