@@ -36,12 +36,17 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[float]:
-    """Top-k accuracy in percent (k clipped to the number of classes)."""
+def correct_counts(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[int]:
+    """How many samples have their target among the top k outputs (k clipped to the number of classes)."""
     maxk = min(max(topk), output.shape[-1])
     pred = output.topk(maxk, dim=-1).indices
     correct = pred.eq(target.view(-1, 1))
-    return [float(correct[:, : min(k, maxk)].any(dim=1).float().mean() * 100.0) for k in topk]
+    return [int(correct[:, : min(k, maxk)].any(dim=1).sum()) for k in topk]
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[float]:
+    """Top-k accuracy in percent (k clipped to the number of classes)."""
+    return [100.0 * c / output.shape[0] for c in correct_counts(output, target, topk)]
 
 
 def mean_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -218,10 +223,9 @@ def evaluate(
             out = model(x)
         out = out.float()
         loss = loss_fn(out, y)
-        top1, top5 = accuracy(out, y, (1, 5))
+        top1, top5 = correct_counts(out, y, (1, 5))  # counts: exact sums (percentages in float32 were not)
         n = x.shape[0]
-        totals += torch.tensor([float(loss) * n, top1 * n / 100.0, top5 * n / 100.0, n], dtype=torch.float64,
-                               device=device)
+        totals += torch.tensor([float(loss) * n, top1, top5, n], dtype=torch.float64, device=device)
     if reduce is not None:
         totals = reduce(totals)
     model.train(was_training)

@@ -39,6 +39,7 @@ def check_args(args) -> None:
         if not ok:
             raise UserError(message)
 
+    need(args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}")
     need(args.batch_size >= 1, f"-b must be at least 1, got {args.batch_size}")
     need(args.validation_batch_size is None or args.validation_batch_size >= 1,
          f"-vb must be at least 1, got {args.validation_batch_size}")

@@ -99,13 +99,14 @@ def plots(run_dir: Path, summary_path: Path, rows) -> None:
             fig, ax = plt.subplots(figsize=(6, 3.5))
             ax.plot(ep, [float(r["eval_top1"]) for r in data], "o-", label="top-1 (%)")
             ax.set_xlabel("epoch")
+            ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs only
             ax.set_ylabel("top-1 (%)")
             ax2 = ax.twinx()
             ax2.plot(ep, [float(r["sparsity"]) for r in data], "s--", color="tab:red", label="sparsity")
             ax2.set_ylabel("sparsity of selected layers")
             ax2.set_ylim(0, 1)
-            fig.legend(loc="lower right")
-            fig.tight_layout()
+            fig.legend(loc="upper center", ncol=2, frameon=False)  # above the axes: clear of curves and ticks
+            fig.tight_layout(rect=(0, 0, 1, 0.9))
             fig.savefig(run_dir / "training_curves.png", dpi=120)
             plt.close(fig)
     if rows:
@@ -133,7 +134,8 @@ def final_table(args, recipe, final, rows, model, run_dir, seconds) -> str:
            f"{final['ema_loss']:.4f}; the metric model_best ranks)"] if "ema_top1" in final else []),
         f"{'sparsity':<12}{overall_sparsity(model):.1%} of the {len(conform)} selected layers' weights, "
         f"{overall_sparsity(model, selected_only=False):.1%} of all Linear/Conv weights",
-        f"{'conforms':<12}" + (f"yes: all {ok} selected layers match their pattern" if ok == len(conform)
+        f"{'conforms':<12}" + ("n/a: no layer is selected (a dense run)" if not conform else
+                                 f"yes: all {ok} selected layers match their pattern" if ok == len(conform)
                                  else f"NO: {len(conform) - ok} of {len(conform)} layers do not match their pattern"),
         f"{'wall time':<12}{seconds:.1f} s",
         f"{'run dir':<12}{run_dir}",

@@ -233,8 +233,6 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             raise UserError(f"{flag} {value} and model_kwargs {key}={create_kwargs[key]} disagree; set one of them")
         create_kwargs[key] = value
     # what can be refused from the flags and files alone is refused before the model (and its layer table) is built
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     check_optimizer(args.opt, args.opt_impl, args.opt_kwargs)
     if args.initial_checkpoint and not args.resume and not Path(args.initial_checkpoint).exists():
         raise CheckpointError(f"initial_checkpoint {args.initial_checkpoint} does not exist: pass --initial-checkpoint "
@@ -341,9 +339,14 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             lock.wrote = True  # the run's first write into its folder: from here on the lock file stays
             finish_epoch_files(run_dir, resume_path, resume, newest=args.resume == "auto")
     if n_epochs != args.epochs and dist.is_main:
-        _logger.info("training %d epochs, the length of the lr schedule timm builds from --epochs %d (with "
-                     "--cooldown-epochs %d, cycles, warm-up prefix), as timm's train.py does; --cooldown-epochs 0 "
-                     "trains exactly --epochs", n_epochs, args.epochs, args.cooldown_epochs)
+        longer = [f"--cooldown-epochs {args.cooldown_epochs}"] if args.cooldown_epochs else []
+        if (args.lr_cycle_limit or 1) > 1:
+            longer.append(f"--lr-cycle-limit {args.lr_cycle_limit}")
+        if getattr(args, "warmup_prefix", False):
+            longer.append("--warmup-prefix")
+        _logger.info("training %d epochs, the length of the lr schedule timm builds from --epochs %d with %s, as "
+                     "timm's train.py does; without %s the run trains exactly --epochs", n_epochs, args.epochs,
+                     " and ".join(longer) or "these settings", " and ".join(longer) or "them")
     if args.warmup_epochs >= n_epochs and dist.is_main:
         _logger.warning("--warmup-epochs %d covers the whole %d-epoch run: the lr never leaves its warm-up ramp (from "
                         "--warmup-lr %g); lower --warmup-epochs for a short run", args.warmup_epochs, n_epochs,

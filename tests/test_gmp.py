@@ -81,13 +81,15 @@ def test_updates_count_from_the_ramp_start_and_the_end_is_always_an_update():
              "end_fraction": 0.58, "update_interval": 10, "rules": [{"target": ["re:fc[12]", "conv"]}]}
     model, _, ctl = _build(block)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    updates = []
+    updates, phases = [], {}
     for t in range(75):
         ctl.step(t)
         if ctl.method.last_update == t:
             updates.append(t)
+        phases[t] = ctl.metrics()["phase"]  # summary.csv's column
         _train_step(model, opt)
     assert updates == [0, 13, 23, 33, 43, 53, 58]
+    assert [phases[t] for t in (0, 12, 13, 57, 58, 74)] == ["dense"] * 2 + ["ramp"] * 2 + ["finetune"] * 2
     assert ctl.metrics()["target_sparsity"] == pytest.approx(0.8)
     assert cubic_sparsity(58, 13, 58, 0.0, 0.8) == pytest.approx(0.8)
 

@@ -165,8 +165,8 @@ def test_cooldown_epochs_are_trained_as_in_timm(tmp_path, capsys):
     args = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "run", "--sched", "cosine"]
     assert run_cli(train.main, [*args, "--cooldown-epochs", "1"]) == 0
     out = capsys.readouterr().out
-    assert "training 2 epochs, the length of the lr schedule timm builds from --epochs 1 (with --cooldown-epochs 1" \
-        in out
+    assert "training 2 epochs, the length of the lr schedule timm builds from --epochs 1 with --cooldown-epochs 1, " \
+        "as timm's train.py does; without --cooldown-epochs 1 the run trains exactly --epochs" in out
     with open(tmp_path / "run" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [5, 10]
@@ -318,6 +318,7 @@ def test_run_shape_errors_before_anything_is_written(tmp_path, capsys):
     base = [*TINY_VIT, *FAST, "--output", str(tmp_path / "out")]
     cases = [
         (["--epochs", "0", "--experiment", "a"], "--epochs must be at least 1, got 0"),
+        (["--epochs", "0", "--print-config"], "--epochs must be at least 1, got 0"),
         (["-b", "4096", "--experiment", "b"], "batch size 4096 x 1 process(es) exceeds the training set (1437 images"),
         (["--resume", "auto"], "--resume auto needs --experiment NAME"),
         (["--drop-path", "0.1", "--model-kwargs", "drop_path_rate=0.2", "--experiment", "c"],

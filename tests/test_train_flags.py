@@ -114,7 +114,7 @@ def test_grad_accum_steps_end_to_end(tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["lr"] == pytest.approx(0.1)  # 0.1 x 64 x 4 / 256
 
 
-def test_layer_decay_groups_and_the_mean_lr_column(tmp_path):
+def test_layer_decay_groups_and_the_mean_lr_column(tmp_path, capsys):
     """--layer-decay: timm's layer-wise groups (lr_scale per depth, the scores of supermask sharing their layer's
     scale, no weight decay on them), and summary.csv's lr is the mean over the groups, as timm writes it."""
     model = timm.create_model("vit_tiny_patch16_224", **VIT_KW, num_classes=10)
@@ -146,6 +146,7 @@ def test_layer_decay_groups_and_the_mean_lr_column(tmp_path):
             assert [g["lr"] for g in groups] == pytest.approx([1e-3 * x for x in scales])
         # epoch 0's lr (cosine's is the base lr then): the mean over the groups, as timm writes it
         assert float(_rows(tmp_path / sched)[0]["lr"]) == pytest.approx(1e-3 * sum(scales) / len(scales))
+    assert "conforms    n/a: no layer is selected (a dense run)" in capsys.readouterr().out
 
 
 def test_clip_mode_opt_kwargs_and_ema_warmup_reach_the_run(tmp_path, monkeypatch):
@@ -517,3 +518,18 @@ def test_clip_grad_none_turns_off_a_recipes_clipping(tmp_path):
     cfg.write_text("clip_grad: often\n")
     with pytest.raises(ConfigError, match="'clip_grad' in .* must be a number, got 'often'"):
         parse_with_config(train.build_parser(), ["--config", str(cfg)])
+
+
+def test_evaluate_counts_exactly():
+    """top-1 / top-5 are summed as counts: 1 of 10 right is 10.0 exactly (percentages summed in float32 gave
+    10.000000052981907 in a results.json)."""
+    from sparsity.engine import evaluate
+
+    torch.manual_seed(0)
+    logits = torch.randn(30, 7)
+    targets = logits.argsort(dim=1)[:, 0].clone()  # the lowest logit: never in the top 5 of 7
+    targets[[3, 17, 25]] = logits[[3, 17, 25]].argmax(1)  # 3 of 30 right
+    loader = [(logits[i:i + 10], targets[i:i + 10]) for i in range(0, 30, 10)]
+    out = evaluate(nn.Identity(), loader)
+    assert out["top1"] == 10.0 and out["top5"] == 10.0
+    assert out["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, targets)))

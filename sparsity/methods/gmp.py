@@ -152,6 +152,7 @@ class GMPMethod(WeightChangeReference, SparsityMethod):
         self.start = int(round(o.start_fraction * self.total_steps))
         self.end = max(int(round(o.end_fraction * self.total_steps)), self.start)
         self.last_update: int | None = None
+        self.t = 0  # the step the masks are for
         self.current = 0.0  # parameter-weighted target sparsity of the masks in force
         self._rms = WeightChangeRMS(self.layers)
 
@@ -183,10 +184,15 @@ class GMPMethod(WeightChangeReference, SparsityMethod):
 
     @torch.no_grad()
     def step(self, global_step: int) -> None:
+        self.t = global_step
         if self._due(global_step):
             self.zero_pruned()  # first: the ranking must not see what momentum revived since the last step
             self._compute_masks(global_step)
         self.zero_pruned()  # pruned weights stay exactly zero
+
+    def finetune_start(self) -> int:
+        """The ramp's end: the masks are fixed from there on."""
+        return self.end
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -195,9 +201,12 @@ class GMPMethod(WeightChangeReference, SparsityMethod):
         if self.last_update is None or self.last_update < self.end:
             self.zero_pruned()
             self._compute_masks(self.end)
+        self.t = max(self.t, self.end)
 
     def metrics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"target_sparsity": round(self.current, 6)}
+        t = self.t
+        phase = "finetune" if t >= self.end else "ramp" if t >= self.start or self.current > 0 else "dense"
+        out: dict[str, Any] = {"phase": phase, "target_sparsity": round(self.current, 6)}
         out.update(self._rms())
         return out
 
