@@ -251,6 +251,11 @@ def pattern_problem(mod: nn.Module, backend: str, dtype: torch.dtype, blocksize:
         # the ground truth is the mask itself (or the values of a plain, e.g. densified, layer)
         keep = _matrix(mod.weight_mask if masked else mod.weight != 0)
         if not is_nm(keep, 2, 4, dim=1):
+            slices = getattr(mod, "slices", ())
+            if slices and all((s.n, s.m, s.sparse_dim) == (2, 4, "row") for s in slices) and \
+                    sum(s.stop - s.start for s in slices) == mod.weight.shape[0]:  # 2:4 asked for every row
+                return f"its mask does not conform to its pattern {_pattern(mod)} (check it: validate.py " \
+                       "--require-conformance)", ""
             return f"pattern {_pattern(mod)} is not 2:4 along the input dim (no commodity kernel for it)", ""
         rows, cols = _semi_structured_min_shape(dtype, semi_kernel)
         if out_f % rows or in_f % cols:

@@ -94,12 +94,19 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                compressed = (f.metadata() or {}).get("sparsity.format") == "compressed"
+            if not compressed:
+                return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any parse failure means the file is unusable
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({e}); re-export it") from None
+        raise CheckpointError(f"{path} is a compressed export (kept values and indices, not a state dict): pass its "
+                              "folder, with the config.json written beside it, to validate.py, or load it with "
+                              "sparsity.load_compressed; a densified export (model.safetensors) is the state dict")
     _check_zip_crc(path)
     try:
         # timm's train.py stores its argparse.Namespace as "args": allowed, as timm's own loader does
@@ -171,8 +178,10 @@ def _check_zip_crc(path: Path) -> None:
 
 def _directory_hint(path: Path) -> str:
     if (path / "config.json").is_file():
-        return (f"{path} is an export directory, not a training checkpoint; pass the .pth.tar it was exported from "
-                "(validate.py and sparsity.export.load_for_eval read export directories)")
+        weights = (f"pass its weights file {path / 'model.safetensors'}, or " if (path / "model.safetensors").is_file()
+                   else "pass ")
+        return (f"{path} is an export directory, not a training checkpoint; {weights}the .pth.tar it was exported "
+                "from (validate.py and sparsity.export.load_for_eval read export directories)")
     found = sorted(p.name for p in path.glob("*.pth.tar"))
     if found:
         pick = "model_best.pth.tar" if "model_best.pth.tar" in found else found[-1]
@@ -234,11 +243,12 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
         own = model.state_dict()
         masked = [k.removesuffix(".weight_mask") for k in state if k.endswith(".weight_mask") and k not in own]
         if masked:
+            export = (f", or export it densified first (export.py --checkpoint {path} --format densified) and pass "
+                      "the export's model.safetensors") if arch else ""  # export.py needs the model's name
             raise CheckpointError(
                 f"checkpoint {path} is sparse: it holds masks for {len(masked)} layer(s) this run's recipe leaves "
                 f"dense ({', '.join(masked[:3])}{', ...' if len(masked) > 3 else ''}); use a recipe that covers "
-                f"them, or export it densified first (export.py --checkpoint {path} --format densified) and pass "
-                "the export's model.safetensors"
+                f"them{export}"
             ) from None
         first = str(e).split("\n")
         detail = " ".join(line.strip() for line in first[1:3])[:400]
@@ -267,8 +277,10 @@ def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
 
     ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
     if "arch" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} has no 'arch': it is not a train.py checkpoint; pass --model "
-                              "and the recipe explicitly")
+        raise CheckpointError(f"checkpoint {path} has no 'arch': a bare state dict, not a train.py checkpoint, so "
+                              "the model and recipe it needs are unknown; validate.py takes it with --model NAME (and "
+                              "--config YAML for its recipe); in Python, sparsity.create_model(NAME, recipe=..., "
+                              f"checkpoint='{path}') builds it for export_densified/export_compressed")
     check_fields(path, ckpt)
     recipe = recipe_from_dict(ckpt.get("recipe") or {}, source=f"{path} (recipe)")
     state = model_state_from(ckpt, use_ema)  # e.g. no EMA weights: refused before the model is built

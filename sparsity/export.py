@@ -271,6 +271,12 @@ def _write(build: dict[str, Any], output_dir: str | os.PathLike, fmt: str, force
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = sizes["compressed_bytes"] / sizes["densified_bytes"]
+    if fmt == "compressed":  # a structured slice its kernel format could not take: say where and why
+        for key, entry in build["layout"].items():
+            for seg in entry["segments"]:
+                if seg.get("note"):
+                    _logger.info("compressed export: %s rows %d:%d stored as %s (%s)", key, seg["start"], seg["stop"],
+                                 seg["format"], seg["note"])
     formats = [s["format"] for e in build["layout"].values() for s in e["segments"]]
     return {"format": fmt, "output_dir": str(out), "files": files, **sizes, "ratio": ratio,
             "layers": len(build["layout"]), "nm_segments": formats.count("nm"), "bsr_segments": formats.count("bsr"),

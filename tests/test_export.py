@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -65,6 +66,17 @@ def vit24():
 @pytest.fixture(scope="module")
 def x32():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_block_slices_off_the_tile_grid_are_stored_as_a_bitmap_and_logged(tmp_path, caplog):
+    model = _block_vit(0.75, tile=5)  # 768 x 192 is no multiple of 5: the mask conforms, BSR cannot hold it
+    with caplog.at_level("INFO", logger="sparsity.export"):
+        info = sparsity.export_compressed(model, tmp_path / "c", arch=VIT, create_kwargs=VIT_KW)
+    assert (info["bitmap_segments"], info["bsr_segments"]) == (1, 0)
+    assert "compressed export: blocks.0.mlp.fc1.weight rows 0:768 stored as bitmap (shape [768, 192] is not " \
+           "divisible by tile 5)" in caplog.text
+    loaded, _ = sparsity.load_compressed(tmp_path / "c")
+    _assert_bit_exact(model, loaded)
 
 
 def _block_vit(sparsity_: float = 0.9, tile: int = 16) -> torch.nn.Module:
@@ -442,6 +454,9 @@ def test_directories_and_formats_mixed_up_get_a_hint(fake_checkpoint, tmp_path, 
     comp = tmp_path / "comp"
     assert _cli(["--checkpoint", str(fake_checkpoint), "--format", "compressed", "--output", str(comp)]) == 0
     capsys.readouterr()
+    lone = tmp_path / "lone"  # the compressed weights file without its config.json
+    lone.mkdir()
+    shutil.copy(comp / COMPRESSED_FILE, lone)
     cases = [
         (export_cli.main, ["--checkpoint", str(comp), "--format", "densified"],
          f"{comp} is an export directory, not a training checkpoint; pass the .pth.tar it was exported from"),
@@ -452,6 +467,8 @@ def test_directories_and_formats_mixed_up_get_a_hint(fake_checkpoint, tmp_path, 
         (validate.main, ["--checkpoint", str(comp), "--model-kwargs", "depth=3"],
          "--model-kwargs depth=3 (file: 2); drop those flags"),
         (validate.main, ["--checkpoint", str(comp), "--use-ema"], "is an export, which holds one set of weights"),
+        (validate.main, ["--checkpoint", str(lone / COMPRESSED_FILE), "--model", VIT, "--num-classes", "10"],
+         "is a compressed export (kept values and indices, not a state dict): pass its folder, with the config.json"),
         (validate.main, ["--checkpoint", str(fake_checkpoint), "--data-dir", str(tmp_path / "nope")],
          f"--data-dir {tmp_path / 'nope'} does not exist"),
         # its config.json would make the training run folder look like an export
@@ -530,6 +547,9 @@ def test_accelerate_on_cpu_changes_nothing_and_says_why(backend, x32):
         assert "otherwise eligible" in by_fqn["blocks.0.mlp.fc1"]["reason"]
         assert "not 2:4" in by_fqn["blocks.0.attn.proj"]["reason"]
         assert "Conv2d" in by_fqn["patch_embed.proj"]["reason"]
+        model.blocks[0].mlp.fc1.weight_mask[0, :4] = True  # a 2:4 layer whose mask breaks its pattern
+        reason = {r["fqn"]: r["reason"] for r in sparsity.accelerate_(model, backend=backend)}["blocks.0.mlp.fc1"]
+        assert "its mask does not conform to its pattern ff=2:4" in reason
     else:
         assert "otherwise eligible" in by_fqn["blocks.1.mlp.fc1"]["reason"]
         assert "10% of tiles" in by_fqn["blocks.1.mlp.fc1"]["reason"]
