@@ -252,9 +252,11 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
             ) from None
         first = str(e).split("\n")
         detail = " ".join(line.strip() for line in first[1:3])[:400]
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this model (another architecture or num_classes?): {detail}"
-        ) from None
+        guess = "another architecture or num_classes?"
+        if "size mismatch for pos_embed" in str(e):  # a ViT's position embedding for another input size
+            guess = ("weights for another input size? as --pretrained-path FILE, timm resamples the position "
+                     "embedding to this model's")
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({guess}): {detail}") from None
     n_masks = sum(k.endswith("weight_mask") for k in state)
     logging.getLogger(__name__).info(
         "loaded %d tensors from %s%s: %s", len(state), path, " (EMA weights)" if use_ema else "",

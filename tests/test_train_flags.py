@@ -208,6 +208,17 @@ def test_pretrained_path_loads_the_file_through_timm(tmp_path, capsys, caplog):
                                 "--experiment", "q"]) == 0
     sd = torch.load(tmp_path / "q" / "last.pth.tar", weights_only=True)["state_dict"]
     assert torch.equal(sd["head.weight"], own.head.weight.detach())
+    # weights for 64 px inputs: --pretrained-path resamples the position embedding (timm's adaptation), and
+    # --initial-checkpoint, which loads as is, says to use it
+    big = timm.create_model("vit_tiny_patch16_224", **{**VIT_KW, "img_size": 64}, num_classes=10)
+    torch.save(big.state_dict(), tmp_path / "big.pth")
+    assert run_cli(train.main, [*args, "--pretrained-path", str(tmp_path / "big.pth"), "--experiment", "r"]) == 0
+    sd = torch.load(tmp_path / "r" / "last.pth.tar", weights_only=True)["state_dict"]
+    assert sd["pos_embed"].shape == (1, 17, 32) and torch.equal(sd["head.weight"], big.head.weight.detach())
+    capsys.readouterr()
+    assert run_cli(train.main, [*args, "--initial-checkpoint", str(tmp_path / "big.pth"), "--experiment", "s"]) == 2
+    assert "(weights for another input size? as --pretrained-path FILE, timm resamples the position embedding" \
+        in capsys.readouterr().err
 
 
 def test_pretrained_failures_are_one_message(tmp_path, capsys, monkeypatch):
