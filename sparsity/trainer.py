@@ -125,6 +125,10 @@ def build_loaders(args, data_cfg: dict, train_ds, val_ds, dist: DistInfo):
                             "--ratio, --hflip/--vflip and --color-jitter") from None
     val = create_loader(val_ds, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
                         crop_pct=data_cfg["crop_pct"], **common)
+    if args.workers == 0:  # timm's iterable readers (wds/, tfds/) count their length per worker: with no workers
+        for ds in (train_ds, val_ds):  # it read 0 (and the run stopped: "0 images"); the main process is the one
+            if ds is not None and hasattr(ds, "set_loader_cfg"):  # worker that reads them, so say so
+                ds.set_loader_cfg(num_workers=1)
     return train, val
 
 
@@ -562,6 +566,10 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             _seed_all(args.seed + 1000 * (epoch + 1) + dist.rank)
             if hasattr(loader_train.dataset, "set_epoch"):  # as timm: its iterable readers (wds/, tfds/, hfids/)
                 loader_train.dataset.set_epoch(epoch)         # shuffle their shards per epoch
+                reader = getattr(loader_train.dataset, "reader", None)
+                if args.workers == 0 and hasattr(reader, "ds"):  # read in this process: the reader's pipeline
+                    reader.ds = None  # (and its sample-shuffle RNG) starts afresh each epoch, as in a new worker,
+                    # so an epoch does not depend on the ones before it and a mid-epoch resume replays it exactly
             elif dist.distributed and hasattr(loader_train.sampler, "set_epoch"):
                 loader_train.sampler.set_epoch(epoch)
             rng_at_resume = _resume_rng(resume, dist) if (skip and resume is not None) else None

@@ -734,3 +734,63 @@ def test_a_dataset_with_set_epoch_hears_every_epoch_also_after_a_resume(tmp_path
     monkeypatch.delenv("SPARSITY_FAULT")
     assert run_cli(train.main, [*common, "--resume", "auto"]) == 0
     assert heard == [("train", 1), ("train", 2)]  # the resumed epoch hears its number again
+
+
+class _IterableReader:
+    """What the trainer meets in timm's iterable readers (wds/, tfds/): a pipeline built lazily on first
+    iteration and kept with its sample-shuffle RNG, ``set_epoch``, and a length counted per DataLoader worker
+    (``set_loader_cfg(num_workers=0)`` made it 0)."""
+
+    def __init__(self, n: int) -> None:
+        from PIL import Image
+
+        self.images = [Image.new("RGB", (32, 32), color=(200 * (i % 2), 6 * i, 60)) for i in range(n)]
+        self.num_workers, self.epoch, self.ds = 1, 0, None
+
+    def set_epoch(self, count: int) -> None:
+        self.epoch = count
+
+    def set_loader_cfg(self, num_workers=None) -> None:
+        if self.ds is None and num_workers is not None:
+            self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.images) // max(self.num_workers, 1) * self.num_workers
+
+    def __iter__(self):
+        import random
+
+        if self.ds is None:
+            self.ds = random.Random(0)  # lives as long as the pipeline: across epochs in a process that keeps it
+        order = list(range(len(self.images)))
+        random.Random(self.epoch).shuffle(order)  # the shard shuffle, by epoch
+        self.ds.shuffle(order)  # the sample shuffle
+        for i in order:
+            yield self.images[i], i % 2
+
+
+def test_iterable_dataset_without_workers_trains_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """timm's iterable data sets read in the main process (--workers 0): their length was 0 (the run stopped with
+    "0 images"), and their lazily built pipeline kept its shuffle RNG across epochs, so a mid-epoch resume (which
+    builds it anew) replayed another order. Each epoch now starts the reader afresh, as a new worker would."""
+    from timm.data import IterableImageDataset
+
+    import sparsity.trainer as trainer_mod
+
+    def fake(name, data_dir, split, is_training, *a, **k):
+        return IterableImageDataset("", reader=_IterableReader(40 if is_training else 16))
+
+    monkeypatch.setattr(trainer_mod, "build_dataset", fake)
+    cfg = _cfg(tmp_path, {"method": "ste", "rules": [{"target": "ff", "n": 2, "m": 4}]}, epochs=2)
+    base = ["--config", cfg, *TINY_VIT, *FAST, "-b", "8", "--num-classes", "2", "--output", str(tmp_path)]
+    assert run_cli(train.main, [*base, "--experiment", "full"]) == 0
+    monkeypatch.setenv("SPARSITY_FAULT", "sigterm:7")  # epoch 1 (5 steps per epoch), mid-epoch
+    assert run_cli(train.main, [*base, "--experiment", "cut"]) == 143
+    monkeypatch.delenv("SPARSITY_FAULT")
+    assert run_cli(train.main, [*base, "--experiment", "cut", "--resume", "auto"]) == 0
+    a, b = (torch.load(tmp_path / d / "last.pth.tar", weights_only=True) for d in ("full", "cut"))
+    assert a["global_step"] == b["global_step"] == 10
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    with open(tmp_path / "full" / "summary.csv") as f1, open(tmp_path / "cut" / "summary.csv") as f2:
+        assert list(csv.DictReader(f1)) == list(csv.DictReader(f2))
