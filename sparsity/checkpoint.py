@@ -243,8 +243,9 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
         own = model.state_dict()
         masked = [k.removesuffix(".weight_mask") for k in state if k.endswith(".weight_mask") and k not in own]
         if masked:
+            rebuildable = arch and ckpt.get("recipe") is not None  # what export.py needs to build the model
             export = (f", or export it densified first (export.py --checkpoint {path} --format densified) and pass "
-                      "the export's model.safetensors") if arch else ""  # export.py needs the model's name
+                      "the export's model.safetensors") if rebuildable else ""
             raise CheckpointError(
                 f"checkpoint {path} is sparse: it holds masks for {len(masked)} layer(s) this run's recipe leaves "
                 f"dense ({', '.join(masked[:3])}{', ...' if len(masked) > 3 else ''}); use a recipe that covers "
@@ -254,8 +255,9 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
         detail = " ".join(line.strip() for line in first[1:3])[:400]
         guess = "another architecture or num_classes?"
         if "size mismatch for pos_embed" in str(e):  # a ViT's position embedding for another input size
-            guess = ("weights for another input size? as --pretrained-path FILE, timm resamples the position "
-                     "embedding to this model's")
+            guess = ("weights for another input size? build the model for theirs (--model-kwargs img_size=...), "
+                     "or, to train at this size, pass the file to train.py as --pretrained-path, which resamples "
+                     "the position embedding")
         raise CheckpointError(f"checkpoint {path} does not fit this model ({guess}): {detail}") from None
     n_masks = sum(k.endswith("weight_mask") for k in state)
     logging.getLogger(__name__).info(

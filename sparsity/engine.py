@@ -194,7 +194,9 @@ def train_one_epoch(
         if on_step is not None:
             on_step(state, batch_idx)
     state.extra.pop("loss_sum_tensor", None)
-    state.loss_sum = float(loss_sum)  # the epoch's total, for a checkpoint written before its evaluation
+    # the epoch's totals, for a checkpoint written before its evaluation (a skipped last window counted its
+    # finite batches without an update)
+    state.loss_sum, state.loss_count = float(loss_sum), count
     mean = state.loss_sum / count if count else float("nan")
     return {"loss": mean if not math.isnan(mean) else last_loss}
 

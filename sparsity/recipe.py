@@ -365,9 +365,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 # PyYAML follows YAML 1.1, where a float needs a dot: ``lr: 1e-3`` was the string '1e-3' and refused as "must be a
 # number" (timm's train.py takes it: argparse converts the string). YAML 1.2 reads it as a float, and so does this.
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"))
+_EXP_FLOAT = ("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+              list("-+.0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(*_EXP_FLOAT)
+
+
+def recipe_differences(saved: dict, now: dict) -> list[str]:
+    """The top-level keys in which two recipes (``Recipe.to_dict()`` or a checkpoint's plain copy) differ."""
+    saved, now = plain(saved), plain(now)
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
+
+class _Dumper(yaml.SafeDumper):
+    """yaml.safe_dump that quotes every string the loader above would read as something else ('1e3')."""
+
+
+_Dumper.add_implicit_resolver(*_EXP_FLOAT)
+
+
+def dump_yaml(data: Any, stream=None, **kw) -> Any:
+    """``yaml.safe_dump`` whose output :func:`load_yaml` reads back as it was."""
+    return yaml.dump(data, stream, Dumper=_Dumper, **kw)
 
 
 def yaml_value(text: str) -> Any:

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint_file, write_atomic
 from .engine import TrainState
 from .errors import UserError
-from .recipe import Recipe, plain
+from .recipe import Recipe, plain, recipe_differences
 
 _logger = logging.getLogger("train")
 
@@ -135,10 +135,8 @@ def _check_same_run(resume: dict, path: str, recipe: Recipe, args, n_epochs: int
     """A resume continues one run: the same sparsity recipe and, for sparse recipes, the same length ``n_epochs``
     (:func:`run_epochs`; phases, ramps and decays are fractions of the whole run, so another length would move them
     mid-run)."""
-    saved, now = resume.get("recipe"), recipe.to_dict()
-    if saved is not None and plain(saved) != now:
-        saved = plain(saved)
-        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    saved = resume.get("recipe")
+    if saved is not None and (keys := recipe_differences(saved, recipe.to_dict())):
         raise CheckpointError(f"--resume {path} was trained with another sparsity recipe (differs in: "
                               f"{', '.join(keys)}); resume with the config the run started with (its args.yaml), or "
                               "start a new run from it with --initial-checkpoint")
@@ -310,8 +308,10 @@ class RunLock:
     crashed run never blocks its own ``--resume auto``; a POSIX lock (unlike ``flock``) is not inherited by the
     forked data-loader workers, which may outlive a killed parent by seconds, and NFS supports it. The file stays
     once the run has written into its folder (deleting a lock file others may have opened would let two processes
-    lock different files); a run refused before that removes it. On a file system without locks the run goes on
-    with a warning. Under torchrun only rank 0 takes it."""
+    lock different files); a run refused before that removes it, and so does a new run that fails before writing
+    anything but its args.yaml (:meth:`discard_unused_folder`, which removes the folder too, while still holding the
+    lock: a process that opened the file before can at worst lock the removed file of a removed folder). On a file
+    system without locks the run goes on with a warning. Under torchrun only rank 0 takes it."""
 
     NAME = ".run.lock"
 

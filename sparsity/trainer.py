@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint_file, save_atomic
@@ -42,7 +41,7 @@ from .factory import check_input_size, create_model, set_grad_checkpointing
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules, to_channels_last
 from .optim import check_optimizer, create_optimizer
-from .recipe import plain, recipe_from_dict
+from .recipe import dump_yaml, plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_args import check_args, check_dist_args, resolve_lr
 from .run_files import (
@@ -95,9 +94,10 @@ def build_datasets(args):
         raise UserError(f"data set {args.dataset or args.data_dir} has an empty split; check --data-dir and splits")
     check_same_classes(train_ds, val_ds, args.data_dir)
     if evaluates_on_training_images(args.dataset, args.data_dir, args.train_split, args.val_split):
-        _logger.warning("--data-dir %s has no split folders (train/ and validation/ or val/): every epoch is "
-                        "evaluated on the training images themselves, so top-1 overstates the model; add a "
-                        "validation/ folder of held-out images", args.data_dir)
+        why = ("its --train-split and --val-split are the same folder" if args.train_split == args.val_split else
+               "it has no split folders (train/ and validation/ or val/)")
+        _logger.warning("--data-dir %s: %s, so every epoch is evaluated on the training images themselves and top-1 "
+                        "overstates the model; add a validation/ folder of held-out images", args.data_dir, why)
     return train_ds, val_ds
 
 
@@ -150,23 +150,24 @@ def _loss_fns(args, mixup_active: bool):
     return train, nn.CrossEntropyLoss()
 
 
-def _check_same_ema(resume: dict, path: str, args, n_epochs: int) -> None:
-    """A resume in the run's own folder keeps the run's ``--model-ema`` setting where a change would rewrite what
-    the run already wrote: without the flag the EMA weights would be dropped from its checkpoints and model_best
-    ranked anew by the live weights; on a finished run (nothing left to train) the end of training would run again,
-    rewriting last.pth.tar, model_best and results.json for the other setting. (Resuming into another
-    ``--experiment`` writes elsewhere and may change it.)"""
+def _check_same_ema(resume: dict, path: str, args) -> None:
+    """A resume in the run's own folder keeps the run's ``--model-ema`` setting: without the flag the EMA weights
+    would be dropped from its checkpoints; either way model_best's ranking (by the EMA's metric or the live one)
+    would start over, so the next epoch would replace model_best whatever it scores, and a finished run (nothing
+    left to train) would rewrite last.pth.tar, model_best and results.json. Resuming into another ``--experiment``
+    writes elsewhere and may change it."""
     had_ema = isinstance(resume.get("state_dict_ema"), dict)
-    finished = int(resume.get("next_epoch", 0)) >= n_epochs and not resume.get("skip_batches")
-    if had_ema and not args.model_ema:
+    if had_ema == bool(args.model_ema):
+        return
+    if had_ema:
         raise CheckpointError(f"--resume {path} was trained with --model-ema: resuming it in its folder without the "
                               "flag would drop the EMA weights from its checkpoints and re-rank model_best by the live "
                               "weights; add --model-ema (with the run's --model-ema-decay), or resume into another "
                               "--experiment")
-    if finished and args.model_ema and not had_ema:
-        raise CheckpointError(f"--resume {path} is a finished run trained without --model-ema: nothing is left to "
-                              "train, and its last.pth.tar, model_best and results.json would be rewritten around an "
-                              "EMA of the final weights; resume it without --model-ema")
+    raise CheckpointError(f"--resume {path} was trained without --model-ema: resuming it in its folder with the flag "
+                          "would start model_best's ranking over (the next epoch would replace it whatever it scores) "
+                          "and rewrite the run's results around the EMA; drop --model-ema, or resume into another "
+                          "--experiment")
 
 
 def _optimizer(args, ctl: SparsityController, is_main: bool):
@@ -215,7 +216,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
     resolve_lr(args, dist.world_size, dist.is_main and not args.print_config)
     check_args(args)
     if args.print_config:
-        print(yaml.safe_dump(resolved_config(args, recipe), sort_keys=False))
+        print(dump_yaml(resolved_config(args, recipe), sort_keys=False))
         return 0
     check_dist_args(args, dist)  # after --print-config: a torchrun recipe prints on one process too
     if args.deterministic:
@@ -278,7 +279,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                                   f"with --initial-checkpoint {resume_path}")
         _check_same_run(resume, resume_path, recipe, args, n_epochs)
         if in_place:
-            _check_same_ema(resume, resume_path, args, n_epochs)
+            _check_same_ema(resume, resume_path, args)
     if resume is not None and args.initial_checkpoint:  # recipes that fine-tune name one: a resume does not need it
         _logger.info("resuming: --initial-checkpoint %s is not read (the resumed checkpoint holds the weights)",
                      args.initial_checkpoint)
@@ -343,14 +344,19 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             lock.wrote = True  # the run's first write into its folder: from here on the lock file stays
             finish_epoch_files(run_dir, resume_path, resume, newest=args.resume == "auto")
     if n_epochs != args.epochs and dist.is_main:
-        longer = [f"--cooldown-epochs {args.cooldown_epochs}"] if args.cooldown_epochs else []
+        longer, off = [], []  # what lengthens the run, and the flags that would not
+        if args.cooldown_epochs:
+            longer.append(f"--cooldown-epochs {args.cooldown_epochs}")
+            off.append("--cooldown-epochs 0")
         if (args.lr_cycle_limit or 1) > 1:
             longer.append(f"--lr-cycle-limit {args.lr_cycle_limit}")
+            off.append("--lr-cycle-limit 1")
         if getattr(args, "warmup_prefix", False):
             longer.append("--warmup-prefix")
+            off.append("--no-warmup-prefix")
         _logger.info("training %d epochs, the length of the lr schedule timm builds from --epochs %d with %s, as "
-                     "timm's train.py does; without %s the run trains exactly --epochs", n_epochs, args.epochs,
-                     " and ".join(longer) or "these settings", " and ".join(longer) or "them")
+                     "timm's train.py does; %s trains exactly --epochs", n_epochs, args.epochs,
+                     " and ".join(longer) or "these settings", " ".join(off) or "another schedule")
     if args.warmup_epochs >= n_epochs and dist.is_main:
         _logger.warning("--warmup-epochs %d covers the whole %d-epoch run: the lr never leaves its warm-up ramp (from "
                         "--warmup-lr %g); lower --warmup-epochs for a short run", args.warmup_epochs, n_epochs,
@@ -463,7 +469,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         if in_place and resume is not None and args_file.exists():  # keep the run's config; record the resume's
             args_file = run_dir / f"args-resumed-step{state.global_step}.yaml"
         with explain_write_errors(run_dir):
-            args_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            args_file.write_text(dump_yaml(resolved, sort_keys=False))
             truncate_summary(summary_path, next_epoch)  # a new run in an old folder (--resume auto) starts it empty
     wandb_run = init_wandb(args, resolved, run_dir) if (args.log_wandb and dist.is_main) else None
 
@@ -515,6 +521,9 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
         if dist.is_main:
             save({**checkpoint_dict(st.epoch, batch_idx + 1, None), **per_rank}, run_dir / "recovery.pth.tar")
 
+    def resume_hint() -> str:
+        return f"running the same command with --resume auto --experiment {run_dir.name} --output {run_dir.parent}"
+
     def on_step(st: TrainState, batch_idx: int) -> None:
         if fault_matches("diverge_mask", st.global_step, dist.rank):
             layer = masked_modules(model)[0][1]
@@ -530,9 +539,8 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                 write_recovery(st, batch_idx)
             name = stop.received.name
             raise TrainingStopped(f"stopped by {name} at epoch {st.epoch} step {st.global_step}; "
-                                  f"{run_dir / 'recovery.pth.tar'} holds that step: continue by running the same "
-                                  f"command with --resume auto --experiment {run_dir.name} --output "
-                                  f"{run_dir.parent}", 128 + int(stop.received))
+                                  f"{run_dir / 'recovery.pth.tar'} holds that step: continue by {resume_hint()}",
+                                  128 + int(stop.received))
         if args.mask_check_interval and dist.distributed and st.global_step % args.mask_check_interval == 0:
             check_ranks_consistent(model, dist)
 
@@ -600,8 +608,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                     raise
                 write_recovery(state, len(loader_train) - 1)  # every batch done: a resume runs this evaluation
                 raise DataError(f"{one_line(e)}. Epoch {epoch}'s training is kept in {run_dir / 'recovery.pth.tar'}:"
-                                f" after the fix, run the same command with --resume auto --experiment "
-                                f"{run_dir.name} --output {run_dir.parent}") from None
+                                f" after the fix, continue by {resume_hint()}") from None
             # timm's summary.csv columns first, in timm's order (epoch, train_loss, eval_*, lr), then ours
             row = {"epoch": epoch, "train_loss": round(train_metrics["loss"], 6),
                    "eval_loss": round(eval_metrics["loss"], 6), "eval_top1": round(eval_metrics["top1"], 4),

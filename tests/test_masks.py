@@ -143,6 +143,8 @@ def test_nm_mask_ties_go_to_the_lower_index(n, m, path, monkeypatch):
     if path == "torch":
         monkeypatch.setattr(native, "_lib", None)
         monkeypatch.setattr(native, "_status", "disabled for this test")
+    elif m > 8 or native.kernel() is None:  # the kernel takes m in {2, 4, 8}; the torch case covers the rest
+        pytest.skip(f"no native kernel for m={m} here ({native.status()})")
     gen = torch.Generator().manual_seed(n * 100 + m)
     for shape, dim in [((6, 2 * m), 1), ((3, 2 * m, 3, 3), 1), ((2 * m, 5), 0)]:
         w = torch.randint(-2, 3, shape, generator=gen).float()

@@ -112,3 +112,8 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert args.lr == 0.001 and args.weight_decay == 5e-5 and args.model_kwargs == {"drop_rate": 0.1}
     assert sparsity.recipe_from_dict(blocks["sparsity"]).options.srste_lambda == 2e-4
     assert sparsity.load_yaml(cfg)["sparsity"]["rules"][0]["target"] == "ff"  # other scalars as before
+    # what the project writes (args.yaml, scheme.yaml) reads back the same: strings such as '1e3' are quoted
+    from sparsity.recipe import dump_yaml, yaml_value
+
+    doc = {"experiment": "1e3", "lr": 1e-3, "n": "12", "tiny": 1.5e-7}
+    assert "experiment: '1e3'" in dump_yaml(doc) and yaml_value(dump_yaml(doc)) == doc

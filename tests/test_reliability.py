@@ -383,7 +383,9 @@ def test_bad_input_table(tmp_path, capsys, caplog):
         ["--initial-checkpoint", str(tmp_path / "proj.pth.tar")],
         "is sparse: it holds masks for 2 layer(s) this run's recipe leaves dense (blocks.0.attn.proj, "
         "blocks.1.attn.proj); use a recipe that covers them")  # no name inside: export.py could not take it
-    torch.save({"arch": TINY_VIT[1], "state_dict": proj.state_dict()}, tmp_path / "named.pth.tar")
+    torch.save({"arch": TINY_VIT[1], "state_dict": proj.state_dict(), "recipe": proj.sparsity_recipe.to_dict(),
+                "create_kwargs": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                      num_classes=10)}, tmp_path / "named.pth.tar")
     cases["initial_sparse_named"] = (
         ["--initial-checkpoint", str(tmp_path / "named.pth.tar")],
         "use a recipe that covers them, or export it densified first (export.py --checkpoint")
@@ -443,8 +445,8 @@ def test_image_folder_without_splits_warns_that_it_evaluates_on_training_images(
     base = ["--config", cfg, *TINY_VIT, *FAST, "-b", "2", "--dataset", "", "--img-size", "32", "--output",
             str(tmp_path / "o")]
     assert run_cli(train.main, [*base, "--data-dir", str(data / "train"), "--experiment", "flat"]) == 0
-    assert "has no split folders (train/ and validation/ or val/): every epoch is evaluated on the training " \
-           "images themselves" in capsys.readouterr().out
+    assert "it has no split folders (train/ and validation/ or val/), so every epoch is evaluated on the " \
+           "training images themselves" in capsys.readouterr().out
     assert run_cli(train.main, [*base, "--data-dir", str(data), "--experiment", "split"]) == 0
     assert "no split folders" not in capsys.readouterr().out
 
@@ -467,7 +469,7 @@ def test_unreadable_validation_image_keeps_the_epochs_training(tmp_path, capsys)
     run = tmp_path / "o" / "run"
     assert len(err) == 1 and "unreadable image" in err[0] and "2.png" in err[0], err
     assert f"Epoch 0's training is kept in {run / 'recovery.pth.tar'}" in err[0]
-    assert "run the same command with --resume auto --experiment run" in err[0]
+    assert "after the fix, continue by running the same command with --resume auto --experiment run" in err[0]
     recovery = torch.load(run / "recovery.pth.tar", weights_only=True)
     assert recovery["global_step"] == 4 and recovery["next_epoch"] == 0 and recovery["skip_batches"] == 4
     image.write_bytes(good)

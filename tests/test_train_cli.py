@@ -166,7 +166,7 @@ def test_cooldown_epochs_are_trained_as_in_timm(tmp_path, capsys):
     assert run_cli(train.main, [*args, "--cooldown-epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "training 2 epochs, the length of the lr schedule timm builds from --epochs 1 with --cooldown-epochs 1, " \
-        "as timm's train.py does; without --cooldown-epochs 1 the run trains exactly --epochs" in out
+        "as timm's train.py does; --cooldown-epochs 0 trains exactly --epochs" in out
     with open(tmp_path / "run" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [5, 10]
@@ -254,7 +254,7 @@ def test_model_ema_ranks_checkpoints_by_the_ema_metric(tmp_path, monkeypatch, ca
 
     written = files()
     for folder, flags, said in [("run", [], "was trained with --model-ema"),
-                                ("resumed", ["--model-ema"], "finished run trained without --model-ema")]:
+                                ("resumed", ["--model-ema"], "was trained without --model-ema")]:
         assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--output", str(tmp_path),
                                     "--experiment", folder, "--resume", "auto", *flags]) == 2
         assert said in capsys.readouterr().err

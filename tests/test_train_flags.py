@@ -217,8 +217,8 @@ def test_pretrained_path_loads_the_file_through_timm(tmp_path, capsys, caplog):
     assert sd["pos_embed"].shape == (1, 17, 32) and torch.equal(sd["head.weight"], big.head.weight.detach())
     capsys.readouterr()
     assert run_cli(train.main, [*args, "--initial-checkpoint", str(tmp_path / "big.pth"), "--experiment", "s"]) == 2
-    assert "(weights for another input size? as --pretrained-path FILE, timm resamples the position embedding" \
-        in capsys.readouterr().err
+    assert "(weights for another input size? build the model for theirs (--model-kwargs img_size=...), or, to " \
+        "train at this size, pass the file to train.py as --pretrained-path" in capsys.readouterr().err
 
 
 def test_pretrained_failures_are_one_message(tmp_path, capsys, monkeypatch):
@@ -532,15 +532,40 @@ def test_clip_grad_none_turns_off_a_recipes_clipping(tmp_path):
 
 
 def test_evaluate_counts_exactly():
-    """top-1 / top-5 are summed as counts: 1 of 10 right is 10.0 exactly (percentages summed in float32 gave
-    10.000000052981907 in a results.json)."""
+    """top-1 / top-5 are summed as counts: 10 of 30 right in batches of 3 is 100 * 10 / 30 exactly (percentages
+    per batch in float32, 33.333336 each, summed to 33.33334; a results.json once read 10.000000052981907)."""
     from sparsity.engine import evaluate
 
     torch.manual_seed(0)
     logits = torch.randn(30, 7)
     targets = logits.argsort(dim=1)[:, 0].clone()  # the lowest logit: never in the top 5 of 7
-    targets[[3, 17, 25]] = logits[[3, 17, 25]].argmax(1)  # 3 of 30 right
-    loader = [(logits[i:i + 10], targets[i:i + 10]) for i in range(0, 30, 10)]
+    right = torch.arange(0, 30, 3)  # one per batch of 3
+    targets[right] = logits[right].argmax(1)
+    loader = [(logits[i:i + 3], targets[i:i + 3]) for i in range(0, 30, 3)]
     out = evaluate(nn.Identity(), loader)
-    assert out["top1"] == 10.0 and out["top5"] == 10.0
+    assert out["top1"] == out["top5"] == 100.0 * 10 / 30
     assert out["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, targets)))
+
+
+def test_an_epoch_done_and_resumed_before_its_evaluation_keeps_its_loss():
+    """A checkpoint written after an epoch's steps (an unreadable validation image) holds the epoch's loss totals;
+    a resume that skips the whole epoch reports the same mean, also when the last accumulation window was skipped
+    for a non-finite loss (its finite batches count, without an update)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(2, 3), torch.tensor([0, 1])) for _ in range(4)]
+    calls = {"n": 0}
+
+    def loss_fn(out, y):
+        calls["n"] += 1
+        loss = nn.functional.cross_entropy(out, y)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    state = TrainState()
+    done = train_one_epoch(model, batches, opt, loss_fn, state, accum_steps=2, max_nonfinite=5,
+                           on_step=lambda s, b: None)
+    assert state.loss_count == 6 and state.loss_sum / state.loss_count == done["loss"]
+    again = TrainState(global_step=state.global_step, loss_sum=state.loss_sum, loss_count=state.loss_count)
+    resumed = train_one_epoch(model, batches, opt, loss_fn, again, accum_steps=2, skip_batches=4)
+    assert resumed["loss"] == done["loss"] and calls["n"] == 4  # nothing was run again

@@ -47,7 +47,7 @@ from .. import native
 from ..checkpoint import write_atomic
 from ..layers import MaskedMixin, SliceSpec, current_loss_divisor, current_loss_scale, masked_product
 from ..masks import grouped_dim, weight_nm_mask
-from ..recipe import Recipe, RecipeError, Rule
+from ..recipe import Recipe, RecipeError, Rule, dump_yaml, yaml_value
 from . import SparsityMethod, frozen_masked_weight, register_method
 from .gmp import WeightChangeReference, WeightChangeRMS, check_phase_keys
 
@@ -146,7 +146,7 @@ def load_scheme(path: str | os.PathLike, where: str = "") -> dict[str, tuple[int
     if not path.is_file():
         raise RecipeError(f"scheme file {path}{ctx} does not exist; give the scheme.yaml a usd search wrote")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_value(path.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"scheme file {path}{ctx} is not valid YAML: {e}") from None
     layers = data.get("layers", data) if isinstance(data, dict) else None
@@ -168,7 +168,7 @@ def write_scheme(path: str | os.PathLike, layers: dict[str, tuple[int, int]], ex
     path = Path(path)
     doc = dict(extra or {})
     doc["layers"] = {k: {"n": n, "m": m, "density": round(n / m, 6)} for k, (n, m) in layers.items()}
-    write_atomic(path, lambda f: yaml.safe_dump(doc, f, sort_keys=False, default_flow_style=None), mode="w")
+    write_atomic(path, lambda f: dump_yaml(doc, f, sort_keys=False, default_flow_style=None), mode="w")
     return path
 
 
