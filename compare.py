@@ -62,9 +62,15 @@ def _check_recipe(path: Path, train_args: list[str]):
     from sparsity.data import resolve_dataset
 
     resolve_dataset(targs)  # train.py's defaults: digits, or an ImageFolder with only --data-dir
+    from sparsity.errors import UserError
     from sparsity.recipe import recipe_from_dict
+    from sparsity.run_args import check_args
     from sparsity.run_files import run_epochs
 
+    try:
+        check_args(targs)  # the values train.py refuses before it builds anything (-b 0, --lr -1, --epochs 0)
+    except UserError as e:
+        fail(str(e))
     run_epochs(targs, recipe_from_dict(blocks.get("sparsity") or {}, source=str(path)))  # as train.py refuses it
     return targs, blocks.get("sparsity")
 
@@ -99,14 +105,18 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"the recipes use different data sets ({', '.join(sorted(datasets))}); a comparison runs "
                           "on one: pass --dataset (and --data-dir)")
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file; name a folder for the comparison")
     runs = cmp.plan_runs(infos, args.seeds, out / "runs")
     dataset = datasets.pop()
     print(f"compare: {len(paths)} recipes x {len(args.seeds)} seeds = {len(runs)} runs on {dataset}; output {out}")
     if args.dry_run:
         for i, run in enumerate(runs, 1):
-            state = "finished" if run.finished() else "to run"
-            command = " ".join(cmp.train_command(run, ROOT / "train.py", train_args))
-            print(f"[{i}/{len(runs)}] {run.experiment} ({state}): {command}")
+            cmd = cmp.train_command(run, ROOT / "train.py", train_args)
+            if run.finished():  # reused only as the real invocation would: refused here too if it would be
+                cmp.check_reuse(run, cmd)
+            print(f"[{i}/{len(runs)}] {run.experiment} ({'finished' if run.finished() else 'to run'}): "
+                  f"{' '.join(cmd)}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     title = f"Comparison on {dataset}"

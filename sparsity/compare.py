@@ -232,6 +232,20 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def check_reuse(run: Run, cmd: list[str]) -> None:
+    """Refuse to report the finished ``run`` as the one ``cmd`` (its train.py command) would train."""
+    _check_same_run(run, cmd[2:])  # after the interpreter and the script
+
+
+_PATH_FLAGS = ("--output", "--config")  # where the run lives and the recipe file's path: not what it trained
+
+
+def _comparable(flags: list[str]) -> list[str]:
+    """The flags with the values of the path flags left out: a comparison folder moved elsewhere, or the same
+    recipes in another checkout, is the same run (the recipe's content is compared on its own)."""
+    return [("<path>" if i and flags[i - 1] in _PATH_FLAGS else a) for i, a in enumerate(flags)]
+
+
 def _check_same_run(run: Run, flags: list[str]) -> None:
     """A finished run is reused only if it was started with the same train.py flags and the same resolved recipe
     (an edited recipe file, or one of its ``base:`` files, would otherwise report the old run under the new
@@ -241,6 +255,7 @@ def _check_same_run(run: Run, flags: list[str]) -> None:
     except (OSError, ValueError):
         return  # finished before flags were recorded
     saved_flags, saved_config = (saved, None) if isinstance(saved, list) else (saved.get("flags"), saved.get("config"))
+    saved_flags, flags = _comparable(saved_flags or []), _comparable(flags)
     if saved_flags != flags:
         before, after = _flag_items(saved_flags or []), _flag_items(flags)
         gone = [a for a in before if a not in after]
@@ -311,17 +326,22 @@ def run_all(runs: Sequence[Run], command: Callable[[Run], list[str]], progress: 
         cmd = command(run)
         flags = cmd[2:]  # after the interpreter and the script
         if result is not None:
-            _check_same_run(run, flags)
+            check_reuse(run, cmd)
             progress(f"{tag}: skipping, finished earlier (top-1 {result['top1']:.2f} %)")
             rows.append(_row(run, "done", result))
         else:
             run.log_path.parent.mkdir(parents=True, exist_ok=True)
+            before = run.flags_path.read_text() if run.flags_path.exists() else None
             run.flags_path.write_text(json.dumps({"flags": flags, "config": run.info.config}))
             progress(f"{tag}: running (log: {run.log_path})")
             with open(run.log_path, "w") as log:
                 rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
             result = _read_results(run.results_path) if rc == 0 else None
-            if rc == 2:
+            if rc == 2:  # refused before training: the flags of the run in that folder stay what they were
+                if before is None:
+                    run.flags_path.unlink(missing_ok=True)
+                else:
+                    run.flags_path.write_text(before)
                 errors = [ln for ln in _log_tail(run.log_path, 40).splitlines() if ln.startswith("error:")]
                 raise CompareError(f"run {run.experiment} rejected its input: "
                                    f"{errors[-1][len('error: '):] if errors else _log_tail(run.log_path)}")
@@ -424,7 +444,8 @@ def write_markdown(summary: Sequence[dict], path: Path, title: str = "Comparison
         pub = e["published_top1"] if e["published_top1"] != "" else "—"
         lines.append(
             f"| {e['recipe']} | {e['method']} | {e['pattern']} | {seeds} | {_fmt(e['top1'])} | {_fmt(e['top5'])} "
-            f"| {_fmt(e['sparsity_selected'], 100, 1, ' %')} | {_fmt(e['sparsity_all'], 100, 1, ' %')} "
+            f"| {'n/a' if e['method'] == 'dense' else _fmt(e['sparsity_selected'], 100, 1, ' %')} "
+            f"| {_fmt(e['sparsity_all'], 100, 1, ' %')} "
             f"| {_fmt(e['wall_time_s'], digits=0)} | {pub} |")
     lines += ["", "Mean ± sample standard deviation over seeds. Sparsity: fraction of zero weights in the layers the "
               "recipe selects, and in all Linear/Conv layers.", ""]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def test_compare_runs_tables_plot_and_resume(tmp_path, capsys):
     table = [ln for ln in md.splitlines() if ln.startswith("| ")]
     assert table[0].startswith("| recipe | method | pattern | seeds | top-1 (%)")
     assert len(table) == 3 and table[1].startswith("| dense_digits | dense | dense | 2 |")
+    assert "| n/a | 0.0 ± 0.0 % |" in table[1]  # no layer is selected in a dense run
     assert " ± " in table[2] and "| 50.0 ± 0.0 % |" in table[2]
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -62,6 +64,11 @@ def test_compare_runs_tables_plot_and_resume(tmp_path, capsys):
     assert sorted(p.name for p in (out / "runs").iterdir() if p.is_dir()) == sorted(Path(d).name for d in stamps)
     with open(out / "comparison.csv", newline="") as f:
         assert list(csv.DictReader(f)) == rows
+    # --dry-run validates as the real invocation would: finished runs with other flags are refused there too
+    assert run_cli(compare.main, [*argv[:-5], "--dry-run", "--", "--batch-size", "128", "--workers", "0"]) == \
+        USER_ERROR_EXIT
+    assert "dense_digits-s0 finished earlier with other train.py flags (then --batch-size 256; now --batch-size " \
+        "128)" in capsys.readouterr().err
 
 
 def _fake_train(tmp_path: Path, top1: float, rc: int = 0) -> list[str]:
@@ -144,11 +151,17 @@ def test_a_finished_run_is_not_reused_after_its_recipe_changed(tmp_path):
     run.flags_path.write_text(json.dumps(saved))
     assert cmp.run_all([cmp.plan_runs([info()], [0], tmp_path / "runs")[0]],
                        lambda r: fake + cmp.train_command(r, Path("train.py"))[2:])[0]["status"] == "done"
+    moved = tmp_path / "moved"  # the comparison folder moved elsewhere: the same runs, read back
+    shutil.copytree(tmp_path / "runs", moved)
+    assert cmp.run_all([cmp.plan_runs([info()], [0], moved)[0]],
+                       lambda r: fake + cmp.train_command(r, Path("train.py"))[2:])[0]["top1"] == 60.0
     base.write_text(base.read_text().replace("n: 2, m: 4", "n: 1, m: 8"))  # the recipe now means 1:8
     run = cmp.plan_runs([info()], [0], tmp_path / "runs")[0]
     assert run.info.pattern.startswith("ff=1:8")
     with pytest.raises(cmp.CompareError, match=r"mine-s0 finished earlier with another recipe \(sparsity\.rules: "):
         cmp.run_all([run], lambda r: fake + cmp.train_command(r, Path("train.py"))[2:])
+    with pytest.raises(cmp.CompareError, match="another recipe"):  # what --dry-run checks for a finished run
+        cmp.check_reuse(run, [sys.executable, "train.py", *cmp.train_command(run, Path("train.py"))[2:]])
 
 
 def test_labels_methods_and_patterns(tmp_path):
@@ -179,6 +192,8 @@ def test_labels_methods_and_patterns(tmp_path):
     (["configs/quickstart/dense_digits.yaml", "--", "--seed", "3"], "--seed after '--'"),
     (["configs/quickstart/dense_digits.yaml", "configs/imagenet/resnet50/dense.yaml"], "different data sets"),
     (["configs/quickstart/dense_digits.yaml", "--epochs", "0"], "--epochs must be >= 1"),
+    (["configs/quickstart/dense_digits.yaml", "--dry-run", "--", "-b", "0"], "-b must be at least 1, got 0"),
+    (["configs/quickstart/dense_digits.yaml", "--dry-run", "--", "--lr", "-1"], "--lr must be 0 or more"),
     # refused by train.py only once the run starts (no search epoch left): --dry-run says so up front
     (["configs/quickstart/usd_digits_75.yaml", "--epochs", "5", "--dry-run"], "finetune_epochs=5 leaves no epoch"),
 ])
