@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", nargs="+", default=[],
                    help=f"built-in recipes: {', '.join(BUILTIN)} (N:M on ff + q/k/v of a transformer, on every "
                         "conv of a CNN; supermask: the same density in 8x8 tiles)")
-    g.add_argument("--nm", default="2:4", help="N:M of the built-in recipes (infer: of --targets)")
+    g.add_argument("--nm", default=None,
+                   help="N:M of the built-in recipes (infer: of --targets; default 2:4); masks: time this pattern "
+                        "only (default: 2:4 1:4 1:8 2:8 4:8 1:16 2:16)")
     g.add_argument("--block", type=int, default=1, help="consecutive steps of one variant before switching")
     g.add_argument("--at", type=float, default=0.5, metavar="FRACTION",
                    help="where in a 100-epoch run the timed steps sit (default mid-run): recipes with a dense "
@@ -97,7 +99,7 @@ def _recipes(args, model_for_rules) -> dict:
     from sparsity.bench_train import builtin_recipe
     from sparsity.recipe import closest, load_recipe
 
-    n, m = _parse_nm(args.nm)
+    n, m = _parse_nm(args.nm or "2:4")
     out: dict = {}
     for name in args.methods:
         if name not in BUILTIN:
@@ -141,12 +143,17 @@ def _write(out_dir: str, kind: str, result: dict, rows: list[dict]) -> None:
 def _bench_train(args) -> int:
     import timm
 
+    from sparsity.bench_infer import default_img_size
     from sparsity.bench_train import TrainBenchSettings, bench_train, profile_train_step
+    from sparsity.factory import check_input_size, create_model
 
     device = _device(args)
     if not timm.is_model(args.model):
         raise ConfigError(f"--model {args.model!r} is not a timm model name")
-    probe = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+    probe = create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)  # bad kwargs: one line
+    side = args.img_size or default_img_size(probe)
+    check_input_size(probe, (3, side, side), args.model, hint="pass the --img-size it was built for, or build it "
+                     f"for this one (--model-kwargs img_size={side})")
     recipes = _recipes(args, probe)
     if len(args.batch_size) != 1:
         raise ConfigError(f"--bench {args.bench} takes one --batch-size, got {args.batch_size}")
@@ -199,12 +206,15 @@ def _bench_masks(args) -> int:
     import timm
 
     from sparsity.bench_train import bench_masks
+    from sparsity.factory import create_model
 
     device = _device(args)
     if not timm.is_model(args.model):
         raise ConfigError(f"--bench masks takes a timm model name, got --model {args.model!r}")
+    create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)  # bad kwargs: one line, up front
+    patterns = {"patterns": [_parse_nm(args.nm)]} if args.nm else {}
     result = bench_masks(args.model, {"num_classes": args.num_classes, **args.model_kwargs}, iters=args.steps,
-                         device=device, channels_last=args.channels_last)
+                         device=device, channels_last=args.channels_last, **patterns)
     result["settings"]["loadavg"] = _load()
     print(f"{args.model}: N:M masks of every divisible Linear/Conv2d weight, {result['settings']['threads']} threads, "
           f"load {result['settings']['loadavg']}, native kernel: {result['settings']['native_kernel']}, other tensors: "
@@ -250,8 +260,8 @@ def _infer_model(args):
         raise ConfigError(f"--sparsity is the fraction of zeros, in [0, 1); got {args.sparsity}")
     if args.tile is not None and args.tile < 1:
         raise ConfigError(f"--tile must be >= 1, got {args.tile}")
-    return sparse_model(args.model, targets=args.targets or ["ff"], nm=_parse_nm(args.nm), sparsity=args.sparsity,
-                        tile=args.tile, **kwargs)
+    return sparse_model(args.model, targets=args.targets or ["ff"], nm=_parse_nm(args.nm or "2:4"),
+                        sparsity=args.sparsity, tile=args.tile, **kwargs)
 
 
 def _bench_infer(args) -> int:
@@ -334,6 +344,17 @@ def _check_counts(args) -> None:
             raise ConfigError(f"{flag} must be at least {low}, got {bad[0]}")
     if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(f"--device {args.device}: benchmark.py runs on cpu or cuda")
+    if args.num_classes < 1:
+        raise ConfigError(f"--num-classes must be at least 1, got {args.num_classes}")
+    if args.lr < 0:
+        raise ConfigError(f"--lr must be 0 or more, got {args.lr}")
+    if args.torchcompile:
+        import torch
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.torchcompile not in backends:
+            raise ConfigError(f"--torchcompile {args.torchcompile}: not a torch.compile backend; use one of "
+                              f"{', '.join(backends)}")
 
 
 def _main(argv: list[str] | None = None) -> int:

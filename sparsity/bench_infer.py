@@ -106,7 +106,9 @@ def resolve_model(model_or_name: nn.Module | str | os.PathLike,
 
     name = str(model_or_name)
     if timm.is_model(name):
-        return timm.create_model(name, **(create_kwargs or {})), name
+        from .factory import create_model  # timm's errors for bad kwargs as one line
+
+        return create_model(name, **(create_kwargs or {})), name
     from .export import load_for_eval
 
     model, meta = load_for_eval(name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,9 @@ class _Variant:
         self.model = model
         self.ctl = SparsityController(model, recipe, total_steps=s.total_steps,
                                       steps_per_epoch=max(1, s.total_steps // 100))
+        if recipe.method != "dense" and not self.ctl.layers:
+            logging.getLogger(__name__).warning("%s: the recipe masks no layer of this model (see its rules' "
+                                                "targets); its row times the dense model", name)
         self.global_step = int(round(s.at * s.total_steps))
         self.ctl.step(self.global_step)
         self.optimizer, self.opt_impl = create_optimizer(self.ctl.param_groups(s.weight_decay), impl=s.opt_impl,
@@ -262,6 +266,10 @@ def bench_train(model_name: str, recipes: dict[str, Recipe], settings: TrainBenc
         timed = v.ctl.metrics()  # what the timed steps ran: an SDGF frame, a GMP ramp, a phase
         row["timed_step"] = v.global_step - 1
         row["phase"] = timed.get("phase", "")
+        if not timed.get("pattern") and v.recipe.method != "dense":  # learned masks report no N:M: the rules
+            from .compare import describe_pattern
+
+            timed["pattern"] = describe_pattern(v.recipe)
         row["pattern"] = timed.get("pattern", "")
         with torch.no_grad():  # zeros in the selected layers' forward weights where the timed steps ran
             row["forward_sparsity"] = round(overall_sparsity(v.model), 4) if v.ctl.layers else 0.0

@@ -136,12 +136,13 @@ def format_report(rows: list[dict], max_rows: int | None = None) -> str:
         return "(no sparsified layers)"
     shown = rows if max_rows is None else rows[:max_rows]
     w = max(len(r["fqn"]) for r in shown)
-    lines = [f"{'layer':<{w}}  {'shape':<18} {'pattern':<22} {'density':>7}  conforms  accel / note"]
+    pw = max([22] + [len(r["pattern"]) for r in shown])  # a qkv's three tile patterns run past 22 characters
+    lines = [f"{'layer':<{w}}  {'shape':<18} {'pattern':<{pw}} {'density':>7}  conforms  accel / note"]
     for r in shown:
         conf = {True: "yes", False: "NO", None: "-"}[r["conforms"]]
         extra = r["note"] or r["accel"]
         shape = str(r["shape"])
-        lines.append(f"{r['fqn']:<{w}}  {shape:<18} {r['pattern']:<22} {r['density']:>7.3f}  {conf:<8}  {extra}")
+        lines.append(f"{r['fqn']:<{w}}  {shape:<18} {r['pattern']:<{pw}} {r['density']:>7.3f}  {conf:<8}  {extra}")
     if max_rows is not None and len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more layers")
     return "\n".join(lines)

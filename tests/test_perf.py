@@ -508,6 +508,7 @@ def test_benchmark_cli_writes_json_csv(tmp_path, capsys):
     assert rc == 0
     data = json.loads((out / "bench_train.json").read_text())
     assert [r["variant"] for r in data["rows"]] == ["dense", "ste", "gumbel"]
+    assert [r["pattern"] for r in data["rows"]] == ["", "ff=2:4 k=2:4 q=2:4 v=2:4", "ff=2:4 q,k,v=2:4"]  # gumbel: rules
     assert (out / "bench_train.csv").read_text().splitlines()[0].startswith("variant,")
     assert "ratio" in capsys.readouterr().out
 
@@ -521,12 +522,29 @@ def test_benchmark_cli_bad_input_is_one_line(capsys):
                            (["--block", "0"], "--block must be at least 1, got 0"),
                            (["-b", "0"], "--batch-size must be at least 1, got 0"),
                            (["--device", "xpu"], "--device xpu: benchmark.py runs on cpu or cuda"),
-                           (["--at", "1.0"], "--at must be in [0, 1)")):
+                           (["--at", "1.0"], "--at must be in [0, 1)"),
+                           (["--lr", "-1"], "--lr must be 0 or more, got -1.0"),
+                           (["--num-classes", "0"], "--num-classes must be at least 1, got 0"),
+                           (["--torchcompile", "bogus"], "--torchcompile bogus: not a torch.compile backend"),
+                           (["--model-kwargs", "foo=1"], "model 'resnet18' does not accept these arguments"),
+                           (["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8",
+                             "depth=1", "--img-size", "30"], "cannot take the data's 3x30x30 inputs")):
         assert benchmark.main(["--bench", "train", "--model", "resnet18", "--methods", "ste", *flags]) == 2, flags
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and message in err, (flags, err)
     assert benchmark.main(["--bench", "masks", "--model", "some/checkpoint.pth.tar"]) == 2
     assert "--bench masks takes a timm model name" in capsys.readouterr().err
+    assert benchmark.main(["--bench", "masks", "--model", "resnet10t", "--model-kwargs", "foo=1"]) == 2
+    assert "model 'resnet10t' does not accept these arguments" in capsys.readouterr().err
+
+
+def test_bench_masks_times_the_pattern_asked_for(tmp_path):
+    import benchmark
+
+    assert benchmark.main(["--bench", "masks", "--model", "resnet10t", "--nm", "1:8", "--steps", "1", "--output",
+                           str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_masks.json").read_text())["rows"]
+    assert [r["pattern"] for r in rows] == ["1:8"] and rows[0]["equal"] is True
 
 
 def test_bench_train_times_recipes_where_the_run_is_at_and_says_what_ran():

@@ -180,3 +180,15 @@ def test_create_model_takes_a_recipe_file():
                                   img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=10)
     assert model.sparsity_recipe.method == "srste" and len(sparsity.masked_modules(model)) == 12
 
+
+
+def test_report_table_keeps_its_columns_with_long_patterns():
+    from sparsity.report import format_report
+
+    rows = [{"fqn": "blocks.0.attn.qkv", "shape": [96, 32], "pattern": "q=75% tile 8 k=75% tile 8 v=75% tile 8",
+             "density": 0.25, "conforms": True, "note": "", "accel": "BSR"},
+            {"fqn": "blocks.0.mlp.fc1", "shape": [128, 32], "pattern": "ff=2:4", "density": 0.5, "conforms": True,
+             "note": "", "accel": "2:4"}]
+    lines = format_report(rows).splitlines()
+    ends = [lines[0].index("density") + 7] + [line.index(" 0.") + 6 for line in lines[1:]]  # right-aligned column
+    assert len(set(ends)) == 1, lines
