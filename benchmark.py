@@ -5,7 +5,7 @@
     python benchmark.py --bench train --model vit_tiny_patch16_224 --model-kwargs img_size=32 patch_size=4 \\
         depth=4 --img-size 32 --recipes configs/quickstart/srste_digits_2of4.yaml
     python benchmark.py --bench infer --model output/run/export --backend semi_structured
-    python benchmark.py --bench infer --model vit_base_patch16_224 --targets ff qkv proj --nm 2:4 -b 64 256 \
+    python benchmark.py --bench infer --model vit_base_patch16_224 --targets ff qkv proj --nm 2:4 -b 64 256 \\
         --dtype bfloat16 --torchcompile
     python benchmark.py --bench infer --model vit_base_patch16_224 --targets ff qkv proj --sparsity 0.9 --tile 64
     python benchmark.py --bench infer --model vit_base_patch16_224 --targets ff --layers -b 256
@@ -301,6 +301,9 @@ def _bench_infer(args) -> int:
               f"sparse {row['sparse_ms']:.3f} ms", file=sys.stderr, flush=True)
 
     modes = ["eager", "compiled"] if args.torchcompile else ["eager"]
+    print(f"timing {what}: {len(dtypes) * len(args.batch_size) * len(modes)} settings, each line below when done"
+          + ("; on CPU no sparse kernel runs (they need a CUDA GPU of compute capability 8.0+), so both columns "
+             "time the dense model" if torch.device(device).type == "cpu" else ""), flush=True)
     result = bench_infer(model, batch_sizes=args.batch_size, dtypes=dtypes, modes=modes,
                          compile_backend=args.torchcompile or "inductor", compile_mode=args.compile_mode,
                          progress=progress, channels_last=args.channels_last, **common)
@@ -312,7 +315,8 @@ def _bench_infer(args) -> int:
         if not converted:
             reasons = Counter(r["reason"].split(";")[0] for r in plan)
             where = Path(args.output) / "infer_layers_plan.csv" if args.output else "pass --output DIR for them"
-            print(f"    nothing runs sparse: {reasons.most_common(1)[0][0]} (every layer's reason: {where})")
+            print(f"    nothing runs sparse: {reasons.most_common(1)[0][0]} (every layer's reason: {where}); its "
+                  "speedup column compares two timings of the same dense model")
     cols = [("dtype", "dtype"), ("batch_size", "batch"), ("mode", "mode"), ("dense_ms", "dense ms"),
             ("sparse_ms", "sparse ms"), ("speedup", "speedup"), ("dense_img_s", "dense img/s"),
             ("sparse_img_s", "sparse img/s"), ("dense_peak_mib", "dense peak MiB"),

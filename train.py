@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", type=float, default=0.5)
     g.add_argument("--vflip", type=float, default=0.0)
     g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--color-jitter-prob", type=float, default=None, help="probability of any color jitter (timm's)")
+    g.add_argument("--grayscale-prob", type=float, default=None, help="probability of random grayscale (timm's)")
+    g.add_argument("--gaussian-blur-prob", type=float, default=None, help="probability of gaussian blur (timm's)")
+    g.add_argument("--train-crop-mode", type=str, default=None, choices=["rrc", "rkrc", "rkrr"],
+                   help="training crop: random-resized (rrc, the default) or keep-ratio resize then center (rkrc) "
+                        "or random (rkrr) crop")
     g.add_argument("--aa", type=str, default=None, help="AutoAugment policy, e.g. rand-m9-mstd0.5-inc1")
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
     g.add_argument("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"],

@@ -86,6 +86,10 @@ def check_args(args) -> None:
     need(0 <= (args.drop or 0) < 1, f"--drop must be in [0, 1), got {args.drop}")
     need(args.drop_path is None or 0 <= args.drop_path < 1, f"--drop-path must be in [0, 1), got {args.drop_path}")
     need(0 <= args.model_ema_decay <= 1, f"--model-ema-decay must be in [0, 1], got {args.model_ema_decay}")
+    for key in ("hflip", "vflip", "reprob", "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob"):
+        value = getattr(args, key, None)
+        need(value is None or 0 <= value <= 1, f"--{key.replace('_', '-')} is a probability: it must be in [0, 1], "
+                                               f"got {value}")
     for flag in ("warmup_epochs", "cooldown_epochs", "patience_epochs", "recovery_interval", "skip_nonfinite",
                  "mask_check_interval"):
         need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")

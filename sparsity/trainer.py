@@ -113,16 +113,18 @@ def build_loaders(args, data_cfg: dict, train_ds, val_ds, dist: DistInfo):
     if train_ds is not None:
         # as timm's train.py: the training crop's own interpolation (random by default), timm's erasing flags
         interp = data_cfg["interpolation"] if args.no_aug or not args.train_interpolation else args.train_interpolation
+        newer = {k: getattr(args, k) for k in ("color_jitter_prob", "grayscale_prob", "gaussian_blur_prob",
+                                               "train_crop_mode") if getattr(args, k, None) is not None}
         try:
             train = create_loader(train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
                                   re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
                                   re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
                                   vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-                                  num_aug_repeats=args.aug_repeats, **{**common, "interpolation": interp})
+                                  num_aug_repeats=args.aug_repeats, **newer, **{**common, "interpolation": interp})
         except (AssertionError, KeyError, ValueError) as e:  # timm's own checks of the augmentation settings
             raise UserError(f"timm cannot build the training transform from these settings ({type(e).__name__}: "
                             f"{str(e).strip() or 'rejected'}); check --aa {args.aa!r}, --reprob/--remode, --scale, "
-                            "--ratio, --hflip/--vflip and --color-jitter") from None
+                            "--ratio, --hflip/--vflip, --color-jitter and the --*-prob settings") from None
     val = create_loader(val_ds, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
                         crop_pct=data_cfg["crop_pct"], **common)
     if args.workers == 0:  # timm's iterable readers (wds/, tfds/) count their length per worker: with no workers
@@ -321,6 +323,17 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                               f"this run has {steps_per_epoch} (another -b, --grad-accum-steps or number of "
                               "processes): the schedules would jump; resume with the run's batch size, accumulation "
                               "and process count")
+    if resume is not None and in_place:  # every check a resume passes is behind it (same run, same settings)
+        done = [resume.get("final") is not None and (run_dir / "results.json").is_file()]
+        if dist.distributed:  # one answer for every rank: rank 0's
+            torch.distributed.broadcast_object_list(done, src=0)
+        if done[0]:  # the end of training ran and wrote its results: running it again would only rewrite them
+            if dist.is_main:
+                final = resume["final"]
+                _logger.info("%s: run %s finished (top-1 %.2f %%; results.json, last.pth.tar and model_best are its "
+                             "results); nothing left to train, nothing rewritten", resume_path, run_dir.name,
+                             final.get("ema_top1", final.get("top1", float("nan"))))
+            return 0
     model.to(dist.device)
     if args.channels_last:
         to_channels_last(model)

@@ -550,6 +550,8 @@ def test_disk_full_on_the_run_tables_is_one_message(tmp_path, monkeypatch, capsy
     (["--device", "tpu"], "--device tpu: not a device torch knows"),
     (["--torchcompile", "bogus"], "--torchcompile bogus: not a torch.compile backend"),
     (["--grad-accum-steps", "0"], "--grad-accum-steps must be at least 1, got 0"),
+    (["--grayscale-prob", "1.5"], "--grayscale-prob is a probability: it must be in [0, 1], got 1.5"),
+    (["--hflip", "-0.1"], "--hflip is a probability"),
     (["--clip-grad", "0"], "--clip-grad must be above 0 (--clip-grad none, or leaving it out, for no clipping)"),
     (["--layer-decay", "1.5"], "--layer-decay must be in (0, 1]"),
     (["--clip-mode", "agc", "--clip-grad", "-1"], "--clip-grad must be above 0"),

@@ -259,6 +259,10 @@ def test_model_ema_ranks_checkpoints_by_the_ema_metric(tmp_path, monkeypatch, ca
                                     "--experiment", folder, "--resume", "auto", *flags]) == 2
         assert said in capsys.readouterr().err
     assert files() == written
+    # with the run's own flags a finished run has nothing left to do: it says so and rewrites nothing
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--output", str(tmp_path),
+                                "--experiment", "run", "--resume", "auto", "--model-ema"]) == 0
+    assert "run run finished (top-1 20.00 %;" in capsys.readouterr().out and files() == written
 
 
 def test_resume_from_epoch_checkpoint_matches_uninterrupted(tmp_path):
@@ -789,9 +793,20 @@ def test_a_timm_args_yaml_plus_a_sparsity_block_is_a_config(tmp_path, capsys, mo
         assert run_cli(train.main, ["--config", str(bad), "--print-config"]) == cli_common.USER_ERROR_EXIT
         err = capsys.readouterr().err
         assert f"'{key}: {value}'" in err and why in err and "timm train.py setting" in err, err
-    newer = tmp_path / "newer.yaml"  # keys of later timm versions, at their defaults
-    newer.write_text(yaml.safe_dump({**timm_args, "input_img_mode": None, "wandb_tags": [], "device_modules": None}))
+    newer = tmp_path / "newer.yaml"  # keys of later timm versions: at their defaults, or taken as flags here
+    newer.write_text(yaml.safe_dump({**timm_args, "input_img_mode": None, "wandb_tags": [], "device_modules": None,
+                                     "train_crop_mode": None, "color_jitter_prob": None, "grayscale_prob": 0.2,
+                                     "gaussian_blur_prob": None}))
     assert run_cli(train.main, ["--config", str(newer), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["grayscale_prob"] == 0.2
+    seen = {}
+    real_loader = timm.data.create_loader
+    monkeypatch.setattr(timm.data, "create_loader", lambda ds, **kw: (seen.setdefault(kw["is_training"], kw),
+                                                                      real_loader(ds, **kw))[1])
+    assert run_cli(train.main, ["--config", str(newer), "--output", str(tmp_path), "--experiment", "newer",
+                                "--warmup-epochs", "0", "--train-crop-mode", "rkrc"]) == 0
+    assert seen[True]["grayscale_prob"] == 0.2 and seen[True]["train_crop_mode"] == "rkrc"  # timm's transform
+    assert "gaussian_blur_prob" not in seen[True] and "grayscale_prob" not in seen[False]  # unset: timm's default
     capsys.readouterr()
     ours = tmp_path / "ours.yaml"  # in our own configs a 'config' key stays an error (a config naming a config)
     ours.write_text(yaml.safe_dump({"config": "base.yaml", "sparsity": timm_args["sparsity"]}))
