@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own, e.g. 32 for "
                                                                 "a ViT built with img_size=32; 224 for CNNs)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (CPU; default, or 0: torch's own count)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (train) or forwards (infer) per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps/forwards per variant first")
     p.add_argument("--output", default="", help="folder for bench_<kind>.json and .csv")
