@@ -152,6 +152,18 @@ def _loss_fns(args, mixup_active: bool):
     return train, nn.CrossEntropyLoss()
 
 
+def _results_of(run_dir: Path, final_ckpt: dict) -> bool:
+    """Whether ``run_dir/results.json`` is the one the end of training wrote after ``final_ckpt`` (last.pth.tar):
+    both carry the same wall time, one figure. A crash between the two writes leaves an older file or none."""
+    import json
+
+    try:
+        saved = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return saved.get("wall_time_s") == final_ckpt.get("wall_time_s")
+
+
 def _check_same_ema(resume: dict, path: str, args) -> None:
     """A resume in the run's own folder keeps the run's ``--model-ema`` setting: without the flag the EMA weights
     would be dropped from its checkpoints; either way model_best's ranking (by the EMA's metric or the live one)
@@ -324,7 +336,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                               "processes): the schedules would jump; resume with the run's batch size, accumulation "
                               "and process count")
     if resume is not None and in_place:  # every check a resume passes is behind it (same run, same settings)
-        done = [resume.get("final") is not None and (run_dir / "results.json").is_file()]
+        done = [resume.get("final") is not None and _results_of(run_dir, resume)]
         if dist.distributed:  # one answer for every rank: rank 0's
             torch.distributed.broadcast_object_list(done, src=0)
         if done[0]:  # the end of training ran and wrote its results: running it again would only rewrite them

@@ -263,6 +263,13 @@ def test_model_ema_ranks_checkpoints_by_the_ema_metric(tmp_path, monkeypatch, ca
     assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--output", str(tmp_path),
                                 "--experiment", "run", "--resume", "auto", "--model-ema"]) == 0
     assert "run run finished (top-1 20.00 %;" in capsys.readouterr().out and files() == written
+    results = run / "results.json"  # a results.json not written after this last.pth.tar (a crash in between):
+    results.write_text(json.dumps({**json.loads(results.read_text()), "wall_time_s": 0.0}))  # the end runs again
+    assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--output", str(tmp_path),
+                                "--experiment", "run", "--resume", "auto", "--model-ema"]) == 0
+    assert "finished" not in capsys.readouterr().out.splitlines()[-1]
+    last = torch.load(run / "last.pth.tar", weights_only=True)
+    assert json.loads(results.read_text())["wall_time_s"] == last["wall_time_s"]
 
 
 def test_resume_from_epoch_checkpoint_matches_uninterrupted(tmp_path):
