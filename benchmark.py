@@ -207,12 +207,9 @@ def _bench_masks(args) -> int:
     import timm
 
     from sparsity.bench_train import bench_masks
-    from sparsity.factory import create_model
-
     device = _device(args)
     if not timm.is_model(args.model):
         raise ConfigError(f"--bench masks takes a timm model name, got --model {args.model!r}")
-    create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)  # bad kwargs: one line, up front
     patterns = {"patterns": [_parse_nm(args.nm)]} if args.nm else {}
     result = bench_masks(args.model, {"num_classes": args.num_classes, **args.model_kwargs}, iters=args.steps,
                          device=device, channels_last=args.channels_last, **patterns)

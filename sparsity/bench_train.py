@@ -24,6 +24,7 @@ from torch import nn
 
 from .controller import SparsityController
 from .engine import _autocast
+from .factory import create_model
 from .layers import to_channels_last
 from .optim import create_optimizer
 from .recipe import Recipe, recipe_from_dict
@@ -102,8 +103,9 @@ class _Variant:
         self.ctl = SparsityController(model, recipe, total_steps=s.total_steps,
                                       steps_per_epoch=max(1, s.total_steps // 100))
         if recipe.method != "dense" and not self.ctl.layers:
-            logging.getLogger(__name__).warning("%s: the recipe masks no layer of this model (see its rules' "
-                                                "targets); its row times the dense model", name)
+            logging.getLogger(__name__).warning("%s: the recipe masks no layer of this model (its rules skip every "
+                                                "layer they select, or leave them dense); its row times the dense "
+                                                "model", name)
         self.global_step = int(round(s.at * s.total_steps))
         self.ctl.step(self.global_step)
         self.optimizer, self.opt_impl = create_optimizer(self.ctl.param_groups(s.weight_decay), impl=s.opt_impl,
@@ -198,14 +200,13 @@ def bench_train(model_name: str, recipes: dict[str, Recipe], settings: TrainBenc
         figure to read when a cost recurs every few steps, e.g. ``mask_interval > 1``), ``peak_step_mb`` (CUDA:
         peak allocated during a step above what was allocated before it; None on CPU) and ``state_mb``.
     """
-    import timm
 
     s = settings or TrainBenchSettings()
     recipes = dict(recipes)
     if "dense" not in recipes:
         recipes = {"dense": recipe_from_dict({"method": "dense"}, source="builtin:dense"), **recipes}
     torch.manual_seed(s.seed)
-    base = timm.create_model(model_name, num_classes=s.num_classes, **s.model_kwargs)
+    base = create_model(model_name, num_classes=s.num_classes, **s.model_kwargs)
     s = _with_img_size(s, base)
     device = torch.device(s.device)
     gen = torch.Generator().manual_seed(s.seed)
@@ -266,7 +267,8 @@ def bench_train(model_name: str, recipes: dict[str, Recipe], settings: TrainBenc
         timed = v.ctl.metrics()  # what the timed steps ran: an SDGF frame, a GMP ramp, a phase
         row["timed_step"] = v.global_step - 1
         row["phase"] = timed.get("phase", "")
-        if not timed.get("pattern") and v.recipe.method != "dense":  # learned masks report no N:M: the rules
+        if not timed.get("pattern") and v.recipe.method in ("supermask", "gumbel") and timed.get("phase") != "dense":
+            # learned masks report no N:M; in their sparse phases they run their rules' patterns throughout
             from .compare import describe_pattern
 
             timed["pattern"] = describe_pattern(v.recipe)
@@ -314,12 +316,11 @@ def _cpu_name() -> str:
 def profile_train_step(model_name: str, recipe: Recipe, settings: TrainBenchSettings | None = None,
                        steps: int = 5, row_limit: int = 25) -> str:
     """``torch.profiler`` table (self time, top ops) of ``steps`` training steps of one variant after warm-up."""
-    import timm
     from torch.profiler import ProfilerActivity, profile, record_function
 
     s = settings or TrainBenchSettings()
     torch.manual_seed(s.seed)
-    base = timm.create_model(model_name, num_classes=s.num_classes, **s.model_kwargs)
+    base = create_model(model_name, num_classes=s.num_classes, **s.model_kwargs)
     s = _with_img_size(s, base)
     device = torch.device(s.device)
     x = torch.randn(s.batch_size, 3, s.img_size, s.img_size, device=device)
@@ -370,14 +371,13 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
     M is left out. ``equal`` checks the kernel against a stable-sort reference (ties to the lower index); topk's
     own tie order is unspecified (on CPU it keeps the higher index), so it is timed, not compared.
     """
-    import timm
 
     from .bench_infer import time_calls
     from .masks import grouped_dim
     from .nm_batch import nm_masks_, rank_kernel_status
 
     torch.manual_seed(0)
-    model = timm.create_model(model_name, **(model_kwargs or {})).to(device)
+    model = create_model(model_name, **(model_kwargs or {})).to(device)  # timm's errors as one line
     if channels_last:
         to_channels_last(model)
     rows = []

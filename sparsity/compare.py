@@ -255,7 +255,8 @@ def _check_same_run(run: Run, flags: list[str]) -> None:
     except (OSError, ValueError):
         return  # finished before flags were recorded
     saved_flags, saved_config = (saved, None) if isinstance(saved, list) else (saved.get("flags"), saved.get("config"))
-    saved_flags, flags = _comparable(saved_flags or []), _comparable(flags)
+    if saved_config and run.info.config:  # the recipes' contents are compared below: their paths need not be
+        saved_flags, flags = _comparable(saved_flags or []), _comparable(flags)
     if saved_flags != flags:
         before, after = _flag_items(saved_flags or []), _flag_items(flags)
         gone = [a for a in before if a not in after]
@@ -337,11 +338,12 @@ def run_all(runs: Sequence[Run], command: Callable[[Run], list[str]], progress: 
             with open(run.log_path, "w") as log:
                 rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
             result = _read_results(run.results_path) if rc == 0 else None
-            if rc == 2:  # refused before training: the flags of the run in that folder stay what they were
-                if before is None:
-                    run.flags_path.unlink(missing_ok=True)
-                else:
-                    run.flags_path.write_text(before)
+            if rc == 2:
+                if not any(run.run_dir.glob("*.pth.tar")):  # refused before training: the folder's recorded flags
+                    if before is None:  # stay what they were (after checkpoints were written they are theirs)
+                        run.flags_path.unlink(missing_ok=True)
+                    else:
+                        run.flags_path.write_text(before)
                 errors = [ln for ln in _log_tail(run.log_path, 40).splitlines() if ln.startswith("error:")]
                 raise CompareError(f"run {run.experiment} rejected its input: "
                                    f"{errors[-1][len('error: '):] if errors else _log_tail(run.log_path)}")

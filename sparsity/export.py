@@ -350,11 +350,13 @@ def _read_config(path: str | os.PathLike) -> tuple[Path, dict]:
         if path.is_file():
             raise ExportError(f"{path} has no {CONFIG_FILE} beside it: a bare state dict; load it with its timm name "
                               "(sparsity.create_model(name, checkpoint=path, num_classes=...))")
-        from .checkpoint import _directory_hint  # a run directory: name one of its checkpoints
+        if not path.exists():
+            raise ExportError(f"{path} does not exist; check the path")
+        if any(path.glob("*.pth.tar")):  # a run directory: name one of its checkpoints
+            from .checkpoint import _directory_hint
 
-        hint = _directory_hint(folder)
-        raise ExportError(hint if "run directory" in hint else
-                          f"{folder} has no {CONFIG_FILE}: not an export directory (see export.py)")
+            raise ExportError(_directory_hint(path))
+        raise ExportError(f"{folder} has no {CONFIG_FILE}: not an export directory (see export.py)")
     try:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -336,15 +336,21 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                               "processes): the schedules would jump; resume with the run's batch size, accumulation "
                               "and process count")
     if resume is not None and in_place:  # every check a resume passes is behind it (same run, same settings)
-        done = [resume.get("final") is not None and _results_of(run_dir, resume)]
+        # the run's last.pth.tar after the end of training, at this run's length (a dense run may be extended with
+        # more --epochs), and the results.json written after it: running the end again would only rewrite them
+        done = [resume.get("final") is not None and Path(resume_path).name == "last.pth.tar"
+                and int(resume.get("next_epoch", 0)) >= n_epochs and _results_of(run_dir, resume)]
         if dist.distributed:  # one answer for every rank: rank 0's
             torch.distributed.broadcast_object_list(done, src=0)
-        if done[0]:  # the end of training ran and wrote its results: running it again would only rewrite them
+        if done[0]:
             if dist.is_main:
                 final = resume["final"]
-                _logger.info("%s: run %s finished (top-1 %.2f %%; results.json, last.pth.tar and model_best are its "
-                             "results); nothing left to train, nothing rewritten", resume_path, run_dir.name,
-                             final.get("ema_top1", final.get("top1", float("nan"))))
+                metric = f"EMA top-1 {final['ema_top1']:.2f} %" if "ema_top1" in final else \
+                    f"top-1 {final.get('top1', float('nan')):.2f} %"
+                _logger.info("%s: run %s finished (%s; see its results.json); nothing left to train, nothing "
+                             "rewritten", resume_path, run_dir.name, metric)
+            if dist.distributed:
+                torch.distributed.destroy_process_group()
             return 0
     model.to(dist.device)
     if args.channels_last:
@@ -601,8 +607,9 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                 loader_train.dataset.set_epoch(epoch)         # shuffle their shards per epoch
                 reader = getattr(loader_train.dataset, "reader", None)
                 if args.workers == 0 and hasattr(reader, "ds"):  # read in this process: the reader's pipeline
-                    reader.ds = None  # (and its sample-shuffle RNG) starts afresh each epoch, as in a new worker,
-                    # so an epoch does not depend on the ones before it and a mid-epoch resume replays it exactly
+                    reader.ds = None  # (and its sample-shuffle RNG) is built afresh each epoch, so an epoch does
+                    # not depend on the ones before it and a mid-epoch resume replays it exactly (its sample
+                    # shuffle starts from the reader's seed every epoch; the shard order changes by epoch)
             elif dist.distributed and hasattr(loader_train.sampler, "set_epoch"):
                 loader_train.sampler.set_epoch(epoch)
             rng_at_resume = _resume_rng(resume, dist) if (skip and resume is not None) else None

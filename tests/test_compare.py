@@ -121,8 +121,14 @@ def test_run_all_resumes_and_reports_failures(tmp_path):
         cmp.run_all(runs[:1], lambda r: fake + cmp.train_command(r, Path("train.py"), ["--epochs", "2"])[2:])
     # a run that rejects its input (exit code 2) stops the comparison with its error line
     bad = _fake_train(tmp_path, 0.0, rc=2)
+    recorded = runs[3].flags_path.read_text()  # the flags of the failed attempt in that folder
     with pytest.raises(cmp.CompareError, match="bad data dir"):
-        cmp.run_all(runs[3:], lambda r: bad + cmp.train_command(r, Path("train.py"))[2:])
+        cmp.run_all(runs[3:], lambda r: bad + cmp.train_command(r, Path("train.py"), ["--epochs", "3"])[2:])
+    assert runs[3].flags_path.read_text() == recorded  # refused before training: the folder's record stays
+    fresh = cmp.plan_runs(_infos([a]), [7], tmp_path / "runs")[0]
+    with pytest.raises(cmp.CompareError, match="bad data dir"):
+        cmp.run_all([fresh], lambda r: bad + cmp.train_command(r, Path("train.py"))[2:])
+    assert not fresh.flags_path.exists()
 
 
 def test_a_finished_run_is_not_reused_after_its_recipe_changed(tmp_path):

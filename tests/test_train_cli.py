@@ -262,7 +262,7 @@ def test_model_ema_ranks_checkpoints_by_the_ema_metric(tmp_path, monkeypatch, ca
     # with the run's own flags a finished run has nothing left to do: it says so and rewrites nothing
     assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--output", str(tmp_path),
                                 "--experiment", "run", "--resume", "auto", "--model-ema"]) == 0
-    assert "run run finished (top-1 20.00 %;" in capsys.readouterr().out and files() == written
+    assert "run run finished (EMA top-1 20.00 %;" in capsys.readouterr().out and files() == written
     results = run / "results.json"  # a results.json not written after this last.pth.tar (a crash in between):
     results.write_text(json.dumps({**json.loads(results.read_text()), "wall_time_s": 0.0}))  # the end runs again
     assert run_cli(train.main, ["--config", cfg, *TINY_VIT, *FAST, "--epochs", "3", "--output", str(tmp_path),
@@ -827,3 +827,20 @@ def test_a_timm_args_yaml_plus_a_sparsity_block_is_a_config(tmp_path, capsys, mo
     old.write_text(yaml.safe_dump({**timm_args, "data": str(tmp_path / "data"), "data_dir": None}))
     assert run_cli(train.main, ["--config", str(old), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["data_dir"] == str(tmp_path / "data")
+
+
+def test_a_finished_dense_run_is_extended_in_place_and_a_done_one_left_alone(tmp_path, capsys):
+    """A dense run has no sparsity schedule to keep: --resume auto with more --epochs trains them (a sparse run's
+    length is fixed). At its length a finished run has nothing to do and rewrites nothing."""
+    cfg = _recipe(tmp_path, "dense", {"method": "dense"})
+    base = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "run"]
+    assert run_cli(train.main, [*base, "--epochs", "1"]) == 0
+    assert run_cli(train.main, [*base, "--epochs", "2", "--resume", "auto"]) == 0
+    with open(tmp_path / "run" / "summary.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+    assert torch.load(tmp_path / "run" / "last.pth.tar", weights_only=True)["global_step"] == 10
+    capsys.readouterr()
+    stamp = (tmp_path / "run" / "last.pth.tar").stat().st_mtime_ns
+    assert run_cli(train.main, [*base, "--epochs", "2", "--resume", "auto"]) == 0
+    assert "nothing left to train, nothing rewritten" in capsys.readouterr().out
+    assert (tmp_path / "run" / "last.pth.tar").stat().st_mtime_ns == stamp
