@@ -207,6 +207,7 @@ def _bench_masks(args) -> int:
     import timm
 
     from sparsity.bench_train import bench_masks
+
     device = _device(args)
     if not timm.is_model(args.model):
         raise ConfigError(f"--bench masks takes a timm model name, got --model {args.model!r}")
@@ -350,13 +351,9 @@ def _check_counts(args) -> None:
         raise ConfigError(f"--num-classes must be at least 1, got {args.num_classes}")
     if args.lr < 0:
         raise ConfigError(f"--lr must be 0 or more, got {args.lr}")
-    if args.torchcompile:
-        import torch
+    from sparsity.run_args import check_compile_backend
 
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if args.torchcompile not in backends:
-            raise ConfigError(f"--torchcompile {args.torchcompile}: not a torch.compile backend; use one of "
-                              f"{', '.join(backends)}")
+    check_compile_backend(args.torchcompile)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -81,15 +81,15 @@ def _check_same_model(args, path: Path, arch: str, create_kwargs: dict, recipe, 
     if asked:
         raise UserError(f"{path} names its model, which differs from {'; '.join(asked)}; drop those flags (or "
                         "the config's keys) or pass the checkpoint you meant")
-    if recipe is not None and recipe.method != "dense":  # a dense block asks for nothing a file could ignore
-        if held_recipe is None:
-            raise UserError(f"{path} holds no sparsity recipe (a dense model), so the sparsity block of "
-                            f"{args.config} would not be applied; drop it (or pass the sparse checkpoint you meant)")
-    if recipe is not None and held_recipe is not None:
-        if keys := recipe_differences(held_recipe, recipe.to_dict()):
-            raise UserError(f"{path} holds its own sparsity recipe, which differs from the one in {args.config} "
-                            f"(in: {', '.join(keys)}); the file's is the one applied and checked: drop --config (or "
-                            "use the run's own args.yaml), or pass the checkpoint you meant")
+    if recipe is None:
+        return
+    if held_recipe is None and recipe.method != "dense":  # a dense block asks for nothing a file could ignore
+        raise UserError(f"{path} holds no sparsity recipe (a dense model), so the sparsity block of {args.config} "
+                        "would not be applied; drop it (or pass the sparse checkpoint you meant)")
+    if held_recipe is not None and (keys := recipe_differences(held_recipe, recipe.to_dict())):
+        raise UserError(f"{path} holds its own sparsity recipe, which differs from the one in {args.config} (in: "
+                        f"{', '.join(keys)}); the file's is the one applied and checked: drop --config (or use the "
+                        "run's own args.yaml), or pass the checkpoint you meant")
 
 
 def _accelerate(model, args, device) -> int:

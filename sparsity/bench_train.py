@@ -200,7 +200,6 @@ def bench_train(model_name: str, recipes: dict[str, Recipe], settings: TrainBenc
         figure to read when a cost recurs every few steps, e.g. ``mask_interval > 1``), ``peak_step_mb`` (CUDA:
         peak allocated during a step above what was allocated before it; None on CPU) and ``state_mb``.
     """
-
     s = settings or TrainBenchSettings()
     recipes = dict(recipes)
     if "dense" not in recipes:
@@ -371,7 +370,6 @@ def bench_masks(model_name: str, model_kwargs: dict | None = None, patterns=((2,
     M is left out. ``equal`` checks the kernel against a stable-sort reference (ties to the lower index); topk's
     own tie order is unspecified (on CPU it keeps the higher index), so it is timed, not compared.
     """
-
     from .bench_infer import time_calls
     from .masks import grouped_dim
     from .nm_batch import nm_masks_, rank_kernel_status

@@ -36,17 +36,18 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def correct_counts(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[int]:
-    """How many samples have their target among the top k outputs (k clipped to the number of classes)."""
+def correct_counts(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> torch.Tensor:
+    """Per k, how many samples have their target among the top k outputs (k clipped to the number of classes), as
+    an int64 tensor on the outputs' device (no host sync)."""
     maxk = min(max(topk), output.shape[-1])
     pred = output.topk(maxk, dim=-1).indices
     correct = pred.eq(target.view(-1, 1))
-    return [int(correct[:, : min(k, maxk)].any(dim=1).sum()) for k in topk]
+    return torch.stack([correct[:, : min(k, maxk)].any(dim=1).sum() for k in topk])
 
 
 def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[float]:
     """Top-k accuracy in percent (k clipped to the number of classes)."""
-    return [100.0 * c / output.shape[0] for c in correct_counts(output, target, topk)]
+    return [100.0 * int(c) / output.shape[0] for c in correct_counts(output, target, topk)]
 
 
 def mean_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -225,9 +226,9 @@ def evaluate(
             out = model(x)
         out = out.float()
         loss = loss_fn(out, y)
-        top1, top5 = correct_counts(out, y, (1, 5))  # counts: exact sums (percentages in float32 were not)
-        n = x.shape[0]
-        totals += torch.tensor([float(loss) * n, top1, top5, n], dtype=torch.float64, device=device)
+        n = x.shape[0]  # counts are summed exactly (percentages in float32 were not), on the device: no host sync
+        totals += torch.cat([(loss.detach().double() * n).view(1), correct_counts(out, y, (1, 5)).double(),
+                             totals.new_full((1,), n)])
     if reduce is not None:
         totals = reduce(totals)
     model.train(was_training)

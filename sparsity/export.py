@@ -271,10 +271,11 @@ def _write(build: dict[str, Any], output_dir: str | os.PathLike, fmt: str, force
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = sizes["compressed_bytes"] / sizes["densified_bytes"]
-    if fmt == "compressed":  # a conforming structured slice its format could not take: say where and why (a
-        for key, entry in build["layout"].items():  # non-conforming one was named by _build's warning already)
-            for seg in entry["segments"]:
-                if seg.get("note") and not seg["note"].startswith("mask is not"):
+    if fmt == "compressed":  # a conforming structured slice its format could not take: say where and why (the
+        warned = {r["fqn"] for r in build["report"] if r["conforms"] is False}  # others: _build's warning)
+        for key, entry in build["layout"].items():
+            for seg in entry["segments"] if key.removesuffix("weight").removesuffix(".") not in warned else ():
+                if seg.get("note"):
                     _logger.info("compressed export: %s rows %d:%d stored as %s (%s)", key, seg["start"], seg["stop"],
                                  seg["format"], seg["note"])
     formats = [s["format"] for e in build["layout"].values() for s in e["segments"]]

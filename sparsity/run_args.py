@@ -111,10 +111,15 @@ def check_args(args) -> None:
     need(args.torchcompile_mode is None or args.torchcompile == "inductor",
          f"--torchcompile-mode {args.torchcompile_mode} is inductor's: use it with --torchcompile (inductor, the "
          f"default backend), not {args.torchcompile or 'without --torchcompile'}")
-    if args.torchcompile:
+    check_compile_backend(args.torchcompile)
+
+
+def check_compile_backend(backend: str | None) -> None:
+    """``--torchcompile NAME`` names a torch.compile backend (an unknown one fails at the first step otherwise)."""
+    if backend:
         backends = torch._dynamo.list_backends(exclude_tags=())
-        need(args.torchcompile in backends,
-             f"--torchcompile {args.torchcompile}: not a torch.compile backend; use one of {', '.join(backends)}")
+        if backend not in backends:
+            raise UserError(f"--torchcompile {backend}: not a torch.compile backend; use one of {', '.join(backends)}")
 
 
 def check_dist_args(args, dist) -> None:
