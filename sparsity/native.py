@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from torch.autograd.graph import increment_version
 
-__all__ = ["kernel", "status", "NativeBatch", "supports", "tile_supports", "TileExpand", "tile_backward_native",
-           "TileTopk", "counts_array", "srste_grad_native", "usd_grad_native", "mask_mul_native", "mask_mul_native_",
-           "GumbelUnit", "gumbel_noise_native"]
+__all__ = ["kernel", "status", "NativeBatch", "AdamWStep", "supports", "tile_supports", "TileExpand",
+           "tile_backward_native", "TileTopk", "counts_array", "srste_grad_native", "usd_grad_native",
+           "mask_mul_native", "mask_mul_native_", "GumbelUnit", "gumbel_noise_native"]
 
 _log = logging.getLogger(__name__)
 _SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("nm_rank.c", "tiles.c", "gumbel.c"))
@@ -115,6 +115,9 @@ def _build() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_int64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint64,
                    ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
+    lib.nm_keep_adamw.argtypes = [ctypes.c_int64, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_uint64,
+                                  ctypes.c_float, p, ctypes.c_int]
+    lib.nm_keep_adamw.restype = ctypes.c_int
     i64 = ctypes.c_int64
     lib.tile_expand.argtypes = [i64, p, p, p, p, p, p, p, ctypes.c_int]
     lib.tile_expand.restype = ctypes.c_int
@@ -213,6 +216,30 @@ class NativeBatch(_PreparedCall):
     def run(self, beta: float = 0.0) -> bool:
         """Compute the masks (``masked`` outputs: ``W * (E + beta (1 - E))``); False if nothing was written."""
         return self._call("nm_keep", beta)
+
+    def run_adamw(self, beta: float, steps: ctypes.Array, written: list[torch.Tensor]) -> bool:
+        """Take every unit's weights one AdamW step first (``steps[u]``: an :class:`AdamWStep` over the unit's
+        elements), then compute the masks from the updated weights, in one pass; ``written`` (the weights and
+        moments it updates) get their version counters bumped. False if nothing was written."""
+        lib = kernel()
+        if lib is None or len(steps) != len(self.units):
+            return False
+        a = self._args
+        if lib.nm_keep_adamw(*a[:9], a[10], beta, steps, torch.get_num_threads()) != 0:
+            return False
+        increment_version(self._written + written)
+        return True
+
+
+class AdamWStep(ctypes.Structure):
+    """One unit's AdamW step for :meth:`NativeBatch.run_adamw` (``adamw_t`` in ``csrc/nm_rank.c``): pointers to
+    the unit's gradient and moments and the step's float32 scalars; ``lam`` != 0 adds SR-STE's decay to the
+    gradient first."""
+
+    _fields_ = [("g", ctypes.c_void_p), ("m", ctypes.c_void_p), ("v", ctypes.c_void_p), ("wdmul", ctypes.c_float),
+                ("c1", ctypes.c_float), ("beta2", ctypes.c_float), ("c2", ctypes.c_float),
+                ("bc2_sqrt", ctypes.c_float), ("eps", ctypes.c_float), ("neg_step", ctypes.c_float),
+                ("lam", ctypes.c_float)]
 
 
 def _int64s(values) -> ctypes.Array:

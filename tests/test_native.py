@@ -259,7 +259,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
     lib = ctypes.CDLL(str(native._compile(native._compiler(), [*native._FLAGS, "-DNM_NO_STREAMING"])))
     for name in ("nm_keep", "tile_expand", "tile_backward", "srste_grad", "tile_topk", "gumbel_forward",
                  "gumbel_backward", "gumbel_argmax_mask", "gumbel_noise_range", "usd_grad", "mask_mul",
-                 "mask_mul_inplace"):
+                 "mask_mul_inplace", "nm_keep_adamw"):
         getattr(lib, name).argtypes = getattr(native.kernel(), name).argtypes
         getattr(lib, name).restype = ctypes.c_int
     gen = torch.Generator().manual_seed(5)
@@ -308,6 +308,25 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
         return (out, s, mask, *unit.backward(gl_w, s, gl_g, 0.7, want_w=True))
 
     want_gumbel = gumbel()
+    ad_g, ad_keep = torch.randn(w.shape, generator=gen), torch.rand(w.shape, generator=gen) > 0.5
+
+    def adamw():  # the optimizer's AdamW + SR-STE decay + masks pass (scalar path: fmaf, as the vectors)
+        from sparsity.optim import _adamw_scalars
+
+        wa, m1, m2 = w.clone(), torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * 1e-3, \
+            torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) * 1e-6
+        keep, out = ad_keep.clone(), torch.empty(w.shape)
+        batch = native.NativeBatch([(keep.view(-1, 4, 9), None, out.view(-1, 4, 9), wa.view(-1, 4, 9))], 2, 4)
+        steps = (native.AdamWStep * 1)()
+        steps[0].g, steps[0].m, steps[0].v = ad_g.data_ptr(), m1.data_ptr(), m2.data_ptr()
+        group = {"lr": 1e-2, "betas": (0.9, 0.999), "weight_decay": 0.05, "eps": 1e-8, "fused": True}
+        (steps[0].wdmul, steps[0].c1, steps[0].beta2, steps[0].c2, steps[0].bc2_sqrt, steps[0].eps,
+         steps[0].neg_step) = _adamw_scalars(group, 7.0)
+        steps[0].lam = 2e-4
+        assert batch.run_adamw(0.0, steps, [])
+        return wa, m1, m2, keep, out
+
+    want_adamw = adamw()
     monkeypatch.setattr(native, "_lib", lib)
     assert torch.get_num_threads() == 2  # conftest
     got = _run(ws, dims, 2, 4, 0.3)
@@ -318,6 +337,7 @@ def test_portable_build_gives_the_same_results(monkeypatch, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(masked_products(), want_products))
     assert all(torch.equal(a, b) for a, b in zip(selected(), want_selected))
     assert all(torch.equal(a, b) for a, b in zip(gumbel(), want_gumbel))
+    assert all(torch.equal(a, b) for a, b in zip(adamw(), want_adamw))
 
 
 @needs_kernel

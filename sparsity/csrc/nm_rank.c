@@ -164,6 +164,58 @@ static int clamp_threads(int nthreads, int64_t total) {
     return nthreads;
 }
 
+/* SR-STE's decayed gradient of one weight (see srste_grad below) */
+static inline float srste_one(float g, float w, uint8_t keep, float lam) {
+    float d = w - (keep ? w : 0.0f * w);
+    return g + lam * d;
+}
+
+/* One AdamW step of a unit (torch's AdamW, decoupled weight decay, no amsgrad/maximize), with the roundings of
+ * torch's fused CPU kernel for float32 so the two are interchangeable bit for bit (sparsity/optim.py checks that
+ * once per process against torch itself before using this): p = w * (1 - lr wd); m = m + c1 (g - m) as one fused
+ * multiply-add (c1 = 1 - beta1 < 0.5); v = (c2 g) g + v beta2, one fused multiply-add (c2 = 1 - beta2);
+ * w = p + (-lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps). SR-STE (lam != 0): g + lam * (w - w e) first, e the mask
+ * the forward used (read before the ranking overwrites it), the value its backward would have produced. */
+typedef struct {
+    const float *g;
+    float *m, *v;
+    float wdmul, c1, beta2, c2, bc2_sqrt, eps, neg_step, lam;
+} adamw_t;
+
+static inline float adamw_one(const adamw_t *a, float *w, uint8_t keep, int64_t e) {
+    float g = a->g[e], p = w[e] * a->wdmul;
+    if (a->lam != 0.0f) g = srste_one(g, w[e], keep, a->lam);
+    float m = fmaf(a->c1, g - a->m[e], a->m[e]);
+    float v = fmaf(a->c2 * g, g, a->v[e] * a->beta2);
+    a->m[e] = m;
+    a->v[e] = v;
+    return p + (a->neg_step * m) / (sqrtf(v) / a->bc2_sqrt + a->eps);
+}
+
+static void adamw_range(const adamw_t *a, float *w, const uint8_t *keep, int64_t e, int64_t hi) {
+#if STREAMING
+    const __m512 wd = _mm512_set1_ps(a->wdmul), c1 = _mm512_set1_ps(a->c1), b2 = _mm512_set1_ps(a->beta2),
+                 c2 = _mm512_set1_ps(a->c2), bc = _mm512_set1_ps(a->bc2_sqrt), eps = _mm512_set1_ps(a->eps),
+                 ns = _mm512_set1_ps(a->neg_step), lam = _mm512_set1_ps(a->lam), zero = _mm512_setzero_ps();
+    for (; e + 16 <= hi; e += 16) {
+        __m512 wv = _mm512_loadu_ps(w + e), g = _mm512_loadu_ps(a->g + e), m = _mm512_loadu_ps(a->m + e);
+        if (a->lam != 0.0f) {
+            __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(keep + e)));
+            __m512 we = _mm512_mask_blend_ps(_mm512_test_epi32_mask(k, k), _mm512_mul_ps(zero, wv), wv);
+            g = _mm512_add_ps(g, _mm512_mul_ps(lam, _mm512_sub_ps(wv, we)));
+        }
+        __m512 p = _mm512_mul_ps(wv, wd);
+        m = _mm512_fmadd_ps(c1, _mm512_sub_ps(g, m), m);
+        __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(c2, g), g, _mm512_mul_ps(_mm512_loadu_ps(a->v + e), b2));
+        _mm512_storeu_ps(a->m + e, m);
+        _mm512_storeu_ps(a->v + e, v);
+        __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc), eps);
+        _mm512_storeu_ps(w + e, _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(ns, m), den)));
+    }
+#endif
+    for (; e < hi; e++) w[e] = adamw_one(a, w, keep ? keep[e] : 1, e);
+}
+
 typedef struct {
     int64_t nunits;
     void *const *w;
@@ -175,6 +227,7 @@ typedef struct {
     uint64_t one;
     float beta;
     int64_t lo, hi; /* this worker's share: the a-blocks whose first element lies in [lo, hi) of all units */
+    const adamw_t *adam; /* per unit, or NULL: nm_keep_adamw's optimizer step before the ranking */
 } job_t;
 
 static void *worker(void *arg) {
@@ -184,9 +237,19 @@ static void *worker(void *arg) {
         int64_t size = (int64_t)j->m * j->T[u], end = start + j->A[u] * size;
         int64_t a0 = j->lo > start ? (j->lo - start + size - 1) / size : 0;
         int64_t a1 = j->hi < end ? (j->hi - start + size - 1) / size : j->A[u];
-        if (a0 < a1)
-            pick(j->width, j->m, j->T[u])(j->w[u], j->mask[u], j->factor[u], j->masked[u], j->T[u], a0, a1, j->m,
-                                          j->n, j->one, j->beta);
+        range_fn rank = pick(j->width, j->m, j->T[u]);
+        if (a0 < a1 && !j->adam) {
+            rank(j->w[u], j->mask[u], j->factor[u], j->masked[u], j->T[u], a0, a1, j->m, j->n, j->one, j->beta);
+        } else if (a0 < a1) {
+            /* a chunk at a time: the update leaves it in L1 for the ranking that follows (one call per chunk, so
+             * the update's writes come before the ranking's restrict-qualified reads) */
+            int64_t per = CHUNK / size > 0 ? CHUNK / size : 1;
+            for (int64_t c = a0; c < a1; c += per) {
+                int64_t c1 = c + per < a1 ? c + per : a1;
+                adamw_range(&j->adam[u], (float *)j->w[u], j->mask[u], c * size, c1 * size);
+                rank(j->w[u], j->mask[u], j->factor[u], j->masked[u], j->T[u], c, c1, j->m, j->n, j->one, j->beta);
+            }
+        }
         start = end;
     }
 #if STREAMING
@@ -195,11 +258,10 @@ static void *worker(void *arg) {
     return 0;
 }
 
-/* Masks for nunits blocks: w[u], mask[u] (bytes 0/1), factor[u] (0/1) and masked[u] (W * (E + beta (1 - E)))
- * (NULL: not written), each A[u] x m x T[u] elements of `width` bytes. Returns 0, or -1 for arguments it does
- * not handle (nothing written then). */
-int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *factor, void *const *masked,
-            const int64_t *A, const int64_t *T, int m, int n, int width, uint64_t one, float beta, int nthreads) {
+/* nm_keep and nm_keep_adamw (adam NULL: masks only) */
+static int nm_run(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *factor, void *const *masked,
+                  const int64_t *A, const int64_t *T, int m, int n, int width, uint64_t one, float beta,
+                  const adamw_t *adam, int nthreads) {
     if (m < 1 || m > MAX_M || n < 1 || n > m || !pick(width, m, 1)) return -1;
     int64_t total = 0;
     for (int64_t u = 0; u < nunits; u++) {
@@ -210,7 +272,7 @@ int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *f
     job_t jobs[MAX_THREADS];
     for (int i = 0; i < nthreads; i++) {
         job_t j = {nunits, w, mask, factor, masked, A, T, m, n, width, one, beta, total * i / nthreads,
-                   total * (i + 1) / nthreads};
+                   total * (i + 1) / nthreads, adam};
         jobs[i] = j;
     }
 #ifdef _OPENMP
@@ -231,6 +293,24 @@ int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *f
     }
 #endif
     return 0;
+}
+
+/* Masks for nunits blocks: w[u], mask[u] (bytes 0/1), factor[u] (0/1) and masked[u] (W * (E + beta (1 - E)))
+ * (NULL: not written), each A[u] x m x T[u] elements of `width` bytes. Returns 0, or -1 for arguments it does
+ * not handle (nothing written then). */
+int nm_keep(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *factor, void *const *masked,
+            const int64_t *A, const int64_t *T, int m, int n, int width, uint64_t one, float beta, int nthreads) {
+    return nm_run(nunits, w, mask, factor, masked, A, T, m, n, width, one, beta, 0, nthreads);
+}
+
+/* The same masks, each unit's weights first taken one AdamW step (adam[u]: its gradient, moments and scalars)
+ * chunk by chunk, so the ranking reads weights the update has just left in L1: one pass over the weights for
+ * the optimizer and the masks of the next step together (float32 only). */
+int nm_keep_adamw(int64_t nunits, void *const *w, uint8_t *const *mask, void *const *factor, void *const *masked,
+                  const int64_t *A, const int64_t *T, int m, int n, uint64_t one, float beta, const adamw_t *adam,
+                  int nthreads) {
+    if (!adam) return -1;
+    return nm_run(nunits, w, mask, factor, masked, A, T, m, n, 4, one, beta, adam, nthreads);
 }
 
 /* The one-pass elementwise kernels below (SR-STE's and USD's gradients, the products by a frozen mask) share this
@@ -268,11 +348,6 @@ static int split_ranges(int64_t len, int64_t work, int nthreads, ew_range run, c
  * (sub, then addcmul(g, d, 1, value=lam)) with their roundings, so the result is bit for bit theirs, non-finite
  * weights included: g where kept (d = +0 for a finite w), g + lam * w where pruned. -ffp-contract=off (native.py)
  * keeps the compiler from contracting the multiply and add into one fused (once-rounded) operation. */
-static inline float srste_one(float g, float w, uint8_t keep, float lam) {
-    float d = w - (keep ? w : 0.0f * w);
-    return g + lam * d;
-}
-
 static void srste_range(const ew_t *a, int64_t e, int64_t hi) {
     const float *restrict g = a->x, *restrict w = a->w;
     const uint8_t *restrict keep = a->keep;
