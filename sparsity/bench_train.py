@@ -26,7 +26,7 @@ from .controller import SparsityController
 from .engine import _autocast
 from .factory import create_model
 from .layers import to_channels_last
-from .optim import create_optimizer
+from .optim import attach_masks, create_optimizer
 from .recipe import Recipe, recipe_from_dict
 from .report import overall_sparsity
 from .surgery import sparsify_
@@ -110,6 +110,8 @@ class _Variant:
         self.ctl.step(self.global_step)
         self.optimizer, self.opt_impl = create_optimizer(self.ctl.param_groups(s.weight_decay), impl=s.opt_impl,
                                                          opt=s.opt, lr=s.lr, weight_decay=s.weight_decay)
+        # as train.py without --clip-grad: masks (and SR-STE's decay) in the optimizer's pass
+        self.optimizer_masks = attach_masks(self.optimizer, self.ctl, srste_decay=True)
         self.train_model = torch.compile(model, backend=s.torchcompile) if s.torchcompile else model
         self.loss_fn = nn.CrossEntropyLoss()
         self.times: dict[str, list[float]] = {p: [] for p in ("step",) + PHASES}
@@ -263,6 +265,7 @@ def bench_train(model_name: str, recipes: dict[str, Recipe], settings: TrainBenc
         row["state_mb"] = round(sum(state.values()) / 2**20, 2)
         row["sparse_caches_mb"] = round(state["sparse_caches"] / 2**20, 2)
         row["steps"] = len(v.times["step"])
+        row["masks_in_optimizer"] = v.optimizer_masks  # the next masks came out of the optimizer's pass
         timed = v.ctl.metrics()  # what the timed steps ran: an SDGF frame, a GMP ramp, a phase
         row["timed_step"] = v.global_step - 1
         row["phase"] = timed.get("phase", "")

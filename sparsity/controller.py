@@ -52,6 +52,19 @@ class SparsityController:
         if self._last_masks is None and self.global_step == 0:  # a new run: the first flip rate compares with these
             self._last_masks = {fqn: layer.weight_mask.clone() for fqn, layer in self.layers}
 
+    def optimizer_masks(self):
+        """The next step's mask computation for the optimizer step before it to run in its own pass over the
+        weights (:func:`sparsity.optim.attach_masks`), or None when the method has none ready (then
+        ``step(global_step + 1)`` computes it as usual)."""
+        fn = getattr(self.method, "optimizer_masks", None)
+        return None if fn is None else fn(self.global_step + 1)
+
+    def optimizer_decay(self) -> list:
+        """(weight, mask, lambda) of the layers whose gradient the optimizer owes SR-STE's decay term (the method's
+        ``move_decay_to_optimizer``); [] for every other method."""
+        fn = getattr(self.method, "optimizer_decay", None)
+        return [] if fn is None else fn()
+
     @torch.no_grad()
     def finalize(self, *copies: nn.Module) -> None:
         """End of training: every layer keeps a fixed binary mask (the exported model) and its pruned weights

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import native
@@ -108,11 +109,11 @@ class MaskedMixin:
 
     def _weight_key(self) -> tuple | None:
         """What a cache of values computed from the weight and mask is valid for: the same tensors, their version
-        counters unmoved, and no optimizer step since (torch's fused optimizers write parameters without moving
-        their version counters; a post-step hook on every optimizer counts the steps)."""
+        counters unmoved (torch's fused optimizers write parameters without moving them: a post-step hook on every
+        optimizer moves those of its parameters)."""
         w, mask = self.weight, self.weight_mask
         try:
-            return (id(w), w.data_ptr(), w._version, id(mask), mask.data_ptr(), mask._version, _OPTIMIZER_STEPS[0])
+            return (id(w), w.data_ptr(), w._version, id(mask), mask.data_ptr(), mask._version)
         except RuntimeError:  # inference tensors keep no version counter
             return None
 
@@ -336,14 +337,16 @@ def current_loss_divisor() -> int:
     return _LOSS_DIVISOR
 
 
-_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process, any optimizer (see MaskedMixin._weight_key)
+def _mark_optimizer_step(optimizer, args, kwargs) -> None:
+    """After any optimizer's step: move its parameters' version counters, as an in-place update does (torch's fused
+    kernels write through pointers), so caches computed from a weight (:meth:`MaskedMixin._weight_key`) go stale
+    with it, and only with it: another model's optimizer (the training benchmark keeps several) leaves them be."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if not p.is_inference()]
+    if params:
+        increment_version(params)
 
 
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
+register_optimizer_step_post_hook(_mark_optimizer_step)
 
 
 def masked_product(x: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,10 @@ fail), so the optimizers built here keep their own flags when a state dict is lo
 from __future__ import annotations
 
 import inspect
+import logging
+import math
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -148,3 +152,195 @@ def create_optimizer(params: Any, impl: str = "auto", **timm_kwargs: Any) -> tup
     optimizer = create_optimizer_v2(params, **kwargs, **timm_kwargs)
     _keep_impl_on_load(optimizer)
     return optimizer, used
+
+
+# ---- the optimizer step that also computes the next masks ---------------------------------------------------------
+
+_FUSED_OK: bool | None = None  # whether nm_keep_adamw's AdamW is torch's fused AdamW bit for bit here (checked once)
+# torch's fused kernel rounds the last numel % 16 elements of a tensor in other ways (its compiler's epilogues):
+# only weights of whole 16-element vectors (every N:M layer of a real model) take the native step
+_TORCH_VECTOR = 16
+
+
+def _adamw_scalars(group: dict, step: float) -> tuple[float, ...] | None:
+    """(wdmul, c1, beta2, c2, bc2_sqrt, eps, neg_step) of one AdamW step at ``step`` as torch's fused CPU kernel
+    rounds them to float32 (from doubles), or None for what the native step does not do: amsgrad, maximize,
+    capturable/differentiable, a tensor lr, beta1 <= 0.5 (torch then takes the other form of its lerp)."""
+    lr, (beta1, beta2), wd, eps = group["lr"], group["betas"], group["weight_decay"], group["eps"]
+    if (group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable")
+            or not group.get("fused") or isinstance(lr, torch.Tensor) or isinstance(beta1, torch.Tensor)
+            or not 1.0 - beta1 < 0.5):
+        return None
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    return (1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(bc2), eps, -(lr / bc1))
+
+
+class MaskedAdamW(torch.optim.AdamW):
+    """torch's fused AdamW whose step, for the masked weights, also computes the masks of the next training step
+    in the same pass over them (``nm_keep_adamw`` in ``csrc/nm_rank.c``): the N:M methods' mask step otherwise
+    reads every masked weight again right after the optimizer wrote it. The update is torch's fused AdamW bit for
+    bit (checked against torch once per process: :func:`attach_masks` leaves the optimizer alone where it is not),
+    the masks those ``controller.step`` would have computed; the other parameters take torch's fused step. A state
+    dict is torch AdamW's, so checkpoints move freely between the two.
+    """
+
+    _masks_for: Callable[[], Any] | None = None
+    _decay_for: Callable[[], list] | None = None
+
+    def step(self, closure=None, **kwargs):  # noqa: D102 - torch's
+        loss = None
+        if closure is not None:  # as torch's step does: the closure computes the gradients first
+            with torch.enable_grad():
+                loss = closure()
+        decay = self._decay_for() if self._decay_for is not None else []
+        work = self._masks_for() if self._masks_for is not None and not kwargs else None
+        taken = self._native_step(work, decay) if work is not None else []
+        if not taken:
+            if decay:
+                self._add_decay(decay, kwargs.get("grad_scale"))
+            super().step(**kwargs)
+            return loss
+        grads = [p.grad for p in taken]
+        for p in taken:
+            p.grad = None  # torch's step skips them: already updated
+        try:
+            super().step()
+        finally:
+            for p, g in zip(taken, grads):
+                p.grad = g
+        work.finish()  # after torch's step: it moves the parameters' version counters (sparsity.layers)
+        return loss
+
+    @torch.no_grad()
+    def _add_decay(self, decay: list, grad_scale: torch.Tensor | None) -> None:
+        """SR-STE's decay term into the gradients that owe it, as the backward would have added it (scaled like
+        the gradient when a gradient scaler hands over its scale)."""
+        from .methods.nm import srste_decayed_grad
+
+        scale = 1.0 if grad_scale is None else float(grad_scale)
+        for w, mask, lam in decay:
+            if w.grad is not None:
+                w.grad = srste_decayed_grad(w.grad, w, mask, lam * scale)
+
+    @torch.no_grad()
+    def _native_step(self, work, decay: list) -> list[torch.Tensor]:
+        """Update ``work.weights`` and compute the next masks in one native pass per kernel batch, adding the
+        ``decay`` terms (SR-STE) to the gradients inside it (``work.finish()`` is the caller's, once the step is
+        whole); [] (nothing done) where any weight cannot go that way this step."""
+        from .native import AdamWStep
+
+        where = {p.data_ptr(): (p, g) for g in self.param_groups for p in g["params"]}
+        spans = []  # (start byte, end byte, param, group)
+        for w in work.weights:
+            found = where.get(w.data_ptr())
+            if found is None:
+                return []
+            p, group = found
+            grad = p.grad
+            if (grad is None or grad.is_sparse or p.dtype != torch.float32 or grad.dtype != torch.float32
+                    or p.device.type != "cpu" or not p.is_contiguous() or not grad.is_contiguous()
+                    or p.numel() % _TORCH_VECTOR or _adamw_scalars(group, 1.0) is None):
+                return []
+            state = self.state[p]
+            if state and any(not state[k].is_contiguous() for k in ("exp_avg", "exp_avg_sq")):
+                return []
+            spans.append((p.data_ptr(), p.data_ptr() + p.numel() * 4, p, group))
+        units = []  # per batch, per unit: (param, group, element offset, elements)
+        covered: dict[int, int] = {}
+        for batch in work.batches:
+            per = []
+            for unit in batch.units:
+                wb = unit[3]
+                start = wb.data_ptr()
+                span = next((s for s in spans if s[0] <= start < s[1]), None)
+                if span is None:
+                    return []
+                per.append((span[2], span[3], (start - span[0]) // 4))
+                covered[id(span[2])] = covered.get(id(span[2]), 0) + wb.numel()
+            units.append(per)
+        if any(covered.get(id(s[2]), 0) != s[2].numel() for s in spans):
+            return []
+        taken = [s[2] for s in spans]
+        scalars = {}
+        for p, group in ((s[2], s[3]) for s in spans):
+            state = self.state[p]
+            if not state:  # as torch's AdamW starts a parameter (fused: the step counter on its device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            scalars[id(p)] = _adamw_scalars(group, float(state["step"]))
+        written = [t for p in taken for t in (p, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"])]
+        lams = {w.data_ptr(): lam for w, _, lam in decay}
+        for batch, per in zip(work.batches, units):
+            steps = (AdamWStep * len(per))()
+            for s, (p, _, off) in zip(steps, per):
+                st = self.state[p]
+                s.g, s.m, s.v = (t.data_ptr() + off * 4 for t in (p.grad, st["exp_avg"], st["exp_avg_sq"]))
+                (s.wdmul, s.c1, s.beta2, s.c2, s.bc2_sqrt, s.eps, s.neg_step) = scalars[id(p)]
+                s.lam = lams.get(p.data_ptr(), 0.0)
+            if not batch.run_adamw(work.beta, steps, written):
+                raise RuntimeError("the native AdamW mask step refused a batch its mask step had run")
+        return taken
+
+
+def attach_masks(optimizer: torch.optim.Optimizer, controller, srste_decay: bool = False) -> bool:
+    """Make ``optimizer`` compute ``controller``'s next masks in its step (:class:`MaskedAdamW`) where that can
+    run: torch's fused AdamW on CPU with the native kernels there and matching torch bit for bit, and a method
+    whose mask step is a prepared native N:M pass (``ste``, ``srste``, ``mdgf``). Returns whether it did; the
+    steps then decide one by one (a new frame, a dense phase, a refused parameter: the usual path).
+
+    ``srste_decay``: SR-STE's decay term moves from the backward into the optimizer's pass too
+    (``move_decay_to_optimizer``); only for a loop that neither clips nor scales gradients before the step."""
+    from .native import kernel
+
+    if (type(optimizer) is not torch.optim.AdamW or not all(g.get("fused") for g in optimizer.param_groups)
+            or getattr(controller.method, "optimizer_masks", None) is None
+            or any(layer.weight.device.type != "cpu" for _, layer in controller.layers)
+            or os.environ.get("SPARSITY_OPTIMIZER_MASKS", "1").strip().lower() in ("0", "false", "no", "off")
+            or kernel() is None or not _fused_matches_torch()):
+        return False
+    optimizer.__class__ = MaskedAdamW
+    optimizer._masks_for = controller.optimizer_masks
+    move = getattr(controller.method, "move_decay_to_optimizer", None)
+    if srste_decay and move is not None and move():
+        optimizer._decay_for = controller.optimizer_decay
+    return True
+
+
+def _fused_matches_torch() -> bool:
+    """Whether ``nm_keep_adamw``'s update equals torch's fused AdamW bit for bit on this machine and torch build
+    (torch's kernel is built per CPU family, and where its compiler contracted a multiply and an add matters),
+    checked once on two small weights over three steps with varied gradients."""
+    global _FUSED_OK
+    if _FUSED_OK is None:
+        from .native import AdamWStep, NativeBatch
+
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(8, 4, 9), (36, 4, 1)]
+        ours = [torch.randn(s, generator=gen) for s in shapes]
+        ref = [torch.nn.Parameter(w.clone()) for w in ours]
+        moments = [(torch.zeros_like(w), torch.zeros_like(w)) for w in ours]
+        group = {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.05, "eps": 1e-8, "fused": True}
+        opt = torch.optim.AdamW(ref, lr=group["lr"], betas=group["betas"], weight_decay=group["weight_decay"],
+                                eps=group["eps"], fused=True)
+        batch = NativeBatch([(torch.zeros(s, dtype=torch.bool), None, torch.empty(s), w) for s, w in
+                             zip(shapes, ours)], 2, 4)
+        ok = True
+        for step in (1, 2, 3):
+            grads = [torch.randn(s, generator=gen) * 10.0 ** torch.randint(-8, 1, s, generator=gen) for s in shapes]
+            for p, g in zip(ref, grads):
+                p.grad = g.clone()
+            opt.step()
+            steps = (AdamWStep * len(shapes))()
+            for s, g, (m, v) in zip(steps, grads, moments):
+                s.g, s.m, s.v = g.data_ptr(), m.data_ptr(), v.data_ptr()
+                s.wdmul, s.c1, s.beta2, s.c2, s.bc2_sqrt, s.eps, s.neg_step = _adamw_scalars(group, float(step))
+            ok = ok and batch.run_adamw(0.0, steps, []) and all(
+                torch.equal(a, b.detach()) and torch.equal(m, opt.state[b]["exp_avg"])
+                and torch.equal(v, opt.state[b]["exp_avg_sq"]) for a, b, (m, v) in zip(ours, ref, moments))
+        _FUSED_OK = bool(ok)
+        if not ok:
+            logging.getLogger(__name__).info("the native AdamW mask step differs from torch's fused AdamW in the "
+                                             "last bits on this machine: masks keep their own pass")
+    return _FUSED_OK

@@ -40,7 +40,7 @@ from .errors import TrainingError, UserError, one_line
 from .factory import check_input_size, create_model, set_grad_checkpointing
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules, to_channels_last
-from .optim import check_optimizer, create_optimizer
+from .optim import attach_masks, check_optimizer, create_optimizer
 from .recipe import dump_yaml, plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_args import check_args, check_dist_args, resolve_lr
@@ -192,9 +192,12 @@ def _optimizer(args, ctl: SparsityController, is_main: bool):
                               layer_decay_min_scale=args.layer_decay_min_scale,
                               layer_decay_no_opt_scale=args.layer_decay_no_opt_scale)
     optimizer, impl = create_optimizer(groups, impl=args.opt_impl, **kwargs, **(args.opt_kwargs or {}))
+    # SR-STE's decay joins the optimizer's pass unless clipping reads the gradient in between (no scaler on CPU)
+    fused_masks = attach_masks(optimizer, ctl, srste_decay=not args.clip_grad)
     if is_main:
-        _logger.info("optimizer: %s (%s implementation, --opt-impl %s)", type(optimizer).__name__, impl,
-                     args.opt_impl)
+        _logger.info("optimizer: %s (%s implementation, --opt-impl %s)%s",
+                     "AdamW" if fused_masks else type(optimizer).__name__, impl, args.opt_impl,
+                     ", the next masks computed in its pass" if fused_masks else "")
     return optimizer
 
 

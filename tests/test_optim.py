@@ -1,5 +1,7 @@
 """The optimizer implementation (--opt-impl): which one runs, and that the fused kernels give the same training."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -128,3 +130,168 @@ def test_weight_decay_groups_match_timm(name, kwargs, exempt):
     scores = {n for n in ours if n.endswith("_scores")}
     assert scores and ours - scores == stock
     assert any(any(e in n for e in exempt) for n in stock)
+
+
+# ---- MaskedAdamW: the optimizer step that also computes the next masks ----------------------------------------------
+
+native_only = pytest.mark.skipif(__import__("sparsity.native", fromlist=["kernel"]).kernel() is None,
+                                 reason="needs the native kernels (a C compiler)")
+
+
+@native_only
+@pytest.mark.parametrize("m,shape,threads", [(4, (24, 4, 9), 1), (2, (300, 2, 9), 2), (8, (4096, 8, 1), 2)])
+def test_native_adamw_step_is_torchs_fused_adamw_bit_for_bit(m, shape, threads):
+    """The kernel's AdamW equals torch's fused AdamW in every bit (weights and both moments), on its vector and its
+    scalar path (blocks of 18 elements leave chunk ends that are not whole vectors, two threads split mid-tensor),
+    with and without weight decay, over several steps of gradients spanning nine decades; the masks it writes are
+    those of the updated weights, and the forward weight is W * E."""
+    from sparsity.masks import nm_mask
+    from sparsity.native import AdamWStep, NativeBatch
+    from sparsity.optim import _adamw_scalars
+
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(shape, generator=gen)
+    w0, ref = w.clone(), nn.Parameter(w.clone())
+    mom, sq = torch.zeros_like(w), torch.zeros_like(w)
+    mask, out = torch.zeros(shape, dtype=torch.bool), torch.empty(shape)
+    batch = NativeBatch([(mask, None, out, w)], m // 2, m)
+    opt = torch.optim.AdamW([ref], fused=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for step, (lr, wd) in enumerate([(1e-2, 0.05), (3e-3, 0.0), (1e-3, 0.1), (5e-4, 0.05)], start=1):
+            for group in opt.param_groups:
+                group["lr"], group["weight_decay"] = lr, wd
+            g = torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-8, 1, shape, generator=gen)
+            ref.grad = g.clone()
+            opt.step()
+            s = (AdamWStep * 1)()
+            s[0].g, s[0].m, s[0].v = g.data_ptr(), mom.data_ptr(), sq.data_ptr()
+            (s[0].wdmul, s[0].c1, s[0].beta2, s[0].c2, s[0].bc2_sqrt, s[0].eps,
+             s[0].neg_step) = _adamw_scalars(opt.param_groups[0], float(step))
+            assert batch.run_adamw(0.0, s, [])
+            st = opt.state[ref]
+            assert torch.equal(w, ref.detach()) and torch.equal(mom, st["exp_avg"])
+            assert torch.equal(sq, st["exp_avg_sq"])
+            assert torch.equal(mask, nm_mask(w, m // 2, m, dim=1))
+            assert torch.equal(out, w * mask)
+    finally:
+        torch.set_num_threads(prev)
+    assert (w - w0).abs().max() > 1e-3  # the weights really moved
+
+
+def _nm_run(method, fuse, steps=8, recipe_extra=None, decay=True, state=None, start=0):
+    """A small conv net trained ``steps`` steps under a controller, with or without the masks (and SR-STE's decay)
+    moved into the optimizer; returns the losses, the model and optimizer state after ``ctl.step(start + steps)``,
+    and how many steps took the native path."""
+    import sparsity
+    from sparsity import optim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 8 * 8, 8))
+    rec = sparsity.recipe_from_dict({"method": method, "rules": [{"target": "conv", "n": 2, "m": 4},
+                                                                 {"target": "linear", "n": 2, "m": 4}],
+                                     **(recipe_extra or {})})
+    sparsity.sparsify_(model, rec)
+    ctl = sparsity.SparsityController(model, rec, total_steps=16)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ctl.load_state_dict(state["ctl"])
+    ctl.step(start)
+    opt, _ = create_optimizer(_groups(model), impl="auto", opt="adamw", lr=2e-2, weight_decay=0.05)
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+    attached = optim.attach_masks(opt, ctl, srste_decay=decay) if fuse else False
+    assert attached == fuse
+    native = []
+    if fuse:
+        inner = opt._native_step
+        opt._native_step = lambda work, dec: native.append(inner(work, dec)) or native[-1]
+    losses = []
+    for k in range(start, start + steps):
+        gen = torch.Generator().manual_seed(100 + k)  # batch k, whatever step the run starts from
+        x, y = torch.randn(8, 4, 8, 8, generator=gen), torch.randint(0, 8, (8,), generator=gen)
+        ctl.step(k)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    ctl.step(start + steps)
+    return (losses, {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict(), ctl.state_dict(),
+            sum(1 for t in native if t))
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _same_opt(a: dict, b: dict) -> bool:
+    return a["state"].keys() == b["state"].keys() and all(_same_state(a["state"][k], b["state"][k]) for k in a["state"])
+
+
+@native_only
+@pytest.mark.parametrize("method,extra", [
+    ("ste", None), ("srste", None), ("mdgf", {"decay": {"type": "linear", "coef": 0.05}}),
+    ("ste", {"mask_interval": 3, "dense_fraction": 0.25}),  # dense steps, then masks every third step
+    ("srste", {"structure_decay": [[1, 4], [2, 4]], "finetune_fraction": 0.25}),  # a new frame, then a fine-tune
+])
+def test_masks_in_the_optimizer_step_train_exactly_like_the_controller_step(method, extra):
+    """With the next masks computed inside the optimizer's pass (and SR-STE's decay added there instead of in the
+    backward) training is the same bit for bit: every loss, weight, mask and moment; the native path really ran
+    (it steps aside where a frame changes, a phase is dense or masks are not due: those steps take the usual
+    path)."""
+    base = _nm_run(method, fuse=False, steps=12, recipe_extra=extra)
+    fused = _nm_run(method, fuse=True, steps=12, recipe_extra=extra)
+    assert base[0] == fused[0]
+    assert _same_state(base[1], fused[1]) and _same_opt(base[2], fused[2])
+    assert fused[4] >= (1 if extra else 10)
+
+
+@native_only
+def test_srste_decay_stays_in_the_backward_when_the_loop_clips():
+    """train.py with --clip-grad keeps SR-STE's decay in the backward (clipping must see it); the optimizer still
+    computes the masks, and training is the same bit for bit."""
+    base = _nm_run("srste", fuse=False)
+    fused = _nm_run("srste", fuse=True, decay=False)
+    assert base[0] == fused[0] and _same_state(base[1], fused[1]) and fused[4] >= 6
+
+
+@native_only
+def test_a_run_resumed_between_the_two_paths_is_exact():
+    """A checkpoint of the fused optimizer loads into torch's AdamW and back (the state dict is AdamW's), and the
+    first step after a resume, which has no prepared kernel call to fuse, keeps the run exact."""
+    whole = _nm_run("srste", fuse=True, steps=8)
+    first = _nm_run("srste", fuse=True, steps=4)
+    state = {"model": first[1], "opt": first[2], "ctl": first[3]}
+    for fuse in (True, False):  # a copy each: torch's load_state_dict keeps the moment tensors it is given
+        second = _nm_run("srste", fuse=fuse, steps=4, state=copy.deepcopy(state), start=4)
+        assert first[0] + second[0] == whole[0]
+        assert _same_state(second[1], whole[1]) and _same_opt(second[2], whole[2])
+
+
+@native_only
+def test_masks_stay_in_the_controller_where_the_optimizer_cannot_take_them(monkeypatch):
+    """Not attached: an optimizer other than fused AdamW, a method without an N:M mask pass, a torch build whose
+    fused AdamW rounds differently (checked once per process) or SPARSITY_OPTIMIZER_MASKS=0."""
+    import sparsity
+    from sparsity import optim
+
+    def attach(opt_name="adamw", method="ste", impl="auto"):
+        model = nn.Sequential(nn.Linear(16, 8))
+        rule = {"target": "linear", "sparsity": 0.5, "tile": 4} if method == "supermask" else \
+            {"target": "linear", "n": 2, "m": 4}
+        rec = sparsity.recipe_from_dict({"method": method, "rules": [rule]})
+        sparsity.sparsify_(model, rec)
+        ctl = sparsity.SparsityController(model, rec, total_steps=4)
+        opt, _ = create_optimizer(_groups(model), impl=impl, opt=opt_name, lr=1e-3, weight_decay=0.05)
+        return optim.attach_masks(opt, ctl)
+
+    assert attach()
+    assert not attach(opt_name="sgd") and not attach(impl="foreach") and not attach(method="supermask")
+    monkeypatch.setenv("SPARSITY_OPTIMIZER_MASKS", "0")
+    assert not attach()
+    monkeypatch.delenv("SPARSITY_OPTIMIZER_MASKS")
+    monkeypatch.setattr(optim, "_FUSED_OK", False)
+    assert not attach()

@@ -67,7 +67,8 @@ def test_train_then_validate(tmp_path, name, capsys):
     assert result["sparsity_selected"] == pytest.approx(1 - expected_density, abs=1e-6)
     out = capsys.readouterr().out
     assert "conforms    yes" in out
-    assert "optimizer: AdamW (fused implementation, --opt-impl auto)" in out  # torch's one-pass kernel on CPU
+    # torch's one-pass kernel on CPU, with the N:M masks of the next step computed in the same pass
+    assert "optimizer: AdamW (fused implementation, --opt-impl auto), the next masks computed in its pass" in out
     # the finalized model ties the last epoch's metric and takes model_best: its pruned weights are zero, so it
     # loads into timm with strict=False exactly (epoch 0's checkpoint still holds the pruned values)
     best = torch.load(run / "model_best.pth.tar", weights_only=True)

@@ -15,8 +15,9 @@ frozen   W * E                         g * E   (fine-tune with ``finetune_mask: 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -27,7 +28,19 @@ from ..recipe import Recipe, RecipeError
 from ..schedules import DENSE, SPARSE, Phase, ladder_pattern, mdgf_beta, phase_at, sdgf_ladder
 from . import KernelPlan, SparsityMethod, register_method
 
-__all__ = ["Decay", "NMConfig", "NMMethod", "nm_weight"]
+__all__ = ["Decay", "NMConfig", "NMMethod", "OptimizerMasks", "nm_weight", "srste_decayed_grad"]
+
+
+class OptimizerMasks(NamedTuple):
+    """A mask step handed to the optimizer (:meth:`NMMethod.optimizer_masks`): the prepared kernel ``batches``
+    (:class:`~sparsity.native.NativeBatch`) to run with each unit's AdamW step, the forward weight's ``beta``,
+    the masked layers' ``weights`` (each covered exactly by the batches' units) and ``finish()``, called once
+    the kernels ran."""
+
+    batches: list
+    beta: float
+    weights: list[torch.Tensor]
+    finish: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,16 @@ class _NMFromMasked(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def srste_decayed_grad(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """``g + lam * (W - W * E)``: SR-STE's gradient, as its backward computes it (one native pass on CPU float32,
+    else the same roundings in torch ops)."""
+    out = native.srste_grad_native(grad, weight, mask, lam)
+    if out is None:
+        pruned = torch.sub(weight, weight * mask)
+        out = torch.addcmul(grad, pruned, pruned.new_ones(()), value=lam)
+    return out
+
+
 #: modes whose forward can start from the precomputed W * E
 _FROM_MASKED = ("ste", "srste", "mdgf")
 
@@ -140,6 +163,8 @@ def nm_weight(layer: MaskedMixin) -> torch.Tensor:
     mode = layer.sparse_mode
     if mode == "dense":
         return layer.weight
+    if mode == "srste" and layer.srste_in_optimizer:
+        mode = "ste"  # the optimizer adds the decay term itself (NMMethod.move_decay_to_optimizer)
     if mode == "frozen":
         return frozen_weight(layer)  # W * E, gradient g * E
     if mode in _FROM_MASKED:
@@ -214,6 +239,7 @@ class NMMethod(SparsityMethod):
         # True, and the sparse model as soon as a checkpoint's masks are loaded (validate/export need no controller).
         layer.sparse_mode = "ste"
         layer.srste_lambda = float(recipe.options.srste_lambda)
+        layer.srste_in_optimizer = False  # True: SR-STE's decay term is added by the optimizer, not the backward
         layer.weight_fn = nm_weight
 
     def __init__(self, *args, **kwargs) -> None:
@@ -234,6 +260,7 @@ class NMMethod(SparsityMethod):
         self._beta_set: float | None = None  # value last written to the layers' sparse_beta buffers
         self._run_cache: dict[tuple, tuple] = {}  # (fqn, ladder frame) -> (runs of one pattern each, dense rows)
         self._plan: KernelPlan | None = None  # the last all-native _compute_masks, replayed while nothing moved
+        self._batches: list[native.NativeBatch] = []  # its kernel calls
 
     # ---- per-step logic -------------------------------------------------------------------------------------
     def _mode(self) -> str:
@@ -307,6 +334,7 @@ class NMMethod(SparsityMethod):
                              beta=beta) for (n, m), (masks, weights, dims, outs, factors) in calls.items()]
         self._masks_written(kinds, beta)
         if all(batch is not None for batch in batches):
+            self._batches = batches
             self._plan = KernelPlan(key, KernelPlan.guard(self.layers), lambda b: all(x.run(b) for x in batches),
                                     dense_copies, lambda b: self._masks_written(kinds, b))
 
@@ -322,10 +350,26 @@ class NMMethod(SparsityMethod):
         window = max(phase.finetune_start - phase.sparse_start, 1)
         return tuple(min(phase.t * k // window, k - 1) for k in self._lengths)
 
-    @torch.no_grad()
-    def step(self, global_step: int) -> None:
+    def _decide(self, global_step: int) -> tuple[Phase, tuple[int, ...] | None, str, float, bool]:
+        """What :meth:`step` does at ``global_step``: (phase, ladder frame, layer mode, beta, masks due)."""
         r = self.recipe
         phase = phase_at(global_step, self.total_steps, r.dense_fraction, r.finetune_fraction)
+        if phase.name == DENSE:
+            return phase, None, "dense", 1.0, False
+        if phase.name == SPARSE:
+            frame = self._frames(phase)
+            beta = _sparse_beta(r, phase)
+            mode = self._mode()
+        else:  # FINETUNE: binary mask at the target pattern, beta = 0
+            frame = None
+            beta = 0.0
+            mode = "frozen" if r.finetune_mask == "frozen" else ("srste" if self.name == "srste" else "ste")
+        due = (phase.t % r.mask_interval == 0) or self.last_update is None or frame != self.frame
+        return phase, frame, mode, beta, due
+
+    @torch.no_grad()
+    def step(self, global_step: int) -> None:
+        phase, frame, mode, beta, due = self._decide(global_step)
         self.phase = phase.name
         self._phase = phase
         if phase.name == DENSE:
@@ -333,15 +377,7 @@ class NMMethod(SparsityMethod):
                 layer.sparse_mode = "dense"
             self.beta = 1.0
             return
-        if phase.name == SPARSE:
-            frame = self._frames(phase)
-            self.beta = _sparse_beta(r, phase)
-            mode = self._mode()
-        else:  # FINETUNE: binary mask at the target pattern, beta = 0
-            frame = None
-            self.beta = 0.0
-            mode = "frozen" if r.finetune_mask == "frozen" else ("srste" if self.name == "srste" else "ste")
-        due = (phase.t % r.mask_interval == 0) or self.last_update is None or frame != self.frame
+        self.beta = beta
         if mode == "frozen":
             if not self.frozen:
                 self._compute_masks(None, precompute=False)
@@ -361,6 +397,46 @@ class NMMethod(SparsityMethod):
                 layer.sparse_beta.fill_(self.beta)
                 layer.sparse_beta_value = self.beta
         self._beta_set = self.beta
+
+    def move_decay_to_optimizer(self) -> bool:
+        """SR-STE: from now on the backward passes g straight through and the optimizer adds the decay term
+        ``lambda * (1 - E) * W`` to the gradient (:meth:`optimizer_decay`), inside its own pass over the weights
+        when it computes the next masks there: one weight-sized pass less per step. Only for a training loop that
+        neither clips nor scales the gradient between backward and step (the decay would be clipped or scaled
+        with it); with gradient accumulation it enters once per step instead of a share per micro-batch (the
+        same sum, rounded once). Returns whether it applies (``srste`` only)."""
+        if self.name != "srste":
+            return False
+        for _, layer in self.layers:
+            layer.srste_in_optimizer = True
+        return True
+
+    def optimizer_decay(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """(weight, mask, lambda) of every layer whose last forward owes the optimizer SR-STE's decay term (mode
+        ``srste`` with :meth:`move_decay_to_optimizer`); the mask is the one that forward used."""
+        return [(layer.weight, layer.weight_mask, layer.srste_lambda) for _, layer in self.layers
+                if layer.sparse_mode == "srste" and layer.srste_in_optimizer]
+
+    def optimizer_masks(self, global_step: int) -> OptimizerMasks | None:
+        """The mask computation :meth:`step` will do at ``global_step``, for the optimizer step just before it to
+        run in the same pass as its update (:class:`sparsity.optim.MaskedAdamW`), or None: only a replay of the
+        prepared kernel calls (same frame, output and memory as the last computation, every row covered) qualifies.
+        ``finish()`` after the kernels ran leaves the layers as ``step(global_step)`` would, which then does nothing
+        more."""
+        phase, frame, mode, beta, due = self._decide(global_step)
+        plan = self._plan
+        if (phase.name == DENSE or mode not in _FROM_MASKED or not due or self.last_update == global_step
+                or plan is None or plan.copies or plan.key != (frame, True)
+                or plan.guard_at != KernelPlan.guard(self.layers)):
+            return None
+        beta_out = beta if mode == "mdgf" else 0.0
+
+        def finish() -> None:
+            plan.written(beta_out)
+            self.last_update = global_step
+            self.step(global_step)
+
+        return OptimizerMasks(self._batches, beta_out, [layer.weight for _, layer in self.layers], finish)
 
     def sync(self, src: MaskedMixin, dst: MaskedMixin) -> None:
         dst.weight_mask.copy_(src.weight_mask)
