@@ -111,7 +111,7 @@ class _Variant:
         self.optimizer, self.opt_impl = create_optimizer(self.ctl.param_groups(s.weight_decay), impl=s.opt_impl,
                                                          opt=s.opt, lr=s.lr, weight_decay=s.weight_decay)
         # as train.py without --clip-grad: masks (and SR-STE's decay) in the optimizer's pass
-        self.optimizer_masks = attach_masks(self.optimizer, self.ctl, srste_decay=True)
+        self.optimizer_masks = attach_masks(self.optimizer, self.ctl, srste_decay=True) is None
         self.train_model = torch.compile(model, backend=s.torchcompile) if s.torchcompile else model
         self.loss_fn = nn.CrossEntropyLoss()
         self.times: dict[str, list[float]] = {p: [] for p in ("step",) + PHASES}
@@ -265,7 +265,10 @@ def bench_train(model_name: str, recipes: dict[str, Recipe], settings: TrainBenc
         row["state_mb"] = round(sum(state.values()) / 2**20, 2)
         row["sparse_caches_mb"] = round(state["sparse_caches"] / 2**20, 2)
         row["steps"] = len(v.times["step"])
-        row["masks_in_optimizer"] = v.optimizer_masks  # the next masks came out of the optimizer's pass
+        # steps whose next masks came out of the optimizer's pass (warm-up included), of all steps
+        row["masks_in_optimizer"] = f"{v.optimizer.native_steps}/{v.optimizer.steps}" if v.optimizer_masks else ""
+        if v.optimizer_masks:  # its last optimizer step prepared the step after the timed ones: back to the last
+            v.ctl.step(v.global_step - 1)
         timed = v.ctl.metrics()  # what the timed steps ran: an SDGF frame, a GMP ramp, a phase
         row["timed_step"] = v.global_step - 1
         row["phase"] = timed.get("phase", "")

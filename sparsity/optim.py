@@ -175,31 +175,61 @@ def _adamw_scalars(group: dict, step: float) -> tuple[float, ...] | None:
     return (1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(bc2), eps, -(lr / bc1))
 
 
+def _same_layout(p: torch.Tensor, *others: torch.Tensor) -> bool:
+    """``p`` fills its memory exactly (contiguous, or channels-last for a conv weight) and ``others`` lie in memory
+    the same way: element i of each is at the same offset, so one elementwise pass can walk them all."""
+    dense = p.is_contiguous() or (p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last))
+    return dense and all(t.stride() == p.stride() and t.shape == p.shape for t in others)
+
+
+def _static_problem(p: torch.Tensor, group: dict) -> str | None:
+    """Why the native step can never take weight ``p`` of ``group`` (checked once, when attaching), or None."""
+    if p.dtype != torch.float32 or p.device.type != "cpu":
+        return f"a {p.dtype} weight on {p.device.type}"
+    if p.numel() % _TORCH_VECTOR:
+        return f"a weight of {p.numel()} elements, not whole vectors of {_TORCH_VECTOR}"
+    if not _same_layout(p):
+        return "a weight that is neither contiguous nor channels-last"
+    if _adamw_scalars(group, 1.0) is None:
+        return "amsgrad, maximize, a tensor lr or beta1 <= 0.5"
+    return None
+
+
 class MaskedAdamW(torch.optim.AdamW):
     """torch's fused AdamW whose step, for the masked weights, also computes the masks of the next training step
     in the same pass over them (``nm_keep_adamw`` in ``csrc/nm_rank.c``): the N:M methods' mask step otherwise
     reads every masked weight again right after the optimizer wrote it. The update is torch's fused AdamW bit for
     bit (checked against torch once per process: :func:`attach_masks` leaves the optimizer alone where it is not),
     the masks those ``controller.step`` would have computed; the other parameters take torch's fused step. A state
-    dict is torch AdamW's, so checkpoints move freely between the two.
+    dict is torch AdamW's, so checkpoints move freely between the two. Optimizer step hooks run around torch's part
+    of the step, after the masked weights were updated (their ``grad`` is None there).
+
+    ``native_steps`` / ``steps`` count the steps that took the native pass and all steps.
     """
 
     _masks_for: Callable[[], Any] | None = None
     _decay_for: Callable[[], list] | None = None
+    _layout_cache: tuple | None = None
+    native_steps = 0
+    steps = 0
 
-    def step(self, closure=None, **kwargs):  # noqa: D102 - torch's
+    def step(self, closure=None):  # noqa: D102 - torch's
         loss = None
         if closure is not None:  # as torch's step does: the closure computes the gradients first
             with torch.enable_grad():
                 loss = closure()
+        self.steps += 1
         decay = self._decay_for() if self._decay_for is not None else []
-        work = self._masks_for() if self._masks_for is not None and not kwargs else None
+        # a gradient scaler (fp16 AMP) hands over its scale and inf flag as attributes: torch's step unscales
+        scaled = getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
+        work = self._masks_for() if self._masks_for is not None and not scaled else None
         taken = self._native_step(work, decay) if work is not None else []
         if not taken:
             if decay:
-                self._add_decay(decay, kwargs.get("grad_scale"))
-            super().step(**kwargs)
+                self._add_decay(decay, getattr(self, "grad_scale", None))
+            super().step()
             return loss
+        self.native_steps += 1
         grads = [p.grad for p in taken]
         for p in taken:
             p.grad = None  # torch's step skips them: already updated
@@ -210,6 +240,11 @@ class MaskedAdamW(torch.optim.AdamW):
                 p.grad = g
         work.finish()  # after torch's step: it moves the parameters' version counters (sparsity.layers)
         return loss
+
+    # torch wraps an optimizer class's step with its hook calls (again at every load_state_dict) unless marked:
+    # the hooks already run in AdamW.step above, and a second post-step hook after finish() would stale the
+    # precomputed forward weights it just declared current
+    step.hooked = True
 
     @torch.no_grad()
     def _add_decay(self, decay: list, grad_scale: torch.Tensor | None) -> None:
@@ -222,90 +257,125 @@ class MaskedAdamW(torch.optim.AdamW):
             if w.grad is not None:
                 w.grad = srste_decayed_grad(w.grad, w, mask, lam * scale)
 
+    def _layout(self, work) -> tuple | None:
+        """What does not change while the mask step replays the same kernel calls (``work.batches``, kept with it
+        so its id cannot come back): the weights with their groups, and per kernel batch the (weight, element
+        offset) of every unit and its AdamWStep array; None where the native step cannot take these weights."""
+        from .native import AdamWStep
+
+        cached = self._layout_cache
+        if cached is not None and cached[0] is work.batches:
+            return cached[1]
+        where = {id(p): g for g in self.param_groups for p in g["params"]}
+        spans = []  # (start byte, end byte, param, group)
+        layout = None
+        for w in work.weights:
+            group = where.get(id(w))
+            if group is None or _static_problem(w, group):
+                break
+            spans.append((w.data_ptr(), w.data_ptr() + w.numel() * 4, w, group))
+        else:
+            units, covered = [], {}
+            for batch in work.batches:
+                per = []
+                for unit in batch.units:
+                    start = unit[3].data_ptr()
+                    span = next((sp for sp in spans if sp[0] <= start < sp[1]), None)
+                    if span is None:
+                        break
+                    per.append((span[2], (start - span[0]) // 4))
+                    covered[id(span[2])] = covered.get(id(span[2]), 0) + unit[3].numel()
+                else:
+                    units.append((batch, per, (AdamWStep * len(per))()))
+                    continue
+                break
+            else:
+                if all(covered.get(id(sp[2]), 0) == sp[2].numel() for sp in spans):
+                    layout = ([(sp[2], sp[3]) for sp in spans], units)
+        self._layout_cache = (work.batches, layout)
+        return layout
+
     @torch.no_grad()
     def _native_step(self, work, decay: list) -> list[torch.Tensor]:
         """Update ``work.weights`` and compute the next masks in one native pass per kernel batch, adding the
         ``decay`` terms (SR-STE) to the gradients inside it (``work.finish()`` is the caller's, once the step is
-        whole); [] (nothing done) where any weight cannot go that way this step."""
-        from .native import AdamWStep
-
-        where = {p.data_ptr(): (p, g) for g in self.param_groups for p in g["params"]}
-        spans = []  # (start byte, end byte, param, group)
-        for w in work.weights:
-            found = where.get(w.data_ptr())
-            if found is None:
-                return []
-            p, group = found
-            grad = p.grad
-            if (grad is None or grad.is_sparse or p.dtype != torch.float32 or grad.dtype != torch.float32
-                    or p.device.type != "cpu" or not p.is_contiguous() or not grad.is_contiguous()
-                    or p.numel() % _TORCH_VECTOR or _adamw_scalars(group, 1.0) is None):
-                return []
-            state = self.state[p]
-            if state and any(not state[k].is_contiguous() for k in ("exp_avg", "exp_avg_sq")):
-                return []
-            spans.append((p.data_ptr(), p.data_ptr() + p.numel() * 4, p, group))
-        units = []  # per batch, per unit: (param, group, element offset, elements)
-        covered: dict[int, int] = {}
-        for batch in work.batches:
-            per = []
-            for unit in batch.units:
-                wb = unit[3]
-                start = wb.data_ptr()
-                span = next((s for s in spans if s[0] <= start < s[1]), None)
-                if span is None:
-                    return []
-                per.append((span[2], span[3], (start - span[0]) // 4))
-                covered[id(span[2])] = covered.get(id(span[2]), 0) + wb.numel()
-            units.append(per)
-        if any(covered.get(id(s[2]), 0) != s[2].numel() for s in spans):
+        whole); [] (nothing done) where any weight cannot go that way this step. Everything is checked before
+        anything is written."""
+        layout = self._layout(work)
+        if layout is None:
             return []
-        taken = [s[2] for s in spans]
-        scalars = {}
-        for p, group in ((s[2], s[3]) for s in spans):
+        params, units = layout
+        for p, _ in params:  # the weights' own layout was checked with the layout; gradients and moments may move
+            grad, state, stride = p.grad, self.state[p], p.stride()
+            if (grad is None or grad.is_sparse or grad.dtype != torch.float32 or grad.stride() != stride
+                    or any(state[k].stride() != stride for k in ("exp_avg", "exp_avg_sq") if k in state)):
+                return []
+        scalars: dict[tuple, tuple] = {}
+        per_param = {}
+        for p, group in params:
             state = self.state[p]
             if not state:  # as torch's AdamW starts a parameter (fused: the step counter on its device)
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            scalars[id(p)] = _adamw_scalars(group, float(state["step"]))
+            # torch's fused step adds 1 to the counter, then reads it; ours moves once the kernels ran
+            key = (id(group), float(state["step"]) + 1.0)
+            if key not in scalars:
+                scalars[key] = _adamw_scalars(group, key[1])
+            per_param[id(p)] = (scalars[key], p.grad.data_ptr(), state["exp_avg"].data_ptr(),
+                                state["exp_avg_sq"].data_ptr())
+        lams = {id(w): lam for w, _, lam in decay}
+        for _, per, steps in units:
+            for s, (p, off) in zip(steps, per):
+                sc, g, m, v = per_param[id(p)]
+                s.g, s.m, s.v = g + off * 4, m + off * 4, v + off * 4
+                s.wdmul, s.c1, s.beta2, s.c2, s.bc2_sqrt, s.eps, s.neg_step = sc
+                s.lam = lams.get(id(p), 0.0)
+        taken = [p for p, _ in params]
         written = [t for p in taken for t in (p, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"])]
-        lams = {w.data_ptr(): lam for w, _, lam in decay}
-        for batch, per in zip(work.batches, units):
-            steps = (AdamWStep * len(per))()
-            for s, (p, _, off) in zip(steps, per):
-                st = self.state[p]
-                s.g, s.m, s.v = (t.data_ptr() + off * 4 for t in (p.grad, st["exp_avg"], st["exp_avg_sq"]))
-                (s.wdmul, s.c1, s.beta2, s.c2, s.bc2_sqrt, s.eps, s.neg_step) = scalars[id(p)]
-                s.lam = lams.get(p.data_ptr(), 0.0)
-            if not batch.run_adamw(work.beta, steps, written):
+        for batch, _, steps in units:
+            if not batch.run_adamw(work.beta, steps, written):  # refuses only what its mask step already ran
                 raise RuntimeError("the native AdamW mask step refused a batch its mask step had run")
+        torch._foreach_add_([self.state[p]["step"] for p in taken], 1.0)  # as torch's step does, in one call
         return taken
 
 
-def attach_masks(optimizer: torch.optim.Optimizer, controller, srste_decay: bool = False) -> bool:
+def attach_masks(optimizer: torch.optim.Optimizer, controller, srste_decay: bool = False) -> str | None:
     """Make ``optimizer`` compute ``controller``'s next masks in its step (:class:`MaskedAdamW`) where that can
-    run: torch's fused AdamW on CPU with the native kernels there and matching torch bit for bit, and a method
-    whose mask step is a prepared native N:M pass (``ste``, ``srste``, ``mdgf``). Returns whether it did; the
-    steps then decide one by one (a new frame, a dense phase, a refused parameter: the usual path).
+    run: torch's fused AdamW on CPU with the native kernels there and matching torch bit for bit, a method whose
+    mask step is a prepared native N:M pass (``ste``, ``srste``, ``mdgf``) and masked weights the native step
+    takes (float32, contiguous or channels-last, whole vectors of 16 elements). Returns None when it did, else why
+    not; the steps then decide one by one (the first step of a frame, a dense phase, masks not due: the usual
+    path; ``native_steps`` counts the others).
 
     ``srste_decay``: SR-STE's decay term moves from the backward into the optimizer's pass too
-    (``move_decay_to_optimizer``); only for a loop that neither clips nor scales gradients before the step."""
+    (``move_decay_to_optimizer``). Only for a loop that neither clips nor scales gradients between backward and
+    step (the decay would be clipped or scaled with it) and sums no gradients over micro-batches or processes
+    (DDP, accumulation: the same sum, rounded in another order)."""
     from .native import kernel
 
-    if (type(optimizer) is not torch.optim.AdamW or not all(g.get("fused") for g in optimizer.param_groups)
-            or getattr(controller.method, "optimizer_masks", None) is None
-            or any(layer.weight.device.type != "cpu" for _, layer in controller.layers)
-            or os.environ.get("SPARSITY_OPTIMIZER_MASKS", "1").strip().lower() in ("0", "false", "no", "off")
-            or kernel() is None or not _fused_matches_torch()):
-        return False
+    if type(optimizer) is not torch.optim.AdamW or not all(g.get("fused") for g in optimizer.param_groups):
+        return "not torch's fused AdamW"
+    if getattr(controller.method, "optimizer_masks", None) is None:
+        return f"method {controller.recipe.method} has no N:M mask pass"
+    if os.environ.get("SPARSITY_OPTIMIZER_MASKS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "SPARSITY_OPTIMIZER_MASKS=0"
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for fqn, layer in controller.layers:
+        group = groups.get(id(layer.weight))
+        problem = "a weight the optimizer does not hold" if group is None else _static_problem(layer.weight, group)
+        if problem is not None:
+            return f"{fqn}: {problem}"
+    if kernel() is None:
+        return "no native kernels"
+    if not _fused_matches_torch():
+        return "torch's fused AdamW rounds differently on this machine"
     optimizer.__class__ = MaskedAdamW
     optimizer._masks_for = controller.optimizer_masks
     move = getattr(controller.method, "move_decay_to_optimizer", None)
     if srste_decay and move is not None and move():
         optimizer._decay_for = controller.optimizer_decay
-    return True
+    return None
 
 
 def _fused_matches_torch() -> bool:

@@ -184,7 +184,7 @@ def _check_same_ema(resume: dict, path: str, args) -> None:
                           "--experiment")
 
 
-def _optimizer(args, ctl: SparsityController, is_main: bool):
+def _optimizer(args, ctl: SparsityController, is_main: bool, distributed: bool = False):
     from timm.optim import optimizer_kwargs
 
     kwargs = {k: v for k, v in optimizer_kwargs(cfg=args).items() if not k.startswith("layer_decay")}  # in groups
@@ -193,11 +193,20 @@ def _optimizer(args, ctl: SparsityController, is_main: bool):
                               layer_decay_no_opt_scale=args.layer_decay_no_opt_scale)
     optimizer, impl = create_optimizer(groups, impl=args.opt_impl, **kwargs, **(args.opt_kwargs or {}))
     # SR-STE's decay joins the optimizer's pass unless clipping reads the gradient in between (no scaler on CPU)
-    fused_masks = attach_masks(optimizer, ctl, srste_decay=not args.clip_grad)
+    # or gradients are summed (DDP, accumulation: bit for bit the same training only with the decay per backward)
+    why = attach_masks(optimizer, ctl, srste_decay=not args.clip_grad and not distributed
+                       and args.grad_accum_steps == 1)
+    if why is None:
+        decay = getattr(optimizer, "_decay_for", None) is not None
+        note = f", the next masks{' and SR-STE decay' if decay else ''} computed in its pass"
+    elif getattr(ctl.method, "optimizer_masks", None) is not None and all(
+            layer.weight.device.type == "cpu" for _, layer in ctl.layers):
+        note = f"; masks in their own pass ({why})"  # an N:M run on CPU that could have had them in the optimizer's
+    else:
+        note = ""
     if is_main:
         _logger.info("optimizer: %s (%s implementation, --opt-impl %s)%s",
-                     "AdamW" if fused_masks else type(optimizer).__name__, impl, args.opt_impl,
-                     ", the next masks computed in its pass" if fused_masks else "")
+                     "AdamW" if why is None else type(optimizer).__name__, impl, args.opt_impl, note)
     return optimizer
 
 
@@ -418,7 +427,7 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
             ctl.set_metric_reference(resume.get("metric_reference") or {"masks": resume.get("flip_reference")})
     ctl.step(state.global_step)  # before optimizer/EMA: a method may rewrite weights at its first step
 
-    optimizer = _optimizer(args, ctl, dist.is_main)
+    optimizer = _optimizer(args, ctl, dist.is_main, distributed=dist.distributed)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
     scaler = torch.amp.GradScaler("cuda") if (args.amp and amp_dtype == torch.float16 and
                                               dist.device.type == "cuda") else None

@@ -67,8 +67,9 @@ def test_train_then_validate(tmp_path, name, capsys):
     assert result["sparsity_selected"] == pytest.approx(1 - expected_density, abs=1e-6)
     out = capsys.readouterr().out
     assert "conforms    yes" in out
-    # torch's one-pass kernel on CPU, with the N:M masks of the next step computed in the same pass
-    assert "optimizer: AdamW (fused implementation, --opt-impl auto), the next masks computed in its pass" in out
+    # torch's one-pass kernel on CPU, with the N:M masks of the next step (and SR-STE's decay) computed in its pass
+    masks = "the next masks and SR-STE decay" if RECIPES[name]["method"] == "srste" else "the next masks"
+    assert f"optimizer: AdamW (fused implementation, --opt-impl auto), {masks} computed in its pass" in out
     # the finalized model ties the last epoch's metric and takes model_best: its pruned weights are zero, so it
     # loads into timm with strict=False exactly (epoch 0's checkpoint still holds the pruned values)
     best = torch.load(run / "model_best.pth.tar", weights_only=True)
@@ -845,3 +846,16 @@ def test_a_finished_dense_run_is_extended_in_place_and_a_done_one_left_alone(tmp
     assert run_cli(train.main, [*base, "--epochs", "2", "--resume", "auto"]) == 0
     assert "nothing left to train, nothing rewritten" in capsys.readouterr().out
     assert (tmp_path / "run" / "last.pth.tar").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(__import__("sparsity.native", fromlist=["kernel"]).kernel() is None,
+                    reason="needs the native kernels (a C compiler)")
+@pytest.mark.parametrize("extra", [["--clip-grad", "1.0"], ["--grad-accum-steps", "2"]])
+def test_srste_decay_stays_in_the_backward_where_gradients_are_clipped_or_summed(tmp_path, extra, capsys):
+    """Clipping must see SR-STE's decay term, and a sum over micro-batches would round it in another order: the
+    optimizer still computes the masks, the decay stays in the backward (the log says which)."""
+    cfg = _recipe(tmp_path, "srste", RECIPES["srste"])
+    args = ["--config", cfg, *TINY_VIT, *FAST, "--output", str(tmp_path), "--experiment", "run", *extra]
+    assert run_cli(train.main, args) == 0
+    out = capsys.readouterr().out
+    assert "optimizer: AdamW (fused implementation, --opt-impl auto), the next masks computed in its pass" in out
