@@ -259,21 +259,21 @@ class MaskedAdamW(torch.optim.AdamW):
 
     def _layout(self, work) -> tuple | None:
         """What does not change while the mask step replays the same kernel calls (``work.batches``, kept with it
-        so its id cannot come back): the weights with their groups, and per kernel batch the (weight, element
-        offset) of every unit and its AdamWStep array; None where the native step cannot take these weights."""
+        so its id cannot come back): the weights, and per kernel batch the (weight, element offset) of every unit
+        and its AdamWStep array; None where the native step cannot take these weights."""
         from .native import AdamWStep
 
         cached = self._layout_cache
         if cached is not None and cached[0] is work.batches:
             return cached[1]
         where = {id(p): g for g in self.param_groups for p in g["params"]}
-        spans = []  # (start byte, end byte, param, group)
+        spans = []  # (start byte, end byte, param)
         layout = None
         for w in work.weights:
             group = where.get(id(w))
             if group is None or _static_problem(w, group):
                 break
-            spans.append((w.data_ptr(), w.data_ptr() + w.numel() * 4, w, group))
+            spans.append((w.data_ptr(), w.data_ptr() + w.numel() * 4, w))
         else:
             units, covered = [], {}
             for batch in work.batches:
@@ -291,7 +291,7 @@ class MaskedAdamW(torch.optim.AdamW):
                 break
             else:
                 if all(covered.get(id(sp[2]), 0) == sp[2].numel() for sp in spans):
-                    layout = ([(sp[2], sp[3]) for sp in spans], units)
+                    layout = ([sp[2] for sp in spans], units)
         self._layout_cache = (work.batches, layout)
         return layout
 
@@ -305,24 +305,30 @@ class MaskedAdamW(torch.optim.AdamW):
         if layout is None:
             return []
         params, units = layout
-        for p, _ in params:  # the weights' own layout was checked with the layout; gradients and moments may move
-            grad, state, stride = p.grad, self.state[p], p.stride()
-            if (grad is None or grad.is_sparse or grad.dtype != torch.float32 or grad.stride() != stride
+        # the groups as they are now: load_state_dict replaces the group dicts, a scheduler sets their lr
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        scalars: dict[tuple, tuple | None] = {}
+        keys, per_param = {}, {}
+        for p in params:  # the weights' own layout was checked with the layout; gradients and moments may move
+            grad, state, stride, group = p.grad, self.state[p], p.stride(), groups.get(id(p))
+            if (group is None or grad is None or grad.is_sparse or grad.dtype != torch.float32
+                    or grad.stride() != stride
                     or any(state[k].stride() != stride for k in ("exp_avg", "exp_avg_sq") if k in state)):
                 return []
-        scalars: dict[tuple, tuple] = {}
-        per_param = {}
-        for p, group in params:
+            # torch's fused step adds 1 to the counter, then reads it; ours moves once the kernels ran
+            key = (id(group), float(state["step"]) + 1.0 if state else 1.0)
+            if key not in scalars:
+                scalars[key] = _adamw_scalars(group, key[1])
+            if scalars[key] is None:  # a loaded state dict may have switched amsgrad on, say
+                return []
+            keys[id(p)] = key
+        for p in params:
             state = self.state[p]
             if not state:  # as torch's AdamW starts a parameter (fused: the step counter on its device)
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # torch's fused step adds 1 to the counter, then reads it; ours moves once the kernels ran
-            key = (id(group), float(state["step"]) + 1.0)
-            if key not in scalars:
-                scalars[key] = _adamw_scalars(group, key[1])
-            per_param[id(p)] = (scalars[key], p.grad.data_ptr(), state["exp_avg"].data_ptr(),
+            per_param[id(p)] = (scalars[keys[id(p)]], p.grad.data_ptr(), state["exp_avg"].data_ptr(),
                                 state["exp_avg_sq"].data_ptr())
         lams = {id(w): lam for w, _, lam in decay}
         for _, per, steps in units:
@@ -331,7 +337,7 @@ class MaskedAdamW(torch.optim.AdamW):
                 s.g, s.m, s.v = g + off * 4, m + off * 4, v + off * 4
                 s.wdmul, s.c1, s.beta2, s.c2, s.bc2_sqrt, s.eps, s.neg_step = sc
                 s.lam = lams.get(id(p), 0.0)
-        taken = [p for p, _ in params]
+        taken = list(params)
         written = [t for p in taken for t in (p, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"])]
         for batch, _, steps in units:
             if not batch.run_adamw(work.beta, steps, written):  # refuses only what its mask step already ran

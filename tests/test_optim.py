@@ -387,3 +387,38 @@ def test_a_gradient_scaler_takes_the_usual_path(method):
         assert _same_state(base, fused)
     else:
         assert all(torch.allclose(base[k].float(), fused[k].float(), rtol=1e-5, atol=1e-6) for k in base)
+
+
+@native_only
+def test_a_state_dict_loaded_mid_run_and_a_new_lr_reach_the_native_step():
+    """load_state_dict replaces the optimizer's group dicts and a scheduler then sets their lr: the native step
+    reads the groups as they are at each step (bit for bit what torch's AdamW does with them)."""
+    import sparsity
+    from sparsity import optim
+
+    def run(fuse):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 8))
+        rec = sparsity.recipe_from_dict({"method": "ste", "rules": [{"target": "conv", "n": 2, "m": 4},
+                                                                    {"target": "linear", "n": 2, "m": 4}]})
+        sparsity.sparsify_(model, rec)
+        ctl = sparsity.SparsityController(model, rec, total_steps=10)
+        ctl.step(0)
+        opt, _ = create_optimizer(_groups(model), impl="auto", opt="adamw", lr=2e-2, weight_decay=0.05)
+        if fuse:
+            assert optim.attach_masks(opt, ctl) is None
+        for k in range(6):
+            if k == 3:
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+                for group in opt.param_groups:
+                    group["lr"] = 1e-3
+            gen = torch.Generator().manual_seed(100 + k)
+            ctl.step(k)
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(8, 4, 8, 8, generator=gen)).square().mean().backward()
+            opt.step()
+        ctl.step(6)
+        return {k: v.clone() for k, v in model.state_dict().items()}, getattr(opt, "native_steps", 0)
+
+    (base, _), (fused, native) = run(False), run(True)
+    assert native >= 4 and _same_state(base, fused)
