@@ -310,7 +310,7 @@ class MaskedAdamW(torch.optim.AdamW):
         scalars: dict[tuple, tuple | None] = {}
         keys, per_param = {}, {}
         for p in params:  # the weights' own layout was checked with the layout; gradients and moments may move
-            grad, state, stride, group = p.grad, self.state[p], p.stride(), groups.get(id(p))
+            grad, state, stride, group = p.grad, self.state.get(p, {}), p.stride(), groups.get(id(p))
             if (group is None or grad is None or grad.is_sparse or grad.dtype != torch.float32
                     or grad.stride() != stride
                     or any(state[k].stride() != stride for k in ("exp_avg", "exp_avg_sq") if k in state)):

@@ -40,7 +40,7 @@ from .errors import TrainingError, UserError, one_line
 from .factory import check_input_size, create_model, set_grad_checkpointing
 from .faults import fault_loss, fault_matches, inject_fault
 from .layers import masked_modules, to_channels_last
-from .optim import attach_masks, check_optimizer, create_optimizer
+from .optim import MaskedAdamW, attach_masks, check_optimizer, create_optimizer
 from .recipe import dump_yaml, plain, recipe_from_dict
 from .report import sparsity_report, target_problem
 from .run_args import check_args, check_dist_args, resolve_lr
@@ -684,6 +684,10 @@ def _run_training(args, sparsity_block: dict | None, config_path: str | None, lo
                             "or allow --skip-nonfinite N") from None
     finally:
         stop.restore()
+    if dist.is_main and isinstance(optimizer, MaskedAdamW) and optimizer.steps:
+        _logger.info("optimizer: the next masks came out of its pass in %d of this process's %d steps (the others: "
+                     "a new frame or phase, masks not due, a refused gradient)", optimizer.native_steps,
+                     optimizer.steps)
 
     # ---- end of training: fixed binary masks, final evaluation, report, plots --------------------------------------
     ctl.finalize(*([model_ema.module] if model_ema is not None else []))

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,9 @@ def test_train_then_validate(tmp_path, name, capsys):
     # torch's one-pass kernel on CPU, with the N:M masks of the next step (and SR-STE's decay) computed in its pass
     masks = "the next masks and SR-STE decay" if RECIPES[name]["method"] == "srste" else "the next masks"
     assert f"optimizer: AdamW (fused implementation, --opt-impl auto), {masks} computed in its pass" in out
+    native = re.search(r"the next masks came out of its pass in (\d+) of this process's (\d+) steps", out)
+    # not at the first step, nor where a frame or phase changes: sdgf's 5-step ladder moves its frame every step
+    assert native and int(native.group(2)) == 5 and (0 if name == "sdgf" else 1) <= int(native.group(1)) <= 4
     # the finalized model ties the last epoch's metric and takes model_best: its pruned weights are zero, so it
     # loads into timm with strict=False exactly (epoch 0's checkpoint still holds the pruned values)
     best = torch.load(run / "model_best.pth.tar", weights_only=True)

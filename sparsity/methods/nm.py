@@ -298,7 +298,7 @@ class NMMethod(SparsityMethod):
         key = (frame, precompute)
         if self._plan is not None and self._plan.replay(key, KernelPlan.guard(self.layers), beta):
             return
-        self._plan = None
+        self._plan, self._batches = None, []
         calls: dict[tuple[int, int], tuple[list, list, list, list, list]] = {}
         dense_copies = []  # (out, w) row ranges no pattern covers: they stay dense
         kinds = []  # per layer: True = precomputed forward weight, False = 0/1 factor
