@@ -15,7 +15,7 @@ from torch import nn
 
 from .layers import loss_scale
 
-__all__ = ["TrainState", "train_one_epoch", "evaluate", "accuracy", "mean_lr", "NonFiniteLossError"]
+__all__ = ["TrainState", "train_one_epoch", "evaluate", "mean_lr", "NonFiniteLossError"]
 
 _logger = logging.getLogger(__name__)
 
@@ -43,11 +43,6 @@ def correct_counts(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> t
     pred = output.topk(maxk, dim=-1).indices
     correct = pred.eq(target.view(-1, 1))
     return torch.stack([correct[:, : min(k, maxk)].any(dim=1).sum() for k in topk])
-
-
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[float]:
-    """Top-k accuracy in percent (k clipped to the number of classes)."""
-    return [100.0 * int(c) / output.shape[0] for c in correct_counts(output, target, topk)]
 
 
 def mean_lr(optimizer: torch.optim.Optimizer) -> float:

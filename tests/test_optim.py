@@ -346,6 +346,25 @@ def model_is_channels_last(state: dict) -> bool:
     return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
 
+def _small_nm_run(method, fuse):
+    """A conv + linear net at 2:4 under a controller stepped to 0 and its AdamW, attached (SR-STE's decay
+    included) when ``fuse``."""
+    import sparsity
+    from sparsity import optim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 8))
+    rec = sparsity.recipe_from_dict({"method": method, "rules": [{"target": "conv", "n": 2, "m": 4},
+                                                                 {"target": "linear", "n": 2, "m": 4}]})
+    sparsity.sparsify_(model, rec)
+    ctl = sparsity.SparsityController(model, rec, total_steps=10)
+    ctl.step(0)
+    opt, _ = create_optimizer(_groups(model), impl="auto", opt="adamw", lr=2e-2, weight_decay=0.05)
+    if fuse:
+        assert optim.attach_masks(opt, ctl, srste_decay=True) is None
+    return model, ctl, opt
+
+
 @native_only
 @pytest.mark.parametrize("method", ["ste", "srste"])
 def test_a_gradient_scaler_takes_the_usual_path(method):
@@ -354,19 +373,9 @@ def test_a_gradient_scaler_takes_the_usual_path(method):
     decay, moved to the optimizer, is scaled like the gradient there: the same values up to rounding (train.py
     keeps it in the backward under a scaler)."""
     import sparsity
-    from sparsity import optim
 
     def run(fuse):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 8))
-        rec = sparsity.recipe_from_dict({"method": method, "rules": [{"target": "conv", "n": 2, "m": 4},
-                                                                     {"target": "linear", "n": 2, "m": 4}]})
-        sparsity.sparsify_(model, rec)
-        ctl = sparsity.SparsityController(model, rec, total_steps=10)
-        ctl.step(0)
-        opt, _ = create_optimizer(_groups(model), impl="auto", opt="adamw", lr=2e-2, weight_decay=0.05)
-        if fuse:
-            assert optim.attach_masks(opt, ctl, srste_decay=True) is None
+        model, ctl, opt = _small_nm_run(method, fuse)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
         for k in range(5):
             gen = torch.Generator().manual_seed(100 + k)
@@ -393,20 +402,9 @@ def test_a_gradient_scaler_takes_the_usual_path(method):
 def test_a_state_dict_loaded_mid_run_and_a_new_lr_reach_the_native_step():
     """load_state_dict replaces the optimizer's group dicts and a scheduler then sets their lr: the native step
     reads the groups as they are at each step (bit for bit what torch's AdamW does with them)."""
-    import sparsity
-    from sparsity import optim
 
     def run(fuse):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 8))
-        rec = sparsity.recipe_from_dict({"method": "ste", "rules": [{"target": "conv", "n": 2, "m": 4},
-                                                                    {"target": "linear", "n": 2, "m": 4}]})
-        sparsity.sparsify_(model, rec)
-        ctl = sparsity.SparsityController(model, rec, total_steps=10)
-        ctl.step(0)
-        opt, _ = create_optimizer(_groups(model), impl="auto", opt="adamw", lr=2e-2, weight_decay=0.05)
-        if fuse:
-            assert optim.attach_masks(opt, ctl) is None
+        model, ctl, opt = _small_nm_run("ste", fuse)
         for k in range(6):
             if k == 3:
                 opt.load_state_dict(copy.deepcopy(opt.state_dict()))

@@ -136,20 +136,20 @@ class _NMFromMasked(torch.autograd.Function):
             weight, masked, mask = ctx.saved_tensors
             scale = current_loss_scale(grad)  # fp16 AMP: the decay is scaled like the loss gradient
             lam = ctx.lam / current_loss_divisor()  # accumulation: the decay enters each optimizer step once
-            out = native.srste_grad_native(grad, weight, mask, lam) if scale is None else None
-            if out is None:  # not float32 contiguous CPU tensors, or no kernel: two torch passes, same values
-                pruned = torch.sub(weight, masked)  # W * (1 - E), exactly; addcmul rounds as the factor path does
-                out = torch.addcmul(grad, pruned, pruned.new_ones(()) if scale is None else scale, value=lam)
-            return out, None, None, None, None
+            if scale is None:
+                return srste_decayed_grad(grad, weight, mask, lam, masked), None, None, None, None
+            pruned = torch.sub(weight, masked)  # W * (1 - E), exactly; addcmul rounds as the factor path does
+            return torch.addcmul(grad, pruned, scale, value=lam), None, None, None, None
         return grad, None, None, None, None
 
 
-def srste_decayed_grad(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
-    """``g + lam * (W - W * E)``: SR-STE's gradient, as its backward computes it (one native pass on CPU float32,
-    else the same roundings in torch ops)."""
+def srste_decayed_grad(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, lam: float,
+                       masked: torch.Tensor | None = None) -> torch.Tensor:
+    """``g + lam * (W - W * E)``: SR-STE's gradient, in one native pass over g, W and the 1-byte mask on CPU
+    float32, else two torch passes with the same roundings (``masked``: W * E when already at hand)."""
     out = native.srste_grad_native(grad, weight, mask, lam)
-    if out is None:
-        pruned = torch.sub(weight, weight * mask)
+    if out is None:  # not float32 contiguous CPU tensors, or no kernel
+        pruned = torch.sub(weight, weight * mask if masked is None else masked)  # W * (1 - E), exactly
         out = torch.addcmul(grad, pruned, pruned.new_ones(()), value=lam)
     return out
 
@@ -163,8 +163,6 @@ def nm_weight(layer: MaskedMixin) -> torch.Tensor:
     mode = layer.sparse_mode
     if mode == "dense":
         return layer.weight
-    if mode == "srste" and layer.srste_in_optimizer:
-        mode = "ste"  # the optimizer adds the decay term itself (NMMethod.move_decay_to_optimizer)
     if mode == "frozen":
         return frozen_weight(layer)  # W * E, gradient g * E
     if mode in _FROM_MASKED:
@@ -239,7 +237,6 @@ class NMMethod(SparsityMethod):
         # True, and the sparse model as soon as a checkpoint's masks are loaded (validate/export need no controller).
         layer.sparse_mode = "ste"
         layer.srste_lambda = float(recipe.options.srste_lambda)
-        layer.srste_in_optimizer = False  # True: SR-STE's decay term is added by the optimizer, not the backward
         layer.weight_fn = nm_weight
 
     def __init__(self, *args, **kwargs) -> None:
@@ -261,11 +258,12 @@ class NMMethod(SparsityMethod):
         self._run_cache: dict[tuple, tuple] = {}  # (fqn, ladder frame) -> (runs of one pattern each, dense rows)
         self._plan: KernelPlan | None = None  # the last all-native _compute_masks, replayed while nothing moved
         self._batches: list[native.NativeBatch] = []  # its kernel calls
+        self.decay_in_optimizer = False  # srste: the optimizer adds the decay term (move_decay_to_optimizer)
 
     # ---- per-step logic -------------------------------------------------------------------------------------
     def _mode(self) -> str:
-        if self.name == "srste":
-            return "srste"
+        if self.name == "srste":  # straight-through where the optimizer adds the decay (move_decay_to_optimizer)
+            return "ste" if self.decay_in_optimizer else "srste"
         if self.name == "mdgf":
             return "mdgf_exact" if self.recipe.options.mdgf_grad == "exact" else "mdgf"
         return "ste"
@@ -364,6 +362,7 @@ class NMMethod(SparsityMethod):
             frame = None
             beta = 0.0
             mode = "frozen" if r.finetune_mask == "frozen" else ("srste" if self.name == "srste" else "ste")
+            mode = "ste" if mode == "srste" and self.decay_in_optimizer else mode
         due = (phase.t % r.mask_interval == 0) or self.last_update is None or frame != self.frame
         return phase, frame, mode, beta, due
 
@@ -407,15 +406,16 @@ class NMMethod(SparsityMethod):
         same sum, rounded once). Returns whether it applies (``srste`` only)."""
         if self.name != "srste":
             return False
-        for _, layer in self.layers:
-            layer.srste_in_optimizer = True
+        self.decay_in_optimizer = True
         return True
 
     def optimizer_decay(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        """(weight, mask, lambda) of every layer whose last forward owes the optimizer SR-STE's decay term (mode
-        ``srste`` with :meth:`move_decay_to_optimizer`); the mask is the one that forward used."""
+        """(weight, mask, lambda) of every layer whose last forward owes the optimizer SR-STE's decay term (after
+        :meth:`move_decay_to_optimizer` an ``srste`` layer runs as ``ste``); the mask is the one that forward used."""
+        if not self.decay_in_optimizer:
+            return []
         return [(layer.weight, layer.weight_mask, layer.srste_lambda) for _, layer in self.layers
-                if layer.sparse_mode == "srste" and layer.srste_in_optimizer]
+                if layer.sparse_mode == "ste"]
 
     def optimizer_masks(self, global_step: int) -> OptimizerMasks | None:
         """The mask computation :meth:`step` will do at ``global_step``, for the optimizer step just before it to
